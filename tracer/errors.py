@@ -6,7 +6,7 @@ from __future__ import annotations
 
 __all__ = [
     "TracerError", "AttachError", "NoSuchProcess", "PermissionDenied", "AlreadyTraced",
-    "KernelThread", "ProcessGone", "MemoryReadError", "MemoryWriteError", "VdsoError",
+    "KernelThread", "ZombieProcess", "ProcessGone", "MemoryReadError", "MemoryWriteError", "VdsoError",
     "AuxvError", "UsageError", "UnknownFunction", "ElfError",
 ]
 
@@ -36,6 +36,10 @@ class AlreadyTraced(AttachError):
 
 
 class KernelThread(AttachError):
+    pass
+
+
+class ZombieProcess(AttachError):
     pass
 
 

@@ -1,0 +1,180 @@
+"""Capstone (only here): disassembly of vDSO functions, the sites the engine patches, and the
+relocation of a displaced instruction into an out-of-line slot."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import capstone
+from capstone import x86 as _x86
+
+from tracer.abi import Abi
+from tracer.vdso import GATEWAY_SYMBOL, VdsoFunction, VdsoImage
+
+__all__ = ["Insn", "disassemble", "Gateway", "gateway", "Sites", "sites", "relocate",
+           "SYNTAXES", "JMP_REL32_LEN"]
+
+SYNTAXES = ("intel", "att")
+JMP_REL32_LEN = 5
+_GRP_RET = capstone.CS_GRP_RET
+_GRP_INT = capstone.CS_GRP_INT
+_GRP_CALL = capstone.CS_GRP_CALL
+_GRP_JUMP = capstone.CS_GRP_JUMP
+_GRP_REL = capstone.CS_GRP_BRANCH_RELATIVE
+_SYSCALL_MNEMONICS = frozenset({"syscall", "sysenter"})
+
+
+@dataclass(frozen=True, slots=True)
+class Insn:
+    address: int                 # runtime_addr (or image_offset when base is 0)
+    size: int
+    raw: bytes
+    mnemonic: str
+    op_str: str
+    target: int | None           # branch target of a relative jump or call
+    target_symbol: str | None    # "__vdso_clock_gettime+0x10"
+    is_ret: bool
+    is_syscall: bool             # syscall, sysenter, int 0x80
+
+
+def _cs(abi: Abi, syntax: str = "intel") -> capstone.Cs:
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if abi.word == 8
+                     else capstone.CS_MODE_32)
+    md.detail = True
+    if syntax == "att":
+        md.syntax = capstone.CS_OPT_SYNTAX_ATT
+    return md
+
+
+def _branch_target(i: capstone.CsInsn) -> int | None:
+    if i.group(_GRP_REL) and i.operands and i.operands[0].type == _x86.X86_OP_IMM:
+        return int(i.operands[0].imm)
+    return None
+
+
+def _is_syscall(i: capstone.CsInsn) -> bool:
+    return i.mnemonic in _SYSCALL_MNEMONICS or (i.group(_GRP_INT) and i.op_str in ("0x80", "$0x80"))
+
+
+def disassemble(image: VdsoImage, func: VdsoFunction, base: int = 0,
+                syntax: str = "intel") -> list[Insn]:
+    """The function's instructions at runtime addresses base + image_offset."""
+    md = _cs(image.abi, syntax)
+    start = func.image_offset
+    code = image.data[start:start + func.size]
+    out = []
+    for i in md.disasm(code, base + start):
+        target = _branch_target(i)
+        tsym = None
+        if target is not None:
+            hit = image.symbolize(target - base)
+            if hit:
+                tsym = hit[0] if hit[1] == 0 else f"{hit[0]}+{hit[1]:#x}"
+        out.append(Insn(i.address, i.size, bytes(i.bytes), i.mnemonic, i.op_str, target, tsym,
+                        i.group(_GRP_RET), _is_syscall(i)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    symbol: str
+    instructions: tuple[str, ...]    # the kernel-entry instructions in order: fast, then fallback
+
+
+def gateway(image: VdsoImage) -> Gateway | None:
+    """i386's __kernel_vsyscall: `sysenter` (Intel) or `syscall` (AMD), then `int 0x80`."""
+    f = image.function(GATEWAY_SYMBOL)
+    if f is None:
+        return None
+    found = tuple(f"{i.mnemonic} {i.op_str}".strip() for i in disassemble(image, f)
+                  if i.is_syscall)
+    return Gateway(f.symbol, found)
+
+
+@dataclass(frozen=True, slots=True)
+class Sites:
+    """Image offsets inside one function that the engine patches."""
+    entry: int
+    rets: tuple[int, ...]
+    fallbacks: tuple[int, ...]       # syscall instructions, or calls to __kernel_vsyscall
+    escapes: tuple[int, ...]         # jumps that leave the function (a return we cannot see)
+
+
+def sites(image: VdsoImage, func: VdsoFunction) -> Sites:
+    gw = image.function(GATEWAY_SYMBOL)
+    gw_off = gw.image_offset if gw is not None and gw is not func else None
+    lo, hi = func.image_offset, func.image_offset + func.size
+    rets, falls, escapes = [], [], []
+    for i in disassemble(image, func):
+        if i.is_ret:
+            rets.append(i.address)
+        elif i.is_syscall:
+            falls.append(i.address)
+        elif i.target is not None and i.mnemonic == "call" and i.target == gw_off:
+            falls.append(i.address)
+        elif i.target is not None and i.mnemonic.startswith("j") and not lo <= i.target < hi:
+            escapes.append(i.address)
+    return Sites(func.image_offset, tuple(rets), tuple(falls), tuple(escapes))
+
+
+def _rel32(value: int) -> bytes:
+    if not -(1 << 31) <= value < (1 << 31):
+        raise ValueError("displacement out of rel32 range")
+    return (value & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def relocate(abi: Abi, code: bytes, orig: int, slot: int) -> tuple[bytes, list[tuple[int, int]]]:
+    """Out-of-line copy of the single instruction at the start of `code` (runtime address
+    `orig`) for execution at `slot`, followed by a jump back to the next instruction.
+
+    Returns the slot bytes and a map of (slot offset, equivalent original address) for every
+    instruction boundary in the slot, so a thread stopped inside the slot can be put back at
+    the matching original address. A relative call is rewritten as push of the original return
+    address + jmp, so the callee sees exactly the return address it would have seen
+    (i386's `call __x86.get_pc_thunk.ax` depends on it).
+    """
+    md = _cs(abi)
+    insn = next(md.disasm(code, orig, 1), None)
+    if insn is None:
+        raise ValueError(f"cannot decode the instruction at {orig:#x}")
+    size = insn.size
+    nxt = orig + size
+    raw = bytearray(insn.bytes)
+    target = _branch_target(insn)
+    out = bytearray()
+    bounds = [(0, orig)]
+    if insn.group(_GRP_CALL) and target is not None:
+        if abi.word == 4:
+            out += b"\x68" + nxt.to_bytes(4, "little")                    # push imm32
+        else:
+            out += b"\x48\x8d\x64\x24\xf8"                                # lea rsp,[rsp-8]
+            out += b"\xc7\x04\x24" + (nxt & 0xFFFFFFFF).to_bytes(4, "little")
+            out += b"\xc7\x44\x24\x04" + (nxt >> 32).to_bytes(4, "little")
+        bounds.append((len(out), target))  # the return address is pushed: only the jump is left
+        out += b"\xe9" + _rel32(target - (slot + len(out) + 5))
+        return bytes(out), bounds
+    if target is not None and insn.group(_GRP_JUMP):
+        if insn.mnemonic == "jmp":
+            out += b"\xe9" + _rel32(target - (slot + 5))
+            return bytes(out), bounds
+        if raw[0] & 0xF0 == 0x70 and size == 2:                            # jcc rel8
+            cond = raw[0] & 0x0F
+        elif raw[0] == 0x0F and raw[1] & 0xF0 == 0x80 and size == 6:      # jcc rel32
+            cond = raw[1] & 0x0F
+        else:
+            raise ValueError(f"cannot relocate {insn.mnemonic} {insn.op_str}")
+        out += bytes((0x0F, 0x80 | cond)) + _rel32(target - (slot + 6))
+        bounds.append((len(out), nxt))
+        out += b"\xe9" + _rel32(nxt - (slot + len(out) + 5))
+        return bytes(out), bounds
+    if insn.group(_GRP_RET):
+        return bytes(raw), bounds
+    if insn.disp_size == 4 and any(op.type == _x86.X86_OP_MEM and op.mem.base == _x86.X86_REG_RIP
+                                   for op in insn.operands):
+        disp = int.from_bytes(raw[insn.disp_offset:insn.disp_offset + 4], "little", signed=True)
+        raw[insn.disp_offset:insn.disp_offset + 4] = _rel32(disp + orig - slot)
+    elif target is not None:
+        raise ValueError(f"cannot relocate {insn.mnemonic} {insn.op_str}")
+    out += raw
+    bounds.append((len(out), nxt))
+    out += b"\xe9" + _rel32(nxt - (slot + len(out) + 5))
+    return bytes(out), bounds

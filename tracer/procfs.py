@@ -1,0 +1,125 @@
+"""Parsers for /proc/<pid>/{maps,stat,status,task,auxv,exe}. No ptrace here."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = [
+    "MapEntry", "read_maps", "parse_maps", "Stat", "read_stat", "parse_stat", "read_status",
+    "tracer_pid", "list_tasks", "exe_elf_class", "read_auxv_file", "process_exists",
+    "PF_KTHREAD", "proc_name",
+]
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h
+
+
+@dataclass(frozen=True, slots=True)
+class MapEntry:
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: str
+    inode: int
+    path: str
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def executable(self) -> bool:
+        return "x" in self.perms
+
+    def contains(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
+
+def parse_maps(text: str) -> list[MapEntry]:
+    entries = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        lo, _, hi = parts[0].partition("-")
+        entries.append(MapEntry(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[3],
+                                int(parts[4]), parts[5].strip() if len(parts) > 5 else ""))
+    return entries
+
+
+def read_maps(pid: int) -> list[MapEntry]:
+    with open(f"/proc/{pid}/maps") as f:
+        return parse_maps(f.read())
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """The fields of /proc/PID/stat we use (proc(5) numbering in comments)."""
+    pid: int
+    comm: str
+    state: str          # (3)
+    ppid: int           # (4)
+    flags: int          # (9)
+    start_stack: int    # (28)
+    processor: int      # (39)
+
+
+def parse_stat(text: str) -> Stat:
+    # comm (2) may contain spaces and parentheses: it ends at the last ')'.
+    lpar, rpar = text.index("("), text.rindex(")")
+    rest = text[rpar + 2:].split()
+    # rest[0] is field (3)
+    return Stat(int(text[:lpar]), text[lpar + 1:rpar], rest[0], int(rest[1]), int(rest[6]),
+                int(rest[25]), int(rest[36]))
+
+
+def read_stat(pid: int, tid: int | None = None) -> Stat:
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    with open(path) as f:
+        return parse_stat(f.read())
+
+
+def read_status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def tracer_pid(pid: int) -> int:
+    return int(read_status(pid).get("TracerPid", "0"))
+
+
+def proc_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def process_exists(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def list_tasks(pid: int) -> list[int]:
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def exe_elf_class(pid: int) -> int | None:
+    """1 for ELFCLASS32, 2 for ELFCLASS64, None when /proc/PID/exe is unreadable."""
+    try:
+        with open(f"/proc/{pid}/exe", "rb") as f:
+            ident = f.read(5)
+    except OSError:
+        return None
+    if ident[:4] != b"\x7fELF":
+        return None
+    return ident[4]
+
+
+def read_auxv_file(pid: int) -> bytes:
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        return f.read()

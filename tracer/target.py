@@ -1,0 +1,441 @@
+"""The ptrace layer: the only module that imports python-ptrace.
+
+Hot-path calls go straight to libc's ptrace() through python-ptrace's ctypes door
+(`ptrace.ctypes_libc.libc`), with no argtypes (cheaper per call, see design.md); addresses are
+passed as c_void_p. Requests python-ptrace predates (PTRACE_SEIZE, PTRACE_INTERRUPT,
+PTRACE_GET_SYSCALL_INFO) are called by their numbers from include/uapi/linux/ptrace.h.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+import signal
+from dataclasses import dataclass
+
+from ptrace.binding import func as _pfunc
+from ptrace.binding.linux_struct import user_regs_struct as _UserRegs
+from ptrace.ctypes_libc import libc as _libc
+
+from tracer import procfs
+from tracer.abi import I386, X86_64, Abi
+from tracer.errors import (AlreadyTraced, AttachError, KernelThread, MemoryReadError,
+                           MemoryWriteError, NoSuchProcess, PermissionDenied, ProcessGone,
+                           UsageError, ZombieProcess)
+
+__all__ = [
+    "Regs", "REG_INDEX", "REG_NAMES", "Memory", "seize", "interrupt", "cont", "syscall",
+    "singlestep", "detach", "getregs", "setregs", "geteventmsg", "getsiginfo_signo", "wait",
+    "wait_nohang", "attach_process", "spawn", "abi_of", "stop_event", "PTRACE_EVENT_STOP",
+    "EVENT_CLONE", "EVENT_FORK", "EVENT_VFORK", "EVENT_EXEC", "EVENT_EXIT", "tgkill",
+    "DEFAULT_OPTIONS", "FORK_OPTIONS", "precheck", "diagnose", "get_syscall_info", "SyscallInfo", "set_options", "listen",
+]
+
+# include/uapi/linux/ptrace.h
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+PTRACE_GET_SYSCALL_INFO = 0x420E
+PTRACE_EVENT_STOP = 128
+PTRACE_O_EXITKILL = 1 << 20
+EVENT_CLONE = _pfunc.PTRACE_EVENT_CLONE
+EVENT_FORK = _pfunc.PTRACE_EVENT_FORK
+EVENT_VFORK = _pfunc.PTRACE_EVENT_VFORK
+EVENT_EXEC = _pfunc.PTRACE_EVENT_EXEC
+EVENT_EXIT = _pfunc.PTRACE_EVENT_EXIT
+_GETREGS = _pfunc.PTRACE_GETREGS
+_SETREGS = _pfunc.PTRACE_SETREGS
+_CONT = _pfunc.PTRACE_CONT
+_SYSCALL = _pfunc.PTRACE_SYSCALL
+_SINGLESTEP = _pfunc.PTRACE_SINGLESTEP
+_DETACH = _pfunc.PTRACE_DETACH
+_GETEVENTMSG = _pfunc.PTRACE_GETEVENTMSG
+_GETSIGINFO = _pfunc.PTRACE_GETSIGINFO
+_SETOPTIONS = _pfunc.PTRACE_SETOPTIONS
+DEFAULT_OPTIONS = (_pfunc.PTRACE_O_TRACECLONE | _pfunc.PTRACE_O_TRACEEXEC
+                   | _pfunc.PTRACE_O_TRACESYSGOOD)
+FORK_OPTIONS = _pfunc.PTRACE_O_TRACEFORK | _pfunc.PTRACE_O_TRACEVFORK
+WALL = 0x40000000  # __WALL, include/uapi/linux/wait.h
+
+_ptrace = _libc["ptrace"]          # a private function object: python-ptrace sets argtypes on
+_ptrace.restype = ctypes.c_long    # libc.ptrace, which would slow every call down.
+_get_errno = ctypes.get_errno
+_VOID = ctypes.c_void_p
+_ULONG = ctypes.c_ulong
+
+REG_NAMES: tuple[str, ...] = tuple(name for name, _ in _UserRegs._fields_)
+REG_INDEX: dict[str, int] = {name: i for i, name in enumerate(REG_NAMES)}
+_RegsArray = ctypes.c_uint64 * len(REG_NAMES)
+
+
+class Regs:
+    """One thread's registers: a ctypes buffer indexed by REG_INDEX (no per-stop allocation)."""
+    __slots__ = ("buf", "ref")
+
+    def __init__(self) -> None:
+        self.buf = _RegsArray()
+        self.ref = ctypes.byref(self.buf)
+
+    def __getitem__(self, name: str) -> int:
+        return int(self.buf[REG_INDEX[name]])
+
+    def __setitem__(self, name: str, value: int) -> None:
+        self.buf[REG_INDEX[name]] = value & 0xFFFFFFFFFFFFFFFF
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: int(v) for name, v in zip(REG_NAMES, self.buf)}
+
+
+def _fail(what: str, tid: int) -> None:
+    err = _get_errno()
+    if err == _errno.ESRCH:
+        raise ProcessGone(f"{what}: thread {tid} is gone")
+    raise OSError(err, f"{what}({tid}): {os.strerror(err)}")
+
+
+def _call(req: int, tid: int, addr: object, data: object, what: str) -> int:
+    ctypes.set_errno(0)
+    r = _ptrace(req, tid, addr, data)
+    if r == -1 and _get_errno():
+        _fail(what, tid)
+    return int(r)
+
+
+def getregs(tid: int, regs: Regs) -> None:
+    if _ptrace(_GETREGS, tid, None, regs.ref) == -1:
+        _fail("PTRACE_GETREGS", tid)
+
+
+def setregs(tid: int, regs: Regs) -> None:
+    if _ptrace(_SETREGS, tid, None, regs.ref) == -1:
+        _fail("PTRACE_SETREGS", tid)
+
+
+def cont(tid: int, sig: int = 0) -> None:
+    if _ptrace(_CONT, tid, None, sig) == -1:
+        _fail("PTRACE_CONT", tid)
+
+
+def syscall(tid: int, sig: int = 0) -> None:
+    if _ptrace(_SYSCALL, tid, None, sig) == -1:
+        _fail("PTRACE_SYSCALL", tid)
+
+
+def singlestep(tid: int, sig: int = 0) -> None:
+    if _ptrace(_SINGLESTEP, tid, None, sig) == -1:
+        _fail("PTRACE_SINGLESTEP", tid)
+
+
+def listen(tid: int) -> None:
+    if _ptrace(PTRACE_LISTEN, tid, None, None) == -1:
+        _fail("PTRACE_LISTEN", tid)
+
+
+def detach(tid: int, sig: int = 0) -> None:
+    if _ptrace(_DETACH, tid, None, sig) == -1:
+        _fail("PTRACE_DETACH", tid)
+
+
+def interrupt(tid: int) -> None:
+    if _ptrace(PTRACE_INTERRUPT, tid, None, None) == -1:
+        _fail("PTRACE_INTERRUPT", tid)
+
+
+def set_options(tid: int, options: int) -> None:
+    _call(_SETOPTIONS, tid, None, _ULONG(options), "PTRACE_SETOPTIONS")
+
+
+def seize(tid: int, options: int) -> None:
+    _call(PTRACE_SEIZE, tid, None, _ULONG(options), "PTRACE_SEIZE")
+
+
+def geteventmsg(tid: int) -> int:
+    out = ctypes.c_ulong()
+    _call(_GETEVENTMSG, tid, None, ctypes.byref(out), "PTRACE_GETEVENTMSG")
+    return out.value
+
+
+_SiginfoBuf = ctypes.c_int32 * 32  # siginfo_t is 128 bytes; si_signo, si_errno, si_code first
+
+
+def getsiginfo_signo(tid: int) -> tuple[int, int]:
+    """(si_signo, si_code) of the signal that caused the current stop."""
+    buf = _SiginfoBuf()
+    _call(_GETSIGINFO, tid, None, ctypes.byref(buf), "PTRACE_GETSIGINFO")
+    return int(buf[0]), int(buf[2])
+
+
+@dataclass(frozen=True, slots=True)
+class SyscallInfo:
+    """struct ptrace_syscall_info (include/uapi/linux/ptrace.h), entry or exit."""
+    op: int               # 1 entry, 2 exit, 3 seccomp, 0 none
+    arch: int
+    instruction_pointer: int
+    stack_pointer: int
+    nr: int
+    args: tuple[int, ...]
+    rval: int
+    is_error: bool
+
+
+_SyscallInfoBuf = ctypes.c_uint8 * 88
+
+
+def get_syscall_info(tid: int) -> SyscallInfo:
+    buf = _SyscallInfoBuf()
+    _call(PTRACE_GET_SYSCALL_INFO, tid, _VOID(len(buf)), ctypes.byref(buf),
+          "PTRACE_GET_SYSCALL_INFO")
+    raw = bytes(buf)
+    op = raw[0]
+    arch, ip, sp = int.from_bytes(raw[4:8], "little"), int.from_bytes(raw[8:16], "little"), \
+        int.from_bytes(raw[16:24], "little")
+    words = [int.from_bytes(raw[24 + 8 * i:32 + 8 * i], "little") for i in range(8)]
+    if op == 1 or op == 3:
+        return SyscallInfo(op, arch, ip, sp, words[0], tuple(words[1:7]), 0, False)
+    if op == 2:
+        rval = words[0] - (1 << 64) if words[0] >> 63 else words[0]
+        return SyscallInfo(op, arch, ip, sp, -1, (), rval, bool(raw[32]))
+    return SyscallInfo(op, arch, ip, sp, -1, (), 0, False)
+
+
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    if _libc.syscall(234, pid, tid, sig) == -1:  # __NR_tgkill, x86_64
+        err = _get_errno()
+        if err == _errno.ESRCH:
+            raise ProcessGone(f"tgkill: thread {tid} is gone")
+        raise OSError(err, os.strerror(err))
+
+
+def wait(pid: int = -1) -> tuple[int, int]:
+    """Block for the next stop or exit of any traced thread: (tid, status)."""
+    while True:
+        try:
+            return os.waitpid(pid, WALL)
+        except InterruptedError:
+            continue
+
+
+def wait_nohang(pid: int = -1) -> tuple[int, int]:
+    try:
+        return os.waitpid(pid, WALL | os.WNOHANG)
+    except ChildProcessError:
+        return 0, 0
+
+
+def stop_event(status: int) -> int:
+    """The PTRACE_EVENT_* number of a stop status, 0 for none."""
+    return (status >> 16) & 0xFF
+
+
+class Memory:
+    """A thread group's memory through /proc/PID/mem: one pread/pwrite per access.
+
+    Writes go through the same FOLL_FORCE path as PTRACE_POKEDATA, so read-only executable
+    pages (the vDSO) accept them: the kernel gives the process a private copy of the page.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = -1
+        self.reopen()
+
+    def reopen(self) -> None:
+        """After execve the old file refers to the old address space: open a new one."""
+        self.close()
+        try:
+            self.fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise ProcessGone(f"process {self.pid} is gone") from e
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def read(self, addr: int, size: int) -> bytes:
+        try:
+            data = os.pread(self.fd, size, addr)
+        except (OSError, OverflowError) as e:
+            raise MemoryReadError(addr, size, getattr(e, "strerror", None) or str(e)) from e
+        if len(data) != size:
+            if not data:
+                raise MemoryReadError(addr, size, "unmapped")
+            # a read crossing into an unmapped page: the rest is missing
+            raise MemoryReadError(addr, size, f"only {len(data)} bytes mapped")
+        return data
+
+    def read_word(self, addr: int, word: int) -> int:
+        return int.from_bytes(self.read(addr, word), "little")
+
+    def write(self, addr: int, data: bytes) -> None:
+        try:
+            n = os.pwrite(self.fd, data, addr)
+        except (OSError, OverflowError) as e:
+            raise MemoryWriteError(addr, len(data), getattr(e, "strerror", None) or str(e)) from e
+        if n != len(data):
+            raise MemoryWriteError(addr, len(data), f"only {n} bytes written")
+
+
+def abi_of(pid: int, regs: Regs | None = None) -> Abi:
+    """x86_64 or i386: from the CS selector of a stopped thread (0x23 is the IA-32 user code
+    segment, arch/x86/include/asm/segment.h), else from the ELF class of /proc/PID/exe."""
+    if regs is not None:
+        return I386 if regs["cs"] == 0x23 else X86_64
+    cls = procfs.exe_elf_class(pid)
+    return I386 if cls == 1 else X86_64
+
+
+def diagnose(pid: int, err: int | None = None) -> AttachError | None:
+    """Why a process cannot be attached to, with what to do about it; None when nothing
+    visible is wrong and no errno was given."""
+    if not procfs.process_exists(pid):
+        return NoSuchProcess(f"no such process: {pid} (check the pid with ps)")
+    try:
+        st = procfs.read_stat(pid)
+    except OSError:
+        return NoSuchProcess(f"no such process: {pid} (check the pid with ps)")
+    if st.flags & procfs.PF_KTHREAD:
+        return KernelThread(f"pid {pid} ({st.comm}) is a kernel thread: it has no user space "
+                            "and no vDSO; pick a user process")
+    if st.state in ("Z", "X"):
+        return ZombieProcess(f"pid {pid} ({st.comm}) is a zombie: it has exited and has no "
+                           "address space left to trace")
+    try:
+        tpid = procfs.tracer_pid(pid)
+    except OSError:
+        tpid = 0
+    if tpid and tpid != os.getpid():
+        return AlreadyTraced(f"cannot attach to {pid}: already traced by pid {tpid} "
+                             f"({procfs.proc_name(tpid)}); detach that tracer first")
+    if err in (_errno.EPERM, _errno.EACCES):
+        scope = ""
+        try:
+            with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+                scope = f.read().strip()
+        except OSError:
+            pass
+        hint = "run as root (or with CAP_SYS_PTRACE) or as the process's owner"
+        if scope and scope != "0":
+            hint += f"; kernel.yama.ptrace_scope is {scope} (0 allows attaching to own processes)"
+        return PermissionDenied(f"cannot attach to {pid} ({st.comm}): operation not permitted; "
+                                + hint)
+    if err is None:
+        return None
+    return AttachError(f"cannot attach to {pid} ({st.comm}): {os.strerror(err)}")
+
+
+def precheck(pid: int) -> None:
+    """Refuse, before any ptrace call, what cannot be attached to, saying why."""
+    if pid <= 0:
+        raise UsageError(f"invalid pid {pid}: give a positive process id")
+    if pid == os.getpid():
+        raise UsageError("vdsotrace cannot trace itself")
+    problem = diagnose(pid)
+    if problem is not None:
+        raise problem
+
+
+def attach_process(pid: int, options: int = DEFAULT_OPTIONS) -> tuple[list[int], dict[int, int]]:
+    """PTRACE_SEIZE + PTRACE_INTERRUPT every thread of `pid`; return them all stopped.
+
+    SEIZE leaves no SIGSTOP pending and changes nothing the tracee can see. Threads created while
+    we attach are caught by the clone option of the thread that made them, or by the next pass
+    over /proc/PID/task. Returns (tids in attach order, statuses of stops that were not the
+    interrupt stop and must be handled by the caller: tid -> status).
+    """
+    precheck(pid)
+    try:
+        tids = procfs.list_tasks(pid)
+    except OSError as e:
+        raise (diagnose(pid) or NoSuchProcess(f"no such process: {pid}")) from e
+    seized: list[int] = []
+    seen: set[int] = set()
+    while True:
+        new = [t for t in tids if t not in seen]
+        if not new:
+            break
+        for tid in new:
+            seen.add(tid)
+            ctypes.set_errno(0)
+            if _ptrace(PTRACE_SEIZE, tid, None, _ULONG(options)) == -1:
+                err = _get_errno()
+                if err == _errno.ESRCH and tid != pid:
+                    continue                    # a thread that exited meanwhile
+                if err == _errno.EPERM and tid != pid and seized:
+                    continue                    # auto-attached through its parent's clone
+                if seized:
+                    _release(seized)
+                raise diagnose(pid, err) or AttachError(f"cannot attach to {pid}")
+            seized.append(tid)
+            interrupt(tid)
+        try:
+            tids = procfs.list_tasks(pid)
+        except OSError:
+            break
+    # Collect one stop per thread.
+    pending: dict[int, int] = {}
+    stopped: set[int] = set()
+    want = set(seized)
+    while want - stopped:
+        tid, status = wait()
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            want.discard(tid)
+            seized = [t for t in seized if t != tid]
+            if tid == pid:
+                _release(seized)
+                raise ProcessGone(f"process {pid} exited while attaching")
+            continue
+        if tid not in want:
+            # A thread born during attach (auto-attached by the clone option).
+            want.add(tid)
+            seized.append(tid)
+        if os.WIFSTOPPED(status) and stop_event(status) == PTRACE_EVENT_STOP:
+            stopped.add(tid)
+            continue
+        stopped.add(tid)
+        pending[tid] = status
+    return seized, pending
+
+
+def _release(tids: list[int]) -> None:
+    for t in tids:
+        try:
+            detach(t)
+        except (ProcessGone, OSError):
+            pass
+
+
+def spawn(argv: list[str], options: int = DEFAULT_OPTIONS) -> int:
+    """Start `argv` traced from its first instruction: returns the pid, stopped at the
+    PTRACE_EVENT_EXEC stop of its execve (the new image's auxv and vDSO are in place)."""
+    import shutil
+    prog = argv[0]
+    path = prog if "/" in prog else shutil.which(prog)
+    if not path or not os.path.exists(path):
+        raise UsageError(f"cannot run {prog!r}: no such file or command in PATH")
+    if not os.access(path, os.X_OK):
+        raise UsageError(f"cannot run {prog!r}: not executable")
+    pid = os.fork()
+    if pid == 0:  # child: stop until the parent has seized us, then exec
+        try:
+            os.kill(os.getpid(), signal.SIGSTOP)
+            os.execv(path, argv)
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        raise AttachError(f"cannot run {prog!r}: it exited before exec")
+    seize(pid, options | _pfunc.PTRACE_O_TRACEEXEC)
+    os.kill(pid, signal.SIGCONT)
+    while True:
+        tid, status = wait(pid)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            raise AttachError(f"cannot run {prog!r}: it exited before exec")
+        ev = stop_event(status)
+        if ev == EVENT_EXEC:
+            return pid
+        sig = os.WSTOPSIG(status)
+        if ev == PTRACE_EVENT_STOP or sig in (signal.SIGSTOP, signal.SIGCONT, signal.SIGTRAP):
+            cont(pid, 0)
+        else:
+            cont(pid, sig)
