@@ -1,0 +1,88 @@
+"""Events -> one JSON object per line (interface.md's schema)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
+                           ExitEvent, NoticeEvent, SignalEvent, SigreturnEvent, SyscallEvent,
+                           Timespec, Timeval, Timezone, Unreadable, Value)
+
+__all__ = ["to_json_value", "event_dict", "format_event"]
+
+
+def _hex(v: int) -> str:
+    return f"{v:#x}"
+
+
+def to_json_value(v: Value) -> Any:
+    if v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, Timespec):
+        return {"tv_sec": v.tv_sec, "tv_nsec": v.tv_nsec}
+    if isinstance(v, Timeval):
+        return {"tv_sec": v.tv_sec, "tv_usec": v.tv_usec}
+    if isinstance(v, Timezone):
+        return {"tz_minuteswest": v.tz_minuteswest, "tz_dsttime": v.tz_dsttime}
+    if isinstance(v, Addr):
+        return _hex(v.value)
+    if isinstance(v, Unreadable):
+        return _hex(v.addr)
+    return str(v)
+
+
+def event_dict(e: Event) -> dict[str, Any]:
+    d: dict[str, Any]
+    if isinstance(e, CallEvent):
+        d = {"event": "call", "pid": e.pid, "tid": e.tid, "time": e.time, "func": e.func,
+             "symbol": e.symbol, "args": {k: to_json_value(v) for k, v in e.args.items()},
+             "ret": e.ret, "errno": e.errno,
+             "out": {k: to_json_value(v) for k, v in e.out.items()},
+             "fallback": e.fallback, "fallback_reason": e.fallback_reason,
+             "duration_ns": e.duration_ns, "caller": e.caller_text,
+             "caller_addr": _hex(e.caller), "caller_symbol": e.caller_symbol}
+        if e.stack is not None:
+            d["stack"] = list(e.stack)
+        if e.ns_relative:
+            d["ns_relative"] = True
+        return d
+    if isinstance(e, SyscallEvent):
+        return {"event": "syscall", "pid": e.pid, "tid": e.tid, "time": e.time, "nr": e.nr,
+                "name": e.name, "args": list(e.args), "ret": e.ret, "errno": e.errno,
+                "duration_ns": e.duration_ns, "nested_in": e.nested_in}
+    if isinstance(e, AttachEvent):
+        return {"event": "attach", "pid": e.pid, "tid": e.tid, "time": e.time,
+                "vdso_base": _hex(e.vdso_base), "abi": e.abi, "clocksource": e.clocksource,
+                "vdso_fast_path": e.vdso_fast_path,
+                "timens_offsets": {k: list(v) for k, v in e.timens_offsets.items()}
+                if e.timens_offsets else None,
+                "threads": e.threads, "functions": list(e.functions),
+                "gateway": list(e.gateway) if e.gateway else None, "spawned": e.spawned}
+    if isinstance(e, DetachEvent):
+        return {"event": "detach", "pid": e.pid, "tid": e.tid, "time": e.time,
+                "vdso_base": _hex(e.vdso_base), "abi": e.abi, "reason": e.reason}
+    if isinstance(e, ExecEvent):
+        return {"event": "exec", "pid": e.pid, "tid": e.tid, "time": e.time,
+                "filename": e.filename, "vdso_base": _hex(e.vdso_base), "abi": e.abi,
+                "status": e.status}
+    if isinstance(e, ExitEvent):
+        return {"event": "exit", "pid": e.pid, "tid": e.tid, "time": e.time,
+                "status": e.status, "signal": e.signal}
+    if isinstance(e, SignalEvent):
+        return {"event": "signal", "pid": e.pid, "tid": e.tid, "time": e.time,
+                "signo": e.signo, "signame": e.signame, "handler": _hex(e.handler),
+                "handler_symbol": e.handler_symbol, "restorer": _hex(e.restorer),
+                "restorer_symbol": e.restorer_symbol, "resume_ip": _hex(e.resume_ip),
+                "frame": _hex(e.frame)}
+    if isinstance(e, SigreturnEvent):
+        return {"event": "sigreturn", "pid": e.pid, "tid": e.tid, "time": e.time,
+                "via": e.via, "resume_ip": _hex(e.resume_ip), "resume_symbol": e.resume_symbol,
+                "signo": e.signo, "anomaly": e.anomaly, "resume_changed": e.resume_changed}
+    if isinstance(e, NoticeEvent):
+        return {"event": "notice", "pid": e.pid, "tid": e.tid, "time": e.time,
+                "message": e.message}
+    raise TypeError(type(e))
+
+
+def format_event(e: Event) -> str:
+    return json.dumps(event_dict(e), separators=(", ", ": "))

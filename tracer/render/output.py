@@ -1,0 +1,83 @@
+"""Where a trace's events go: a buffered file or stdout, flushed on a timer tick (so a live log
+can be followed with tail -f) and on every way out."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO, Any
+
+from tracer.errors import UsageError
+from tracer.events import AttachEvent, CallEvent, Event
+from tracer.render import jsonl, text
+from tracer.render.summary import summary_dict, summary_text
+
+__all__ = ["Output", "open_output"]
+
+
+class Output:
+    def __init__(self, f: IO[str], close: bool, json_mode: bool, timing: bool,
+                 summary: bool) -> None:
+        self.f = f
+        self.close = close
+        self.json = json_mode
+        self.timing = timing
+        self.summary = summary
+        self.lines: list[str] = []
+        self.broken = False
+        self.reasons: dict[str, int] = {}
+
+    def write_event(self, e: Event) -> None:
+        if self.summary:
+            if isinstance(e, CallEvent) and e.fallback:
+                r = e.fallback_reason or "unknown"
+                self.reasons[r] = self.reasons.get(r, 0) + 1
+            if not isinstance(e, AttachEvent):
+                return
+            self.lines.append(jsonl.format_event(e) if self.json else text.format_event(e))
+            self.flush()
+            return
+        self.lines.append(jsonl.format_event(e) if self.json
+                          else text.format_event(e, self.timing))
+        if isinstance(e, AttachEvent):
+            self.flush()   # interface.md: flushed once every breakpoint is planted
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        data = "\n".join(self.lines) + "\n"
+        self.lines.clear()
+        if self.broken:
+            return
+        try:
+            self.f.write(data)
+            self.f.flush()
+        except BrokenPipeError:
+            self.broken = True
+        except OSError as e:
+            self.broken = True
+            sys.stderr.write(f"vdsotrace: cannot write events: {e.strerror}\n")
+
+    def finish(self, session: Any) -> None:
+        if self.summary:
+            rows = session.stats()
+            unused = [r.func for r in rows if not r.calls]
+            if self.json:
+                self.lines.append(json.dumps(summary_dict(rows, unused, self.reasons)))
+            else:
+                self.lines.append(summary_text(rows, unused, self.reasons))
+        self.flush()
+        if self.close:
+            try:
+                self.f.close()
+            except OSError:
+                pass
+
+
+def open_output(path: str | None, json: bool, timing: bool, summary: bool) -> Output:
+    if path is None or path == "-":
+        return Output(sys.stdout, False, json, timing, summary)
+    try:
+        f = open(path, "w", buffering=1 << 16)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from e
+    return Output(f, True, json, timing, summary)

@@ -1,0 +1,1016 @@
+"""The engine: attach -> auxv -> vDSO -> breakpoints -> decode -> events.
+
+One thread (the one that attached: ptrace requires it) runs `Session.run`. Per stop it does
+the least it can -- one PTRACE_GETREGS, the reads the call needs, one PTRACE_SETREGS to send
+the thread through the out-of-line slot, PTRACE_CONT -- and decodes and emits only after the
+tracee runs again. The engine never prints: events go to `sink`.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from queue import Empty, SimpleQueue
+from typing import Any
+
+from tracer import procfs, target
+from tracer.abi import Abi
+from tracer.auxv import auxv_from_stack, find, parse_auxv
+from tracer.breakpoints import ENTRY, FALL, RET, Patcher
+from tracer.consts import AuxType
+from tracer.decoders import Decoder, decode_out, errno_name, for_function, out_size
+from tracer.disasm import gateway as find_gateway
+from tracer.errors import (AuxvError, MemoryReadError, MemoryWriteError, ProcessGone,
+                           TracerError, UnknownFunction, VdsoError)
+from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
+                           ExitEvent, NoticeEvent, SyscallEvent)
+from tracer.tables import syscalls_i386
+from tracer.tables.signals import signame
+from tracer.target import REG_INDEX, Regs
+from tracer.vdso import GATEWAY_SYMBOL, SIGRETURN_TRAMPOLINES, VdsoFunction, VdsoImage, parse_image
+
+__all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "resolve_functions",
+           "run_trace", "clocksource_info"]
+
+_RIP, _RSP, _RAX = REG_INDEX["rip"], REG_INDEX["rsp"], REG_INDEX["rax"]
+_ARG64 = tuple(REG_INDEX[r] for r in ("rdi", "rsi", "rdx", "rcx", "r8", "r9"))
+_SYSARG32 = tuple(REG_INDEX[r] for r in ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp"))
+_SIGTRAP = signal.SIGTRAP
+_SYSCALL_TRAP = signal.SIGTRAP | 0x80
+_GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+_WAKE_SIGNAL = signal.SIGALRM
+_TICK = 0.1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_waitpid = _libc["waitpid"]
+_waitpid.restype = ctypes.c_int
+
+
+# Clock sources with a vDSO read mode (arch/x86: vclock_mode VDSO_CLOCKMODE_TSC, PVCLOCK,
+# HVCLOCK); others (hpet, acpi_pm, jiffies) make every clock_gettime a system call.
+_FAST_CLOCKSOURCES = frozenset({"tsc", "kvm-clock", "hyperv_clocksource_tsc_page",
+                                "arch_sys_counter", "riscv_clocksource", "timer"})
+
+
+def clocksource_info() -> tuple[str | None, bool | None]:
+    try:
+        with open("/sys/devices/system/clocksource/clocksource0/current_clocksource") as f:
+            name = f.read().strip()
+    except OSError:
+        return None, None
+    return name, name in _FAST_CLOCKSOURCES
+
+
+def timens_offsets(pid: int) -> dict[str, tuple[int, int]] | None:
+    """/proc/PID/timens_offsets: null unless the tracee lives in a time namespace with offsets."""
+    try:
+        with open(f"/proc/{pid}/timens_offsets") as f:
+            text = f.read()
+    except OSError:
+        return None
+    out: dict[str, tuple[int, int]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            out[parts[0]] = (int(parts[1]), int(parts[2]))
+    if not out or all(v == (0, 0) for v in out.values()):
+        return None
+    return out
+
+
+@dataclass
+class TraceOptions:
+    funcs: list[str] | None = None       # -e specs; None: the default set
+    follow_forks: bool = False
+    signals: bool = False
+    stack_depth: int | None = None
+    inject: bool = False
+    pin: bool = True
+    duration: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FuncStats:
+    func: str
+    calls: int
+    fallbacks: int
+    errors: int
+    total_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    pid: int | None
+    abi: str | None
+    vdso_base: int | None
+    image: VdsoImage | None
+    threads: list[int]
+    functions: list[str]
+    calls: int
+    fallbacks: int
+    state: str
+
+
+def resolve_functions(image: VdsoImage, specs: list[str] | None) -> list[VdsoFunction]:
+    """-e semantics: plain names or symbols, `!name` excludes; default: every export but the
+    sigreturn trampolines. Unknown names are refused, listing the ones that exist."""
+    default = [f for f in image.functions if f.symbol not in SIGRETURN_TRAMPOLINES]
+    if not specs:
+        return default
+    names = [n.strip() for spec in specs for n in spec.split(",") if n.strip()]
+    include: list[VdsoFunction] = []
+    exclude: set[str] = set()
+    for n in names:
+        neg = n.startswith("!")
+        key = n[1:] if neg else n
+        if key in ("all", "*"):
+            if not neg:
+                include.extend(default)
+            continue
+        f = image.function(key)
+        if f is None:
+            known = ", ".join(f.plain for f in image.functions)
+            raise UnknownFunction(f"no vDSO function {key!r} in this {image.abi.name} vDSO; "
+                                  f"it exports: {known}")
+        if neg:
+            exclude.add(f.symbol)
+        else:
+            include.append(f)
+    if not include:
+        include = default
+    seen: set[str] = set()
+    out = []
+    for f in include:
+        if f.symbol not in exclude and f.symbol not in seen:
+            seen.add(f.symbol)
+            out.append(f)
+    return out
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A call that has entered and not yet returned, on one thread."""
+    func: int                  # index into the space's patcher.funcs
+    sp: int                    # sp at entry: points at the return address
+    args: tuple[int, ...]
+    t0: int                    # monotonic ns at entry
+    caller: int
+    fallback: bool = False
+    nested: list[Any] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Space:
+    """One address space (a thread group) and what we patched into it."""
+    pid: int
+    abi: Abi
+    mem: target.Memory
+    image: VdsoImage
+    base: int
+    size: int
+    patcher: Patcher
+    decoders: list[Decoder]
+    is_gateway: list[bool]
+    traced: bool = True            # emit events (False: an unfollowed vfork child)
+    threads: set[int] = field(default_factory=set)
+    exe: str | None = None
+
+
+@dataclass(slots=True)
+class _Thread:
+    tid: int
+    space: _Space
+    regs: Regs = field(default_factory=Regs)
+    pending: list[_Pending] = field(default_factory=list)
+    stopped: bool = True           # in a ptrace stop we have not resumed
+    listening: bool = False        # group-stopped (PTRACE_LISTEN)
+    undo_trap: int = 0             # breakpoint address to re-execute if we detach now
+    sig: int = 0                   # signal to deliver on resume/detach
+
+
+class _Counter:
+    __slots__ = ("calls", "fallbacks", "errors", "total_ns")
+
+    def __init__(self) -> None:
+        self.calls = self.fallbacks = self.errors = self.total_ns = 0
+
+
+class Session:
+    """Trace one process (and, with follow_forks, its children)."""
+
+    def __init__(self, options: TraceOptions, sink: Callable[[Event], None]) -> None:
+        self.options = options
+        self.sink = sink
+        self.spaces: dict[int, _Space] = {}
+        self.threads: dict[int, _Thread] = {}
+        self.early: dict[int, int] = {}            # stops of tids we do not know yet
+        self.release_forks: set[int] = set()       # fork children to clean and let go
+        self.counters: dict[str, _Counter] = {}
+        self.state = "detached"
+        self.stop_reason: str | None = None
+        self.root_pid: int | None = None
+        self.calls = 0
+        self.fallbacks = 0
+        self._queue: SimpleQueue[tuple[Callable[[Session], Any], Future[Any]]] = SimpleQueue()
+        self._engine_ident: int | None = None
+        self._status = ctypes.c_int()
+        self._status_ref = ctypes.byref(self._status)
+        self._mono_to_epoch = time.time() - time.monotonic()
+        self._paused = False
+        self._modmaps: dict[int, tuple[float, list[procfs.MapEntry]]] = {}
+        self.clocksource, self.fast_path = clocksource_info()
+        self.on_tick: Callable[[], None] | None = None
+
+    # ---------------------------------------------------------------- setup
+    def _options(self) -> int:
+        # Fork events are always wanted: a child inherits every int3 and must be cleaned.
+        opts = target.DEFAULT_OPTIONS | target.FORK_OPTIONS
+        return opts
+
+    def attach(self, pid: int) -> None:
+        tids, pending = target.attach_process(pid, self._options())
+        self.root_pid = pid
+        try:
+            space = self._new_space(pid, tids[0] if pid not in tids else pid)
+            for tid in tids:
+                self._add_thread(tid, space)
+            self._pin(pid)
+        except BaseException:
+            for t in tids:
+                try:
+                    target.detach(t)
+                except (ProcessGone, OSError):
+                    pass
+            self.threads.clear()
+            self.spaces.clear()
+            raise
+        self.state = "running"
+        self._emit_attach(space, spawned=False)
+        for tid, status in pending.items():
+            th = self.threads.get(tid)
+            if th is not None:
+                self._dispatch(tid, status)
+        for th in list(self.threads.values()):
+            if th.stopped:
+                self._resume(th)
+
+    def spawn(self, argv: list[str]) -> None:
+        pid = target.spawn(argv, self._options())
+        self.root_pid = pid
+        try:
+            space = self._new_space(pid, pid)
+            self._add_thread(pid, space)
+            self._pin(pid)
+        except BaseException:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            raise
+        self.state = "running"
+        self._emit_attach(space, spawned=True)
+        self._resume(self.threads[pid])
+
+    def _pin(self, pid: int) -> None:
+        """Share a CPU with the tracee: a stop costs about 2.2x less (anchors/README.md)."""
+        if not self.options.pin:
+            return
+        try:
+            cpu = procfs.read_stat(pid).processor
+            allowed = os.sched_getaffinity(0)
+            if cpu in allowed and len(allowed) > 1:
+                os.sched_setaffinity(0, {cpu})
+        except OSError:
+            pass
+
+    def _read_pairs(self, pid: int, mem: target.Memory, abi: Abi) -> list[tuple[int, int]]:
+        try:
+            return parse_auxv(procfs.read_auxv_file(pid), abi.word)
+        except (OSError, AuxvError):
+            start = procfs.read_stat(pid).start_stack
+            return auxv_from_stack(mem.read, start, abi.word)
+
+    def _new_space(self, pid: int, regs_tid: int, traced: bool = True) -> _Space:
+        regs = Regs()
+        target.getregs(regs_tid, regs)
+        abi = target.abi_of(pid, regs)
+        mem = target.Memory(pid)
+        try:
+            pairs = self._read_pairs(pid, mem, abi)
+            base = find(pairs, AuxType.AT_SYSINFO_EHDR)
+            maps = procfs.read_maps(pid)
+            vmap = next((m for m in maps if m.path == "[vdso]"), None)
+            if vmap is None or not base:
+                raise VdsoError(f"process {pid} has no vDSO mapped: nothing to trace")
+            image = parse_image(mem.read(vmap.start, vmap.size))
+            funcs = resolve_functions(image, self.options.funcs)
+            patcher = Patcher(image, vmap.start, vmap.size)
+            patcher.plan(funcs)
+            patcher.plant(mem)
+        except BaseException:
+            mem.close()
+            raise
+        space = _Space(pid, abi, mem, image, vmap.start, vmap.size, patcher,
+                       [for_function(f.plain) for f in funcs],
+                       [f.symbol == GATEWAY_SYMBOL for f in funcs], traced)
+        self.spaces[pid] = space
+        for f in funcs:
+            self.counters.setdefault(f.plain, _Counter())
+        return space
+
+    def _add_thread(self, tid: int, space: _Space) -> _Thread:
+        th = _Thread(tid, space)
+        self.threads[tid] = th
+        space.threads.add(tid)
+        return th
+
+    def _emit_attach(self, space: _Space, spawned: bool) -> None:
+        gw = find_gateway(space.image)
+        self._emit(AttachEvent(space.pid, space.pid, time.time(), space.base, space.abi.name,
+                               self.clocksource, self.fast_path, timens_offsets(space.pid),
+                               len(space.threads), tuple(f.plain for f in space.patcher.funcs),
+                               gw.instructions if gw else None, spawned))
+
+    # ---------------------------------------------------------------- control
+    def _emit(self, ev: Event) -> None:
+        self.sink(ev)
+
+    def _resume(self, th: _Thread) -> None:
+        if self._paused:
+            return
+        sig, th.sig = th.sig, 0
+        th.stopped = False
+        th.undo_trap = 0
+        try:
+            target.cont(th.tid, sig)
+        except ProcessGone:
+            pass
+
+    def request_stop(self, reason: str) -> None:
+        """Async-signal and thread safe: end `run` at the next wake-up."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._wake()
+
+    def _wake(self) -> None:
+        ident = self._engine_ident
+        if ident is not None and ident != threading.get_ident():
+            try:
+                signal.pthread_kill(ident, _WAKE_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def submit(self, fn: Callable[[Session], Any]) -> Future[Any]:
+        fut: Future[Any] = Future()
+        if self._engine_ident is None or self._engine_ident == threading.get_ident():
+            try:
+                fut.set_result(fn(self))
+            except BaseException as e:  # delivered to the caller through the future
+                fut.set_exception(e)
+            return fut
+        self._queue.put((fn, fut))
+        self._wake()
+        return fut
+
+    def _run_queue(self) -> None:
+        while True:
+            try:
+                fn, fut = self._queue.get_nowait()
+            except Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(self))
+            except BaseException as e:
+                fut.set_exception(e)
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> str:
+        """Trace until the tracees exit or `request_stop`; then leave them as they were."""
+        self._engine_ident = threading.get_ident()
+        deadline = (time.monotonic() + self.options.duration
+                    if self.options.duration is not None else None)
+        waitpid, status, ref = _waitpid, self._status, self._status_ref
+        dispatch = self._dispatch
+        threads = self.threads
+        reason = "exit"
+        try:
+            while True:
+                if self.stop_reason is not None:
+                    reason = self.stop_reason
+                    break
+                if not threads and not self.early:
+                    reason = "exit"
+                    break
+                tid = waitpid(-1, ref, target.WALL)
+                if tid > 0:
+                    dispatch(tid, status.value)
+                    continue
+                err = ctypes.get_errno()
+                if err == 10:  # ECHILD: nothing left to wait for
+                    reason = "exit"
+                    break
+                # EINTR: a tick or a wake-up
+                self._run_queue()
+                if self.on_tick is not None:
+                    self.on_tick()
+                if deadline is not None and time.monotonic() >= deadline:
+                    reason = "duration"
+                    break
+        finally:
+            self._engine_ident = None
+        self.detach_all(reason)
+        return reason
+
+    def _dispatch(self, tid: int, status: int) -> None:
+        th = self.threads.get(tid)
+        if th is None:
+            self._unknown(tid, status)
+            return
+        if status & 0x7F == 0x7F:                      # WIFSTOPPED
+            th.stopped = True
+            sig = (status >> 8) & 0xFF
+            ev = status >> 16
+            if sig == _SIGTRAP and not ev:
+                self._trap(th)
+            elif ev:
+                self._event(th, ev, sig)
+            elif sig == _SYSCALL_TRAP:
+                self._resume(th)
+            else:
+                self._signal(th, sig)
+        else:
+            self._gone(th, status)
+
+    def _trap(self, th: _Thread) -> None:
+        tid = th.tid
+        space = th.space
+        regs = th.regs
+        buf = regs.buf
+        target.getregs(tid, regs)
+        pc = buf[_RIP] - 1
+        bp = space.patcher.bps.get(pc)
+        if bp is None:
+            # Not ours: a SIGTRAP the program raised or a debugger-style int3 of its own.
+            th.sig = _SIGTRAP
+            self._resume(th)
+            return
+        kind = bp.kind
+        if kind == RET:
+            self._exit_hit(th, space, bp.func, buf)
+        elif kind == ENTRY:
+            self._entry_hit(th, space, bp.func, buf)
+        else:  # FALL
+            pend = th.pending
+            if pend and pend[-1].func == bp.func:
+                pend[-1].fallback = True
+            buf[_RIP] = bp.slot
+            target.setregs(tid, regs)
+            self._resume(th)
+
+    def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
+        t0 = time.monotonic_ns()
+        sp = buf[_RSP]
+        dec = space.decoders[fidx]
+        gw = space.is_gateway[fidx]
+        if gw:
+            args = tuple(buf[i] & 0xFFFFFFFF for i in _SYSARG32) + (buf[_RAX] & 0xFFFFFFFF,)
+            caller = 0
+            # A vDSO function that calls the gateway has fallen back into the kernel.
+            if th.pending and not space.is_gateway[th.pending[-1].func]:
+                th.pending[-1].fallback = True
+        elif space.abi.word == 8:
+            n = dec.nargs
+            args = (buf[_ARG64[0]], buf[_ARG64[1]], buf[_ARG64[2]], buf[_ARG64[3]],
+                    buf[_ARG64[4]], buf[_ARG64[5]])[:n]
+            caller = 0                                   # read at exit: [sp] is unchanged
+        else:
+            n = dec.nargs
+            try:
+                raw = space.mem.read(sp, 4 * (n + 1))
+            except MemoryReadError:
+                raw = bytes(4 * (n + 1))
+            words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+            caller, args = words[0], tuple(words[1:])
+        buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
+        target.setregs(th.tid, th.regs)
+        self._resume(th)
+        th.pending.append(_Pending(fidx, sp, args, t0, caller))
+
+    def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
+        sp = buf[_RSP]
+        pend = th.pending
+        p = None
+        while pend:
+            top = pend[-1]
+            if top.sp < sp:
+                pend.pop()          # a deeper call that never returned (longjmp, killed)
+                continue
+            if top.sp == sp and top.func == fidx:
+                p = pend.pop()
+            break
+        ret = buf[_RAX]
+        outs: list[bytes | None] = []
+        abi = space.abi
+        if p is not None and not space.is_gateway[fidx]:
+            mem = space.mem
+            for spec in space.decoders[fidx].outs:
+                addr = p.args[spec.arg] & abi.mask
+                if not addr:
+                    outs.append(None)
+                    continue
+                try:
+                    outs.append(mem.read(addr, out_size(spec.layout, abi)))
+                except MemoryReadError:
+                    outs.append(None)
+            if abi.word == 8:
+                try:
+                    p.caller = mem.read_word(sp, 8)
+                except MemoryReadError:
+                    p.caller = 0
+        buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
+        target.setregs(th.tid, th.regs)
+        self._resume(th)
+        if p is None:
+            return                  # a call that began before we attached
+        t1 = time.monotonic_ns()
+        if space.is_gateway[fidx]:
+            self._syscall_done(th, space, p, abi.signed(ret), t1)
+        else:
+            self._call_done(th, space, fidx, p, abi.signed(ret), outs, t1)
+
+    def _call_done(self, th: _Thread, space: _Space, fidx: int, p: _Pending, ret: int,
+                   outs: list[bytes | None], t1: int) -> None:
+        func = space.patcher.funcs[fidx]
+        dec = space.decoders[fidx]
+        abi = space.abi
+        c = self.counters[func.plain]
+        dur = t1 - p.t0
+        c.calls += 1
+        c.total_ns += dur
+        self.calls += 1
+        err = None if dec.ret_is_value else errno_name(ret)
+        if err:
+            c.errors += 1
+        reason = None
+        if p.fallback:
+            c.fallbacks += 1
+            self.fallbacks += 1
+            reason = dec.fallback_reason(p.args, ret)
+            if reason is None:
+                reason = "no-vdso-clocksource" if self.fast_path is False else "unknown"
+        if not space.traced:
+            return
+        out = {}
+        for spec, data in zip(dec.outs, outs):
+            addr = p.args[spec.arg] & abi.mask
+            if addr:
+                out[spec.name] = decode_out(spec.layout, data, addr, abi)
+        caller_text, caller_sym = self._symbolize(space, p.caller)
+        self._emit(CallEvent(space.pid, th.tid, p.t0 / 1e9 + self._mono_to_epoch, func.plain,
+                             func.symbol, dec.decode_args(p.args, abi), ret, err, out,
+                             p.fallback, reason, dur, p.caller, caller_text, caller_sym, None))
+
+    def _syscall_done(self, th: _Thread, space: _Space, p: _Pending, ret: int | None,
+                      t1: int) -> None:
+        nr = p.args[6]
+        c = self.counters[GATEWAY_SYMBOL]
+        c.calls += 1
+        c.total_ns += t1 - p.t0
+        if ret is not None and -4096 < ret < 0:
+            c.errors += 1
+        if not space.traced:
+            return
+        nested = None
+        if th.pending and not space.is_gateway[th.pending[-1].func]:
+            nested = space.patcher.funcs[th.pending[-1].func].plain
+        name = syscalls_i386.NAMES.get(nr, f"syscall_{nr}")
+        nargs = syscalls_i386.NARGS.get(nr, 6)
+        self._emit(SyscallEvent(space.pid, th.tid, p.t0 / 1e9 + self._mono_to_epoch, nr, name,
+                                p.args[:nargs], ret, errno_name(ret) if ret is not None else None,
+                                t1 - p.t0, nested))
+
+    def _symbolize(self, space: _Space, addr: int) -> tuple[str, str | None]:
+        if not addr:
+            return "0x0", None
+        if space.base <= addr < space.base + space.size:
+            hit = space.image.symbolize(addr - space.base)
+            obj = space.image.soname or "[vdso]"
+            sym = f"{obj}!{hit[0]}+{hit[1]:#x}" if hit else None
+            return f"{obj}+{addr - space.base:#x}", sym
+        maps = self._maps(space.pid, addr)
+        for m in maps:
+            if m.start <= addr < m.end and m.path:
+                first = min((x for x in maps if x.path == m.path), key=lambda x: x.start)
+                name = os.path.basename(m.path) if m.path.startswith("/") else m.path
+                return f"{name}+{addr - first.start:#x}", None
+        return f"{addr:#x}", None
+
+    def _maps(self, pid: int, addr: int) -> list[procfs.MapEntry]:
+        cached = self._modmaps.get(pid)
+        if cached is not None and any(m.start <= addr < m.end for m in cached[1]):
+            return cached[1]
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < 0.5:
+            return cached[1]
+        try:
+            maps = procfs.read_maps(pid)
+        except OSError:
+            maps = []
+        self._modmaps[pid] = (now, maps)
+        return maps
+
+    # ---------------------------------------------------------------- other stops
+    def _signal(self, th: _Thread, sig: int) -> None:
+        th.sig = sig
+        self._resume(th)
+
+    def _event(self, th: _Thread, ev: int, sig: int) -> None:
+        tid = th.tid
+        if ev == target.PTRACE_EVENT_STOP:
+            if sig in _GROUP_STOP_SIGS:
+                th.listening = True
+                try:
+                    target.listen(tid)
+                except ProcessGone:
+                    pass
+                th.stopped = False
+                return
+            th.listening = False
+            self._resume(th)
+            return
+        if ev == target.EVENT_CLONE:
+            new = target.geteventmsg(tid)
+            if new not in self.threads:
+                nt = self._add_thread(new, th.space)
+                early = self.early.pop(new, None)
+                if early is not None:
+                    self._dispatch(new, early)
+                else:
+                    nt.stopped = False   # its first stop will arrive
+            self._resume(th)
+            return
+        if ev in (target.EVENT_FORK, target.EVENT_VFORK):
+            child = target.geteventmsg(tid)
+            self._new_child(th, child, vfork=ev == target.EVENT_VFORK)
+            self._resume(th)
+            return
+        if ev == target.EVENT_EXEC:
+            self._exec(th)
+            return
+        self._resume(th)
+
+    def _new_child(self, parent: _Thread, child: int, vfork: bool) -> None:
+        """A forked child inherits every int3 (and slot). Trace it with -f; otherwise clean
+        its copy before it runs. A vfork child shares our address space: keep it traced,
+        silently, until it execs or exits."""
+        ps = parent.space
+        follow = self.options.follow_forks
+        if follow or vfork:
+            mem = ps.mem if vfork else target.Memory(child)
+            patcher = Patcher(ps.image, ps.base, ps.size, list(ps.patcher.funcs),
+                              dict(ps.patcher.bps), list(ps.patcher.slots), ps.patcher.pad_start,
+                              ps.patcher.pad_used, True)
+            space = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
+                           ps.decoders, ps.is_gateway, traced=follow)
+            self.spaces[child] = space
+            th = self._add_thread(child, space)
+            th.stopped = False
+        else:
+            self.release_forks.add(child)
+        early = self.early.pop(child, None)
+        if early is not None:
+            self._dispatch(child, early)
+
+    def _unknown(self, tid: int, status: int) -> None:
+        if tid in self.release_forks:
+            if status & 0x7F == 0x7F:
+                self._release_child(tid)
+            else:
+                self.release_forks.discard(tid)
+            return
+        if status & 0x7F != 0x7F:
+            self.early.pop(tid, None)
+            return
+        # A new thread whose first stop beat its parent's clone event.
+        try:
+            tgid = int(procfs.read_status(tid).get("Tgid", "0"))
+        except OSError:
+            tgid = 0
+        space = self.spaces.get(tgid)
+        if space is not None and tgid != tid:
+            th = self._add_thread(tid, space)
+            th.stopped = True
+            self._dispatch(tid, status)
+            return
+        self.early[tid] = status
+
+    def _release_child(self, child: int) -> None:
+        """Restore an unfollowed fork child's private copy of the vDSO and let it go."""
+        self.release_forks.discard(child)
+        parent = next((s for s in self.spaces.values() if s.traced), None)
+        try:
+            if parent is not None:
+                mem = target.Memory(child)
+                try:
+                    parent.patcher.unplant(mem)
+                finally:
+                    mem.close()
+                self._fix_regs(child, parent.patcher, 0)
+            target.detach(child)
+        except (ProcessGone, MemoryWriteError, OSError):
+            pass
+
+    def _exec(self, th: _Thread) -> None:
+        """execve replaced the address space: a new vDSO to read and patch."""
+        old = th.space
+        former = target.geteventmsg(th.tid)
+        pid = old.pid
+        for t in list(old.threads):
+            if t != th.tid:
+                self.threads.pop(t, None)
+        old.threads.clear()
+        if former != th.tid:
+            self.threads.pop(former, None)
+        th.pending.clear()
+        th.tid = pid
+        self.threads[pid] = th
+        old.mem.close()
+        self.spaces.pop(pid, None)
+        if not old.traced:      # an unfollowed vfork child: its new image is clean
+            self.threads.pop(pid, None)
+            try:
+                target.detach(pid)
+            except ProcessGone:
+                pass
+            return
+        try:
+            space = self._new_space(pid, pid)
+        except TracerError as e:
+            self._emit(NoticeEvent(pid, pid, time.time(), f"after exec: {e}; detaching"))
+            self.threads.pop(pid, None)
+            try:
+                target.detach(pid)
+            except ProcessGone:
+                pass
+            return
+        th.space = space
+        space.threads.add(pid)
+        exe = None
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            pass
+        self._emit(ExecEvent(pid, pid, time.time(), exe, space.base, space.abi.name))
+        self._resume(th)
+
+    def _gone(self, th: _Thread, status: int) -> None:
+        tid = th.tid
+        space = th.space
+        self.threads.pop(tid, None)
+        space.threads.discard(tid)
+        th.pending.clear()
+        if tid == space.pid or not space.threads:
+            if tid == space.pid:
+                code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+                sig = signame(os.WTERMSIG(status)) if os.WIFSIGNALED(status) else None
+                if space.traced:
+                    self._emit(ExitEvent(space.pid, tid, time.time(), code, sig))
+            if not space.threads:
+                space.mem.close()
+                self.spaces.pop(space.pid, None)
+
+    # ---------------------------------------------------------------- pause / detach
+    def _stop_all(self) -> list[_Thread]:
+        """Bring every thread into a ptrace stop (PTRACE_INTERRUPT), handling what arrives."""
+        for th in list(self.threads.values()):
+            if not th.stopped:
+                try:
+                    target.interrupt(th.tid)
+                except ProcessGone:
+                    pass
+        while True:
+            waiting = [t for t in self.threads.values() if not t.stopped]
+            if not waiting:
+                break
+            tid = _waitpid(-1, self._status_ref, target.WALL)
+            if tid <= 0:
+                if ctypes.get_errno() == 10:
+                    break
+                continue
+            status = self._status.value
+            th = self.threads.get(tid)
+            if th is None:
+                self._unknown(tid, status)
+                continue
+            if status & 0x7F != 0x7F:
+                self._gone(th, status)
+                continue
+            th.stopped = True
+            sig = (status >> 8) & 0xFF
+            ev = status >> 16
+            if ev == target.PTRACE_EVENT_STOP:
+                th.listening = sig in _GROUP_STOP_SIGS
+                continue
+            if ev:
+                # clone/fork/exec while stopping: handle it fully, then stop again
+                self._paused = False
+                self._event(th, ev, sig)
+                self._paused = True
+                if not th.stopped:
+                    try:
+                        target.interrupt(th.tid)
+                    except ProcessGone:
+                        pass
+                continue
+            if sig == _SIGTRAP:
+                target.getregs(tid, th.regs)
+                pc = th.regs.buf[_RIP] - 1
+                if pc in th.space.patcher.bps:
+                    th.undo_trap = pc   # re-run the instruction once it is restored
+                    continue
+            if sig == _SYSCALL_TRAP:
+                continue
+            th.sig = sig                # a real signal: deliver it when we let go
+        return list(self.threads.values())
+
+    def pause(self) -> None:
+        self._paused = True
+        self._stop_all()
+        self.state = "paused"
+
+    def resume(self) -> None:
+        self._paused = False
+        for th in list(self.threads.values()):
+            if th.stopped:
+                if th.undo_trap:
+                    # The trap was taken while pausing: handle it as a normal hit now.
+                    th.undo_trap = 0
+                    self._trap(th)
+                else:
+                    self._resume(th)
+        self.state = "running"
+
+    def _fix_regs(self, tid: int, patcher: Patcher, undo_trap: int) -> None:
+        """Put a thread back on original code: out of any slot, before any trap taken."""
+        regs = Regs()
+        target.getregs(tid, regs)
+        pc = regs.buf[_RIP]
+        new = pc
+        if undo_trap:
+            new = undo_trap
+        elif patcher.in_slots(pc):
+            for _ in range(8):
+                back = patcher.pc_back(new)
+                if back is not None:
+                    new = back
+                    break
+                # between two instructions of a rewritten call: step to the next boundary
+                target.singlestep(tid)
+                target.wait(tid)
+                target.getregs(tid, regs)
+                new = pc = regs.buf[_RIP]
+                if not patcher.in_slots(pc):
+                    break
+        if new != regs.buf[_RIP]:
+            regs.buf[_RIP] = new
+            target.setregs(tid, regs)
+
+    def detach_all(self, reason: str = "detach") -> None:
+        """Remove every breakpoint, put every thread back on original code, let go."""
+        if not self.threads and not self.spaces:
+            self.state = "exited" if reason == "exit" else "detached"
+            return
+        self._paused = True
+        try:
+            threads = self._stop_all()
+        except ProcessGone:
+            threads = list(self.threads.values())
+        for space in list(self.spaces.values()):
+            if space.patcher.planted:
+                try:
+                    space.patcher.unplant(space.mem)
+                except (MemoryWriteError, ProcessGone):
+                    pass
+        for th in threads:
+            try:
+                self._fix_regs(th.tid, th.space.patcher, th.undo_trap)
+            except (ProcessGone, OSError):
+                pass
+        for th in threads:
+            try:
+                target.detach(th.tid, th.sig)
+            except (ProcessGone, OSError):
+                pass
+        for space in list(self.spaces.values()):
+            if space.traced:
+                self._emit(DetachEvent(space.pid, space.pid, time.time(), space.base,
+                                       space.abi.name, reason))
+            space.mem.close()
+        for child in list(self.release_forks):
+            self._release_child(child)
+        self.threads.clear()
+        self.spaces.clear()
+        self._paused = False
+        self.state = "detached"
+
+    # ---------------------------------------------------------------- console API
+    def set_functions(self, specs: list[str] | None) -> list[str]:
+        """Replant with a new -e set (engine thread)."""
+        was_paused = self._paused
+        if not was_paused:
+            self.pause()
+        try:
+            new_funcs: list[str] = []
+            for space in self.spaces.values():
+                funcs = resolve_functions(space.image, specs)
+                for th in self.threads.values():
+                    if th.space is space:
+                        self._fix_regs(th.tid, space.patcher, th.undo_trap)
+                        th.undo_trap = 0
+                        th.pending.clear()
+                space.patcher.unplant(space.mem)
+                space.patcher.plan(funcs)
+                space.patcher.plant(space.mem)
+                space.decoders = [for_function(f.plain) for f in funcs]
+                space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
+                for f in funcs:
+                    self.counters.setdefault(f.plain, _Counter())
+                new_funcs = [f.plain for f in funcs]
+            self.options.funcs = specs
+            return new_funcs
+        finally:
+            if not was_paused:
+                self.resume()
+
+    def stats(self) -> list[FuncStats]:
+        return [FuncStats(k, c.calls, c.fallbacks, c.errors, c.total_ns)
+                for k, c in self.counters.items()]
+
+    def info(self) -> SessionInfo:
+        space = self.spaces.get(self.root_pid or -1) or next(iter(self.spaces.values()), None)
+        return SessionInfo(space.pid if space else self.root_pid,
+                           space.abi.name if space else None,
+                           space.base if space else None, space.image if space else None,
+                           sorted(self.threads), [f.plain for f in space.patcher.funcs]
+                           if space else [], self.calls, self.fallbacks, self.state)
+
+
+def _install_signal_handlers(session: Session) -> dict[int, Any]:
+    """SIGINT/SIGTERM/SIGHUP end the trace cleanly; SIGALRM ticks wake waitpid (a handler
+    installed by Python interrupts system calls: no SA_RESTART)."""
+    old: dict[int, Any] = {}
+
+    def stop(signum: int, _frame: object) -> None:
+        session.request_stop(signal.Signals(signum).name)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        old[s] = signal.signal(s, stop)
+    old[_WAKE_SIGNAL] = signal.signal(_WAKE_SIGNAL, lambda *_: None)
+    signal.setitimer(signal.ITIMER_REAL, _TICK, _TICK)
+    return old
+
+
+def _restore_signal_handlers(old: dict[int, Any]) -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+def run_trace(ns: Any, cmd: list[str]) -> int:
+    """`vdsotrace trace`: the CLI's entry into the engine."""
+    from tracer.render.output import open_output
+    opts = TraceOptions(funcs=ns.funcs, follow_forks=ns.follow_forks, signals=ns.signals,
+                        stack_depth=ns.stack, inject=ns.inject, pin=ns.pin,
+                        duration=ns.duration)
+    if ns.inject:
+        raise TracerError("--inject is not available in this build yet: run without --inject "
+                          "(the stop-based engine records the same events)")
+    if ns.signals:
+        pass
+    pids: list[int] = ns.pid or []
+    if len(pids) > 1:
+        raise TracerError("tracing several pids at once is not supported yet: give one -p PID")
+    out = open_output(ns.output, json=ns.json, timing=ns.timing, summary=ns.summary)
+    session = Session(opts, out.write_event)
+    old = _install_signal_handlers(session)
+    session.on_tick = out.flush
+    try:
+        if pids:
+            session.attach(pids[0])
+        else:
+            session.spawn(cmd)
+        out.flush()
+        session.run()
+    finally:
+        _restore_signal_handlers(old)
+        if session.threads:
+            session.detach_all("error")
+        out.finish(session)
+    return 0
