@@ -36,6 +36,8 @@ class Abi:
     sigcontext_ip: int              # offset of ip inside struct sigcontext (non-rt i386 frames)
     rt_sigreturn_nr: int
     sigreturn_nr: int | None
+    # Registers in DWARF number order (psABI register mappings), by their user_regs names.
+    dwarf_regs: tuple[str, ...] = ()
 
     @property
     def mask(self) -> int:
@@ -69,6 +71,9 @@ X86_64 = Abi(
     # struct sigcontext_64: r8..r15, rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip -> rip at 128.
     uc_mcontext_ip=40 + 128, sigcontext_ip=128,
     rt_sigreturn_nr=15, sigreturn_nr=None,
+    # System V AMD64 psABI figure 3.36
+    dwarf_regs=("rax", "rdx", "rcx", "rbx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10",
+                "r11", "r12", "r13", "r14", "r15"),
 )
 
 I386 = Abi(
@@ -81,6 +86,8 @@ I386 = Abi(
     # struct sigcontext_32: gs fs es ds di si bp sp bx dx cx ax trapno err ip -> ip at 56.
     uc_mcontext_ip=20 + 56, sigcontext_ip=56,
     rt_sigreturn_nr=173, sigreturn_nr=119,
+    # System V i386 psABI table 2.14 (eax ecx edx ebx esp ebp esi edi)
+    dwarf_regs=("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"),
 )
 
 ABIS = {a.name: a for a in (X86_64, I386)}

@@ -59,7 +59,7 @@ class CallEvent:
     fallback_reason: str | None
     duration_ns: int
     caller: int
-    caller_text: str                  # "libc.so.6+0x1234" or "0x…"
+    caller_text: str                  # "0x7f… libc.so.6+0x1234", or "0x…" alone
     caller_symbol: str | None
     stack: tuple[str, ...] | None
     ns_relative: bool = False         # MONOTONIC/BOOTTIME values inside a time namespace

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from elftools.common.exceptions import DWARFError, ELFError, ELFParseError
 from elftools.construct import ConstructError
@@ -48,8 +48,9 @@ _ELF_INPUT_ERRORS: Final = (
     AssertionError, KeyError, IndexError, ValueError, EOFError, OverflowError,
 )
 
-PAGE_SIZE: Final = 4096  # x86: the ELF ABI's maximum page size for PT_LOAD alignment is larger,
-                        # but mappings (and so maps offsets) are in 4 KiB pages.
+# x86 base pages are 4 KiB; mappings, and so the offsets /proc/PID/maps shows, are in pages
+# (the psABIs' 2 MiB "maximum page size" only spaces PT_LOAD segments apart).
+PAGE_SIZE: Final = 4096
 
 
 class RuleKind(IntEnum):
@@ -88,7 +89,7 @@ class CfiRow:
     def build(cls, start: int, cfa_reg: int, cfa_offset: int, cfa_expr: bytes | None, ra_reg: int,
               rules: tuple[RegRule, ...], signal_frame: bool) -> CfiRow:
         simple = cfa_expr is None and all(kind == RuleKind.OFFSET for _, kind, _ in rules)
-        offsets = tuple((reg, int(arg)) for reg, _, arg in rules) if simple else None  # type: ignore[call-overload]
+        offsets = tuple((reg, int(arg)) for reg, _, arg in rules) if simple else None
         max_reg = max([cfa_reg, ra_reg, *(reg for reg, _, _ in rules)])
         return cls(start, cfa_reg, cfa_offset, cfa_expr, ra_reg, rules, signal_frame, offsets, max_reg)
 
@@ -189,6 +190,10 @@ class _LazyCallFrameInfo(CallFrameInfo):
         if not isinstance(entry, CFIEntry):
             raise ElfError(f"no CFI entry at .eh_frame offset {offset:#x}")
         return entry
+
+
+# Without the per-entry parser (a pyelftools other than the ones above), parse in full.
+_HAS_ENTRY_PARSER: Final = callable(getattr(CallFrameInfo, "_parse_entry_at", None))
 
 
 @dataclass(slots=True)
@@ -332,7 +337,7 @@ class _CfiSection:
         self._index_offsets: list[int] = []
         self._index_ends: list[int] | None = None  # known only after a full parse
         self._full = False
-        if hdr is not None and for_eh_frame:
+        if hdr is not None and for_eh_frame and _HAS_ENTRY_PARSER:
             parsed = _parse_eh_frame_hdr(hdr[0], hdr[1], sh_addr, little_endian)
             if parsed is not None:
                 self._index_locs, self._index_offsets = parsed
@@ -407,7 +412,7 @@ class ObjectFile:
     __slots__ = ("name", "elf_class", "machine", "e_type", "segments", "_symbols",
                  "_eh_frame", "_debug_frame")
 
-    def __init__(self, stream: io.BufferedIOBase | io.BytesIO, name: str) -> None:
+    def __init__(self, stream: IO[bytes], name: str) -> None:
         self.name = name
         try:
             elf = ELFFile(stream)
@@ -526,7 +531,7 @@ def _cached(key: tuple[Any, ...], build: Callable[[], ObjectFile]) -> ObjectFile
 
 
 def load_object(path: str, inode: int | None = None) -> ObjectFile:
-    """The object at path, cached per (path, device, inode, mtime, size). With inode given
+    """The object at path, cached per (device, inode, mtime, size). With inode given
     (the maps' inode column), a file that has been replaced since it was mapped is an
     ElfError: its symbols would name someone else's code."""
     try:
@@ -534,8 +539,10 @@ def load_object(path: str, inode: int | None = None) -> ObjectFile:
             st = os.fstat(f.fileno())
             if inode is not None and inode != 0 and st.st_ino != inode:
                 raise ElfError(f"{path}: replaced on disk since it was mapped (inode {st.st_ino}, mapped {inode})")
-            key = ("path", path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-            return _cached(key, lambda: ObjectFile(f, path))  # type: ignore[arg-type]
+            # by identity, not path: one libc reached as /proc/PID/root/... for many
+            # processes is parsed once
+            key = ("file", st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            return _cached(key, lambda: ObjectFile(f, path))
     except OSError as e:
         raise ElfError(f"cannot open {path}: {e.strerror}") from e
 

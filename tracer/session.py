@@ -25,13 +25,15 @@ from tracer.breakpoints import ENTRY, FALL, RET, Patcher
 from tracer.consts import AuxType
 from tracer.decoders import Decoder, decode_out, errno_name, for_function, out_size
 from tracer.disasm import gateway as find_gateway
-from tracer.errors import (AuxvError, MemoryReadError, MemoryWriteError, ProcessGone,
-                           TracerError, UnknownFunction, VdsoError)
+from tracer.errors import (AuxvError, ElfError, MemoryReadError, MemoryWriteError,
+                           ProcessGone, TracerError, UnknownFunction, VdsoError)
 from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
                            ExitEvent, NoticeEvent, SyscallEvent)
 from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
+from tracer.objfile import ModuleMap
 from tracer.target import REG_INDEX, Regs
+from tracer.unwind import unwind
 from tracer.vdso import GATEWAY_SYMBOL, SIGRETURN_TRAMPOLINES, VdsoFunction, VdsoImage, parse_image
 
 __all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "resolve_functions",
@@ -161,7 +163,7 @@ class _Pending:
     t0: int                    # monotonic ns at entry
     caller: int
     fallback: bool = False
-    nested: list[Any] = field(default_factory=list)
+    stack: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -178,7 +180,9 @@ class _Space:
     is_gateway: list[bool]
     traced: bool = True            # emit events (False: an unfollowed vfork child)
     threads: set[int] = field(default_factory=set)
-    exe: str | None = None
+    modules: ModuleMap | None = None
+    modules_time: float = 0.0
+    names: dict[int, tuple[str, str | None]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -222,9 +226,14 @@ class Session:
         self._status_ref = ctypes.byref(self._status)
         self._mono_to_epoch = time.time() - time.monotonic()
         self._paused = False
-        self._modmaps: dict[int, tuple[float, list[procfs.MapEntry]]] = {}
         self.clocksource, self.fast_path = clocksource_info()
         self.on_tick: Callable[[], None] | None = None
+        self._tick_due = False
+
+    def tick(self) -> None:
+        """Async-signal and thread safe: ask the loop to flush, run queued calls and check
+        --duration at its next turn, even while stops keep arriving."""
+        self._tick_due = True
 
     # ---------------------------------------------------------------- setup
     def _options(self) -> int:
@@ -234,20 +243,22 @@ class Session:
 
     def attach(self, pid: int) -> None:
         tids, pending = target.attach_process(pid, self._options())
-        self.root_pid = pid
+        if self.root_pid is None:
+            self.root_pid = pid
         try:
             space = self._new_space(pid, tids[0] if pid not in tids else pid)
             for tid in tids:
                 self._add_thread(tid, space)
-            self._pin(pid)
+            if self.root_pid == pid:
+                self._pin(pid)
         except BaseException:
             for t in tids:
+                self.threads.pop(t, None)
                 try:
                     target.detach(t)
                 except (ProcessGone, OSError):
                     pass
-            self.threads.clear()
-            self.spaces.clear()
+            self.spaces.pop(pid, None)
             raise
         self.state = "running"
         self._emit_attach(space, spawned=False)
@@ -374,6 +385,7 @@ class Session:
                 fut.set_exception(e)
             return fut
         self._queue.put((fn, fut))
+        self._tick_due = True
         self._wake()
         return fut
 
@@ -402,6 +414,13 @@ class Session:
         reason = "exit"
         try:
             while True:
+                if self._tick_due:
+                    self._tick_due = False
+                    self._run_queue()
+                    if self.on_tick is not None:
+                        self.on_tick()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self.request_stop("duration")
                 if self.stop_reason is not None:
                     reason = self.stop_reason
                     break
@@ -412,17 +431,10 @@ class Session:
                 if tid > 0:
                     dispatch(tid, status.value)
                     continue
-                err = ctypes.get_errno()
-                if err == 10:  # ECHILD: nothing left to wait for
+                if ctypes.get_errno() == 10:  # ECHILD: nothing left to wait for
                     reason = "exit"
                     break
-                # EINTR: a tick or a wake-up
-                self._run_queue()
-                if self.on_tick is not None:
-                    self.on_tick()
-                if deadline is not None and time.monotonic() >= deadline:
-                    reason = "duration"
-                    break
+                self._tick_due = True         # EINTR: a tick or a wake-up
         finally:
             self._engine_ident = None
         self.detach_all(reason)
@@ -433,6 +445,14 @@ class Session:
         if th is None:
             self._unknown(tid, status)
             return
+        try:
+            self._dispatch_thread(th, status)
+        except ProcessGone:
+            # Killed under us (SIGKILL, or exit of the whole group): its exit status follows.
+            th.stopped = False
+            th.pending.clear()
+
+    def _dispatch_thread(self, th: _Thread, status: int) -> None:
         if status & 0x7F == 0x7F:                      # WIFSTOPPED
             th.stopped = True
             sig = (status >> 8) & 0xFF
@@ -498,10 +518,14 @@ class Session:
                 raw = bytes(4 * (n + 1))
             words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
             caller, args = words[0], tuple(words[1:])
+        stack = None
+        depth = self.options.stack_depth
+        if depth and not gw:
+            stack = self._stack(space, th, depth)
         buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
         target.setregs(th.tid, th.regs)
         self._resume(th)
-        th.pending.append(_Pending(fidx, sp, args, t0, caller))
+        th.pending.append(_Pending(fidx, sp, args, t0, caller, False, stack))
 
     def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
         sp = buf[_RSP]
@@ -575,7 +599,8 @@ class Session:
         caller_text, caller_sym = self._symbolize(space, p.caller)
         self._emit(CallEvent(space.pid, th.tid, p.t0 / 1e9 + self._mono_to_epoch, func.plain,
                              func.symbol, dec.decode_args(p.args, abi), ret, err, out,
-                             p.fallback, reason, dur, p.caller, caller_text, caller_sym, None))
+                             p.fallback, reason, dur, p.caller, caller_text, caller_sym,
+                             self._stack_text(space, p.stack) if p.stack is not None else None))
 
     def _syscall_done(self, th: _Thread, space: _Space, p: _Pending, ret: int | None,
                       t1: int) -> None:
@@ -596,35 +621,53 @@ class Session:
                                 p.args[:nargs], ret, errno_name(ret) if ret is not None else None,
                                 t1 - p.t0, nested))
 
-    def _symbolize(self, space: _Space, addr: int) -> tuple[str, str | None]:
-        if not addr:
-            return "0x0", None
-        if space.base <= addr < space.base + space.size:
-            hit = space.image.symbolize(addr - space.base)
-            obj = space.image.soname or "[vdso]"
-            sym = f"{obj}!{hit[0]}+{hit[1]:#x}" if hit else None
-            return f"{obj}+{addr - space.base:#x}", sym
-        maps = self._maps(space.pid, addr)
-        for m in maps:
-            if m.start <= addr < m.end and m.path:
-                first = min((x for x in maps if x.path == m.path), key=lambda x: x.start)
-                name = os.path.basename(m.path) if m.path.startswith("/") else m.path
-                return f"{name}+{addr - first.start:#x}", None
-        return f"{addr:#x}", None
-
-    def _maps(self, pid: int, addr: int) -> list[procfs.MapEntry]:
-        cached = self._modmaps.get(pid)
-        if cached is not None and any(m.start <= addr < m.end for m in cached[1]):
-            return cached[1]
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < 0.5:
-            return cached[1]
+    def _modules(self, space: _Space, addr: int) -> ModuleMap:
+        """The space's module map, rebuilt (at most twice a second) when addr is not in it."""
+        mm = space.modules
+        if mm is not None and (mm.region_at(addr) is not None
+                               or time.monotonic() - space.modules_time < 0.5):
+            return mm
         try:
-            maps = procfs.read_maps(pid)
+            mm = ModuleMap.from_pid(space.pid, space.image.data)
         except OSError:
-            maps = []
-        self._modmaps[pid] = (now, maps)
-        return maps
+            mm = ModuleMap([], space.image.data)
+        space.modules, space.modules_time = mm, time.monotonic()
+        space.names.clear()
+        return mm
+
+    def _symbolize(self, space: _Space, addr: int) -> tuple[str, str | None]:
+        """(caller, caller_symbol) for a return address, cached per address."""
+        hit = space.names.get(addr)
+        if hit is not None:
+            return hit
+        loc = self._modules(space, addr).locate(addr) if addr else None
+        if loc is None:
+            return f"{addr:#x}", None
+        hit = (f"{addr:#x} {loc.caller}", loc.caller_symbol)
+        if len(space.names) > 65536:
+            space.names.clear()
+        space.names[addr] = hit
+        return hit
+
+    def _stack(self, space: _Space, th: _Thread, depth: int) -> tuple[int, ...]:
+        """Return addresses at a function's entry (sp points at the first one), CFI-unwound."""
+        buf = th.regs.buf
+        regs: dict[int | str, int] = {i: buf[REG_INDEX[n]]
+                                      for i, n in enumerate(space.abi.dwarf_regs)}
+        regs["pc"] = buf[_RIP]
+        regs["sp"] = buf[_RSP]
+        mm = self._modules(space, buf[_RIP])
+        try:
+            return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth))
+        except (ElfError, MemoryReadError):
+            return ()
+
+    def _stack_text(self, space: _Space, addrs: tuple[int, ...]) -> tuple[str, ...]:
+        out = []
+        for a in addrs:
+            loc = self._modules(space, a).locate(a)
+            out.append(loc.stack_entry if loc is not None else f"{a:#x}")
+        return tuple(out)
 
     # ---------------------------------------------------------------- other stops
     def _signal(self, th: _Thread, sig: int) -> None:
@@ -972,7 +1015,7 @@ def _install_signal_handlers(session: Session) -> dict[int, Any]:
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         old[s] = signal.signal(s, stop)
-    old[_WAKE_SIGNAL] = signal.signal(_WAKE_SIGNAL, lambda *_: None)
+    old[_WAKE_SIGNAL] = signal.signal(_WAKE_SIGNAL, lambda *_: session.tick())
     signal.setitimer(signal.ITIMER_REAL, _TICK, _TICK)
     return old
 
@@ -994,16 +1037,15 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
                           "(the stop-based engine records the same events)")
     if ns.signals:
         pass
-    pids: list[int] = ns.pid or []
-    if len(pids) > 1:
-        raise TracerError("tracing several pids at once is not supported yet: give one -p PID")
+    pids: list[int] = list(dict.fromkeys(ns.pid or []))
     out = open_output(ns.output, json=ns.json, timing=ns.timing, summary=ns.summary)
     session = Session(opts, out.write_event)
     old = _install_signal_handlers(session)
     session.on_tick = out.flush
     try:
         if pids:
-            session.attach(pids[0])
+            for pid in pids:
+                session.attach(pid)
         else:
             session.spawn(cmd)
         out.flush()

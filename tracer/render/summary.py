@@ -16,14 +16,14 @@ def summary_text(rows: Iterable[Any], unused: list[str] | None = None,
            f"{'-' * 6} {'-' * 11} {'-' * 11} {'-' * 9} {'-' * 9} {'-' * 9} {'-' * 16}"]
     for r in rows:
         out.append(f"{100 * r.total_ns / total:6.2f} {r.total_ns / 1e9:11.6f} "
-                   f"{r.total_ns / r.calls / 1e3:11.1f} {r.calls:9d} {r.fallbacks or '':>9} "
-                   f"{r.errors or '':>9} {r.func}")
+                   f"{r.total_ns / r.calls / 1e3:11.1f} {r.calls:9d} {r.fallbacks:>9} "
+                   f"{r.errors:>9} {r.func}")
     calls = sum(r.calls for r in rows)
     out.append(f"{'-' * 6} {'-' * 11} {'-' * 11} {'-' * 9} {'-' * 9} {'-' * 9} {'-' * 16}")
     out.append(f"{100.0:6.2f} {sum(r.total_ns for r in rows) / 1e9:11.6f} "
                f"{(sum(r.total_ns for r in rows) / calls / 1e3) if calls else 0:11.1f} "
-               f"{calls:9d} {sum(r.fallbacks for r in rows) or '':>9} "
-               f"{sum(r.errors for r in rows) or '':>9} total")
+               f"{calls:9d} {sum(r.fallbacks for r in rows):>9} "
+               f"{sum(r.errors for r in rows):>9} total")
     if reasons:
         out.append("")
         out.append("fallbacks by reason: " + ", ".join(f"{k} {v}" for k, v in

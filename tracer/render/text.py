@@ -60,7 +60,7 @@ def format_call(e: CallEvent, timing: bool = False) -> str:
         ret += f" {e.errno} ({_strerror(e.errno)})"
     line = f"{_prefix(e.pid, e.tid)}{e.func}({', '.join(parts)}) = {ret}"
     if e.fallback:
-        line += f" [fallback: {e.fallback_reason}]" if e.fallback_reason else " [fallback]"
+        line += f" [fallback] ({e.fallback_reason})" if e.fallback_reason else " [fallback]"
     if timing:
         line += f" <{e.duration_ns / 1e9:.6f}>"
     if e.stack:
