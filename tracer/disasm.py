@@ -11,7 +11,7 @@ from tracer.abi import Abi
 from tracer.vdso import GATEWAY_SYMBOL, VdsoFunction, VdsoImage
 
 __all__ = ["Insn", "disassemble", "Gateway", "gateway", "Sites", "sites", "relocate",
-           "SYNTAXES", "JMP_REL32_LEN"]
+           "SYNTAXES", "JMP_REL32_LEN", "insn_length", "branch_targets"]
 
 SYNTAXES = ("intel", "att")
 JMP_REL32_LEN = 5
@@ -122,7 +122,8 @@ def _rel32(value: int) -> bytes:
     return (value & 0xFFFFFFFF).to_bytes(4, "little")
 
 
-def relocate(abi: Abi, code: bytes, orig: int, slot: int) -> tuple[bytes, list[tuple[int, int]]]:
+def relocate(abi: Abi, code: bytes, orig: int, slot: int,
+             tail: bool = True) -> tuple[bytes, list[tuple[int, int]]]:
     """Out-of-line copy of the single instruction at the start of `code` (runtime address
     `orig`) for execution at `slot`, followed by a jump back to the next instruction.
 
@@ -130,13 +131,18 @@ def relocate(abi: Abi, code: bytes, orig: int, slot: int) -> tuple[bytes, list[t
     instruction boundary in the slot, so a thread stopped inside the slot can be put back at
     the matching original address. A relative call is rewritten as push of the original return
     address + jmp, so the callee sees exactly the return address it would have seen
-    (i386's `call __x86.get_pc_thunk.ax` depends on it).
+    (i386's `call __x86.get_pc_thunk.ax` depends on it). With `tail=False` the jump back is
+    left out (the caller relocates the next instruction right after); only a non-branch
+    instruction can be relocated that way.
     """
     md = _cs(abi)
     insn = next(md.disasm(code, orig, 1), None)
     if insn is None:
         raise ValueError(f"cannot decode the instruction at {orig:#x}")
     size = insn.size
+    if not tail and (_branch_target(insn) is not None or insn.group(_GRP_RET)
+                     or insn.group(_GRP_JUMP) or insn.group(_GRP_CALL)):
+        raise ValueError(f"{insn.mnemonic} must be the last relocated instruction")
     nxt = orig + size
     raw = bytearray(insn.bytes)
     target = _branch_target(insn)
@@ -176,5 +182,26 @@ def relocate(abi: Abi, code: bytes, orig: int, slot: int) -> tuple[bytes, list[t
         raise ValueError(f"cannot relocate {insn.mnemonic} {insn.op_str}")
     out += raw
     bounds.append((len(out), nxt))
-    out += b"\xe9" + _rel32(nxt - (slot + len(out) + 5))
+    if tail:
+        out += b"\xe9" + _rel32(nxt - (slot + len(out) + 5))
     return bytes(out), bounds
+
+
+def insn_length(abi: Abi, code: bytes, addr: int) -> int:
+    insn = next(_cs(abi).disasm(code, addr, 1), None)
+    if insn is None:
+        raise ValueError(f"cannot decode the instruction at {addr:#x}")
+    return int(insn.size)
+
+
+def branch_targets(image: VdsoImage) -> set[int]:
+    """Every relative branch target (image offsets) in the image's .text, by linear sweep."""
+    md = _cs(image.abi)
+    md.skipdata = True
+    lo, hi = image.text
+    out = set()
+    for i in md.disasm(image.data[lo:hi], lo):
+        t = _branch_target(i)
+        if t is not None:
+            out.add(t)
+    return out

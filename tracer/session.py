@@ -21,7 +21,7 @@ from typing import Any
 from tracer import procfs, target
 from tracer.abi import Abi
 from tracer.auxv import auxv_from_stack, find, parse_auxv
-from tracer.breakpoints import ENTRY, FALL, RET, Patcher
+from tracer.breakpoints import ENTRY, EXIT, FALL, RET, Patcher
 from tracer.consts import AuxType
 from tracer.decoders import Decoder, decode_out, errno_name, for_function, out_size
 from tracer.disasm import gateway as find_gateway
@@ -33,6 +33,7 @@ from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
 from tracer.objfile import ModuleMap
 from tracer.target import REG_INDEX, Regs
+from tracer.tsc import TscClock
 from tracer.unwind import unwind
 from tracer.vdso import GATEWAY_SYMBOL, SIGRETURN_TRAMPOLINES, VdsoFunction, VdsoImage, parse_image
 
@@ -195,6 +196,7 @@ class _Thread:
     listening: bool = False        # group-stopped (PTRACE_LISTEN)
     undo_trap: int = 0             # breakpoint address to re-execute if we detach now
     sig: int = 0                   # signal to deliver on resume/detach
+    fb_marks: list[tuple[int, int]] = field(default_factory=list)  # (sp, func) at fallbacks
 
 
 class _Counter:
@@ -227,6 +229,8 @@ class Session:
         self._mono_to_epoch = time.time() - time.monotonic()
         self._paused = False
         self.clocksource, self.fast_path = clocksource_info()
+        self.tsc = TscClock()
+        self.tsc.start()
         self.on_tick: Callable[[], None] | None = None
         self._tick_due = False
 
@@ -246,7 +250,7 @@ class Session:
         if self.root_pid is None:
             self.root_pid = pid
         try:
-            space = self._new_space(pid, tids[0] if pid not in tids else pid)
+            space = self._new_space(pid, tids[0] if pid not in tids else pid, tids=tids)
             for tid in tids:
                 self._add_thread(tid, space)
             if self.root_pid == pid:
@@ -306,7 +310,8 @@ class Session:
             start = procfs.read_stat(pid).start_stack
             return auxv_from_stack(mem.read, start, abi.word)
 
-    def _new_space(self, pid: int, regs_tid: int, traced: bool = True) -> _Space:
+    def _new_space(self, pid: int, regs_tid: int, traced: bool = True,
+                   tids: list[int] | None = None) -> _Space:
         regs = Regs()
         target.getregs(regs_tid, regs)
         abi = target.abi_of(pid, regs)
@@ -321,7 +326,9 @@ class Session:
             image = parse_image(mem.read(vmap.start, vmap.size))
             funcs = resolve_functions(image, self.options.funcs)
             patcher = Patcher(image, vmap.start, vmap.size)
-            patcher.plan(funcs)
+            patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs])
+            for tid in tids or [regs_tid]:
+                self._step_out(tid, patcher.in_detour)
             patcher.plant(mem)
         except BaseException:
             mem.close()
@@ -482,17 +489,71 @@ class Session:
             self._resume(th)
             return
         kind = bp.kind
-        if kind == RET:
+        if kind == EXIT:
+            self._stub_exit(th, space, bp.func, buf)
+        elif kind == RET:
             self._exit_hit(th, space, bp.func, buf)
         elif kind == ENTRY:
             self._entry_hit(th, space, bp.func, buf)
-        else:  # FALL
+        else:  # FALL: this call enters the kernel
+            th.fb_marks.append((buf[_RSP], bp.func))
             pend = th.pending
             if pend and pend[-1].func == bp.func:
                 pend[-1].fallback = True
             buf[_RIP] = bp.slot
             target.setregs(tid, regs)
             self._resume(th)
+
+    def _stub_exit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
+        """The stub's int3: arguments, result, timestamps and return address are in one block
+        of stack; the thread just continues into the stub's epilogue."""
+        sp = buf[_RSP]
+        layout = space.patcher.layouts[fidx]
+        assert layout is not None
+        mem = space.mem
+        abi = space.abi
+        word = abi.word
+        try:
+            frame = mem.read(sp, layout.size)
+        except MemoryReadError:
+            self._resume(th)
+            return
+        dec = space.decoders[fidx]
+        args = tuple(int.from_bytes(frame[o:o + word], "little")
+                     for o in layout.args[:dec.nargs])
+        outs: list[bytes | None] = []
+        for spec in dec.outs:
+            addr = args[spec.arg] & abi.mask
+            if not addr:
+                outs.append(None)
+                continue
+            try:
+                outs.append(mem.read(addr, out_size(spec.layout, abi)))
+            except MemoryReadError:
+                outs.append(None)
+        stack = None
+        depth = self.options.stack_depth
+        if depth:
+            entry_sp = sp + layout.retaddr
+            stack = self._stack(space, th, depth, space.base + space.patcher.funcs[fidx]
+                                .image_offset, entry_sp)
+        self._resume(th)
+        t_stop = time.monotonic_ns()
+        ret = abi.signed(int.from_bytes(frame[layout.ret:layout.ret + word], "little"))
+        t0 = int.from_bytes(frame[layout.t0:layout.t0 + 8], "little")
+        t1 = int.from_bytes(frame[layout.t1:layout.t1 + 8], "little")
+        caller = int.from_bytes(frame[layout.retaddr:layout.retaddr + word], "little")
+        fallback = False
+        marks = th.fb_marks
+        if marks:
+            # fallbacks marked below this frame belong to this call (nested calls, from a
+            # signal handler, took theirs already)
+            limit = sp + 16
+            fallback = any(m[0] < limit for m in marks)
+            th.fb_marks = [m for m in marks if m[0] >= limit]
+        dur = self.tsc.ns(t1 - t0)
+        p = _Pending(fidx, sp + layout.retaddr, args, t_stop - dur, caller, fallback, stack)
+        self._call_done(th, space, fidx, p, ret, outs, p.t0 + dur)
 
     def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
         t0 = time.monotonic_ns()
@@ -502,7 +563,8 @@ class Session:
         if gw:
             args = tuple(buf[i] & 0xFFFFFFFF for i in _SYSARG32) + (buf[_RAX] & 0xFFFFFFFF,)
             caller = 0
-            # A vDSO function that calls the gateway has fallen back into the kernel.
+            # A vDSO function that calls the gateway has fallen back into the kernel (its
+            # call site is a fallback int3 too, which marks calls made through a stub).
             if th.pending and not space.is_gateway[th.pending[-1].func]:
                 th.pending[-1].fallback = True
         elif space.abi.word == 8:
@@ -542,6 +604,8 @@ class Session:
         ret = buf[_RAX]
         outs: list[bytes | None] = []
         abi = space.abi
+        if th.fb_marks:
+            th.fb_marks = [m for m in th.fb_marks if m[0] >= sp]
         if p is not None and not space.is_gateway[fidx]:
             mem = space.mem
             for spec in space.decoders[fidx].outs:
@@ -615,6 +679,8 @@ class Session:
         nested = None
         if th.pending and not space.is_gateway[th.pending[-1].func]:
             nested = space.patcher.funcs[th.pending[-1].func].plain
+        elif th.fb_marks and th.fb_marks[-1][0] > p.sp:
+            nested = space.patcher.funcs[th.fb_marks[-1][1]].plain
         name = syscalls_i386.NAMES.get(nr, f"syscall_{nr}")
         nargs = syscalls_i386.NARGS.get(nr, 6)
         self._emit(SyscallEvent(space.pid, th.tid, p.t0 / 1e9 + self._mono_to_epoch, nr, name,
@@ -649,14 +715,16 @@ class Session:
         space.names[addr] = hit
         return hit
 
-    def _stack(self, space: _Space, th: _Thread, depth: int) -> tuple[int, ...]:
-        """Return addresses at a function's entry (sp points at the first one), CFI-unwound."""
+    def _stack(self, space: _Space, th: _Thread, depth: int, pc: int | None = None,
+               sp: int | None = None) -> tuple[int, ...]:
+        """Return addresses at a function's entry (sp points at the first one), CFI-unwound.
+        Callee-saved registers hold their entry values at entry and again after the return."""
         buf = th.regs.buf
         regs: dict[int | str, int] = {i: buf[REG_INDEX[n]]
                                       for i, n in enumerate(space.abi.dwarf_regs)}
-        regs["pc"] = buf[_RIP]
-        regs["sp"] = buf[_RSP]
-        mm = self._modules(space, buf[_RIP])
+        regs["pc"] = buf[_RIP] if pc is None else pc
+        regs["sp"] = buf[_RSP] if sp is None else sp
+        mm = self._modules(space, int(regs["pc"]))
         try:
             return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth))
         except (ElfError, MemoryReadError):
@@ -717,9 +785,7 @@ class Session:
         follow = self.options.follow_forks
         if follow or vfork:
             mem = ps.mem if vfork else target.Memory(child)
-            patcher = Patcher(ps.image, ps.base, ps.size, list(ps.patcher.funcs),
-                              dict(ps.patcher.bps), list(ps.patcher.slots), ps.patcher.pad_start,
-                              ps.patcher.pad_used, True)
+            patcher = ps.patcher.copy()
             space = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
                            ps.decoders, ps.is_gateway, traced=follow)
             self.spaces[child] = space
@@ -765,7 +831,6 @@ class Session:
                     parent.patcher.unplant(mem)
                 finally:
                     mem.close()
-                self._fix_regs(child, parent.patcher, 0)
             target.detach(child)
         except (ProcessGone, MemoryWriteError, OSError):
             pass
@@ -876,7 +941,7 @@ class Session:
                 target.getregs(tid, th.regs)
                 pc = th.regs.buf[_RIP] - 1
                 if pc in th.space.patcher.bps:
-                    th.undo_trap = pc   # re-run the instruction once it is restored
+                    th.undo_trap = pc   # a hit not yet handled: on resume, or undone on detach
                     continue
             if sig == _SYSCALL_TRAP:
                 continue
@@ -900,30 +965,115 @@ class Session:
                     self._resume(th)
         self.state = "running"
 
-    def _fix_regs(self, tid: int, patcher: Patcher, undo_trap: int) -> None:
-        """Put a thread back on original code: out of any slot, before any trap taken."""
+    def _step_out(self, tid: int, inside: Callable[[int], bool], limit: int = 200_000,
+                  timeout: float = 0.5) -> bool:
+        """Single-step a stopped thread until `inside(pc)` is false. False when it could not
+        be done (a blocking system call, a signal, the thread died): it is left stopped."""
         regs = Regs()
         target.getregs(tid, regs)
+        if not inside(regs.buf[_RIP]):
+            return True
+        deadline = time.monotonic() + timeout
+        for _ in range(limit):
+            target.singlestep(tid)
+            while True:
+                got, status = target.wait_nohang(tid)
+                if got:
+                    break
+                if time.monotonic() > deadline:
+                    target.interrupt(tid)
+                    target.wait(tid)
+                    return False
+                time.sleep(0.0002)
+            if status & 0x7F != 0x7F:
+                raise ProcessGone(f"thread {tid} exited")
+            if status >> 16 == target.PTRACE_EVENT_STOP:
+                continue                # an interrupt we sent earlier: step again
+            if (status >> 8) & 0xFF != _SIGTRAP or status >> 16:
+                th = self.threads.get(tid)
+                if th is not None and not status >> 16:
+                    th.sig = (status >> 8) & 0xFF
+                return False
+            target.getregs(tid, regs)
+            if not inside(regs.buf[_RIP]):
+                return True
+        return False
+
+    def _unpatch_thread(self, th: _Thread, patcher: Patcher) -> None:
+        """After `restore_code`: put a stopped thread back on original code -- before a trap
+        it took and we did not handle, out of any slot, out of any call made through a stub."""
+        regs = th.regs
+        target.getregs(th.tid, regs)
         pc = regs.buf[_RIP]
-        new = pc
-        if undo_trap:
-            new = undo_trap
-        elif patcher.in_slots(pc):
-            for _ in range(8):
-                back = patcher.pc_back(new)
-                if back is not None:
-                    new = back
-                    break
-                # between two instructions of a rewritten call: step to the next boundary
-                target.singlestep(tid)
-                target.wait(tid)
-                target.getregs(tid, regs)
-                new = pc = regs.buf[_RIP]
-                if not patcher.in_slots(pc):
-                    break
-        if new != regs.buf[_RIP]:
-            regs.buf[_RIP] = new
-            target.setregs(tid, regs)
+        trap = th.undo_trap
+        th.undo_trap = 0
+        if trap:
+            bp = patcher.bps.get(trap)
+            if bp is not None and bp.kind != EXIT:
+                pc = trap               # the original instruction runs again, untraced
+        back = patcher.pc_back(pc)
+        if back is not None:
+            pc = back
+        if pc != regs.buf[_RIP]:
+            regs.buf[_RIP] = pc
+            target.setregs(th.tid, regs)
+
+        def inside(x: int) -> bool:
+            return patcher.in_padding(x) or patcher.in_stub_function(x)
+
+        self._step_out(th.tid, inside)
+
+    def _on_our_code(self, th: _Thread, patcher: Patcher) -> bool:
+        """Will this thread still run code in the padding: its pc is there (it could not be
+        stepped out), or its stack holds a return into a stub (a call interrupted by a signal
+        handler)? Scans up to 64 KiB above sp."""
+        try:
+            target.getregs(th.tid, th.regs)
+        except ProcessGone:
+            return False
+        if patcher.in_padding(th.regs.buf[_RIP]):
+            return True
+        if not patcher.stub_returns:
+            return False
+        word = th.space.abi.word
+        sp = th.regs.buf[_RSP] & th.space.abi.mask
+        rets = patcher.stub_returns
+        for off in range(0, 65536, 4096):
+            start = sp + off if off else sp
+            end = (sp + off + 4096) & ~4095 if off == 0 else start + 4096
+            try:
+                chunk = th.space.mem.read(start, end - start)
+            except MemoryReadError:
+                return False
+            for i in range(0, len(chunk) - word + 1, word):
+                if int.from_bytes(chunk[i:i + word], "little") in rets:
+                    return True
+            if off == 0:
+                sp = end - 4096
+        return False
+
+    def _unpatch_space(self, space: _Space, threads: list[_Thread]) -> bool:
+        """Every thread stopped: restore the original code, move threads off our code, and
+        clear the padding unless a thread still needs a stub to return through. Returns
+        whether the padding was cleared."""
+        patcher = space.patcher
+        if not patcher.planted:
+            return True
+        patcher.restore_code(space.mem)
+        mine = [th for th in threads if th.space is space]
+        for th in mine:
+            try:
+                self._unpatch_thread(th, patcher)
+            except (ProcessGone, OSError):
+                pass
+        busy = [th.tid for th in mine if self._on_our_code(th, patcher)]
+        if busy:
+            self._emit(NoticeEvent(space.pid, busy[0], time.time(),
+                                   f"thread {busy[0]} is inside a traced call (a signal handler "
+                                   "interrupted it?): its return stub stays in the vDSO padding"))
+            return False
+        patcher.clear_padding(space.mem)
+        return True
 
     def detach_all(self, reason: str = "detach") -> None:
         """Remove every breakpoint, put every thread back on original code, let go."""
@@ -936,15 +1086,9 @@ class Session:
         except ProcessGone:
             threads = list(self.threads.values())
         for space in list(self.spaces.values()):
-            if space.patcher.planted:
-                try:
-                    space.patcher.unplant(space.mem)
-                except (MemoryWriteError, ProcessGone):
-                    pass
-        for th in threads:
             try:
-                self._fix_regs(th.tid, th.space.patcher, th.undo_trap)
-            except (ProcessGone, OSError):
+                self._unpatch_space(space, threads)
+            except (MemoryWriteError, ProcessGone):
                 pass
         for th in threads:
             try:
@@ -971,17 +1115,24 @@ class Session:
             self.pause()
         try:
             new_funcs: list[str] = []
-            for space in self.spaces.values():
-                funcs = resolve_functions(space.image, specs)
-                for th in self.threads.values():
+            plans = {pid: resolve_functions(sp.image, specs) for pid, sp in self.spaces.items()}
+            threads = list(self.threads.values())
+            for pid, space in self.spaces.items():
+                if not self._unpatch_space(space, threads):
+                    space.patcher.plant(space.mem)
+                    raise TracerError("a thread is inside a traced call right now: try again")
+                funcs = plans[pid]
+                for th in threads:
                     if th.space is space:
-                        self._fix_regs(th.tid, space.patcher, th.undo_trap)
-                        th.undo_trap = 0
                         th.pending.clear()
-                space.patcher.unplant(space.mem)
-                space.patcher.plan(funcs)
+                        th.fb_marks.clear()
+                decs = [for_function(f.plain) for f in funcs]
+                space.patcher.plan(funcs, [d.nargs for d in decs])
+                for th in threads:
+                    if th.space is space:
+                        self._step_out(th.tid, space.patcher.in_detour)
                 space.patcher.plant(space.mem)
-                space.decoders = [for_function(f.plain) for f in funcs]
+                space.decoders = decs
                 space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
                 for f in funcs:
                     self.counters.setdefault(f.plain, _Counter())

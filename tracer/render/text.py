@@ -62,7 +62,7 @@ def format_call(e: CallEvent, timing: bool = False) -> str:
     if e.fallback:
         line += f" [fallback] ({e.fallback_reason})" if e.fallback_reason else " [fallback]"
     if timing:
-        line += f" <{e.duration_ns / 1e9:.6f}>"
+        line += f" <{e.duration_ns / 1e9:.9f}>"
     if e.stack:
         line += "".join(f"\n > {frame}" for frame in e.stack)
     return line
@@ -79,7 +79,7 @@ def format_event(e: Event, timing: bool = False) -> str:
         inner = f" [in {e.nested_in}]" if e.nested_in else ""
         line = f"{_prefix(e.pid, e.tid)}{e.name}({args}) = {ret}{inner}"
         if timing:
-            line += f" <{e.duration_ns / 1e9:.6f}>"
+            line += f" <{e.duration_ns / 1e9:.9f}>"
         return line
     if isinstance(e, AttachEvent):
         how = "started" if e.spawned else "attached to"

@@ -1,0 +1,325 @@
+"""The signal return path (`trace --signals`): deliveries, handlers, restorers, sigreturns.
+
+Pure logic on registers and a memory reader; the engine does the ptrace dance:
+
+- delivery: at a signal-delivery-stop for a caught signal the engine resumes with
+  PTRACE_SINGLESTEP and the signal. The kernel builds the frame, points sp at it and ip at the
+  handler, and reports a SIGTRAP stop before the handler's first instruction
+  (kernel/signal.c: signal_delivered -> ptrace_notify(SIGTRAP) when stepping). There
+  `SignalTracker.on_handler_entry` reads the frame and opens a `Delivery` on the thread.
+- return: with PTRACE_SYSCALL the engine sees the entry of rt_sigreturn / sigreturn; there
+  `SignalTracker.on_sigreturn` reads the context the kernel is about to restore and closes the
+  matching delivery (LIFO per thread), or reports the anomaly.
+
+Frame layouts (arch/x86/include/asm/sigframe.h, built by arch/x86/kernel/signal_64.c and
+signal_32.c):
+
+x86_64 `struct rt_sigframe` (every handler, SA_SIGINFO or not)::
+
+    +0    char *pretcode            sa_restorer (x86_64 refuses a handler without SA_RESTORER)
+    +8    struct ucontext uc        uc_flags 8, uc_link 8, uc_stack 24, uc_mcontext 256,
+                                    uc_sigmask 8 (include/uapi/asm-generic/ucontext.h)
+    +312  struct siginfo info       (copied only for SA_SIGINFO handlers)
+
+  x64_setup_rt_frame: rdi = sig, rsi = &frame->info, rdx = &frame->uc, rax = 0, rsp = frame.
+
+i386 (IA-32 emulation) `struct rt_sigframe_ia32` (SA_SIGINFO handlers)::
+
+    +0    u32 pretcode              sa_restorer, else the vDSO's __kernel_rt_sigreturn
+    +4    int sig
+    +8    u32 pinfo                 = frame + 16
+    +12   u32 puc                   = frame + 144
+    +16   compat_siginfo_t info     128 bytes (SI_MAX_SIZE, include/uapi/asm-generic/siginfo.h)
+    +144  struct ucontext_ia32 uc   uc_mcontext at +20, its ip at +56
+
+  ia32_setup_rt_frame: eax = sig, edx = &frame->info, ecx = &frame->uc ("make -mregparm=3 work").
+
+i386 `struct sigframe_ia32` (plain handlers)::
+
+    +0    u32 pretcode              sa_restorer, else the vDSO's __kernel_sigreturn
+    +4    int sig
+    +8    struct sigcontext_32 sc   its ip at +56
+
+  ia32_setup_frame: eax = sig, edx = 0, ecx = 0.
+
+The two i386 frames are told apart by the rt frame's self-pointers (pinfo, puc): in a plain
+frame those words are the saved gs and fs selectors, never addresses inside the frame.
+
+Where the kernel finds the frame it restores (the trampoline's `ret` has popped pretcode;
+__kernel_sigreturn also pops sig):
+  x86_64 rt_sigreturn (15):  frame = sp - 8   (signal_64.c: regs->sp - sizeof(long))
+  i386 rt_sigreturn (173):   frame = sp - 4   (signal_32.c: regs->sp - 4)
+  i386 sigreturn (119):      frame = sp - 8   (signal_32.c: regs->sp - 8)
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from tracer.abi import I386, X86_64, Abi
+from tracer.errors import MemoryReadError
+from tracer.events import SignalEvent, SigreturnEvent
+from tracer.tables.signals import signame
+
+__all__ = ["ReadMem", "Anomaly", "FrameLayout", "LAYOUTS", "Delivery", "Sigreturn",
+           "SignalTracker", "parse_handler_frame", "sigreturn_frame", "is_sigreturn",
+           "signal_event", "sigreturn_event"]
+
+ReadMem = Callable[[int, int], bytes]
+
+
+class Anomaly(StrEnum):
+    """Why a sigreturn is not the close of a delivery we saw."""
+    NO_DELIVERY = "no-delivery"            # no delivery open on the thread: a forged frame (SROP)
+    FRAME_MISMATCH = "frame-mismatch"      # deliveries open, but none built this frame
+    UNREADABLE_FRAME = "unreadable-frame"  # the context to restore cannot be read
+
+
+@dataclass(frozen=True, slots=True)
+class FrameLayout:
+    """One ABI's signal frames: offsets from the frame's start (the handler's sp at entry)."""
+    abi: str
+    word: int
+    # rt frame
+    rt_ip: int                   # saved ip: uc + uc_mcontext + sigcontext ip
+    rt_sigreturn_nr: int
+    rt_sigreturn_sp_adjust: int  # frame = sp - this at the entry of rt_sigreturn
+    # non-rt frame (i386 only)
+    plain_ip: int | None
+    sigreturn_nr: int | None
+    sigreturn_sp_adjust: int | None
+    # i386 rt frame's self-pointers, x86_64's handler argument registers: offsets of
+    # &info and &uc from the frame
+    rt_info: int
+    rt_uc: int
+
+
+# x86_64: uc at +8 (after pretcode), uc_mcontext_ip = 40 + 128; info after the 304-byte
+# struct ucontext.
+_X86_64_UCONTEXT = 8 + 8 + 24 + 256 + 8
+# i386: compat_siginfo_t is SI_MAX_SIZE (128) bytes.
+_COMPAT_SIGINFO = 128
+
+
+LAYOUTS: dict[str, FrameLayout] = {
+    X86_64.name: FrameLayout(
+        abi=X86_64.name, word=8,
+        rt_ip=8 + X86_64.uc_mcontext_ip,
+        rt_sigreturn_nr=X86_64.rt_sigreturn_nr, rt_sigreturn_sp_adjust=8,
+        plain_ip=None, sigreturn_nr=None, sigreturn_sp_adjust=None,
+        rt_info=8 + _X86_64_UCONTEXT, rt_uc=8),
+    I386.name: FrameLayout(
+        abi=I386.name, word=4,
+        rt_ip=16 + _COMPAT_SIGINFO + I386.uc_mcontext_ip,
+        rt_sigreturn_nr=I386.rt_sigreturn_nr, rt_sigreturn_sp_adjust=4,
+        plain_ip=8 + I386.sigcontext_ip,
+        sigreturn_nr=I386.sigreturn_nr, sigreturn_sp_adjust=8,
+        rt_info=16, rt_uc=16 + _COMPAT_SIGINFO),
+}
+
+
+def _layout(abi: Abi) -> FrameLayout:
+    try:
+        return LAYOUTS[abi.name]
+    except KeyError:
+        raise ValueError(f"no signal frame layout for ABI {abi.name}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A signal the kernel delivered to a handler: what the frame at the handler's entry says."""
+    tid: int
+    signo: int
+    handler: int                 # runtime_addr of the handler's first instruction
+    restorer: int                # the frame's pretcode: where the handler's `ret` goes
+    resume_ip: int               # the interrupted ip saved in the frame's context
+    frame: int                   # runtime_addr of the frame (the handler's sp at entry)
+    rt: bool                     # rt frame (always on x86_64; SA_SIGINFO on i386)
+    abi: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sigreturn:
+    """A return through rt_sigreturn / sigreturn, read at the system call's entry."""
+    tid: int
+    nr: int
+    via: str                     # the trampoline, as the engine named it
+    frame: int                   # runtime_addr of the frame the kernel restores from
+    resume_ip: int | None        # where the restored context continues; None: unreadable
+    delivery: Delivery | None    # the delivery it closes
+    anomaly: Anomaly | None
+    resume_changed: bool         # the handler changed where its context resumes
+    abandoned: tuple[Delivery, ...] = ()  # deeper deliveries it closed too (longjmp'd out of)
+
+    @property
+    def signo(self) -> int | None:
+        return self.delivery.signo if self.delivery is not None else None
+
+
+def is_sigreturn(abi: Abi, nr: int) -> bool:
+    """Whether system call `nr` of `abi` restores a signal frame."""
+    lay = LAYOUTS.get(abi.name)
+    return lay is not None and (nr == lay.rt_sigreturn_nr or nr == lay.sigreturn_nr)
+
+
+def _word(data: bytes, off: int, word: int) -> int:
+    return int.from_bytes(data[off:off + word], "little")
+
+
+def parse_handler_frame(abi: Abi, tid: int, signo: int, regs: Mapping[str, int],
+                        read: ReadMem) -> Delivery | None:
+    """The frame the kernel built for `signo`, read at the handler's first instruction.
+
+    None when the registers and memory are not those of a frame the kernel just built for
+    `signo` (the step did not enter a handler: an ignored or default signal, a failed frame
+    setup) or when the frame cannot be read.
+    """
+    lay = _layout(abi)
+    mask = abi.mask
+    sp = regs[abi.sp] & mask
+    ip = regs[abi.pc] & mask
+    w = lay.word
+    if w == 8:
+        # x64_setup_rt_frame: rdi = sig, rsi = &frame->info, rdx = &frame->uc
+        if ((regs["rdi"] & 0xFFFFFFFF) != signo or regs["rsi"] & mask != sp + lay.rt_info
+                or regs["rdx"] & mask != sp + lay.rt_uc):
+            return None
+        try:
+            restorer = _word(read(sp, w), 0, w)
+            resume = _word(read(sp + lay.rt_ip, w), 0, w)
+        except MemoryReadError:
+            return None
+        return Delivery(tid, signo, ip, restorer, resume, sp, True, abi.name)
+    # i386: eax = sig for both frames ("make -mregparm=3 work")
+    if regs["rax"] & 0xFFFFFFFF != signo:
+        return None
+    try:
+        head = read(sp, 4 * w)               # pretcode, sig, pinfo, puc (rt) / gs, fs (plain)
+    except MemoryReadError:
+        return None
+    restorer, sig, pinfo, puc = (_word(head, i * w, w) for i in range(4))
+    if sig != signo:
+        return None
+    rt = pinfo == sp + lay.rt_info and puc == sp + lay.rt_uc
+    if rt:
+        if regs["rdx"] & mask != pinfo or regs["rcx"] & mask != puc:
+            return None
+        ip_off = lay.rt_ip
+    else:
+        if lay.plain_ip is None or regs["rdx"] & mask or regs["rcx"] & mask:
+            return None
+        ip_off = lay.plain_ip
+    try:
+        resume = _word(read(sp + ip_off, w), 0, w)
+    except MemoryReadError:
+        return None
+    return Delivery(tid, signo, ip, restorer, resume, sp, rt, abi.name)
+
+
+def sigreturn_frame(abi: Abi, nr: int, sp: int) -> tuple[int, int]:
+    """(frame, address of the saved ip) that system call `nr` restores, given sp at its entry.
+
+    Raises ValueError for a system call that is not a sigreturn of `abi`.
+    """
+    lay = _layout(abi)
+    sp &= abi.mask
+    if nr == lay.rt_sigreturn_nr:
+        frame = (sp - lay.rt_sigreturn_sp_adjust) & abi.mask
+        return frame, frame + lay.rt_ip
+    if nr == lay.sigreturn_nr and lay.sigreturn_sp_adjust is not None \
+            and lay.plain_ip is not None:
+        frame = (sp - lay.sigreturn_sp_adjust) & abi.mask
+        return frame, frame + lay.plain_ip
+    raise ValueError(f"system call {nr} is not a sigreturn on {abi.name}")
+
+
+class SignalTracker:
+    """Open deliveries per thread; matches each sigreturn with the delivery it closes.
+
+    One per address space (the ABI is the space's); `abi=` on a call overrides it, for a
+    system call made through the other ABI's entry (int $0x80 in a 64-bit process).
+    """
+
+    def __init__(self, abi: Abi, max_depth: int = 64) -> None:
+        _layout(abi)
+        self.abi = abi
+        self.max_depth = max_depth
+        self._open: dict[int, list[Delivery]] = {}
+
+    def open_deliveries(self, tid: int) -> tuple[Delivery, ...]:
+        """The thread's open deliveries, outermost first."""
+        return tuple(self._open.get(tid, ()))
+
+    def forget(self, tid: int) -> None:
+        """The thread exited or exec'd: its handlers will never return."""
+        self._open.pop(tid, None)
+
+    def clear(self) -> None:
+        self._open.clear()
+
+    def on_handler_entry(self, tid: int, signo: int, regs: Mapping[str, int], read: ReadMem,
+                         *, abi: Abi | None = None) -> Delivery | None:
+        """At the SIGTRAP stop after PTRACE_SINGLESTEP with `signo`: open the delivery, or
+        None when the thread did not enter a handler for `signo` (nothing is opened)."""
+        d = parse_handler_frame(abi or self.abi, tid, signo, regs, read)
+        if d is not None:
+            stack = self._open.setdefault(tid, [])
+            stack.append(d)
+            if len(stack) > self.max_depth:
+                # Handlers that longjmp out never return; keep the newest.
+                del stack[:len(stack) - self.max_depth]
+        return d
+
+    def on_sigreturn(self, tid: int, nr: int, regs: Mapping[str, int], read: ReadMem,
+                     via: str, *, abi: Abi | None = None) -> Sigreturn:
+        """At the entry of rt_sigreturn / sigreturn: close the delivery whose frame the kernel
+        restores, and any deeper ones (handlers left by longjmp); with none open, or none that
+        built this frame, report the anomaly and leave the open ones alone."""
+        a = abi or self.abi
+        frame, ip_addr = sigreturn_frame(a, nr, regs[a.sp])
+        try:
+            resume: int | None = _word(read(ip_addr, a.word), 0, a.word)
+        except MemoryReadError:
+            resume = None
+        stack = self._open.get(tid)
+        if not stack:
+            return Sigreturn(tid, nr, via, frame, resume, None, Anomaly.NO_DELIVERY, False)
+        for i in range(len(stack) - 1, -1, -1):
+            d = stack[i]
+            if d.frame == frame and d.abi == a.name:
+                abandoned = tuple(reversed(stack[i + 1:]))
+                del stack[i:]
+                if not stack:
+                    del self._open[tid]
+                if resume is None:
+                    return Sigreturn(tid, nr, via, frame, None, d, Anomaly.UNREADABLE_FRAME,
+                                     False, abandoned)
+                return Sigreturn(tid, nr, via, frame, resume, d, None, resume != d.resume_ip,
+                                 abandoned)
+        return Sigreturn(tid, nr, via, frame, resume, None, Anomaly.FRAME_MISMATCH, False)
+
+
+# ---------------------------------------------------------------- events
+
+Symbolize = Callable[[int], "str | None"]
+
+
+def signal_event(d: Delivery, pid: int, time: float, symbol: Symbolize) -> SignalEvent:
+    """The `signal` event of a delivery; `symbol(addr)` names an address or gives None."""
+    return SignalEvent(pid=pid, tid=d.tid, time=time, signo=d.signo, signame=signame(d.signo),
+                       handler=d.handler, handler_symbol=symbol(d.handler),
+                       restorer=d.restorer, restorer_symbol=symbol(d.restorer),
+                       resume_ip=d.resume_ip, frame=d.frame)
+
+
+def sigreturn_event(r: Sigreturn, pid: int, time: float, symbol: Symbolize) -> SigreturnEvent:
+    """The `sigreturn` event of a return. An unreadable context (the kernel will kill the
+    thread with SIGSEGV) has no resume address: SigreturnEvent.resume_ip is an int, so it is
+    written as 0, with the anomaly saying why."""
+    resume = r.resume_ip if r.resume_ip is not None else 0
+    return SigreturnEvent(pid=pid, tid=r.tid, time=time, via=r.via, resume_ip=resume,
+                          resume_symbol=symbol(resume) if r.resume_ip is not None else None,
+                          signo=r.signo,
+                          anomaly=r.anomaly.value if r.anomaly is not None else None,
+                          resume_changed=r.resume_changed)
