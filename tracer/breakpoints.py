@@ -21,6 +21,7 @@ Everything written is restored byte for byte by `unplant`.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from tracer.abi import Abi
@@ -38,13 +39,18 @@ _MAX_INSN = 15
 
 @dataclass(frozen=True, slots=True)
 class StubLayout:
-    """Where the stub left things on the stack at its int3 (offsets from sp), in words/bytes."""
-    size: int            # bytes to read from sp
-    t1: int
-    ret: int
-    t0: int
-    retaddr: int         # offset of the caller's return address (= sp at entry)
-    args: tuple[int, ...]
+    """What the stub left on the stack at its int3: one struct unpacked from sp."""
+    struct: struct.Struct
+    retaddr: int                 # byte offset of the caller's return address (= sp at entry)
+    i_t1: int                    # indexes into the unpacked tuple
+    i_ret: int
+    i_t0: int
+    i_retaddr: int
+    i_args: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return self.struct.size
 
 
 @dataclass(slots=True)
@@ -287,7 +293,7 @@ def _stub_x86_64() -> tuple[bytes, StubLayout, int, int]:
     c += b"\x48\x8d\x64\x24\x38"                  # lea rsp,[rsp+56]  (t0, saved arguments)
     c += b"\xc3"                                  # ret to the caller
     # at the int3: t1, ret, t0, r9, r8, rcx, rdx, rsi, rdi, return address
-    layout = StubLayout(80, 0, 8, 16, 72, (64, 56, 48, 40, 32, 24))
+    layout = StubLayout(struct.Struct("<QqQ6QQ"), 72, 0, 1, 2, 9, (8, 7, 6, 5, 4, 3))
     return bytes(c), layout, exit_off, call_off
 
 
@@ -316,7 +322,7 @@ def _stub_i386(nargs: int) -> tuple[bytes, StubLayout, int, int]:
     c += b"\x58"                                  # pop eax
     c += b"\x8d\x64\x24" + bytes((8 + pad,))      # lea esp,[esp+8+pad]
     c += b"\xc3"                                  # ret
-    base = 12 + pad                               # t0 after t1 (8), ret (4), pad
-    layout = StubLayout(base + 12 + 4 * nargs, 0, 8, base, base + 8,
-                        tuple(base + 12 + 4 * i for i in range(nargs)))
+    # at the int3: t1 (8), ret (4), pad, t0 (8), return address, the arguments
+    layout = StubLayout(struct.Struct(f"<Qi{pad}xQI{nargs}I"), 12 + pad + 8, 0, 1, 2, 3,
+                        tuple(4 + i for i in range(nargs)))
     return bytes(c), layout, exit_off, call_off

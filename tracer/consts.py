@@ -132,8 +132,20 @@ def name_of(enum: type[E], value: int) -> str | int:
         return value
 
 
+_CLOCK_NAMES: dict[int, str | int] = {}
+
+
 def clock_name(clockid: int) -> str | int:
     """Name a clockid_t as strace does, including CPU clocks from clock_getcpuclockid()."""
+    hit = _CLOCK_NAMES.get(clockid)
+    if hit is None:
+        if len(_CLOCK_NAMES) > 4096:
+            _CLOCK_NAMES.clear()
+        hit = _CLOCK_NAMES[clockid] = _clock_name(clockid)
+    return hit
+
+
+def _clock_name(clockid: int) -> str | int:
     if clockid >= 0:
         return name_of(ClockId, clockid)
     kind = clockid & _CPUCLOCK_CLOCK_MASK

@@ -37,7 +37,7 @@ from tracer.tsc import TscClock
 from tracer.unwind import unwind
 from tracer.vdso import GATEWAY_SYMBOL, SIGRETURN_TRAMPOLINES, VdsoFunction, VdsoImage, parse_image
 
-__all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "resolve_functions",
+__all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "Summary", "resolve_functions",
            "run_trace", "clocksource_info"]
 
 _RIP, _RSP, _RAX = REG_INDEX["rip"], REG_INDEX["rsp"], REG_INDEX["rax"]
@@ -48,6 +48,11 @@ _SYSCALL_TRAP = signal.SIGTRAP | 0x80
 _GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
+_WINDOW = 256           # bytes read from sp at a stub's stop (its block + the caller's locals)
+# Clocks a time namespace offsets (kernel/time/namespace.c: CLOCK_MONOTONIC and
+# CLOCK_BOOTTIME, and the clocks derived from them).
+_NS_CLOCKS = frozenset({"CLOCK_MONOTONIC", "CLOCK_MONOTONIC_RAW", "CLOCK_MONOTONIC_COARSE",
+                        "CLOCK_BOOTTIME", "CLOCK_BOOTTIME_ALARM"})
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _waitpid = _libc["waitpid"]
@@ -104,6 +109,16 @@ class FuncStats:
     fallbacks: int
     errors: int
     total_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    rows: list[FuncStats]
+    reasons: dict[str, dict[str, int]]                            # func -> reason -> calls
+    sites: dict[str, list[tuple[str, int, int]]]                  # func -> (site, calls, ns)
+    paths: dict[str, list[tuple[tuple[str, ...], int, int]]]      # func -> (frames, calls, ns)
+    unused: list[str]
+    diagnosis: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +196,7 @@ class _Space:
     is_gateway: list[bool]
     traced: bool = True            # emit events (False: an unfollowed vfork child)
     threads: set[int] = field(default_factory=set)
+    timens: dict[str, tuple[int, int]] | None = None
     modules: ModuleMap | None = None
     modules_time: float = 0.0
     names: dict[int, tuple[str, str | None]] = field(default_factory=dict)
@@ -197,13 +213,40 @@ class _Thread:
     undo_trap: int = 0             # breakpoint address to re-execute if we detach now
     sig: int = 0                   # signal to deliver on resume/detach
     fb_marks: list[tuple[int, int]] = field(default_factory=list)  # (sp, func) at fallbacks
+    last_call: tuple[Any, ...] | None = None   # (func index, caller, stack, fallback, reason)
+
+
+_MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
 
 
 class _Counter:
-    __slots__ = ("calls", "fallbacks", "errors", "total_ns")
+    """Aggregates for -c: never per-event data, so a long trace stays in constant memory."""
+    __slots__ = ("calls", "fallbacks", "errors", "total_ns", "reasons", "sites", "paths")
 
     def __init__(self) -> None:
         self.calls = self.fallbacks = self.errors = self.total_ns = 0
+        self.reasons: dict[str, int] = {}
+        self.sites: dict[tuple[int, int], list[int]] = {}   # (pid, return address) -> [calls, ns]
+        self.paths: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+
+    def add_site(self, pid: int, caller: int, stack: tuple[int, ...] | None, dur: int) -> None:
+        key = (pid, caller)
+        site = self.sites.get(key)
+        if site is None:
+            if len(self.sites) >= _MAX_KEYS:
+                return
+            site = self.sites[key] = [0, 0]
+        site[0] += 1
+        site[1] += dur
+        if stack:
+            pkey = (pid, stack)
+            path = self.paths.get(pkey)
+            if path is None:
+                if len(self.paths) >= _MAX_KEYS:
+                    return
+                path = self.paths[pkey] = [0, 0]
+            path[0] += 1
+            path[1] += dur
 
 
 class Session:
@@ -233,6 +276,8 @@ class Session:
         self.tsc.start()
         self.on_tick: Callable[[], None] | None = None
         self._tick_due = False
+        self.summary_only = False      # -c: aggregate, build no events
+        self._last_modules: dict[int, ModuleMap] = {}   # outlive the spaces, for -c names
 
     def tick(self) -> None:
         """Async-signal and thread safe: ask the loop to flush, run queued calls and check
@@ -336,6 +381,7 @@ class Session:
         space = _Space(pid, abi, mem, image, vmap.start, vmap.size, patcher,
                        [for_function(f.plain) for f in funcs],
                        [f.symbol == GATEWAY_SYMBOL for f in funcs], traced)
+        space.timens = timens_offsets(pid)
         self.spaces[pid] = space
         for f in funcs:
             self.counters.setdefault(f.plain, _Counter())
@@ -453,27 +499,28 @@ class Session:
             self._unknown(tid, status)
             return
         try:
-            self._dispatch_thread(th, status)
+            if status & 0x7F == 0x7F:                      # WIFSTOPPED
+                th.stopped = True
+                if status == 0x57F:                        # SIGTRAP, no event: an int3
+                    self._trap(th)
+                    return
+                sig = (status >> 8) & 0xFF
+                ev = status >> 16
+                if ev:
+                    self._event(th, ev, sig)
+                elif sig == _SYSCALL_TRAP:
+                    self._syscall_stop(th)
+                else:
+                    self._signal(th, sig)
+            else:
+                self._gone(th, status)
         except ProcessGone:
             # Killed under us (SIGKILL, or exit of the whole group): its exit status follows.
             th.stopped = False
             th.pending.clear()
 
-    def _dispatch_thread(self, th: _Thread, status: int) -> None:
-        if status & 0x7F == 0x7F:                      # WIFSTOPPED
-            th.stopped = True
-            sig = (status >> 8) & 0xFF
-            ev = status >> 16
-            if sig == _SIGTRAP and not ev:
-                self._trap(th)
-            elif ev:
-                self._event(th, ev, sig)
-            elif sig == _SYSCALL_TRAP:
-                self._resume(th)
-            else:
-                self._signal(th, sig)
-        else:
-            self._gone(th, status)
+    def _syscall_stop(self, th: _Thread) -> None:
+        self._resume(th)
 
     def _trap(self, th: _Thread) -> None:
         tid = th.tid
@@ -511,38 +558,43 @@ class Session:
         layout = space.patcher.layouts[fidx]
         assert layout is not None
         mem = space.mem
-        abi = space.abi
-        word = abi.word
+        st = layout.struct
+        # One read covers the stub's block and, usually, the caller's stack variables that
+        # the call wrote (a timespec on the caller's stack sits just above).
         try:
-            frame = mem.read(sp, layout.size)
+            window = mem.read(sp, _WINDOW)
         except MemoryReadError:
-            self._resume(th)
-            return
-        dec = space.decoders[fidx]
-        args = tuple(int.from_bytes(frame[o:o + word], "little")
-                     for o in layout.args[:dec.nargs])
-        outs: list[bytes | None] = []
-        for spec in dec.outs:
-            addr = args[spec.arg] & abi.mask
-            if not addr:
-                outs.append(None)
-                continue
             try:
-                outs.append(mem.read(addr, out_size(spec.layout, abi)))
+                window = mem.read(sp, st.size)
             except MemoryReadError:
-                outs.append(None)
+                self._resume(th)
+                return
+        frame = st.unpack_from(window)
+        dec = space.decoders[fidx]
+        args = tuple([frame[i] for i in layout.i_args[:dec.nargs]])
+        outs: list[bytes | None] = []
+        if dec.outs:
+            end = sp + len(window)
+            for spec in dec.outs:
+                addr = args[spec.arg]
+                if not addr:
+                    outs.append(None)
+                    continue
+                size = out_size(spec.layout, space.abi)
+                if sp <= addr and addr + size <= end:
+                    outs.append(window[addr - sp:addr - sp + size])
+                    continue
+                try:
+                    outs.append(mem.read(addr, size))
+                except MemoryReadError:
+                    outs.append(None)
         stack = None
         depth = self.options.stack_depth
         if depth:
-            entry_sp = sp + layout.retaddr
             stack = self._stack(space, th, depth, space.base + space.patcher.funcs[fidx]
-                                .image_offset, entry_sp)
+                                .image_offset, sp + layout.retaddr)
         self._resume(th)
         t_stop = time.monotonic_ns()
-        ret = abi.signed(int.from_bytes(frame[layout.ret:layout.ret + word], "little"))
-        t0 = int.from_bytes(frame[layout.t0:layout.t0 + 8], "little")
-        t1 = int.from_bytes(frame[layout.t1:layout.t1 + 8], "little")
-        caller = int.from_bytes(frame[layout.retaddr:layout.retaddr + word], "little")
         fallback = False
         marks = th.fb_marks
         if marks:
@@ -551,9 +603,11 @@ class Session:
             limit = sp + 16
             fallback = any(m[0] < limit for m in marks)
             th.fb_marks = [m for m in marks if m[0] >= limit]
-        dur = self.tsc.ns(t1 - t0)
-        p = _Pending(fidx, sp + layout.retaddr, args, t_stop - dur, caller, fallback, stack)
-        self._call_done(th, space, fidx, p, ret, outs, p.t0 + dur)
+        npt = self.tsc.ns_per_tick
+        ticks = frame[layout.i_t1] - frame[layout.i_t0]
+        dur = int(ticks * npt) if npt is not None and ticks > 0 else self.tsc.ns(ticks)
+        self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t_stop - dur, dur,
+                        frame[layout.i_retaddr], fallback, stack)
 
     def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
         t0 = time.monotonic_ns()
@@ -631,15 +685,15 @@ class Session:
         if space.is_gateway[fidx]:
             self._syscall_done(th, space, p, abi.signed(ret), t1)
         else:
-            self._call_done(th, space, fidx, p, abi.signed(ret), outs, t1)
+            self._call_done(th, space, fidx, p.args, abi.signed(ret), outs, p.t0, t1 - p.t0,
+                            p.caller, p.fallback, p.stack)
 
-    def _call_done(self, th: _Thread, space: _Space, fidx: int, p: _Pending, ret: int,
-                   outs: list[bytes | None], t1: int) -> None:
+    def _call_done(self, th: _Thread, space: _Space, fidx: int, raw: tuple[int, ...],
+                   ret: int, outs: list[bytes | None], t0: int, dur: int, caller: int,
+                   fallback: bool, stack: tuple[int, ...] | None) -> None:
         func = space.patcher.funcs[fidx]
         dec = space.decoders[fidx]
-        abi = space.abi
         c = self.counters[func.plain]
-        dur = t1 - p.t0
         c.calls += 1
         c.total_ns += dur
         self.calls += 1
@@ -647,24 +701,35 @@ class Session:
         if err:
             c.errors += 1
         reason = None
-        if p.fallback:
+        if fallback:
             c.fallbacks += 1
             self.fallbacks += 1
-            reason = dec.fallback_reason(p.args, ret)
+            reason = dec.fallback_reason(raw, ret)
             if reason is None:
                 reason = "no-vdso-clocksource" if self.fast_path is False else "unknown"
+            c.reasons[reason] = c.reasons.get(reason, 0) + 1
         if not space.traced:
             return
+        pid = space.pid
+        if (pid, caller) not in c.sites:
+            self._symbolize(space, caller)      # load its object now: the -c report names it
+        c.add_site(pid, caller, stack, dur)
+        th.last_call = (fidx, caller, stack, fallback, reason)
+        if self.summary_only:
+            return
+        abi = space.abi
         out = {}
         for spec, data in zip(dec.outs, outs):
-            addr = p.args[spec.arg] & abi.mask
+            addr = raw[spec.arg]
             if addr:
                 out[spec.name] = decode_out(spec.layout, data, addr, abi)
-        caller_text, caller_sym = self._symbolize(space, p.caller)
-        self._emit(CallEvent(space.pid, th.tid, p.t0 / 1e9 + self._mono_to_epoch, func.plain,
-                             func.symbol, dec.decode_args(p.args, abi), ret, err, out,
-                             p.fallback, reason, dur, p.caller, caller_text, caller_sym,
-                             self._stack_text(space, p.stack) if p.stack is not None else None))
+        names = space.names.get(caller) or self._symbolize(space, caller)
+        args = dec.decode_args(raw, abi)
+        self.sink(CallEvent(pid, th.tid, t0 / 1e9 + self._mono_to_epoch, func.plain,
+                            func.symbol, args, ret, err, out, fallback, reason, dur, caller,
+                            names[0], names[1],
+                            self._stack_text(space, stack) if stack is not None else None,
+                            space.timens is not None and args.get("clockid") in _NS_CLOCKS))
 
     def _syscall_done(self, th: _Thread, space: _Space, p: _Pending, ret: int | None,
                       t1: int) -> None:
@@ -698,6 +763,7 @@ class Session:
         except OSError:
             mm = ModuleMap([], space.image.data)
         space.modules, space.modules_time = mm, time.monotonic()
+        self._last_modules[space.pid] = mm
         space.names.clear()
         return mm
 
@@ -1143,6 +1209,56 @@ class Session:
             if not was_paused:
                 self.resume()
 
+    def summary(self, top: int = 5) -> Summary:
+        """Everything -c prints: per function totals, fallback reasons, hottest call sites
+        (and stack paths), the exports never called, a diagnosis when fallbacks dominate."""
+        rows = self.stats()
+        reasons: dict[str, dict[str, int]] = {}
+        sites: dict[str, list[tuple[str, int, int]]] = {}
+        paths: dict[str, list[tuple[tuple[str, ...], int, int]]] = {}
+        for name, c in self.counters.items():
+            if c.reasons:
+                reasons[name] = dict(c.reasons)
+            hot = sorted(c.sites.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
+            sites[name] = [(self._name_site(pid, addr), n, ns) for (pid, addr), (n, ns) in hot]
+            hotp = sorted(c.paths.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
+            paths[name] = [(tuple(self._name_site(pid, a) for a in stack), n, ns)
+                           for (pid, stack), (n, ns) in hotp]
+        unused = [r.func for r in rows if not r.calls]
+        return Summary(rows, reasons, sites, paths, unused, self._diagnosis(rows, reasons))
+
+    def _name_site(self, pid: int, addr: int) -> str:
+        mm = self._last_modules.get(pid)
+        loc = mm.locate(addr) if mm is not None else None
+        if loc is None:
+            return f"{addr:#x}"
+        return loc.caller_symbol or loc.caller
+
+    def _diagnosis(self, rows: list[FuncStats], reasons: dict[str, dict[str, int]]) -> str | None:
+        calls = sum(r.calls for r in rows if r.func != GATEWAY_SYMBOL)
+        falls = sum(r.fallbacks for r in rows if r.func != GATEWAY_SYMBOL)
+        if not calls or falls * 2 < calls:
+            return None
+        total: dict[str, int] = {}
+        for per in reasons.values():
+            for k, v in per.items():
+                total[k] = total.get(k, 0) + v
+        main = max(total, key=lambda k: total[k]) if total else "unknown"
+        why = {
+            "no-vdso-clocksource": f"the clocksource {self.clocksource!r} has no vDSO read "
+                                   "mode: every clock read is a system call (tsc, kvm-clock "
+                                   "or hyperv_clocksource_tsc_page would serve them in user "
+                                   "space)",
+            "cpu-time-clock": "CPU-time clocks (CLOCK_PROCESS_CPUTIME_ID, "
+                              "CLOCK_THREAD_CPUTIME_ID, clock_getcpuclockid) are always "
+                              "answered by the kernel",
+            "invalid-clock": "the clock ids are invalid or have no vDSO mode",
+            "getrandom-no-state": "getrandom is called without the opaque per-thread state "
+                                  "(the C library does not use the vDSO getrandom)",
+        }.get(main, "the reason is unknown")
+        return (f"diagnosis: {falls} of {calls} vDSO calls ({100 * falls // calls}%) fell back "
+                f"to the kernel; mostly because {why}")
+
     def stats(self) -> list[FuncStats]:
         return [FuncStats(k, c.calls, c.fallbacks, c.errors, c.total_ns)
                 for k, c in self.counters.items()]
@@ -1191,6 +1307,7 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
     pids: list[int] = list(dict.fromkeys(ns.pid or []))
     out = open_output(ns.output, json=ns.json, timing=ns.timing, summary=ns.summary)
     session = Session(opts, out.write_event)
+    session.summary_only = ns.summary
     old = _install_signal_handlers(session)
     session.on_tick = out.flush
     try:

@@ -53,20 +53,26 @@ __kernel_sigreturn also pops sig):
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from tracer.abi import I386, X86_64, Abi
 from tracer.errors import MemoryReadError
 from tracer.events import SignalEvent, SigreturnEvent
 from tracer.tables.signals import signame
 
-__all__ = ["ReadMem", "Anomaly", "FrameLayout", "LAYOUTS", "Delivery", "Sigreturn",
+__all__ = ["ReadMem", "RegsLike", "Anomaly", "FrameLayout", "LAYOUTS", "Delivery", "Sigreturn",
            "SignalTracker", "parse_handler_frame", "sigreturn_frame", "is_sigreturn",
            "signal_event", "sigreturn_event"]
 
 ReadMem = Callable[[int, int], bytes]
+
+
+class RegsLike(Protocol):
+    """Registers by their 64-bit user_regs_struct names: a dict, or target.Regs itself."""
+    def __getitem__(self, name: str) -> int: ...
 
 
 class Anomaly(StrEnum):
@@ -167,31 +173,27 @@ def _word(data: bytes, off: int, word: int) -> int:
     return int.from_bytes(data[off:off + word], "little")
 
 
-def parse_handler_frame(abi: Abi, tid: int, signo: int, regs: Mapping[str, int],
-                        read: ReadMem) -> Delivery | None:
-    """The frame the kernel built for `signo`, read at the handler's first instruction.
+def _entry_x86_64(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike,
+                  read: ReadMem) -> Delivery | None:
+    mask, w = abi.mask, lay.word
+    sp, ip = regs[abi.sp] & mask, regs[abi.pc] & mask
+    # x64_setup_rt_frame: rdi = sig, rsi = &frame->info, rdx = &frame->uc
+    if ((regs["rdi"] & 0xFFFFFFFF) != signo or regs["rsi"] & mask != sp + lay.rt_info
+            or regs["rdx"] & mask != sp + lay.rt_uc):
+        return None
+    try:
+        restorer = _word(read(sp, w), 0, w)
+        resume = _word(read(sp + lay.rt_ip, w), 0, w)
+    except MemoryReadError:
+        return None
+    return Delivery(tid, signo, ip, restorer, resume, sp, True, abi.name)
 
-    None when the registers and memory are not those of a frame the kernel just built for
-    `signo` (the step did not enter a handler: an ignored or default signal, a failed frame
-    setup) or when the frame cannot be read.
-    """
-    lay = _layout(abi)
-    mask = abi.mask
-    sp = regs[abi.sp] & mask
-    ip = regs[abi.pc] & mask
-    w = lay.word
-    if w == 8:
-        # x64_setup_rt_frame: rdi = sig, rsi = &frame->info, rdx = &frame->uc
-        if ((regs["rdi"] & 0xFFFFFFFF) != signo or regs["rsi"] & mask != sp + lay.rt_info
-                or regs["rdx"] & mask != sp + lay.rt_uc):
-            return None
-        try:
-            restorer = _word(read(sp, w), 0, w)
-            resume = _word(read(sp + lay.rt_ip, w), 0, w)
-        except MemoryReadError:
-            return None
-        return Delivery(tid, signo, ip, restorer, resume, sp, True, abi.name)
-    # i386: eax = sig for both frames ("make -mregparm=3 work")
+
+def _entry_i386(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike,
+                read: ReadMem) -> Delivery | None:
+    mask, w = abi.mask, lay.word
+    sp, ip = regs[abi.sp] & mask, regs[abi.pc] & mask
+    # ia32_setup_frame / ia32_setup_rt_frame: eax = sig ("make -mregparm=3 work")
     if regs["rax"] & 0xFFFFFFFF != signo:
         return None
     try:
@@ -203,10 +205,12 @@ def parse_handler_frame(abi: Abi, tid: int, signo: int, regs: Mapping[str, int],
         return None
     rt = pinfo == sp + lay.rt_info and puc == sp + lay.rt_uc
     if rt:
+        # edx = &frame->info, ecx = &frame->uc
         if regs["rdx"] & mask != pinfo or regs["rcx"] & mask != puc:
             return None
         ip_off = lay.rt_ip
     else:
+        # edx = ecx = 0
         if lay.plain_ip is None or regs["rdx"] & mask or regs["rcx"] & mask:
             return None
         ip_off = lay.plain_ip
@@ -215,6 +219,21 @@ def parse_handler_frame(abi: Abi, tid: int, signo: int, regs: Mapping[str, int],
     except MemoryReadError:
         return None
     return Delivery(tid, signo, ip, restorer, resume, sp, rt, abi.name)
+
+
+_EntryParser = Callable[[FrameLayout, Abi, int, int, RegsLike, ReadMem], "Delivery | None"]
+_ENTRY: dict[str, _EntryParser] = {X86_64.name: _entry_x86_64, I386.name: _entry_i386}
+
+
+def parse_handler_frame(abi: Abi, tid: int, signo: int, regs: RegsLike,
+                        read: ReadMem) -> Delivery | None:
+    """The frame the kernel built for `signo`, read at the handler's first instruction.
+
+    None when the registers and memory are not those of a frame the kernel just built for
+    `signo` (the step did not enter a handler: an ignored or default signal, a failed frame
+    setup) or when the frame cannot be read.
+    """
+    return _ENTRY[abi.name](_layout(abi), abi, tid, signo, regs, read)
 
 
 def sigreturn_frame(abi: Abi, nr: int, sp: int) -> tuple[int, int]:
@@ -258,7 +277,7 @@ class SignalTracker:
     def clear(self) -> None:
         self._open.clear()
 
-    def on_handler_entry(self, tid: int, signo: int, regs: Mapping[str, int], read: ReadMem,
+    def on_handler_entry(self, tid: int, signo: int, regs: RegsLike, read: ReadMem,
                          *, abi: Abi | None = None) -> Delivery | None:
         """At the SIGTRAP stop after PTRACE_SINGLESTEP with `signo`: open the delivery, or
         None when the thread did not enter a handler for `signo` (nothing is opened)."""
@@ -271,7 +290,7 @@ class SignalTracker:
                 del stack[:len(stack) - self.max_depth]
         return d
 
-    def on_sigreturn(self, tid: int, nr: int, regs: Mapping[str, int], read: ReadMem,
+    def on_sigreturn(self, tid: int, nr: int, regs: RegsLike, read: ReadMem,
                      via: str, *, abi: Abi | None = None) -> Sigreturn:
         """At the entry of rt_sigreturn / sigreturn: close the delivery whose frame the kernel
         restores, and any deeper ones (handlers left by longjmp); with none open, or none that

@@ -7,7 +7,7 @@ import sys
 from typing import IO, Any
 
 from tracer.errors import UsageError
-from tracer.events import AttachEvent, CallEvent, Event
+from tracer.events import AttachEvent, Event
 from tracer.render import jsonl, text
 from tracer.render.summary import summary_dict, summary_text
 
@@ -24,13 +24,9 @@ class Output:
         self.summary = summary
         self.lines: list[str] = []
         self.broken = False
-        self.reasons: dict[str, int] = {}
 
     def write_event(self, e: Event) -> None:
         if self.summary:
-            if isinstance(e, CallEvent) and e.fallback:
-                r = e.fallback_reason or "unknown"
-                self.reasons[r] = self.reasons.get(r, 0) + 1
             if not isinstance(e, AttachEvent):
                 return
             self.lines.append(jsonl.format_event(e) if self.json else text.format_event(e))
@@ -59,12 +55,8 @@ class Output:
 
     def finish(self, session: Any) -> None:
         if self.summary:
-            rows = session.stats()
-            unused = [r.func for r in rows if not r.calls]
-            if self.json:
-                self.lines.append(json.dumps(summary_dict(rows, unused, self.reasons)))
-            else:
-                self.lines.append(summary_text(rows, unused, self.reasons))
+            s = session.summary()
+            self.lines.append(json.dumps(summary_dict(s)) if self.json else summary_text(s))
         self.flush()
         if self.close:
             try:
