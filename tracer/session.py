@@ -19,7 +19,7 @@ from queue import Empty, SimpleQueue
 from typing import Any
 
 from tracer import procfs, target
-from tracer.abi import Abi
+from tracer.abi import I386, X86_64, Abi
 from tracer.auxv import auxv_from_stack, find, parse_auxv
 from tracer.breakpoints import ENTRY, EXIT, FALL, RET, Patcher
 from tracer.consts import AuxType
@@ -31,6 +31,7 @@ from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, Exe
                            ExitEvent, NoticeEvent, SyscallEvent)
 from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
+from tracer import sigtrack
 from tracer.objfile import ModuleMap
 from tracer.target import REG_INDEX, Regs
 from tracer.tsc import TscClock
@@ -48,6 +49,8 @@ _SYSCALL_TRAP = signal.SIGTRAP | 0x80
 _GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
+_RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")
+_AUDIT_ABI = {0xC000003E: X86_64, 0x40000003: I386}   # include/uapi/linux/audit.h AUDIT_ARCH_*
 _WINDOW = 256           # bytes read from sp at a stub's stop (its block + the caller's locals)
 # Clocks a time namespace offsets (kernel/time/namespace.c: CLOCK_MONOTONIC and
 # CLOCK_BOOTTIME, and the clocks derived from them).
@@ -63,6 +66,18 @@ _waitpid.restype = ctypes.c_int
 # HVCLOCK); others (hpet, acpi_pm, jiffies) make every clock_gettime a system call.
 _FAST_CLOCKSOURCES = frozenset({"tsc", "kvm-clock", "hyperv_clocksource_tsc_page",
                                 "arch_sys_counter", "riscv_clocksource", "timer"})
+
+
+def _caught(pid: int, tid: int, sig: int) -> bool:
+    """Has the thread's process a handler for `sig` (SigCgt in /proc/PID/task/TID/status)?"""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def clocksource_info() -> tuple[str | None, bool | None]:
@@ -197,6 +212,7 @@ class _Space:
     traced: bool = True            # emit events (False: an unfollowed vfork child)
     threads: set[int] = field(default_factory=set)
     timens: dict[str, tuple[int, int]] | None = None
+    signals: sigtrack.SignalTracker | None = None
     modules: ModuleMap | None = None
     modules_time: float = 0.0
     names: dict[int, tuple[str, str | None]] = field(default_factory=dict)
@@ -214,6 +230,7 @@ class _Thread:
     sig: int = 0                   # signal to deliver on resume/detach
     fb_marks: list[tuple[int, int]] = field(default_factory=list)  # (sp, func) at fallbacks
     last_call: tuple[Any, ...] | None = None   # (func index, caller, stack, fallback, reason)
+    expect_handler: int = 0        # stepped into a handler for this signal (--signals)
 
 
 _MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
@@ -382,6 +399,8 @@ class Session:
                        [for_function(f.plain) for f in funcs],
                        [f.symbol == GATEWAY_SYMBOL for f in funcs], traced)
         space.timens = timens_offsets(pid)
+        if self.options.signals:
+            space.signals = sigtrack.SignalTracker(abi)
         self.spaces[pid] = space
         for f in funcs:
             self.counters.setdefault(f.plain, _Counter())
@@ -411,7 +430,11 @@ class Session:
         th.stopped = False
         th.undo_trap = 0
         try:
-            target.cont(th.tid, sig)
+            if self.options.signals:
+                # every system-call entry stops: rt_sigreturn is seen however it is made
+                target.syscall(th.tid, sig)
+            else:
+                target.cont(th.tid, sig)
         except ProcessGone:
             pass
 
@@ -519,15 +542,16 @@ class Session:
             th.stopped = False
             th.pending.clear()
 
-    def _syscall_stop(self, th: _Thread) -> None:
-        self._resume(th)
-
     def _trap(self, th: _Thread) -> None:
         tid = th.tid
         space = th.space
         regs = th.regs
         buf = regs.buf
         target.getregs(tid, regs)
+        if th.expect_handler:
+            signo, th.expect_handler = th.expect_handler, 0
+            if self._handler_entry(th, space, signo):
+                return
         pc = buf[_RIP] - 1
         bp = space.patcher.bps.get(pc)
         if bp is None:
@@ -806,7 +830,71 @@ class Session:
     # ---------------------------------------------------------------- other stops
     def _signal(self, th: _Thread, sig: int) -> None:
         th.sig = sig
+        if th.space.signals is not None and not self._paused and _caught(th.space.pid, th.tid,
+                                                                         sig):
+            # Step into the handler: the kernel builds the frame and stops at its first
+            # instruction, where the frame tells handler, restorer and interrupted ip.
+            th.expect_handler = sig
+            th.sig = 0
+            th.stopped = False
+            try:
+                target.singlestep(th.tid, sig)
+            except ProcessGone:
+                pass
+            return
         self._resume(th)
+
+    def _handler_entry(self, th: _Thread, space: _Space, signo: int) -> bool:
+        tracker = space.signals
+        if tracker is None:
+            return False
+        d = tracker.on_handler_entry(th.tid, signo, th.regs, space.mem.read)
+        if d is None:
+            return False
+        self._resume(th)
+        if space.traced:
+            self._emit(sigtrack.signal_event(d, space.pid, time.time(),
+                                             lambda a: self._code_name(space, a)))
+        return True
+
+    def _syscall_stop(self, th: _Thread) -> None:
+        space = th.space
+        tracker = space.signals
+        if tracker is None:
+            self._resume(th)
+            return
+        info = target.get_syscall_info(th.tid)
+        abi = _AUDIT_ABI.get(info.arch, space.abi)
+        if info.op != 1 or not sigtrack.is_sigreturn(abi, info.nr):
+            self._resume(th)
+            return
+        target.getregs(th.tid, th.regs)
+        via_addr = info.instruction_pointer - 2        # syscall / int 0x80: 2 bytes
+        via = self._code_name(space, via_addr, trampoline=True)
+        r = tracker.on_sigreturn(th.tid, info.nr, th.regs, space.mem.read, via, abi=abi)
+        self._resume(th)
+        if space.traced:
+            self._emit(sigtrack.sigreturn_event(r, space.pid, time.time(),
+                                                lambda a: self._code_name(space, a)))
+
+    def _code_name(self, space: _Space, addr: int, trampoline: bool = False) -> str | None:
+        """`symbol` or `symbol+0xoff` for a code address (not a return address); for a
+        trampoline the bare symbol that contains it, or its address."""
+        loc = self._modules(space, addr).locate(addr, is_return_address=False)
+        if loc is not None and loc.symbol is not None:
+            if trampoline or loc.symbol_offset == 0:
+                return loc.symbol
+            return f"{loc.symbol}+{loc.symbol_offset:#x}"
+        try:
+            code = space.mem.read(addr - 7 if trampoline else addr, 9)
+        except MemoryReadError:
+            code = b""
+        # glibc's and musl's x86_64 restorer: mov $15,%rax ; syscall (no dynamic symbol)
+        if code.endswith(_RESTORE_RT) or (not trampoline and code.startswith(_RESTORE_RT)):
+            return "__restore_rt"
+        if trampoline:
+            return f"{addr:#x}"
+        return loc.caller if loc is not None else None
 
     def _event(self, th: _Thread, ev: int, sig: int) -> None:
         tid = th.tid
@@ -950,6 +1038,8 @@ class Session:
         self.threads.pop(tid, None)
         space.threads.discard(tid)
         th.pending.clear()
+        if space.signals is not None:
+            space.signals.forget(tid)
         if tid == space.pid or not space.threads:
             if tid == space.pid:
                 code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
@@ -1005,6 +1095,10 @@ class Session:
                 continue
             if sig == _SIGTRAP:
                 target.getregs(tid, th.regs)
+                if th.expect_handler:
+                    signo, th.expect_handler = th.expect_handler, 0
+                    if self._handler_entry(th, th.space, signo):
+                        continue
                 pc = th.regs.buf[_RIP] - 1
                 if pc in th.space.patcher.bps:
                     th.undo_trap = pc   # a hit not yet handled: on resume, or undone on detach

@@ -9,7 +9,7 @@ import targets as T
 
 pytestmark = [
     pytest.mark.live,
-    pytest.mark.xfail(strict=False, reason="signals/gateway not implemented yet"),
+
 ]
 
 SIGUSR1 = 10

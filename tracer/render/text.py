@@ -68,11 +68,19 @@ def format_call(e: CallEvent, timing: bool = False) -> str:
     return line
 
 
+def _sysarg(a: int) -> str:
+    """A raw i386 system-call argument: small negatives (AT_FDCWD, -1) signed, pointers in
+    hex, the rest (descriptors, pids, lengths, flags) in decimal."""
+    if a >= 0xFFFFF000:
+        return str(a - (1 << 32))
+    return f"{a:#x}" if a >= 0x1000000 else str(a)
+
+
 def format_event(e: Event, timing: bool = False) -> str:
     if isinstance(e, CallEvent):
         return format_call(e, timing)
     if isinstance(e, SyscallEvent):
-        args = ", ".join(str(a) if a < 4096 else f"{a:#x}" for a in e.args)
+        args = ", ".join(_sysarg(a) for a in e.args)
         ret = "?" if e.ret is None else str(e.ret)
         if e.errno:
             ret += f" {e.errno} ({_strerror(e.errno)})"
