@@ -153,8 +153,10 @@ def resolve_functions(image: VdsoImage, specs: list[str] | None) -> list[VdsoFun
     """-e semantics: plain names or symbols, `!name` excludes; default: every export but the
     sigreturn trampolines. Unknown names are refused, listing the ones that exist."""
     default = [f for f in image.functions if f.symbol not in SIGRETURN_TRAMPOLINES]
-    if not specs:
+    if specs is None:
         return default
+    if not specs:
+        return []                      # the console's "no breakpoints yet"
     names = [n.strip() for spec in specs for n in spec.split(",") if n.strip()]
     include: list[VdsoFunction] = []
     exclude: set[str] = set()
@@ -174,8 +176,8 @@ def resolve_functions(image: VdsoImage, specs: list[str] | None) -> list[VdsoFun
             exclude.add(f.symbol)
         else:
             include.append(f)
-    if not include:
-        include = default
+    if not include and exclude:
+        include = default              # only exclusions: everything else
     seen: set[str] = set()
     out = []
     for f in include:
@@ -482,6 +484,7 @@ class Session:
     def run(self) -> str:
         """Trace until the tracees exit or `request_stop`; then leave them as they were."""
         self._engine_ident = threading.get_ident()
+        self.state = "paused" if self._paused else "running"
         deadline = (time.monotonic() + self.options.duration
                     if self.options.duration is not None else None)
         waitpid, status, ref = _waitpid, self._status, self._status_ref
@@ -514,6 +517,8 @@ class Session:
         finally:
             self._engine_ident = None
         self.detach_all(reason)
+        if reason == "exit":
+            self.state = "exited"
         return reason
 
     def _dispatch(self, tid: int, status: int) -> None:
@@ -1108,12 +1113,12 @@ class Session:
             th.sig = sig                # a real signal: deliver it when we let go
         return list(self.threads.values())
 
-    def pause(self) -> None:
+    def _pause_now(self) -> None:
         self._paused = True
         self._stop_all()
         self.state = "paused"
 
-    def resume(self) -> None:
+    def _resume_now(self) -> None:
         self._paused = False
         for th in list(self.threads.values()):
             if th.stopped:
@@ -1268,11 +1273,11 @@ class Session:
         self.state = "detached"
 
     # ---------------------------------------------------------------- console API
-    def set_functions(self, specs: list[str] | None) -> list[str]:
+    def _set_functions_now(self, specs: list[str] | None) -> list[str]:
         """Replant with a new -e set (engine thread)."""
         was_paused = self._paused
         if not was_paused:
-            self.pause()
+            self._pause_now()
         try:
             new_funcs: list[str] = []
             plans = {pid: resolve_functions(sp.image, specs) for pid, sp in self.spaces.items()}
@@ -1301,7 +1306,124 @@ class Session:
             return new_funcs
         finally:
             if not was_paused:
-                self.resume()
+                self._resume_now()
+
+    # Thread-safe: from the console's thread these run in the engine thread (a Future); from
+    # the engine thread itself, or before it runs, at once.
+    def pause(self) -> Future[None]:
+        return self.submit(lambda s: s._pause_now())
+
+    def resume(self) -> Future[None]:
+        return self.submit(lambda s: s._resume_now())
+
+    def set_functions(self, specs: list[str] | None) -> Future[list[str]]:
+        return self.submit(lambda s: s._set_functions_now(specs))
+
+    def stop(self, reason: str = "detach") -> None:
+        self.request_stop(reason)
+
+    def memory(self) -> target.Memory:
+        """The root process's memory (reads through /proc/PID/mem work from any thread)."""
+        space = self.spaces.get(self.root_pid or -1)
+        if space is None:
+            raise ProcessGone(f"process {self.root_pid} is not traced any more")
+        return space.mem
+
+    def start_thread(self, pid: int | None = None,
+                     cmd: list[str] | None = None) -> threading.Thread:
+        """Attach (or spawn) and run in a new thread; attach errors are raised here. Call
+        from the main thread: it installs the wake-up signal's handler."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(_WAKE_SIGNAL, lambda *_: self.tick())
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def engine() -> None:
+            try:
+                if pid is not None:
+                    self.attach(pid)
+                else:
+                    self.spawn(cmd or [])
+            except BaseException as e:   # handed to the caller of start_thread
+                failure.append(e)
+                ready.set()
+                return
+            self._engine_ident = threading.get_ident()
+            ready.set()
+            try:
+                self.run()
+            finally:
+                done.set()
+
+        def ticker() -> None:
+            # A wake-up sent just before the engine blocks in waitpid would be lost while
+            # the tracee is paused; a tick every 100 ms bounds that.
+            while not done.wait(_TICK):
+                self.tick()
+                self._wake()
+
+        t = threading.Thread(target=engine, name="vdsotrace-engine", daemon=True)
+        t.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+        threading.Thread(target=ticker, name="vdsotrace-ticker", daemon=True).start()
+        return t
+
+    def bt(self, *args: str) -> list[str]:
+        """The stack of a thread's last call (`bt [TID]`)."""
+        tid = int(args[0]) if args else None
+        th = None
+        if tid is not None:
+            th = self.threads.get(tid)
+        else:
+            done = [t for t in self.threads.values() if t.last_call is not None]
+            th = done[-1] if done else None
+        if th is None or th.last_call is None:
+            return ["no call recorded yet" + (f" on thread {tid}" if tid else "")]
+        fidx, caller, stack, fallback, reason = th.last_call
+        space = th.space
+        func = space.patcher.funcs[fidx].plain if fidx < len(space.patcher.funcs) else "?"
+        lines = [f"thread {th.tid}, last call {func}"
+                 + (f" [fallback] ({reason})" if fallback else "")]
+        frames = stack if stack else (caller,)
+        for i, a in enumerate(self._stack_text(space, tuple(frames))):
+            lines.append(f"#{i:<2} {a}")
+        return lines
+
+    def callers(self, *args: str) -> list[str]:
+        """The hottest call sites of each function (or of one: `callers FUNC`)."""
+        summ = self.summary(top=10)
+        lines = []
+        for func, sites in summ.sites.items():
+            if args and func not in args:
+                continue
+            if not sites:
+                continue
+            lines.append(f"{func}:")
+            lines.extend(f"  {n:9d} calls {ns / 1e9:11.6f} s  {site}" for site, n, ns in sites)
+        return lines or ["no calls recorded yet"]
+
+    def why(self, *args: str) -> list[str]:
+        """Why calls fell back into the kernel: clock source, reasons per function."""
+        summ = self.summary()
+        fast = {True: "has a vDSO read mode (calls can stay in user space)",
+                False: "has NO vDSO read mode: every clock read enters the kernel",
+                None: "is unknown"}[self.fast_path]
+        lines = [f"clocksource {self.clocksource or '?'} {fast}"]
+        for space in self.spaces.values():
+            if space.timens:
+                lines.append(f"pid {space.pid} lives in a time namespace: " + ", ".join(
+                    f"{k} {a}s {b}ns" for k, (a, b) in space.timens.items()))
+        for r in summ.rows:
+            if r.calls:
+                per = summ.reasons.get(r.func)
+                detail = (": " + ", ".join(f"{k} {v}" for k, v in per.items())) if per else ""
+                lines.append(f"{r.func}: {r.fallbacks} of {r.calls} calls fell back{detail}")
+        if summ.diagnosis:
+            lines.append(summ.diagnosis)
+        return lines
 
     def summary(self, top: int = 5) -> Summary:
         """Everything -c prints: per function totals, fallback reasons, hottest call sites
