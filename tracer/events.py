@@ -95,6 +95,7 @@ class AttachEvent:
     functions: tuple[str, ...]
     gateway: tuple[str, ...] | None   # i386: the kernel-entry instructions of __kernel_vsyscall
     spawned: bool
+    setup_ms: float = 0.0             # seize -> breakpoints planted -> running again
 
 
 @dataclass(frozen=True, slots=True)

@@ -423,8 +423,11 @@ class ObjectFile:
             self.segments: tuple[LoadSegment, ...] = tuple(
                 LoadSegment(seg["p_vaddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"], seg["p_flags"])
                 for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD")
-            self._symbols = _SymbolIndex(self._read_symbols(elf))
-            sections = {sec.name: sec for sec in elf.iter_sections()}
+            # One pass over the section headers: pyelftools parses a header again on every
+            # get_section / iter_sections, which costs milliseconds on libc.
+            all_sections = list(elf.iter_sections())
+            sections = {sec.name: sec for sec in all_sections}
+            self._symbols = _SymbolIndex(self._read_symbols(all_sections, sections))
             addr_size = 8 if self.elf_class == 64 else 4
             eh = sections.get(".eh_frame")
             hdr = sections.get(".eh_frame_hdr")
@@ -441,14 +444,17 @@ class ObjectFile:
     def from_bytes(cls, data: bytes, name: str = "[vdso]") -> ObjectFile:
         return cls(io.BytesIO(data), name)
 
-    def _read_symbols(self, elf: ELFFile) -> list[Symbol]:
+    def _read_symbols(self, all_sections: list[Any], by_name: dict[str, Any]) -> list[Symbol]:
         out: list[Symbol] = []
         is64 = self.elf_class == 64
         for sec_name in (".symtab", ".dynsym"):
-            sec = elf.get_section_by_name(sec_name)
+            sec = by_name.get(sec_name)
             if sec is None or sec["sh_type"] == "SHT_NOBITS":
                 continue
-            strtab = elf.get_section(sec["sh_link"]).data()
+            link = sec["sh_link"]
+            if not 0 <= link < len(all_sections):
+                continue
+            strtab = all_sections[link].data()
             data = sec.data()
             fmt = _SYM64 if is64 else _SYM32
             usable = len(data) - len(data) % fmt.size

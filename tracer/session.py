@@ -310,6 +310,7 @@ class Session:
         return opts
 
     def attach(self, pid: int) -> None:
+        t0 = time.monotonic()
         tids, pending = target.attach_process(pid, self._options())
         if self.root_pid is None:
             self.root_pid = pid
@@ -329,7 +330,6 @@ class Session:
             self.spaces.pop(pid, None)
             raise
         self.state = "running"
-        self._emit_attach(space, spawned=False)
         for tid, status in pending.items():
             th = self.threads.get(tid)
             if th is not None:
@@ -337,8 +337,23 @@ class Session:
         for th in list(self.threads.values()):
             if th.stopped:
                 self._resume(th)
+        self._preload(space)
+        self._emit_attach(space, spawned=False, t0=t0)
+
+    def _preload(self, space: _Space) -> None:
+        """Load the symbols of the program and its C library now (tens of ms for libc), not
+        at the first call, whose event would wait for them."""
+        try:
+            mm = self._modules(space, space.base)
+            for m in mm.regions:
+                if m.executable and m.path.startswith("/") and (
+                        "libc" in os.path.basename(m.path) or m.offset == 0):
+                    mm.locate(m.start + 1, is_return_address=False)
+        except (OSError, ElfError):
+            pass
 
     def spawn(self, argv: list[str]) -> None:
+        t0 = time.monotonic()
         pid = target.spawn(argv, self._options())
         self.root_pid = pid
         try:
@@ -352,7 +367,8 @@ class Session:
                 pass
             raise
         self.state = "running"
-        self._emit_attach(space, spawned=True)
+        self._preload(space)
+        self._emit_attach(space, spawned=True, t0=t0)
         self._resume(self.threads[pid])
 
     def _pin(self, pid: int) -> None:
@@ -414,12 +430,13 @@ class Session:
         space.threads.add(tid)
         return th
 
-    def _emit_attach(self, space: _Space, spawned: bool) -> None:
+    def _emit_attach(self, space: _Space, spawned: bool, t0: float | None = None) -> None:
         gw = find_gateway(space.image)
+        setup = (time.monotonic() - t0) * 1e3 if t0 is not None else 0.0
         self._emit(AttachEvent(space.pid, space.pid, time.time(), space.base, space.abi.name,
-                               self.clocksource, self.fast_path, timens_offsets(space.pid),
+                               self.clocksource, self.fast_path, space.timens,
                                len(space.threads), tuple(f.plain for f in space.patcher.funcs),
-                               gw.instructions if gw else None, spawned))
+                               gw.instructions if gw else None, spawned, setup))
 
     # ---------------------------------------------------------------- control
     def _emit(self, ev: Event) -> None:
@@ -495,6 +512,8 @@ class Session:
             while True:
                 if self._tick_due:
                     self._tick_due = False
+                    if self.tsc.ns_per_tick is not None:
+                        self.tsc.refine()
                     self._run_queue()
                     if self.on_tick is not None:
                         self.on_tick()

@@ -57,7 +57,8 @@ def event_dict(e: Event) -> dict[str, Any]:
                 "timens_offsets": {k: list(v) for k, v in e.timens_offsets.items()}
                 if e.timens_offsets else None,
                 "threads": e.threads, "functions": list(e.functions),
-                "gateway": list(e.gateway) if e.gateway else None, "spawned": e.spawned}
+                "gateway": list(e.gateway) if e.gateway else None, "spawned": e.spawned,
+                "setup_ms": round(e.setup_ms, 3)}
     if isinstance(e, DetachEvent):
         return {"event": "detach", "pid": e.pid, "tid": e.tid, "time": e.time,
                 "vdso_base": _hex(e.vdso_base), "abi": e.abi, "reason": e.reason}

@@ -3,6 +3,7 @@ can be followed with tail -f) and on every way out."""
 from __future__ import annotations
 
 import json
+import time
 import sys
 from typing import IO, Any
 
@@ -11,7 +12,9 @@ from tracer.events import AttachEvent, Event
 from tracer.render import jsonl, text
 from tracer.render.summary import summary_dict, summary_text
 
-__all__ = ["Output", "open_output"]
+__all__ = ["Output", "open_output", "FLUSH_INTERVAL"]
+
+FLUSH_INTERVAL = 0.05  # seconds: how stale a live log may get while calls come
 
 
 class Output:
@@ -24,6 +27,7 @@ class Output:
         self.summary = summary
         self.lines: list[str] = []
         self.broken = False
+        self.flushed = 0.0
 
     def write_event(self, e: Event) -> None:
         if self.summary:
@@ -32,14 +36,23 @@ class Output:
             self.lines.append(jsonl.format_event(e) if self.json else text.format_event(e))
             self.flush()
             return
-        self.lines.append(jsonl.format_event(e) if self.json
-                          else text.format_event(e, self.timing))
+        lines = self.lines
+        lines.append(jsonl.format_event(e) if self.json else text.format_event(e, self.timing))
         if isinstance(e, AttachEvent):
-            self.flush()   # interface.md: flushed once every breakpoint is planted
+            # interface.md: flushed once every breakpoint is planted; it does not count as a
+            # write of events, so the first call after it goes out at once too
+            last = self.flushed
+            self.flush()
+            self.flushed = last
+        elif time.monotonic() - self.flushed > FLUSH_INTERVAL:
+            # at most one write per interval however fast calls come; the engine's tick
+            # flushes what a burst leaves behind
+            self.flush()
 
     def flush(self) -> None:
         if not self.lines:
             return
+        self.flushed = time.monotonic()
         data = "\n".join(self.lines) + "\n"
         self.lines.clear()
         if self.broken:

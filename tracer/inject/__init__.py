@@ -1,0 +1,564 @@
+"""In-process recording of vDSO calls (`trace --inject`): a stub per function and a shared ring.
+
+Injection (all threads stopped): the tracee itself runs memfd_create, fchmod 0600, ftruncate,
+mmap and close from a `syscall` instruction of its own vDSO (see remote.py), which gives it
+  * `/memfd:vdsotrace-code`, mapped r-x MAP_SHARED within rel32 reach of the vDSO, and
+  * `/memfd:vdsotrace-ring`, mapped rw- MAP_SHARED;
+the tracer opens both through /proc/PID/fd/N, writes the code through its own descriptor, and
+maps the ring. Each traced function's entry becomes `jmp rel32` to its stub (stubs.py), which
+records the call into the ring without any ptrace stop; the tracer drains the ring.
+
+The ring is writable by the tracee: every slot is checked before it becomes a RawRecord, and a
+slot that fails is counted (`corrupt()`) and skipped. A full ring is never overwritten: the
+stub counts the call in the ring's `lost` word instead (`lost()`).
+
+Leaving (all threads stopped): the code page's ring pointer is cleared (every stub stops
+recording at once, forked children included, since the page is shared), threads inside a
+stub's ring-writing window are stepped out of it, the vDSO's bytes are restored, the records
+still in the ring are drained, and the ring is unmapped. The code page is unmapped too unless
+a thread is inside it or may return into it (a return address into it on its stack).
+"""
+from __future__ import annotations
+
+import errno
+import gc
+import mmap
+import os
+import secrets
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tracer import procfs, target
+from tracer.abi import X86_64, Abi
+from tracer.decoders import Decoder, for_function, out_size
+from tracer.errors import MemoryReadError, MemoryWriteError, ProcessGone, TracerError
+from tracer.inject import layout as L
+from tracer.inject.clock import TscClock
+from tracer.inject.plan import JMP_LEN, Plan, PlanError, plan_image
+from tracer.inject.remote import RemoteCaller, RemoteError, Stepper
+from tracer.inject.stubs import CodePage, build_code
+from tracer.vdso import VdsoFunction, VdsoImage
+
+__all__ = ["InjectError", "RawRecord", "Recorder", "CallStats", "CODE_NAME", "RING_NAME"]
+
+CODE_NAME = "vdsotrace-code"
+RING_NAME = "vdsotrace-ring"
+_HINT = "; run without --inject"
+
+# arch/x86/entry/syscalls/syscall_64.tbl
+_NR_MMAP, _NR_MUNMAP, _NR_CLOSE, _NR_FTRUNCATE, _NR_FCHMOD, _NR_MEMFD_CREATE = 9, 11, 3, 77, 91, 319
+# include/uapi/linux/memfd.h, include/uapi/asm-generic/mman-common.h, mman.h
+_MFD_CLOEXEC, _MFD_EXEC = 0x1, 0x10
+_PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
+_MAP_SHARED, _MAP_FIXED_NOREPLACE = 0x01, 0x100000
+_PAGE = 4096
+_REACH = (1 << 31) - (64 << 20)      # keep the code page well inside rel32 reach of the vDSO
+_PID_MAX_LIMIT = 4 * 1024 * 1024     # include/linux/threads.h
+_STALL_S = 2.0                       # an uncommitted slot this old, with later ones committed
+_STACK_SCAN = 64 * 1024
+_SLOT = struct.Struct(L.SLOT_FORMAT)
+_ERR_LO = (1 << 64) - 4095           # -4095..-1 as an unsigned word: -MAX_ERRNO..-1
+
+
+class InjectError(TracerError):
+    """The tracee cannot be traced by injection (safely or exactly)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    tid: int
+    func: str                   # plain name, e.g. "clock_gettime"
+    args: tuple[int, ...]       # raw argument words (len = decoder.nargs)
+    ret: int                    # raw return register value (unsigned, abi word)
+    outs: tuple[bytes | None, ...]   # per decoder OutSpec; None: NULL pointer or not copied
+    fallback: bool
+    t_entry_ns: int             # CLOCK_MONOTONIC ns
+    duration_ns: int
+    caller: int                 # return address
+
+
+@dataclass(slots=True)
+class CallStats:
+    """Per-function totals for `-c`, filled by Recorder.drain_stats."""
+    calls: int = 0
+    fallbacks: int = 0
+    errors: int = 0
+    total_ns: int = 0
+
+    def add(self, fallback: bool, error: bool, duration_ns: int) -> None:
+        self.calls += 1
+        self.fallbacks += fallback
+        self.errors += error
+        self.total_ns += duration_ns
+
+
+def _record_maker() -> Callable[..., RawRecord]:
+    """RawRecord(...) through the slots' descriptors: the frozen dataclass __init__ goes
+    through object.__setattr__ per field and costs twice as much, which the drain loop's
+    1M records/s budget cannot afford. Same fields, same order, same instance."""
+    new = object.__new__
+    s_tid, s_func, s_args, s_ret, s_outs, s_fb, s_t, s_dur, s_caller = (
+        getattr(RawRecord, name).__set__ for name in RawRecord.__slots__)
+
+    def make(tid: int, func: str, args: tuple[int, ...], ret: int,
+             outs: tuple[bytes | None, ...], fallback: bool, t_entry_ns: int,
+             duration_ns: int, caller: int) -> RawRecord:
+        r = new(RawRecord)
+        s_tid(r, tid)
+        s_func(r, func)
+        s_args(r, args)
+        s_ret(r, ret)
+        s_outs(r, outs)
+        s_fb(r, fallback)
+        s_t(r, t_entry_ns)
+        s_dur(r, duration_ns)
+        s_caller(r, caller)
+        return r
+    return make
+
+
+_make_record = _record_maker()
+
+
+def _status_refusal(pid: int) -> str | None:
+    try:
+        st = procfs.read_status(pid)
+    except OSError as e:
+        raise ProcessGone(f"process {pid} is gone") from e
+    if st.get("Seccomp", "0") != "0":
+        return (f"process {pid} runs under seccomp (mode {st['Seccomp']}): the injected stubs "
+                "make system calls a filter may kill it for")
+    feats = st.get("x86_Thread_features", "")
+    if "shstk" in feats.split():
+        return (f"process {pid} has user shadow stacks enabled: the stubs' returns would be "
+                "rejected")
+    return None
+
+
+def _find_gap(pid: int, base: int, size: int) -> int:
+    """A free, page-aligned range of `size` bytes, nearest the vDSO, within rel32 reach."""
+    maps = sorted(procfs.read_maps(pid), key=lambda m: m.start)
+    lo_lim = max(base - _REACH, 1 << 20)
+    hi_lim = min(base + _REACH, 0x7FFFFFFFF000)
+    best: int | None = None
+    prev_end = 0
+    for m in [*maps, procfs.MapEntry(0x7FFFFFFFF000, 0x7FFFFFFFF000, "", 0, "", 0, "")]:
+        gap_lo, gap_hi = prev_end + _PAGE, m.start - _PAGE   # a guard page each side
+        prev_end = max(prev_end, m.end)
+        lo, hi = max(gap_lo, lo_lim), min(gap_hi, hi_lim)
+        if hi - lo < size:
+            continue
+        cand = hi - size if hi <= base else lo           # the end of the gap nearer the vDSO
+        if best is None or abs(cand - base) < abs(best - base):
+            best = cand
+    if best is None:
+        raise InjectError(f"no free address range within 2 GiB of the vDSO for the stubs{_HINT}")
+    return best & ~(_PAGE - 1)
+
+
+class Recorder:
+    def __init__(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage, base: int,
+                 funcs: list[VdsoFunction]) -> None:
+        self.pid = pid
+        self.mem = mem
+        self.abi = abi
+        self.image = image
+        self.base = base
+        self.funcs = list(funcs)
+        self.decoders: list[Decoder] = [for_function(f.plain) for f in self.funcs]
+        self._fid_by_name = {f.plain: i for i, f in enumerate(self.funcs)}
+        self._nargs = [min(d.nargs, L.MAX_ARGS) for d in self.decoders]
+        self._outsz = [tuple(out_size(o.layout, abi) for o in d.outs[:L.NOUTS])
+                       for d in self.decoders]
+        self._plan: Plan | None = None
+        self._code: CodePage | None = None
+        self._code_addr = 0
+        self._ring_addr = 0
+        self._code_fd = -1
+        self._ring_fd = -1
+        self._ring: mmap.mmap | None = None
+        self._saved: list[tuple[int, bytes]] = []     # (runtime_addr, original bytes)
+        self._tail = 0
+        self._lost_final: int | None = None
+        self._corrupt = 0
+        self._pending: list[RawRecord] = []
+        self._clock: TscClock | None = None
+        self._last_refine = 0.0
+        self._stall_at: tuple[int, float] | None = None
+        self.installed = False
+        self.code_page_kept = False
+
+    # ------------------------------------------------------------------ install
+    def install(self, tid: int) -> None:
+        if self.abi is not X86_64 or self.image.abi is not X86_64:
+            raise InjectError(f"--inject supports 64-bit (x86_64) tracees only{_HINT}")
+        why = _status_refusal(self.pid)
+        if why:
+            raise InjectError(why + _HINT)
+        try:
+            plan = plan_image(self.image, self.funcs, self.abi)
+        except PlanError as e:
+            raise InjectError(f"the vDSO is not the shape --inject expects: {e}{_HINT}") from e
+        self._check_live_bytes(plan)
+        self._plan = plan
+        self._clock = TscClock()
+        hint = _find_gap(self.pid, self.base, L.CODE_SIZE)
+        stepper = Stepper(self.pid)
+        try:
+            self._inject(tid, plan, hint, stepper)
+            self._code = build_code(plan, self.base, self._code_addr, self.decoders,
+                                    (secrets.randbits(31), -secrets.randbits(31) - 1),
+                                    self._ring_addr)
+            os.pwrite(self._code_fd, self._code.data, 0)
+            self._step_out_of_entries(plan, stepper)
+            self._patch_entries(plan)
+            self.installed = True
+        except (PlanError, RemoteError, MemoryWriteError, MemoryReadError, OSError) as e:
+            self._undo_partial(tid, stepper)
+            raise InjectError(f"cannot inject into {self.pid}: {e}{_HINT}") from e
+        finally:
+            stepper.resend_held()
+
+    def _check_live_bytes(self, plan: Plan) -> None:
+        for fp in plan.functions:
+            off, size = fp.func.image_offset, fp.func.size
+            try:
+                live = self.mem.read(self.base + off, size)
+            except MemoryReadError as e:
+                raise InjectError(f"cannot read {fp.func.symbol} in the tracee: {e}{_HINT}") from e
+            if live != self.image.data[off:off + size]:
+                raise InjectError(f"{fp.func.symbol} in the tracee differs from its image "
+                                  f"(breakpoints or another patcher?){_HINT}")
+
+    def _vdso_tail(self) -> tuple[int, int]:
+        """runtime_addr and size of the zero padding after the image inside the mapping."""
+        for m in procfs.read_maps(self.pid):
+            if m.start == self.base:
+                start = (self.image.image_size + 15) & ~15
+                return self.base + start, m.end - self.base - start
+        raise InjectError(f"the vDSO at {self.base:#x} is not mapped in {self.pid}{_HINT}")
+
+    def _inject(self, tid: int, plan: Plan, hint: int, stepper: Stepper) -> None:
+        names = CODE_NAME.encode() + b"\0" + RING_NAME.encode() + b"\0"
+        tail, room = self._vdso_tail()
+        if room < len(names):
+            raise InjectError(f"no room after the vDSO image for scratch bytes{_HINT}")
+        old_tail = self.mem.read(tail, len(names))
+        call = RemoteCaller(stepper, tid, self.base + plan.syscall_offset)
+        self._remote_fds: list[int] = []
+        self.mem.write(tail, names)
+        try:
+            code_fd = call(_NR_MEMFD_CREATE, tail, _MFD_CLOEXEC | _MFD_EXEC)
+            if code_fd == -errno.EINVAL:         # before Linux 6.3: no MFD_EXEC
+                code_fd = call(_NR_MEMFD_CREATE, tail, _MFD_CLOEXEC)
+            if code_fd < 0:
+                raise RemoteError(-code_fd, f"memfd_create in the tracee: {os.strerror(-code_fd)}")
+            self._remote_fds.append(code_fd)
+            ring_fd = call.check(_NR_MEMFD_CREATE, tail + len(CODE_NAME) + 1, _MFD_CLOEXEC,
+                                 what="memfd_create")
+            self._remote_fds.append(ring_fd)
+            for fd, size in ((code_fd, L.CODE_SIZE), (ring_fd, L.RING_SIZE)):
+                call.check(_NR_FCHMOD, fd, 0o600, what="fchmod")
+                call.check(_NR_FTRUNCATE, fd, size, what="ftruncate")
+            self._code_fd = os.open(f"/proc/{self.pid}/fd/{code_fd}", os.O_RDWR | os.O_CLOEXEC)
+            self._ring_fd = os.open(f"/proc/{self.pid}/fd/{ring_fd}", os.O_RDWR | os.O_CLOEXEC)
+            self._ring = mmap.mmap(self._ring_fd, L.RING_SIZE, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+            addr = call(_NR_MMAP, hint, L.CODE_SIZE, _PROT_READ | _PROT_EXEC,
+                        _MAP_SHARED | _MAP_FIXED_NOREPLACE, code_fd, 0)
+            if addr < 0 or addr != hint:
+                if addr >= 0:
+                    call(_NR_MUNMAP, addr, L.CODE_SIZE)
+                raise RemoteError(-addr if addr < 0 else 0,
+                                  f"mmap of the code page at {hint:#x} gave {addr:#x}")
+            self._code_addr = addr
+            self._ring_addr = call.check(_NR_MMAP, 0, L.RING_SIZE, _PROT_READ | _PROT_WRITE,
+                                         _MAP_SHARED, ring_fd, 0, what="mmap of the ring")
+            for fd in self._remote_fds:
+                call(_NR_CLOSE, fd)
+            self._remote_fds.clear()
+        except BaseException:
+            for fd in self._remote_fds:
+                call(_NR_CLOSE, fd)
+            self._remote_fds.clear()
+            if self._code_addr:
+                call(_NR_MUNMAP, self._code_addr, L.CODE_SIZE)
+                self._code_addr = 0
+            if self._ring_addr:
+                call(_NR_MUNMAP, self._ring_addr, L.RING_SIZE)
+                self._ring_addr = 0
+            raise
+        finally:
+            call.restore()
+            self.mem.write(tail, old_tail)
+
+    def _threads(self) -> list[int]:
+        try:
+            return procfs.list_tasks(self.pid)
+        except OSError as e:
+            raise ProcessGone(f"process {self.pid} is gone") from e
+
+    def _step_out_of_entries(self, plan: Plan, stepper: Stepper) -> None:
+        """A thread stopped inside the bytes the jmp will cover must get past them first."""
+        spans = [(self.base + fp.func.image_offset, self.base + fp.entry_end)
+                 for fp in plan.functions]
+        regs = target.Regs()
+        for t in self._threads():
+            stepper.step_while(t, regs, lambda ip: any(lo < ip < hi for lo, hi in spans))
+
+    def _patch_entries(self, plan: Plan) -> None:
+        assert self._code is not None
+        for fp, info in zip(plan.functions, self._code.stubs):
+            at = info.func_addr
+            orig = self.mem.read(at, JMP_LEN)
+            rel = info.stub - (at + JMP_LEN)
+            self._saved.append((at, orig))
+            self.mem.write(at, b"\xe9" + (rel & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def _undo_partial(self, tid: int, stepper: Stepper) -> None:
+        for at, orig in reversed(self._saved):
+            try:
+                self.mem.write(at, orig)
+            except MemoryWriteError:
+                pass
+        self._saved.clear()
+        if self._code_addr or self._ring_addr:
+            try:
+                call = RemoteCaller(stepper, tid, self.base + (self._plan.syscall_offset
+                                                             if self._plan else 0))
+                try:
+                    if self._code_addr:
+                        call(_NR_MUNMAP, self._code_addr, L.CODE_SIZE)
+                    if self._ring_addr:
+                        call(_NR_MUNMAP, self._ring_addr, L.RING_SIZE)
+                finally:
+                    call.restore()
+            except (RemoteError, OSError, ProcessGone):
+                pass
+        self._code_addr = self._ring_addr = 0
+        self._close_local()
+
+    def _close_local(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        for fd in (self._code_fd, self._ring_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._code_fd = self._ring_fd = -1
+
+    # ------------------------------------------------------------------ drain
+    def lost(self) -> int:
+        if self._ring is None:
+            return self._lost_final or 0
+        return int.from_bytes(self._ring[L.LOST:L.LOST + 8], "little")
+
+    def corrupt(self) -> int:
+        """Slots that failed validation and were skipped."""
+        return self._corrupt
+
+    def drain(self, limit: int = 65536) -> list[RawRecord]:
+        if self._pending:
+            done, self._pending = self._pending[:limit], self._pending[limit:]
+            return done
+        out: list[RawRecord] = []
+        self._drain_ring(limit, out, None)
+        return out
+
+    def drain_stats(self, stats: dict[str, CallStats], limit: int = 1 << 20) -> int:
+        """Like drain(), but only adds each record to `stats` (by plain function name) without
+        building a RawRecord: the fast path for `-c`. Returns how many records it consumed."""
+        n = 0
+        if self._pending:
+            for r in self._pending:
+                st = stats.get(r.func)
+                if st is None:
+                    st = stats[r.func] = CallStats()
+                st.add(r.fallback, self._is_error(self._fid_by_name[r.func], r.ret),
+                       r.duration_ns)
+            n = len(self._pending)
+            self._pending = []
+        return n + self._drain_ring(limit, None, stats)
+
+    def _is_error(self, fid: int, ret: int) -> bool:
+        return not self.decoders[fid].ret_is_value and -4095 <= self.abi.signed(ret) < 0
+
+    def _drain_ring(self, limit: int, out: list[RawRecord] | None,
+                    stats: dict[str, CallStats] | None) -> int:
+        ring, clock = self._ring, self._clock
+        if ring is None or clock is None:
+            return 0
+        now = time.monotonic()
+        if now - self._last_refine > 0.25:
+            clock.refine()
+            self._last_refine = now
+        head = int.from_bytes(ring[L.HEAD:L.HEAD + 8], "little")
+        tail = self._tail
+        avail = head - tail
+        if avail <= 0:
+            return 0
+        if avail > L.NSLOTS:                   # the stubs never claim past tail + NSLOTS
+            self._corrupt += 1
+            avail = L.NSLOTS
+        n = min(avail, limit)
+        funcs, nargs, outsz = self.funcs, self._nargs, self._outsz
+        nf = len(funcs)
+        names = [f.plain for f in funcs]
+        value_ret = [d.ret_is_value for d in self.decoders]
+        st_by_fid: list[CallStats] = []
+        if stats is not None:
+            for name in names:
+                st = stats.get(name)
+                if st is None:
+                    st = stats[name] = CallStats()
+                st_by_fid.append(st)
+        rate, tsc0, ns0 = clock.rate, clock.tsc0, clock.ns0
+        out_append = out.append if out is not None else None
+        i = tail
+        end = tail + n
+        gc_was = gc.isenabled()
+        gc.disable()          # a drain allocates only acyclic records: no collections mid-way
+        try:
+            i = self._scan(ring, i, end, out_append, st_by_fid if stats is not None else None,
+                           names, nargs, outsz, value_ret, rate, tsc0, ns0, nf)
+        finally:
+            if gc_was:
+                gc.enable()
+        if i != tail:
+            self._stall_at = None
+            self._tail = i
+            ring[L.TAIL:L.TAIL + 8] = i.to_bytes(8, "little")
+        return i - tail
+
+    def _scan(self, ring: mmap.mmap, i: int, end: int,
+              out_append: Callable[[RawRecord], None] | None,
+              st_by_fid: list[CallStats] | None, names: list[str], nargs: list[int],
+              outsz: list[tuple[int, ...]], value_ret: list[bool], rate: float, tsc0: int,
+              ns0: int, nf: int) -> int:
+        """Validate and consume committed slots [i, end); returns the next index."""
+        stats = st_by_fid
+        mask = L.NSLOTS - 1
+        unpack = _SLOT.iter_unpack
+        make = _make_record
+        while i < end:
+            s = i & mask
+            cnt = min(end - i, L.NSLOTS - s)
+            off = L.DATA + s * L.SLOT
+            stop = False
+            for (seq, tid, fid, flags, a0, a1, a2, a3, a4, a5, ret, t0, t1, caller, o0,
+                 o1) in unpack(ring[off:off + cnt * L.SLOT]):
+                if seq != i + 1:
+                    # seq > i + 1 cannot be written by a stub (it claims below tail + NSLOTS);
+                    # an uncommitted slot is waited for, until it has stalled.
+                    if seq < i + 1 and not self._stalled(i):
+                        stop = True
+                        break
+                    self._corrupt += 1
+                    i += 1
+                    continue
+                i += 1
+                if fid >= nf or not 0 < tid < _PID_MAX_LIMIT or flags >> 3:
+                    self._corrupt += 1
+                    continue
+                sizes = outsz[fid]
+                if flags >> (1 + len(sizes)):
+                    self._corrupt += 1
+                    continue
+                dur = t1 - t0
+                if stats is not None:
+                    st = stats[fid]
+                    st.calls += 1
+                    if flags & 1:
+                        st.fallbacks += 1
+                    if not value_ret[fid] and ret >= _ERR_LO:
+                        st.errors += 1
+                    if dur > 0:
+                        st.total_ns += int(dur * rate)
+                    continue
+                if sizes:
+                    z = sizes[0]
+                    outs: tuple[bytes | None, ...] = (
+                        (o0 if z == 16 else o0[:z]) if flags & 2 else None,)
+                    if len(sizes) > 1:
+                        z = sizes[1]
+                        outs += ((o1 if z == 16 else o1[:z]) if flags & 4 else None,)
+                else:
+                    outs = ()
+                k = nargs[fid]
+                out_append(make(tid, names[fid], (a0, a1) if k == 2 else  # type: ignore[misc]
+                                (a0, a1, a2, a3, a4, a5)[:k], ret, outs, flags & 1 == 1,
+                                ns0 + int((t0 - tsc0) * rate),
+                                int(dur * rate) if dur > 0 else 0, caller))
+            if stop:
+                break
+        return i
+
+    def _stalled(self, index: int) -> bool:
+        """True once slot `index` has stayed uncommitted for _STALL_S (a corrupt or lost
+        claim: a live stub commits within a few instructions of claiming)."""
+        now = time.monotonic()
+        if self._stall_at is None or self._stall_at[0] != index:
+            self._stall_at = (index, now)
+            return False
+        return now - self._stall_at[1] > _STALL_S
+
+    # ------------------------------------------------------------------ uninstall
+    def uninstall(self, tids: list[int]) -> None:
+        if not self.installed:
+            return
+        assert self._code is not None and self._plan is not None
+        stepper = Stepper(self.pid)
+        try:
+            os.pwrite(self._code_fd, bytes(8), L.CODE_RINGPTR)   # every stub stops recording
+            windows = [s.window for s in self._code.stubs]
+            regs = target.Regs()
+            for t in tids:
+                stepper.step_while(t, regs, lambda ip: any(lo <= ip < hi for lo, hi in windows))
+            for at, orig in reversed(self._saved):
+                self.mem.write(at, orig)
+            self._saved.clear()
+            self._drain_ring(L.NSLOTS, self._pending, None)
+            self._lost_final = self.lost()
+            keep = self._code_in_use(tids, regs)
+            call = RemoteCaller(stepper, tids[0], self.base + self._plan.syscall_offset)
+            try:
+                call(_NR_MUNMAP, self._ring_addr, L.RING_SIZE)
+                if not keep:
+                    call(_NR_MUNMAP, self._code_addr, L.CODE_SIZE)
+            finally:
+                call.restore()
+            self.code_page_kept = keep
+            self.installed = False
+        finally:
+            stepper.resend_held()
+            if not self.installed:
+                self._close_local()
+
+    def _code_in_use(self, tids: list[int], regs: target.Regs) -> bool:
+        """Whether some thread is in the code page or may still return into it: its rip there
+        or in the vDSO (a helper called from a copied body), or a word on its stack pointing
+        there (conservative: a stale word keeps the page)."""
+        lo, hi = self._code_addr, self._code_addr + L.CODE_SIZE
+        vlo, vhi = self.base, self.base + len(self.image.data)
+        lo_b = lo.to_bytes(8, "little")[5:]   # the top 3 bytes every such word shares
+        for t in tids:
+            target.getregs(t, regs)
+            ip = regs["rip"]
+            if lo <= ip < hi or vlo <= ip < vhi:
+                return True
+            sp = regs["rsp"] & ~7
+            n = 0
+            while n < _STACK_SCAN:
+                try:
+                    chunk = self.mem.read(sp + n, 4096 - ((sp + n) & 4095))
+                except MemoryReadError:
+                    break
+                if lo_b in chunk:
+                    for k in range(0, len(chunk) - 7, 8):
+                        w = int.from_bytes(chunk[k:k + 8], "little")
+                        if lo <= w < hi:
+                            return True
+                n += len(chunk)
+        return False

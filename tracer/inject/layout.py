@@ -1,0 +1,56 @@
+"""The shared memory the stubs and the tracer agree on: the ring's header and slot layout, the
+stub's stack frame, and the code page's data words. All little-endian, x86_64."""
+from __future__ import annotations
+
+__all__ = [
+    "HEAD", "TAIL", "LOST", "DATA", "SLOT", "SLOT_SHIFT", "NSLOTS", "RING_SIZE",
+    "S_SEQ", "S_TID", "S_FID", "S_FLAGS", "S_ARGS", "S_RET", "S_T0", "S_T1", "S_CALLER",
+    "S_OUT", "OUT_MAX", "NOUTS", "MAX_ARGS", "F_FALLBACK", "F_OUT0",
+    "FR_ARGS", "FR_KEYA", "FR_KEYB", "FR_FLAG", "FR_T0", "FR_RET", "FRAME",
+    "CODE_RINGPTR", "CODE_START", "CODE_SIZE", "SLOT_FORMAT",
+]
+
+# Ring header: the producers' index, the consumer's index and the lost counter on separate
+# cache lines (the stubs write HEAD and LOST, only the tracer writes TAIL).
+HEAD = 0
+TAIL = 64
+LOST = 128
+DATA = 4096
+SLOT_SHIFT = 7
+SLOT = 1 << SLOT_SHIFT
+NSLOTS = 1 << 16                    # a power of two: slot = index & (NSLOTS - 1)
+RING_SIZE = DATA + NSLOTS * SLOT
+
+# One slot. `seq` is written last (x86 stores are not reordered with other stores), as
+# index + 1: a slot whose seq is not its index + 1 is not committed yet.
+S_SEQ = 0        # u64
+S_TID = 8        # u32
+S_FID = 12       # u16: index into the Recorder's function list
+S_FLAGS = 14     # u16: F_FALLBACK, F_OUT0 << k for each out copied
+S_ARGS = 16      # 6 x u64: rdi rsi rdx rcx r8 r9 at entry
+S_RET = 64       # u64: rax at exit
+S_T0 = 72        # u64: TSC at entry
+S_T1 = 80        # u64: TSC at exit
+S_CALLER = 88    # u64: the return address
+S_OUT = 96       # NOUTS x OUT_MAX bytes: what the call wrote behind its out pointers
+OUT_MAX = 16
+NOUTS = 2
+MAX_ARGS = 6
+F_FALLBACK = 1
+F_OUT0 = 2
+SLOT_FORMAT = "<QIHH6QQQQQ16s16s"    # struct layout of one slot (128 bytes)
+
+# The stub's frame, below the caller's return address ([rsp+FRAME] once the stub has made it).
+# FRAME is 8 mod 16 so the copied body is entered with the ABI's stack alignment.
+FR_ARGS = 0      # 6 x u64
+FR_KEYA = 48     # two words that mark a live frame for the fallback stubs' scan
+FR_KEYB = 56
+FR_FLAG = 64     # set to 1 by a fallback stub
+FR_T0 = 72
+FR_RET = 80
+FRAME = 88
+
+# The code page: a data word the tracer clears to switch every stub's recording off.
+CODE_RINGPTR = 0
+CODE_START = 64
+CODE_SIZE = 4 * 4096

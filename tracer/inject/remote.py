@@ -1,0 +1,104 @@
+"""Making a stopped tracee thread run one system call, and stepping threads out of a range.
+
+A remote system call: the thread's registers are saved, rip is set to a `syscall` instruction
+the vDSO already contains, orig_rax to -1 (so the kernel does not restart a system call the
+thread was interrupted in: arch/x86/kernel/signal.c, arch_do_signal_or_restart), one
+PTRACE_SINGLESTEP runs it, rax is the result, and the saved registers go back exactly (with
+them the pending restart, if any). A signal that arrives while we step is held back and sent
+again with tgkill once the thread's registers are restored.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Callable
+
+from tracer import target
+from tracer.errors import ProcessGone
+
+__all__ = ["Stepper", "RemoteError"]
+
+_MAX_STEPS = 10000
+
+
+class RemoteError(OSError):
+    pass
+
+
+class Stepper:
+    """Single-steps threads of one stopped process, holding back signals that arrive."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.held: list[tuple[int, int]] = []     # (tid, signo) to send again
+
+    def step(self, tid: int) -> None:
+        """One instruction; returns with the thread stopped again."""
+        target.singlestep(tid, 0)
+        while True:
+            _, status = target.wait(tid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                raise ProcessGone(f"thread {tid} exited while vdsotrace stepped it")
+            sig = os.WSTOPSIG(status)
+            if sig == signal.SIGTRAP and target.stop_event(status) == 0:
+                return
+            if target.stop_event(status) == 0 and sig != signal.SIGTRAP:
+                self.held.append((tid, sig))        # a signal-delivery stop: hold it back
+            # an event stop (or a held signal): step on, the instruction has not run yet
+            target.singlestep(tid, 0)
+
+    def step_while(self, tid: int, regs: target.Regs, inside: Callable[[int], bool]) -> None:
+        """Step `tid` until its rip is no longer `inside`."""
+        for _ in range(_MAX_STEPS):
+            target.getregs(tid, regs)
+            if not inside(regs["rip"]):
+                return
+            self.step(tid)
+        raise RemoteError(0, f"thread {tid} did not leave the injected code in {_MAX_STEPS} steps")
+
+    def resend_held(self) -> None:
+        for tid, sig in self.held:
+            try:
+                target.tgkill(self.pid, tid, sig)
+            except ProcessGone:
+                pass
+        self.held.clear()
+
+
+class RemoteCaller:
+    """Runs system calls in one stopped thread; `restore()` puts its registers back."""
+
+    def __init__(self, stepper: Stepper, tid: int, site: int) -> None:
+        self.stepper = stepper
+        self.tid = tid
+        self.site = site
+        self.saved = target.Regs()
+        target.getregs(tid, self.saved)
+        self.work = target.Regs()
+
+    def __call__(self, nr: int, *args: int) -> int:
+        ctypes.memmove(self.work.buf, self.saved.buf, ctypes.sizeof(self.work.buf))
+        w = self.work
+        w["rax"] = nr
+        for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+            w[name] = value
+        w["rip"] = self.site
+        w["orig_rax"] = -1
+        target.setregs(self.tid, w)
+        self.stepper.step(self.tid)
+        target.getregs(self.tid, w)
+        if w["rip"] != self.site + 2:
+            raise RemoteError(0, f"remote system call {nr} in thread {self.tid} ended at "
+                                 f"{w['rip']:#x}, not after the syscall instruction")
+        rv = w["rax"]
+        return rv - (1 << 64) if rv >> 63 else rv
+
+    def check(self, nr: int, *args: int, what: str) -> int:
+        rv = self(nr, *args)
+        if -4095 <= rv < 0:
+            raise RemoteError(-rv, f"{what} in the tracee failed: {os.strerror(-rv)}")
+        return rv
+
+    def restore(self) -> None:
+        target.setregs(self.tid, self.saved)
