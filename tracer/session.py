@@ -218,6 +218,7 @@ class _Space:
     modules: ModuleMap | None = None
     modules_time: float = 0.0
     names: dict[int, tuple[str, str | None]] = field(default_factory=dict)
+    unmapped: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -801,18 +802,23 @@ class Session:
                                 t1 - p.t0, nested))
 
     def _modules(self, space: _Space, addr: int) -> ModuleMap:
-        """The space's module map, rebuilt (at most twice a second) when addr is not in it."""
+        """The space's module map, rebuilt when addr is not in it (a library loaded since),
+        once per unknown address (anonymous memory, JIT code, is in the map: no rebuild)."""
         mm = space.modules
-        if mm is not None and (mm.region_at(addr) is not None
-                               or time.monotonic() - space.modules_time < 0.5):
+        if mm is not None and (mm.region_at(addr) is not None or addr in space.unmapped):
             return mm
+        now = time.monotonic()
         try:
             mm = ModuleMap.from_pid(space.pid, space.image.data)
         except OSError:
             mm = ModuleMap([], space.image.data)
-        space.modules, space.modules_time = mm, time.monotonic()
+        space.modules, space.modules_time = mm, now
         self._last_modules[space.pid] = mm
         space.names.clear()
+        if mm.region_at(addr) is None:
+            if len(space.unmapped) > 4096:
+                space.unmapped.clear()
+            space.unmapped.add(addr)
         return mm
 
     def _symbolize(self, space: _Space, addr: int) -> tuple[str, str | None]:
@@ -838,7 +844,12 @@ class Session:
                                       for i, n in enumerate(space.abi.dwarf_regs)}
         regs["pc"] = buf[_RIP] if pc is None else pc
         regs["sp"] = buf[_RSP] if sp is None else sp
-        mm = self._modules(space, int(regs["pc"]))
+        try:
+            # the map must know the caller's object (it may have been loaded since we looked)
+            ret0 = space.mem.read_word(int(regs["sp"]), space.abi.word)
+        except MemoryReadError:
+            return ()
+        mm = self._modules(space, ret0)
         try:
             return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth))
         except (ElfError, MemoryReadError):
