@@ -40,7 +40,7 @@ def parse_auxv(data: bytes, word: int) -> list[tuple[int, int]]:
     """Word pairs up to AT_NULL (excluded). Raises AuxvError on a truncated vector."""
     if word not in (4, 8):
         raise AuxvError(f"bad word size {word}")
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     step = 2 * word
     for off in range(0, len(data) - step + 1, step):
         t = int.from_bytes(data[off:off + word], "little")

@@ -191,8 +191,8 @@ class Patcher:
             code, layout, exit_off, call_off = _stub_i386(nargs)
         body_addr = stub_addr + ((len(code) + 3) & ~3)   # add() pads to 4
         # call rel32 to the body, at call_off
-        code = bytearray(code)
-        code[call_off + 1:call_off + 5] = (body_addr - (stub_addr + call_off + 5)
+        stub = bytearray(code)
+        stub[call_off + 1:call_off + 5] = (body_addr - (stub_addr + call_off + 5)
                                            & 0xFFFFFFFF).to_bytes(4, "little")
         body = bytearray()
         pos = 0
@@ -205,7 +205,7 @@ class Patcher:
                 return None
             body += raw
             pos += n
-        add(bytes(code))  # type: ignore[operator]
+        add(bytes(stub))  # type: ignore[operator]
         # Not an out-of-line slot: a thread in the body has the stub's frame on its stack,
         # so it cannot be moved back to the entry; it is stepped out instead.
         slot = add(bytes(body))  # type: ignore[operator]

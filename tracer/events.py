@@ -117,6 +117,7 @@ class ExecEvent:
     vdso_base: int
     abi: str
     status: int | None = None
+    timens_offsets: dict[str, tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

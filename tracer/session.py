@@ -54,6 +54,7 @@ _AUDIT_ABI = {0xC000003E: X86_64, 0x40000003: I386}   # include/uapi/linux/audit
 _WINDOW = 256           # bytes read from sp at a stub's stop (its block + the caller's locals)
 # Clocks a time namespace offsets (kernel/time/namespace.c: CLOCK_MONOTONIC and
 # CLOCK_BOOTTIME, and the clocks derived from them).
+_NS_READS = frozenset({"clock_gettime", "clock_gettime64"})   # a resolution is not offset
 _NS_CLOCKS = frozenset({"CLOCK_MONOTONIC", "CLOCK_MONOTONIC_RAW", "CLOCK_MONOTONIC_COARSE",
                         "CLOCK_BOOTTIME", "CLOCK_BOOTTIME_ALARM"})
 
@@ -219,6 +220,7 @@ class _Space:
     modules_time: float = 0.0
     names: dict[int, tuple[str, str | None]] = field(default_factory=dict)
     unmapped: set[int] = field(default_factory=set)
+    frames: dict[int, str] = field(default_factory=dict)     # return address -> stack entry
 
 
 @dataclass(slots=True)
@@ -234,6 +236,7 @@ class _Thread:
     fb_marks: list[tuple[int, int]] = field(default_factory=list)  # (sp, func) at fallbacks
     last_call: tuple[Any, ...] | None = None   # (func index, caller, stack, fallback, reason)
     expect_handler: int = 0        # stepped into a handler for this signal (--signals)
+    stopped_ticks: int = 0         # TSC ticks spent handling fallback stops of the open call
 
 
 _MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
@@ -307,8 +310,7 @@ class Session:
     # ---------------------------------------------------------------- setup
     def _options(self) -> int:
         # Fork events are always wanted: a child inherits every int3 and must be cleaned.
-        opts = target.DEFAULT_OPTIONS | target.FORK_OPTIONS
-        return opts
+        return int(target.DEFAULT_OPTIONS | target.FORK_OPTIONS)
 
     def attach(self, pid: int) -> None:
         t0 = time.monotonic()
@@ -592,6 +594,7 @@ class Session:
         elif kind == ENTRY:
             self._entry_hit(th, space, bp.func, buf)
         else:  # FALL: this call enters the kernel
+            t_in = self.tsc.read()
             th.fb_marks.append((buf[_RSP], bp.func))
             pend = th.pending
             if pend and pend[-1].func == bp.func:
@@ -599,6 +602,7 @@ class Session:
             buf[_RIP] = bp.slot
             target.setregs(tid, regs)
             self._resume(th)
+            th.stopped_ticks += self.tsc.read() - t_in
 
     def _stub_exit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
         """The stub's int3: arguments, result, timestamps and return address are in one block
@@ -654,6 +658,11 @@ class Session:
             th.fb_marks = [m for m in marks if m[0] >= limit]
         npt = self.tsc.ns_per_tick
         ticks = frame[layout.i_t1] - frame[layout.i_t0]
+        if fallback and th.stopped_ticks:
+            # the fallback's own stop is not the call's time (our handling of it, at least;
+            # the two context switches around it remain)
+            ticks -= min(th.stopped_ticks, ticks)
+        th.stopped_ticks = 0
         dur = int(ticks * npt) if npt is not None and ticks > 0 else self.tsc.ns(ticks)
         self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t_stop - dur, dur,
                         frame[layout.i_retaddr], fallback, stack)
@@ -778,7 +787,8 @@ class Session:
                             func.symbol, args, ret, err, out, fallback, reason, dur, caller,
                             names[0], names[1],
                             self._stack_text(space, stack) if stack is not None else None,
-                            space.timens is not None and args.get("clockid") in _NS_CLOCKS))
+                            space.timens is not None and func.plain in _NS_READS
+                            and args.get("clockid") in _NS_CLOCKS))
 
     def _syscall_done(self, th: _Thread, space: _Space, p: _Pending, ret: int | None,
                       t1: int) -> None:
@@ -815,6 +825,7 @@ class Session:
         space.modules, space.modules_time = mm, now
         self._last_modules[space.pid] = mm
         space.names.clear()
+        space.frames.clear()
         if mm.region_at(addr) is None:
             if len(space.unmapped) > 4096:
                 space.unmapped.clear()
@@ -856,10 +867,17 @@ class Session:
             return ()
 
     def _stack_text(self, space: _Space, addrs: tuple[int, ...]) -> tuple[str, ...]:
+        frames = space.frames
         out = []
         for a in addrs:
-            loc = self._modules(space, a).locate(a)
-            out.append(loc.stack_entry if loc is not None else f"{a:#x}")
+            text = frames.get(a)
+            if text is None:
+                loc = self._modules(space, a).locate(a)
+                text = loc.stack_entry if loc is not None else f"{a:#x}"
+                if len(frames) > 65536:
+                    frames.clear()
+                frames[a] = text
+            out.append(text)
         return tuple(out)
 
     # ---------------------------------------------------------------- other stops
@@ -905,7 +923,7 @@ class Session:
             return
         target.getregs(th.tid, th.regs)
         via_addr = info.instruction_pointer - 2        # syscall / int 0x80: 2 bytes
-        via = self._code_name(space, via_addr, trampoline=True)
+        via = self._code_name(space, via_addr, trampoline=True) or f"{via_addr:#x}"
         r = tracker.on_sigreturn(th.tid, info.nr, th.regs, space.mem.read, via, abi=abi)
         self._resume(th)
         if space.traced:
@@ -1064,7 +1082,8 @@ class Session:
             exe = os.readlink(f"/proc/{pid}/exe")
         except OSError:
             pass
-        self._emit(ExecEvent(pid, pid, time.time(), exe, space.base, space.abi.name))
+        self._emit(ExecEvent(pid, pid, time.time(), exe, space.base, space.abi.name,
+                             timens_offsets=space.timens))
         self._resume(th)
 
     def _gone(self, th: _Thread, status: int) -> None:
@@ -1104,10 +1123,11 @@ class Session:
                     break
                 continue
             status = self._status.value
-            th = self.threads.get(tid)
-            if th is None:
+            found = self.threads.get(tid)
+            if found is None:
                 self._unknown(tid, status)
                 continue
+            th = found
             if status & 0x7F != 0x7F:
                 self._gone(th, status)
                 continue

@@ -59,6 +59,10 @@ class TscClock:
         ticks = t1 - self._t0
         self.ns_per_tick = (m1 - self._m0) / ticks if ticks > 0 else 1.0
 
+    def read(self) -> int:
+        """The counter now (0 where it cannot be read)."""
+        return int(self._fn()) if self._fn is not None else 0
+
     def refine(self) -> None:
         """Recalibrate over the time since `start` (call now and then, e.g. on a tick)."""
         if self._fn is not None and self._t0:

@@ -274,7 +274,7 @@ class Console:
             thread = s.start_thread(pid=pid) if pid is not None else s.start_thread(cmd=cmd)
             self._session, self._thread = s, thread
             try:
-                _wait(s.pause())  # type: ignore[func-returns-value]  # gdb-like: stopped
+                _wait(s.pause())  # gdb-like: stopped
                 info = s.info()
                 if info.pid is None or info.image is None or info.vdso_base is None:
                     raise TracerError("the engine attached but reports no process or vDSO")

@@ -71,8 +71,8 @@ def vdso_text(image: VdsoImage, base: int, size: int, gw: Gateway | None,
         lines.append(f"syscall gateway: {gw.symbol}: {', then '.join(gw.instructions)}")
     lines.append("")
     lines.append(f"{'offset':>8} {'size':>6}  {'version':<10} {'bind':<6} name")
-    for s in sorted(image.symbols, key=lambda s: (s.value, s.bind != "GLOBAL", s.name)):
-        lines.append(f"{s.value:8x} {s.size:6}  {s.version or '':<10} {s.bind:<6} {s.name}")
+    for sym in sorted(image.symbols, key=lambda x: (x.value, x.bind != "GLOBAL", x.name)):
+        lines.append(f"{sym.value:8x} {sym.size:6}  {sym.version or '':<10} {sym.bind:<6} {sym.name}")
     return "\n".join(lines)
 
 

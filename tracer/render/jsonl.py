@@ -65,7 +65,9 @@ def event_dict(e: Event) -> dict[str, Any]:
     if isinstance(e, ExecEvent):
         return {"event": "exec", "pid": e.pid, "tid": e.tid, "time": e.time,
                 "filename": e.filename, "vdso_base": _hex(e.vdso_base), "abi": e.abi,
-                "status": e.status}
+                "status": e.status,
+                "timens_offsets": {k: list(v) for k, v in e.timens_offsets.items()}
+                if e.timens_offsets else None}
     if isinstance(e, ExitEvent):
         return {"event": "exit", "pid": e.pid, "tid": e.tid, "time": e.time,
                 "status": e.status, "signal": e.signal}

@@ -104,8 +104,12 @@ def format_event(e: Event, timing: bool = False) -> str:
     if isinstance(e, DetachEvent):
         return f"--- vdsotrace detached from pid {e.pid} ({e.reason}) ---"
     if isinstance(e, ExecEvent):
+        ns = ""
+        if e.timens_offsets:
+            ns = "; time namespace offsets " + ", ".join(
+                f"{k} {s}s {n}ns" for k, (s, n) in e.timens_offsets.items())
         return (f"{_prefix(e.pid, e.tid)}--- exec {e.filename or '?'} ({e.abi}), new vDSO at "
-                f"{e.vdso_base:#x} ---")
+                f"{e.vdso_base:#x}{ns} ---")
     if isinstance(e, ExitEvent):
         if e.signal:
             return f"{_prefix(e.pid, e.tid)}+++ killed by {e.signal} +++"
