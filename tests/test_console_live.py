@@ -78,7 +78,7 @@ def test_attach_break_continue_pause_stats_detach(
         assert c.state.run_state == "running" and c.state.threads == 2 and c.state.calls > 0
         lines.clear()
         c.execute("pause")
-        assert lines[0].startswith(f"paused {p.pid}")
+        assert any(ln.startswith(f"paused {p.pid}") for ln in lines), lines  # events in flight may come first
         wait_for(lambda: task_states(p.pid) == {"t"}, what="every thread stopped")
         lines.clear()
         c.execute("stats")

@@ -26,7 +26,7 @@ from tracer.consts import AuxType
 from tracer.decoders import Decoder, decode_out, errno_name, for_function, out_size
 from tracer.disasm import gateway as find_gateway
 from tracer.errors import (AuxvError, ElfError, MemoryReadError, MemoryWriteError,
-                           ProcessGone, TracerError, UnknownFunction, VdsoError)
+                           ProcessGone, TracerError, UnknownFunction, UsageError, VdsoError)
 from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
                            ExitEvent, NoticeEvent, SyscallEvent)
 from tracer.tables import syscalls_i386
@@ -216,11 +216,17 @@ class _Space:
     threads: set[int] = field(default_factory=set)
     timens: dict[str, tuple[int, int]] | None = None
     signals: sigtrack.SignalTracker | None = None
+    recorder: Any = None           # tracer.inject.Recorder with --inject
+    fidx_by_name: dict[str, int] = field(default_factory=dict)
     modules: ModuleMap | None = None
     modules_time: float = 0.0
     names: dict[int, tuple[str, str | None]] = field(default_factory=dict)
     unmapped: set[int] = field(default_factory=set)
     frames: dict[int, str] = field(default_factory=dict)     # return address -> stack entry
+
+
+def _fidx_by_name(space: _Space) -> dict[str, int]:
+    return {f.plain: i for i, f in enumerate(space.patcher.funcs)}
 
 
 @dataclass(slots=True)
@@ -300,6 +306,7 @@ class Session:
         self.on_tick: Callable[[], None] | None = None
         self._tick_due = False
         self.summary_only = False      # -c: aggregate, build no events
+        self._inject_stats: dict[str, Any] = {}    # --inject -c: per-function counts
         self._last_modules: dict[int, ModuleMap] = {}   # outlive the spaces, for -c names
 
     def tick(self) -> None:
@@ -360,6 +367,11 @@ class Session:
         pid = target.spawn(argv, self._options())
         self.root_pid = pid
         try:
+            if self.options.inject:
+                # At the exec event the thread is still inside execve's exit path, where a
+                # system call made for the recorder does not run: step one instruction first.
+                target.singlestep(pid)
+                target.wait(pid)
             space = self._new_space(pid, pid)
             self._add_thread(pid, space)
             self._pin(pid)
@@ -409,10 +421,19 @@ class Session:
             image = parse_image(mem.read(vmap.start, vmap.size))
             funcs = resolve_functions(image, self.options.funcs)
             patcher = Patcher(image, vmap.start, vmap.size)
-            patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs])
-            for tid in tids or [regs_tid]:
-                self._step_out(tid, patcher.in_detour)
-            patcher.plant(mem)
+            recorder = None
+            if self.options.inject:
+                # the in-tracee recorder patches the entries itself; the patcher only names
+                # the functions (nothing of it is planted)
+                from tracer.inject import Recorder
+                patcher.funcs = list(funcs)
+                recorder = Recorder(pid, mem, abi, image, vmap.start, funcs)
+                recorder.install(regs_tid)
+            else:
+                patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs])
+                for tid in tids or [regs_tid]:
+                    self._step_out(tid, patcher.in_detour)
+                patcher.plant(mem)
         except BaseException:
             mem.close()
             raise
@@ -420,6 +441,8 @@ class Session:
                        [for_function(f.plain) for f in funcs],
                        [f.symbol == GATEWAY_SYMBOL for f in funcs], traced)
         space.timens = timens_offsets(pid)
+        space.recorder = recorder
+        space.fidx_by_name = _fidx_by_name(space)
         if self.options.signals:
             space.signals = sigtrack.SignalTracker(abi)
         self.spaces[pid] = space
@@ -510,6 +533,7 @@ class Session:
         waitpid, status, ref = _waitpid, self._status, self._status_ref
         dispatch = self._dispatch
         threads = self.threads
+        inject = self.options.inject
         reason = "exit"
         try:
             while True:
@@ -528,6 +552,17 @@ class Session:
                 if not threads and not self.early:
                     reason = "exit"
                     break
+                if inject:
+                    tid = waitpid(-1, ref, target.WALL | os.WNOHANG)
+                    if tid > 0:
+                        dispatch(tid, status.value)
+                        continue
+                    if tid < 0 and ctypes.get_errno() == 10:
+                        reason = "exit"
+                        break
+                    if not self._drain_recorders():
+                        time.sleep(0.0005)    # the ring is empty: let the tracee fill it
+                    continue
                 tid = waitpid(-1, ref, target.WALL)
                 if tid > 0:
                     dispatch(tid, status.value)
@@ -603,6 +638,56 @@ class Session:
             target.setregs(tid, regs)
             self._resume(th)
             th.stopped_ticks += self.tsc.read() - t_in
+
+    def _drain_recorders(self) -> int:
+        """--inject: turn what the stubs recorded into events (or, with -c, counts)."""
+        n = 0
+        for space in list(self.spaces.values()):
+            rec = space.recorder
+            if rec is None:
+                continue
+            if self.summary_only:
+                n += rec.drain_stats(self._inject_stats)
+                continue
+            records = rec.drain()
+            n += len(records)
+            if not records:
+                continue
+            index = space.fidx_by_name
+            signed = space.abi.signed
+            threads = self.threads
+            for r in records:
+                th = threads.get(r.tid)
+                if th is None or th.space is not space:
+                    continue            # a forked child's call through the shared ring
+                self._call_done(th, space, index[r.func], r.args, signed(r.ret), list(r.outs),
+                                r.t_entry_ns, r.duration_ns, r.caller, r.fallback, None)
+        return n
+
+    def _uninstall(self, space: _Space, threads: list[_Thread]) -> None:
+        """--inject: every thread stopped; switch the stubs off, restore the vDSO, unmap the
+        ring, and emit what was still in it."""
+        rec = space.recorder
+        if rec is None or not rec.installed:
+            return
+        self._drain_recorders()
+        tids = [th.tid for th in threads if th.space is space]
+        rec.uninstall(tids)
+        self._drain_recorders()
+        for th in threads:
+            if th.space is space and th.tid == tids[0]:
+                th.stopped = True
+        lost, corrupt = rec.lost(), rec.corrupt()
+        if lost:
+            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+                                   f"{lost} calls were not recorded: the ring was full"))
+        if corrupt:
+            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+                                   f"{corrupt} corrupt ring records were skipped"))
+        if rec.code_page_kept:
+            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+                                   "the recorder's code page stays mapped: a thread may still "
+                                   "return through it"))
 
     def _stub_exit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
         """The stub's int3: arguments, result, timestamps and return address are in one block
@@ -1089,6 +1174,8 @@ class Session:
     def _gone(self, th: _Thread, status: int) -> None:
         tid = th.tid
         space = th.space
+        if space.recorder is not None:
+            self._drain_recorders()     # its last calls are in the ring: name them while we can
         self.threads.pop(tid, None)
         space.threads.discard(tid)
         th.pending.clear()
@@ -1302,6 +1389,7 @@ class Session:
             threads = list(self.threads.values())
         for space in list(self.spaces.values()):
             try:
+                self._uninstall(space, threads)
                 self._unpatch_space(space, threads)
             except (MemoryWriteError, ProcessGone):
                 pass
@@ -1526,7 +1614,11 @@ class Session:
                 f"to the kernel; mostly because {why}")
 
     def stats(self) -> list[FuncStats]:
-        return [FuncStats(k, c.calls, c.fallbacks, c.errors, c.total_ns)
+        extra = self._inject_stats
+        return [FuncStats(k, c.calls + (extra[k].calls if k in extra else 0),
+                          c.fallbacks + (extra[k].fallbacks if k in extra else 0),
+                          c.errors + (extra[k].errors if k in extra else 0),
+                          c.total_ns + (extra[k].total_ns if k in extra else 0))
                 for k, c in self.counters.items()]
 
     def info(self) -> SessionInfo:
@@ -1565,28 +1657,28 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
     opts = TraceOptions(funcs=ns.funcs, follow_forks=ns.follow_forks, signals=ns.signals,
                         stack_depth=ns.stack, inject=ns.inject, pin=ns.pin,
                         duration=ns.duration)
-    if ns.inject:
-        raise TracerError("--inject is not available in this build yet: run without --inject "
-                          "(the stop-based engine records the same events)")
-    if ns.signals:
-        pass
+    if ns.inject and ns.follow_forks:
+        raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
+                         "drop -f, or trace without --inject")
     pids: list[int] = list(dict.fromkeys(ns.pid or []))
     out = open_output(ns.output, json=ns.json, timing=ns.timing, summary=ns.summary)
     session = Session(opts, out.write_event)
     session.summary_only = ns.summary
     old = _install_signal_handlers(session)
     session.on_tick = out.flush
+    started = False
     try:
         if pids:
             for pid in pids:
                 session.attach(pid)
         else:
             session.spawn(cmd)
+        started = True
         out.flush()
         session.run()
     finally:
         _restore_signal_handlers(old)
         if session.threads:
             session.detach_all("error")
-        out.finish(session)
+        out.finish(session if started else None)
     return 0

@@ -107,3 +107,21 @@ def test_tracee_exits(target_bin, tmp_path):
     assert any(e["event"] == "call" for e in events)
     exits = [e for e in events if e["event"] == "exit" and e.get("pid") == proc.pid]
     assert all(e.get("status") in (None, 0) for e in exits), exits
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_detach_inject(target_bin, tmp_path, sig):
+    """`--inject`: on leaving, the stubs are switched off, the vDSO restored byte for byte and
+    the ring unmapped; the tracee runs on and finishes every call correctly."""
+    proc, before = _start_spin(target_bin, tmp_path, False)
+    tr = T.run_trace(["-p", str(proc.pid), "--inject"], tmp_path / "ev.jsonl")
+    T.go(proc, close=False)
+    time.sleep(0.7)
+    assert proc.popen.poll() is None, f"tracee died under --inject; stderr:\n{tr.stderr()}"
+    assert "vdsotrace-ring" in open(f"/proc/{proc.pid}/maps").read()
+    tr.signal(sig)
+    tr.wait_ok(10)
+    events = tr.events()
+    assert sum(e["event"] == "call" for e in events) > 100, "the recorder recorded no calls"
+    assert "vdsotrace-ring" not in open(f"/proc/{proc.pid}/maps").read()
+    _after_detach(proc, before, tr)

@@ -234,3 +234,29 @@ def test_stack(target_bin, tmp_path):
         assert all(isinstance(s, str) and s.startswith("0x") for s in st), ev
         assert T.addr(st[0]) == T.addr(ev["caller"]), ev
     _check_all_threads(run, "--stack")
+
+
+def test_calls_equal_record_inject(target_bin, tmp_path):
+    """`--inject` (x86_64): the in-tracee recorder gives the same call events, in order per
+    thread, with the same arguments, results and fallback flags."""
+    binary = target_bin("vcalls", False)
+    rec = tmp_path / "r.jsonl"
+    proc = T.start(binary, rec)
+    tr = T.run_trace(["-p", str(proc.pid), "--inject"], tmp_path / "ev.jsonl")
+    T.go(proc)
+    rc, _, err = proc.finish(20)
+    assert rc == 0, f"target exited {rc} under --inject: {err!r}; tracer stderr:\n{tr.stderr()}"
+    tr.wait_ok(10)
+    run = T.Run(proc, tr, T.read_record(rec), tr.events(), "")
+    _check_all_threads(run, "x86_64")
+
+
+def test_inject_refused_on_i386(target_bin, tmp_path):
+    binary = target_bin("spin", True)
+    proc = T.start(binary, tmp_path / "r.json")
+    r = T.run_tracer(["trace", "--inject", "-p", str(proc.pid), "-o", str(tmp_path / "o")])
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "without --inject" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert T.tracer_pid(proc.pid) == 0

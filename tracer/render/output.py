@@ -67,7 +67,7 @@ class Output:
             sys.stderr.write(f"vdsotrace: cannot write events: {e.strerror}\n")
 
     def finish(self, session: Any) -> None:
-        if self.summary:
+        if self.summary and session is not None:
             s = session.summary()
             self.lines.append(json.dumps(summary_dict(s)) if self.json else summary_text(s))
         self.flush()
