@@ -135,6 +135,7 @@ class Summary:
     paths: dict[str, list[tuple[tuple[str, ...], int, int]]]      # func -> (frames, calls, ns)
     unused: list[str]
     diagnosis: str | None
+    lost: int = 0                      # --inject: calls not recorded (ring full) or corrupt
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +308,7 @@ class Session:
         self._tick_due = False
         self.summary_only = False      # -c: aggregate, build no events
         self._inject_stats: dict[str, Any] = {}    # --inject -c: per-function counts
+        self.lost_records = 0          # --inject: calls the ring could not hold (or corrupt)
         self._last_modules: dict[int, ModuleMap] = {}   # outlive the spaces, for -c names
 
     def tick(self) -> None:
@@ -678,6 +680,7 @@ class Session:
             if th.space is space and th.tid == tids[0]:
                 th.stopped = True
         lost, corrupt = rec.lost(), rec.corrupt()
+        self.lost_records += lost + corrupt
         if lost:
             self._emit(NoticeEvent(space.pid, space.pid, time.time(),
                                    f"{lost} calls were not recorded: the ring was full"))
@@ -1141,6 +1144,10 @@ class Session:
         th.pending.clear()
         th.tid = pid
         self.threads[pid] = th
+        if old.recorder is not None:
+            self._drain_recorders()
+            self.lost_records += old.recorder.lost() + old.recorder.corrupt()
+            old.recorder.abandon()
         old.mem.close()
         self.spaces.pop(pid, None)
         if not old.traced:      # an unfollowed vfork child: its new image is clean
@@ -1188,6 +1195,10 @@ class Session:
                 if space.traced:
                     self._emit(ExitEvent(space.pid, tid, time.time(), code, sig))
             if not space.threads:
+                if space.recorder is not None:
+                    self._drain_recorders()
+                    self.lost_records += space.recorder.lost() + space.recorder.corrupt()
+                    space.recorder.abandon()
                 space.mem.close()
                 self.spaces.pop(space.pid, None)
 
@@ -1579,7 +1590,8 @@ class Session:
             paths[name] = [(tuple(self._name_site(pid, a) for a in stack), n, ns)
                            for (pid, stack), (n, ns) in hotp]
         unused = [r.func for r in rows if not r.calls]
-        return Summary(rows, reasons, sites, paths, unused, self._diagnosis(rows, reasons))
+        return Summary(rows, reasons, sites, paths, unused, self._diagnosis(rows, reasons),
+                       self.lost_records)
 
     def _name_site(self, pid: int, addr: int) -> str:
         mm = self._last_modules.get(pid)

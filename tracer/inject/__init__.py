@@ -349,6 +349,14 @@ class Recorder:
                 os.close(fd)
         self._code_fd = self._ring_fd = -1
 
+    def abandon(self) -> None:
+        """The tracee is gone (exited, or exec replaced its memory): keep the counts, drop
+        the tracer's own mappings and descriptors."""
+        if self._ring is not None:
+            self._lost_final = self.lost()
+        self.installed = False
+        self._close_local()
+
     # ------------------------------------------------------------------ drain
     def lost(self) -> int:
         if self._ring is None:

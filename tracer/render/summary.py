@@ -57,6 +57,10 @@ def summary_text(s: Any) -> str:
     if s.diagnosis:
         out.append("")
         out.append(s.diagnosis)
+    if s.lost:
+        out.append("")
+        out.append(f"{s.lost} calls were not recorded: the tracee outran the recorder's ring "
+                   "(the counts above are of the calls recorded)")
     return "\n".join(out)
 
 
@@ -71,4 +75,4 @@ def summary_dict(s: Any) -> dict[str, Any]:
                            "paths": [{"stack": list(fr), "calls": n, "total_ns": ns}
                                      for fr, n, ns in s.paths.get(r.func, [])]}
                           for r in sorted(s.rows, key=lambda r: -r.total_ns) if r.calls],
-            "unused": s.unused, "diagnosis": s.diagnosis}
+            "unused": s.unused, "diagnosis": s.diagnosis, "lost": s.lost}
