@@ -260,23 +260,20 @@ class _Counter:
         self.paths: dict[tuple[int, tuple[int, ...]], list[int]] = {}
 
     def add_site(self, pid: int, caller: int, stack: tuple[int, ...] | None, dur: int) -> None:
-        key = (pid, caller)
-        site = self.sites.get(key)
-        if site is None:
-            if len(self.sites) >= _MAX_KEYS:
-                return
-            site = self.sites[key] = [0, 0]
-        site[0] += 1
-        site[1] += dur
+        _bump(self.sites, (pid, caller), dur)
         if stack:
-            pkey = (pid, stack)
-            path = self.paths.get(pkey)
-            if path is None:
-                if len(self.paths) >= _MAX_KEYS:
-                    return
-                path = self.paths[pkey] = [0, 0]
-            path[0] += 1
-            path[1] += dur
+            _bump(self.paths, (pid, stack), dur)
+
+
+def _bump(table: dict[Any, list[int]], key: Any, dur: int) -> None:
+    """[calls, ns] += [1, dur]; a full table takes no new keys (memory stays bounded)."""
+    row = table.get(key)
+    if row is None:
+        if len(table) >= _MAX_KEYS:
+            return
+        row = table[key] = [0, 0]
+    row[0] += 1
+    row[1] += dur
 
 
 class Session:

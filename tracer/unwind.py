@@ -164,7 +164,8 @@ def _signed(v: int, bits: int) -> int:
     return v - (1 << bits) if v >> (bits - 1) & 1 else v
 
 
-def _uleb(code: bytes, i: int) -> tuple[int, int]:
+def _leb128(code: bytes, i: int, signed: bool) -> tuple[int, int]:
+    """A LEB128 number at code[i] (DWARF 5 section 7.6): (value, index after it)."""
     value = shift = 0
     while True:
         b = code[i]
@@ -172,20 +173,17 @@ def _uleb(code: bytes, i: int) -> tuple[int, int]:
         value |= (b & 0x7F) << shift
         shift += 7
         if not b & 0x80:
+            if signed and b & 0x40:
+                value -= 1 << shift
             return value, i
+
+
+def _uleb(code: bytes, i: int) -> tuple[int, int]:
+    return _leb128(code, i, False)
 
 
 def _sleb(code: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = code[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            if b & 0x40:
-                value -= 1 << shift
-            return value, i
+    return _leb128(code, i, True)
 
 
 def eval_dwarf_expr(code: bytes, regs: list[int | None], read_word: Callable[[int, int], int | None],
