@@ -532,7 +532,7 @@ class Session:
         waitpid, status, ref = _waitpid, self._status, self._status_ref
         dispatch = self._dispatch
         threads = self.threads
-        inject = self.options.inject
+        options = self.options
         reason = "exit"
         try:
             while True:
@@ -551,7 +551,7 @@ class Session:
                 if not threads and not self.early:
                     reason = "exit"
                     break
-                if inject:
+                if options.inject:
                     tid = waitpid(-1, ref, target.WALL | os.WNOHANG)
                     if tid > 0:
                         dispatch(tid, status.value)
@@ -570,11 +570,15 @@ class Session:
                     reason = "exit"
                     break
                 self._tick_due = True         # EINTR: a tick or a wake-up
+        except BaseException:
+            reason = "error"
+            raise
         finally:
             self._engine_ident = None
-        self.detach_all(reason)
-        if reason == "exit":
-            self.state = "exited"
+            # every way out, an internal error included, leaves the tracee as it was
+            self.detach_all(reason)
+            if reason == "exit":
+                self.state = "exited"
         return reason
 
     def _dispatch(self, tid: int, status: int) -> None:
@@ -1438,13 +1442,27 @@ class Session:
                         th.pending.clear()
                         th.fb_marks.clear()
                 decs = [for_function(f.plain) for f in funcs]
-                space.patcher.plan(funcs, [d.nargs for d in decs])
-                for th in threads:
-                    if th.space is space:
-                        self._step_out(th.tid, space.patcher.in_detour)
-                space.patcher.plant(space.mem)
+                if space.recorder is not None:
+                    # the in-tracee recorder: install a new one over the new set
+                    from tracer.inject import Recorder
+                    self._uninstall(space, threads)
+                    space.recorder = None
+                    space.patcher.funcs = list(funcs)
+                    mine = [th.tid for th in threads if th.space is space]
+                    if funcs and mine:
+                        rec = Recorder(space.pid, space.mem, space.abi, space.image,
+                                       space.base, funcs)
+                        rec.install(mine[0])
+                        space.recorder = rec
+                else:
+                    space.patcher.plan(funcs, [d.nargs for d in decs])
+                    for th in threads:
+                        if th.space is space:
+                            self._step_out(th.tid, space.patcher.in_detour)
+                    space.patcher.plant(space.mem)
                 space.decoders = decs
                 space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
+                space.fidx_by_name = _fidx_by_name(space)
                 for f in funcs:
                     self.counters.setdefault(f.plain, _Counter())
                 new_funcs = [f.plain for f in funcs]
@@ -1464,6 +1482,49 @@ class Session:
 
     def set_functions(self, specs: list[str] | None) -> Future[list[str]]:
         return self.submit(lambda s: s._set_functions_now(specs))
+
+    def set_inject(self, on: bool) -> Future[None]:
+        return self.submit(lambda s: s._set_inject_now(on))
+
+    def _set_inject_now(self, on: bool) -> None:
+        """Switch engines while attached: stop-based breakpoints <-> the in-tracee recorder."""
+        if on == self.options.inject:
+            return
+        was_paused = self._paused
+        if not was_paused:
+            self._pause_now()
+        try:
+            threads = list(self.threads.values())
+            for space in self.spaces.values():
+                mine = [th for th in threads if th.space is space]
+                if not mine:
+                    continue
+                funcs = list(space.patcher.funcs)
+                if on:
+                    from tracer.inject import Recorder
+                    if not self._unpatch_space(space, threads):
+                        space.patcher.plant(space.mem)
+                        raise TracerError("a thread is inside a traced call right now: "
+                                          "try again")
+                    rec = Recorder(space.pid, space.mem, space.abi, space.image, space.base,
+                                   funcs)
+                    try:
+                        rec.install(mine[0].tid)
+                    except TracerError:
+                        space.patcher.plant(space.mem)
+                        raise
+                    space.recorder = rec
+                else:
+                    self._uninstall(space, threads)
+                    space.recorder = None
+                    space.patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs])
+                    for th in mine:
+                        self._step_out(th.tid, space.patcher.in_detour)
+                    space.patcher.plant(space.mem)
+            self.options.inject = on
+        finally:
+            if not was_paused:
+                self._resume_now()
 
     def stop(self, reason: str = "detach") -> None:
         self.request_stop(reason)

@@ -650,11 +650,14 @@ class Console:
     def cmd_inject(self, args: list[str]) -> None:
         on = self._onoff(args, "inject on|off")
         s = self._session
-        if s is None or not hasattr(s, _LATER["inject"]):
-            raise TracerError("inject: not available yet")
-        _wait(getattr(s, _LATER["inject"])(on))
+        if s is None:
+            self.state.inject = on
+            self.write(f"inject: {'on' if on else 'off'} from the next attach")
+            return
+        _wait(s.set_inject(on))
         self.state.inject = on
-        self.write(f"inject: {'on' if on else 'off'}")
+        self.write(f"inject: {'on' if on else 'off'} (calls are "
+                   f"{'recorded inside the tracee, no stop per call' if on else 'caught with one ptrace stop each'})")
 
     def _later(self, name: str, args: list[str]) -> None:
         s = self._session or self._last_session
