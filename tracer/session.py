@@ -49,6 +49,8 @@ _SYSCALL_TRAP = signal.SIGTRAP | 0x80
 _GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
+_cont = target.cont
+_getregs = target.getregs
 _RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")
 _AUDIT_ABI = {0xC000003E: X86_64, 0x40000003: I386}   # include/uapi/linux/audit.h AUDIT_ARCH_*
 _WINDOW = 256           # bytes read from sp at a stub's stop (its block + the caller's locals)
@@ -531,6 +533,7 @@ class Session:
                     if self.options.duration is not None else None)
         waitpid, status, ref = _waitpid, self._status, self._status_ref
         dispatch = self._dispatch
+        trap = self._trap
         threads = self.threads
         options = self.options
         reason = "exit"
@@ -564,7 +567,17 @@ class Session:
                     continue
                 tid = waitpid(-1, ref, target.WALL)
                 if tid > 0:
-                    dispatch(tid, status.value)
+                    st = status.value
+                    th = threads.get(tid) if st == 0x57F else None
+                    if th is not None:          # the hot case: an int3 of a known thread
+                        th.stopped = True
+                        try:
+                            trap(th)
+                        except ProcessGone:
+                            th.stopped = False
+                            th.pending.clear()
+                        continue
+                    dispatch(tid, st)
                     continue
                 if ctypes.get_errno() == 10:  # ECHILD: nothing left to wait for
                     reason = "exit"
@@ -612,7 +625,7 @@ class Session:
         space = th.space
         regs = th.regs
         buf = regs.buf
-        target.getregs(tid, regs)
+        _getregs(tid, regs)
         if th.expect_handler:
             signo, th.expect_handler = th.expect_handler, 0
             if self._handler_entry(th, space, signo):
@@ -735,7 +748,12 @@ class Session:
         if depth:
             stack = self._stack(space, th, depth, space.base + space.patcher.funcs[fidx]
                                 .image_offset, sp + layout.retaddr)
-        self._resume(th)
+        if th.sig or self._paused or self.options.signals:
+            self._resume(th)
+        else:                           # the common case, without _resume's bookkeeping
+            th.stopped = False
+            th.undo_trap = 0
+            _cont(th.tid, 0)
         t_stop = time.monotonic_ns()
         fallback = False
         marks = th.fb_marks
@@ -844,7 +862,7 @@ class Session:
         c.calls += 1
         c.total_ns += dur
         self.calls += 1
-        err = None if dec.ret_is_value else errno_name(ret)
+        err = None if ret >= 0 or dec.ret_is_value else errno_name(ret)
         if err:
             c.errors += 1
         reason = None

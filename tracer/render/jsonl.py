@@ -119,6 +119,7 @@ _HEADS: dict[tuple[int, int], str] = {}
 _FUNCS: dict[tuple[str, str], str] = {}
 _CALLERS: dict[tuple[int, str, str | None], str] = {}
 _ITEMS: dict[tuple[str, object], str] = {}
+_ARGS: dict[tuple[object, ...], str] = {}   # (func, argument values) -> rendered arguments
 
 
 def _cached(cache: dict, key: object, make: object) -> str:  # type: ignore[type-arg]
@@ -154,7 +155,12 @@ def format_call(e: CallEvent) -> str:
                      lambda: f', "caller": {_q(e.caller_text)}, "caller_addr": "{e.caller:#x}", '
                              f'"caller_symbol": '
                              f'{_q(e.caller_symbol) if e.caller_symbol else "null"}')
-    args = ", ".join([_item(k, v) for k, v in e.args.items()])
+    akey = (e.func, *e.args.values())
+    args = _ARGS.get(akey)
+    if args is None:
+        if len(_ARGS) > 65536:
+            _ARGS.clear()
+        args = _ARGS[akey] = ", ".join([_item(k, v) for k, v in e.args.items()])
     out = ", ".join([_item(k, v) for k, v in e.out.items()])
     line = (f'{head}{e.time!r}{fn}{args}}}, "ret": {e.ret}, '
             f'"errno": {_q(e.errno) if e.errno else "null"}, "out": {{{out}}}, '

@@ -8,7 +8,7 @@ import sys
 from typing import IO, Any
 
 from tracer.errors import UsageError
-from tracer.events import AttachEvent, Event
+from tracer.events import AttachEvent, CallEvent, Event
 from tracer.render import jsonl, text
 from tracer.render.summary import summary_dict, summary_text
 
@@ -37,7 +37,11 @@ class Output:
             self.flush()
             return
         lines = self.lines
-        lines.append(jsonl.format_event(e) if self.json else text.format_event(e, self.timing))
+        if type(e) is CallEvent:
+            lines.append(jsonl.format_call(e) if self.json else text.format_call(e, self.timing))
+        else:
+            lines.append(jsonl.format_event(e) if self.json
+                         else text.format_event(e, self.timing))
         if isinstance(e, AttachEvent):
             # interface.md: flushed once every breakpoint is planted; it does not count as a
             # write of events, so the first call after it goes out at once too
