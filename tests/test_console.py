@@ -156,12 +156,15 @@ def test_errors_are_one_line_and_the_console_lives_on() -> None:
     assert not c.done
 
 
-def test_later_commands_say_not_available_yet() -> None:
+def test_explain_commands_need_a_process() -> None:
     c, lines = make_console()
-    for cmd in ("bt", "callers", "why", "inject on"):
+    for cmd in ("bt", "callers", "why"):
         lines.clear()
         c.execute(cmd)
-        assert lines == [f"error: {cmd.split()[0]}: not available yet"]
+        assert lines == [f"error: {cmd}: nothing traced yet: `attach PID` first"]
+    lines.clear()
+    c.execute("inject on")
+    assert lines == ["inject: on from the next attach"] and c.state.inject
 
 
 def test_settings_without_a_process() -> None:

@@ -661,9 +661,8 @@ class Console:
 
     def _later(self, name: str, args: list[str]) -> None:
         s = self._session or self._last_session
-        fn = getattr(s, _LATER[name], None) if s is not None else None
-        if fn is None:
-            raise TracerError(f"{name}: not available yet")
+        if s is None:
+            raise UsageError(f"{name}: nothing traced yet: `attach PID` first")
         res = _wait(s.submit(lambda engine: getattr(engine, _LATER[name])(*args)))
         self.write(res if isinstance(res, str) else "\n".join(str(r) for r in res))
 
