@@ -309,6 +309,7 @@ class Session:
         self._inject_stats: dict[str, Any] = {}    # --inject -c: per-function counts
         self.lost_records = 0          # --inject: calls the ring could not hold (or corrupt)
         self._last_modules: dict[int, ModuleMap] = {}   # outlive the spaces, for -c names
+        self._site_names: dict[tuple[int, int], str] = {}
 
     def tick(self) -> None:
         """Async-signal and thread safe: ask the loop to flush, run queued calls and check
@@ -877,7 +878,12 @@ class Session:
             return
         pid = space.pid
         if (pid, caller) not in c.sites:
-            self._symbolize(space, caller)      # load its object now: the -c report names it
+            # name it now, while the process (and /proc/PID/root) exists: -c reports it later
+            text, sym = self._symbolize(space, caller)
+            self._site_names[(pid, caller)] = sym or text.partition(" ")[2] or text
+        if stack and (pid, stack) not in c.paths:
+            for a, entry in zip(stack, self._stack_text(space, stack)):
+                self._site_names.setdefault((pid, a), entry.partition(" ")[2] or entry)
         c.add_site(pid, caller, stack, dur)
         th.last_call = (fidx, caller, stack, fallback, reason)
         if self.summary_only:
@@ -1670,6 +1676,9 @@ class Session:
                        self.lost_records)
 
     def _name_site(self, pid: int, addr: int) -> str:
+        known = self._site_names.get((pid, addr))
+        if known is not None:
+            return known
         mm = self._last_modules.get(pid)
         loc = mm.locate(addr) if mm is not None else None
         if loc is None:
