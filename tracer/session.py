@@ -973,6 +973,7 @@ class Session:
             ret0 = space.mem.read_word(int(regs["sp"]), space.abi.word)
         except MemoryReadError:
             return ()
+        self._modules(space, int(regs["sp"]))  # a thread's stack mapped since: rebuild
         mm = self._modules(space, ret0)
         try:
             return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth))
