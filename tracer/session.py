@@ -687,13 +687,26 @@ class Session:
         rec = space.recorder
         if rec is None or not rec.installed:
             return
-        self._drain_recorders()
+        while self._drain_recorders():
+            pass
         tids = [th.tid for th in threads if th.space is space]
         rec.uninstall(tids)
-        self._drain_recorders()
+        while self._drain_recorders():
+            pass
         for th in threads:
             if th.space is space and th.tid == tids[0]:
                 th.stopped = True
+        self._report_losses(space)
+
+    def _finish_recorder(self, space: _Space) -> None:
+        """The process exited or exec'd: everything still in its ring, then the losses."""
+        while self._drain_recorders():
+            pass
+        self._report_losses(space)
+        space.recorder.abandon()
+
+    def _report_losses(self, space: _Space) -> None:
+        rec = space.recorder
         lost, corrupt = rec.lost(), rec.corrupt()
         self.lost_records += lost + corrupt
         if lost:
@@ -1171,9 +1184,7 @@ class Session:
         th.tid = pid
         self.threads[pid] = th
         if old.recorder is not None:
-            self._drain_recorders()
-            self.lost_records += old.recorder.lost() + old.recorder.corrupt()
-            old.recorder.abandon()
+            self._finish_recorder(old)
         old.mem.close()
         self.spaces.pop(pid, None)
         if not old.traced:      # an unfollowed vfork child: its new image is clean
@@ -1208,7 +1219,8 @@ class Session:
         tid = th.tid
         space = th.space
         if space.recorder is not None:
-            self._drain_recorders()     # its last calls are in the ring: name them while we can
+            while self._drain_recorders():
+                pass                    # its last calls are in the ring: name them while we can
         self.threads.pop(tid, None)
         space.threads.discard(tid)
         th.pending.clear()
@@ -1222,9 +1234,7 @@ class Session:
                     self._emit(ExitEvent(space.pid, tid, time.time(), code, sig))
             if not space.threads:
                 if space.recorder is not None:
-                    self._drain_recorders()
-                    self.lost_records += space.recorder.lost() + space.recorder.corrupt()
-                    space.recorder.abandon()
+                    self._finish_recorder(space)
                 space.mem.close()
                 self.spaces.pop(space.pid, None)
 

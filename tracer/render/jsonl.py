@@ -147,14 +147,23 @@ def _item(k: str, v: Value) -> str:
 def format_call(e: CallEvent) -> str:
     """The same object as json.dumps(event_dict(e)), built directly from cached pieces: the
     hot path (a call event per traced call; json.dumps costs about 4x more, design.md)."""
-    head = _cached(_HEADS, (e.pid, e.tid),
-                   lambda: f'{{"event": "call", "pid": {e.pid}, "tid": {e.tid}, "time": ')
-    fn = _cached(_FUNCS, (e.func, e.symbol),
-                 lambda: f', "func": {_q(e.func)}, "symbol": {_q(e.symbol)}, "args": {{')
-    caller = _cached(_CALLERS, (e.caller, e.caller_text, e.caller_symbol),
-                     lambda: f', "caller": {_q(e.caller_text)}, "caller_addr": "{e.caller:#x}", '
-                             f'"caller_symbol": '
-                             f'{_q(e.caller_symbol) if e.caller_symbol else "null"}')
+    hkey = (e.pid, e.tid)
+    head = _HEADS.get(hkey)
+    if head is None:
+        head = _cached(_HEADS, hkey,
+                       lambda: f'{{"event": "call", "pid": {e.pid}, "tid": {e.tid}, "time": ')
+    fkey = (e.func, e.symbol)
+    fn = _FUNCS.get(fkey)
+    if fn is None:
+        fn = _cached(_FUNCS, fkey,
+                     lambda: f', "func": {_q(e.func)}, "symbol": {_q(e.symbol)}, "args": {{')
+    ckey = (e.caller, e.caller_text, e.caller_symbol)
+    caller = _CALLERS.get(ckey)
+    if caller is None:
+        caller = _cached(_CALLERS, ckey,
+                         lambda: f', "caller": {_q(e.caller_text)}, '
+                                 f'"caller_addr": "{e.caller:#x}", "caller_symbol": '
+                                 f'{_q(e.caller_symbol) if e.caller_symbol else "null"}')
     akey = (e.func, *e.args.values())
     args = _ARGS.get(akey)
     if args is None:
