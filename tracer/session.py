@@ -23,12 +23,12 @@ from tracer.abi import I386, X86_64, Abi
 from tracer.auxv import auxv_from_stack, find, parse_auxv
 from tracer.breakpoints import ENTRY, EXIT, FALL, RET, Patcher
 from tracer.consts import AuxType
-from tracer.decoders import Decoder, decode_out, errno_name, for_function, out_size
+from tracer.decoders import Decoder, errno_name, for_function, out_decoder, out_size
 from tracer.disasm import gateway as find_gateway
 from tracer.errors import (AuxvError, ElfError, MemoryReadError, MemoryWriteError,
                            ProcessGone, TracerError, UnknownFunction, UsageError, VdsoError)
-from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
-                           ExitEvent, NoticeEvent, SyscallEvent)
+from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
+                           ExitEvent, NoticeEvent, SyscallEvent, Unreadable)
 from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
 from tracer import sigtrack
@@ -226,6 +226,7 @@ class _Space:
     names: dict[int, tuple[str, str | None]] = field(default_factory=dict)
     unmapped: set[int] = field(default_factory=set)
     frames: dict[int, str] = field(default_factory=dict)     # return address -> stack entry
+    args_cache: dict[tuple[int, tuple[int, ...]], dict[str, Any]] = field(default_factory=dict)
 
 
 def _fidx_by_name(space: _Space) -> dict[str, int]:
@@ -906,9 +907,15 @@ class Session:
         for spec, data in zip(dec.outs, outs):
             addr = raw[spec.arg]
             if addr:
-                out[spec.name] = decode_out(spec.layout, data, addr, abi)
+                out[spec.name] = (out_decoder(spec.layout, abi)(data) if data is not None
+                                  else Unreadable(addr))
         names = space.names.get(caller) or self._symbolize(space, caller)
-        args = dec.decode_args(raw, abi)
+        akey = (fidx, raw)
+        args = space.args_cache.get(akey)
+        if args is None:        # the same arguments come again and again (a loop's tp)
+            if len(space.args_cache) > 4096:
+                space.args_cache.clear()
+            args = space.args_cache[akey] = dec.decode_args(raw, abi)
         self.sink(CallEvent(pid, th.tid, t0 / 1e9 + self._mono_to_epoch, func.plain,
                             func.symbol, args, ret, err, out, fallback, reason, dur, caller,
                             names[0], names[1],
@@ -1498,6 +1505,7 @@ class Session:
                 space.decoders = decs
                 space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
                 space.fidx_by_name = _fidx_by_name(space)
+                space.args_cache.clear()
                 for f in funcs:
                     self.counters.setdefault(f.plain, _Counter())
                 new_funcs = [f.plain for f in funcs]

@@ -6,6 +6,7 @@ decoders turn those into `events` values after the tracee runs again.
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +14,8 @@ from tracer.abi import Abi
 from tracer.events import Addr, Timespec, Timeval, Timezone, Unreadable, Value
 from tracer.tables.errnos import Errno
 
-__all__ = ["OutSpec", "Decoder", "for_function", "decode_out", "out_size", "errno_name",
+__all__ = ["OutSpec", "Decoder", "for_function", "decode_out", "out_decoder", "out_size",
+           "errno_name",
            "generic", "REGISTRY"]
 
 
@@ -67,6 +69,38 @@ def decode_out(layout: str, data: bytes | None, addr: int, abi: Abi) -> Value:
     if layout == "timezone":
         return Timezone(*abi.unpack(abi.timezone, data))
     raise ValueError(layout)
+
+
+_OUT_DECODERS: dict[tuple[str, str], Callable[[bytes], Value]] = {}
+
+
+def out_decoder(layout: str, abi: Abi) -> Callable[[bytes], Value]:
+    """`decode_out` for one layout, with its struct compiled once (the hot path's version)."""
+    key = (layout, abi.name)
+    fn = _OUT_DECODERS.get(key)
+    if fn is None:
+        if layout == "u32":
+            fn = _u32
+        else:
+            fmt = {"time_t": abi.time_t, "timespec": abi.timespec, "timespec64": abi.timespec64,
+                   "timeval": abi.timeval, "timezone": abi.timezone}[layout]
+            unpack = struct.Struct("<" + fmt).unpack
+            if layout == "time_t":
+                def fn(data: bytes, _u: Callable[[bytes], tuple[int, ...]] = unpack) -> Value:
+                    return _u(data)[0]
+            else:
+                cls = {"timespec": Timespec, "timespec64": Timespec, "timeval": Timeval,
+                       "timezone": Timezone}[layout]
+
+                def fn(data: bytes, _u: Callable[[bytes], tuple[int, ...]] = unpack,
+                       _c: type = cls) -> Value:
+                    return _c(*_u(data))  # type: ignore[no-any-return]
+        _OUT_DECODERS[key] = fn
+    return fn
+
+
+def _u32(data: bytes) -> Value:
+    return int.from_bytes(data, "little")
 
 
 def errno_name(ret: int) -> str | None:
