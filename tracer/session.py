@@ -1,9 +1,10 @@
 """The engine: attach -> auxv -> vDSO -> breakpoints -> decode -> events.
 
-One thread (the one that attached: ptrace requires it) runs `Session.run`. Per stop it does
-the least it can -- one PTRACE_GETREGS, the reads the call needs, one PTRACE_SETREGS to send
-the thread through the out-of-line slot, PTRACE_CONT -- and decodes and emits only after the
-tracee runs again. The engine never prints: events go to `sink`.
+One thread (the one that attached: ptrace requires it) runs `Session.run`. A traced call costs
+one stop (breakpoints.py: the entry jumps to a stub that stops once, on return): one
+PTRACE_GETREGS, one read of the stub's block of stack, PTRACE_CONT; decoding and output happen
+after the tracee runs again. With --inject there is no stop per call at all: the loop drains
+the recorder's ring (inject/). The engine never prints: events go to `sink`.
 """
 from __future__ import annotations
 
@@ -288,7 +289,7 @@ class Session:
         self.spaces: dict[int, _Space] = {}
         self.threads: dict[int, _Thread] = {}
         self.early: dict[int, int] = {}            # stops of tids we do not know yet
-        self.release_forks: set[int] = set()       # fork children to clean and let go
+        self.release_forks: dict[int, _Space] = {}  # fork child -> parent: clean, let go
         self.counters: dict[str, _Counter] = {}
         self.state = "detached"
         self.stop_reason: str | None = None
@@ -1133,7 +1134,7 @@ class Session:
             th = self._add_thread(child, space)
             th.stopped = False
         else:
-            self.release_forks.add(child)
+            self.release_forks[child] = ps
         early = self.early.pop(child, None)
         if early is not None:
             self._dispatch(child, early)
@@ -1143,7 +1144,7 @@ class Session:
             if status & 0x7F == 0x7F:
                 self._release_child(tid)
             else:
-                self.release_forks.discard(tid)
+                self.release_forks.pop(tid, None)
             return
         if status & 0x7F != 0x7F:
             self.early.pop(tid, None)
@@ -1163,8 +1164,7 @@ class Session:
 
     def _release_child(self, child: int) -> None:
         """Restore an unfollowed fork child's private copy of the vDSO and let it go."""
-        self.release_forks.discard(child)
-        parent = next((s for s in self.spaces.values() if s.traced), None)
+        parent = self.release_forks.pop(child, None)
         try:
             if parent is not None:
                 mem = target.Memory(child)
