@@ -32,6 +32,11 @@ class AuxType(IntEnum):  # include/uapi/linux/auxvec.h, arch/x86/include/uapi/as
     AT_PLATFORM = 15
     AT_HWCAP = 16
     AT_CLKTCK = 17
+    AT_FPUCW = 18        # arch/sh: FPU control word
+    AT_DCACHEBSIZE = 19  # arch/powerpc/include/uapi/asm/auxvec.h: cache block sizes
+    AT_ICACHEBSIZE = 20
+    AT_UCACHEBSIZE = 21
+    AT_IGNOREPPC = 22
     AT_SECURE = 23
     AT_BASE_PLATFORM = 24
     AT_RANDOM = 25
@@ -56,6 +61,9 @@ class AuxType(IntEnum):  # include/uapi/linux/auxvec.h, arch/x86/include/uapi/as
     AT_L2_CACHEGEOMETRY = 45
     AT_L3_CACHESIZE = 46
     AT_L3_CACHEGEOMETRY = 47
+    AT_ADI_BLKSZ = 48    # arch/sparc/include/uapi/asm/auxvec.h: Application Data Integrity
+    AT_ADI_NBITS = 49
+    AT_ADI_UEONDEMAND = 50
     AT_MINSIGSTKSZ = 51  # include/uapi/linux/auxvec.h (x86, arm64)
 
 

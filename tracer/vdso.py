@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.common.exceptions import ELFParseError as _PyElfParseError
+from elftools.construct import ConstructError as _PyConstructError
 from elftools.elf.elffile import ELFFile
 
 from tracer.abi import I386, X86_64, Abi
@@ -28,9 +29,12 @@ _VDSO_PREFIX = "__vdso_"
 _NT_GNU_BUILD_ID = 3
 _LINUX_NOTE_VERSION = 0      # LINUX_VERSION_CODE, 4 bytes
 _LINUX_NOTE_BUILD_SALT = 0x100
+_MAX_VERSIONS = 64           # a vDSO defines its file name and one or two versions (LINUX_2.6)
 # Errors pyelftools (and the struct/construct layers under it) raise on malformed input.
-_FOREIGN = (_PyElfError, _PyElfParseError, struct.error, ValueError, IndexError, KeyError,
-            UnicodeDecodeError, TypeError, AttributeError, AssertionError, OverflowError)
+# pyelftools lets construct's errors through where it parses strings itself (note names).
+_FOREIGN = (_PyElfError, _PyElfParseError, _PyConstructError, struct.error, ValueError,
+            IndexError, KeyError, UnicodeDecodeError, TypeError, AttributeError, AssertionError,
+            OverflowError)
 
 
 def plain_name(symbol: str) -> str:
@@ -93,10 +97,14 @@ def _versions(elf: ELFFile) -> dict[int, str]:
     out: dict[int, str] = {}
     if vd is None:
         return out
+    # sh_info is the number of definitions: pyelftools walks that many, and each one's vd_cnt
+    # auxiliaries, whatever the section holds.
+    if vd["sh_info"] > _MAX_VERSIONS:
+        raise VdsoError(f"{vd['sh_info']} version definitions: corrupt image")
     for verdef, aux in vd.iter_versions():
-        names = [a.name for a in aux]
-        if names and not verdef["vd_flags"] & 1:  # VER_FLG_BASE names the file, not a version
-            out[verdef["vd_ndx"]] = names[0]
+        first = next(iter(aux), None)     # the version's own name; the rest name its parents
+        if first is not None and not verdef["vd_flags"] & 1:  # VER_FLG_BASE names the file
+            out[verdef["vd_ndx"]] = first.name
     return out
 
 
@@ -191,8 +199,12 @@ def parse_image(data: bytes) -> VdsoImage:
         soname = _soname(elf)
     except _FOREIGN as e:
         raise VdsoError(f"corrupt ELF image: {e}") from e
-    if not any(s.type == "FUNC" for s in symbols):
-        raise VdsoError("the image exports no functions: not a vDSO")
+    # Every vDSO names its entries __vdso_* (x86, riscv, ...) or __kernel_* (i386's gateway
+    # and trampolines, arm64, powerpc, s390); a program or library exports neither.
+    if not any(s.type == "FUNC" and s.name.startswith((_VDSO_PREFIX, "__kernel_"))
+               for s in symbols):
+        raise VdsoError("the image exports no __vdso_* or __kernel_* function: not a vDSO "
+                        "image (give one written by `vdsotrace dump`)")
     functions = _fold(symbols)
     by_name: dict[str, VdsoFunction] = {}
     for f in functions:
