@@ -9,11 +9,16 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.common.exceptions import ELFParseError as _PyElfParseError
 from elftools.construct import ConstructError as _PyConstructError
+from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
+from elftools.elf.gnuversions import GNUVerDefSection, GNUVerSymSection
+from elftools.elf.sections import SymbolTableSection
+from elftools.elf.segments import NoteSegment
 
 from tracer.abi import I386, X86_64, Abi
 from tracer.errors import VdsoError
@@ -95,7 +100,7 @@ class VdsoImage:
 def _versions(elf: ELFFile) -> dict[int, str]:
     vd = elf.get_section_by_name(".gnu.version_d")
     out: dict[int, str] = {}
-    if vd is None:
+    if not isinstance(vd, GNUVerDefSection):
         return out
     # sh_info is the number of definitions: pyelftools walks that many, and each one's vd_cnt
     # auxiliaries, whatever the section holds.
@@ -110,21 +115,22 @@ def _versions(elf: ELFFile) -> dict[int, str]:
 
 def _soname(elf: ELFFile) -> str | None:
     dyn = elf.get_section_by_name(".dynamic")
-    if dyn is None:
+    if not isinstance(dyn, DynamicSection):
         return None
     for tag in dyn.iter_tags():
         if tag.entry.d_tag == "DT_SONAME":
-            return str(tag.soname)
+            return str(getattr(tag, "soname", ""))  # set by pyelftools for DT_SONAME
     return None
 
 
 def _notes(elf: ELFFile) -> tuple[str | None, str | None]:
     build_id = version = None
     for seg in elf.iter_segments():
-        if seg["p_type"] != "PT_NOTE":
+        if not isinstance(seg, NoteSegment):
             continue
         for note in seg.iter_notes():
-            name, ntype = note["n_name"], note["n_type"]
+            name = note["n_name"]
+            ntype: Any = note["n_type"]        # a name for known types, else the number
             if name == "GNU" and ntype in ("NT_GNU_BUILD_ID", _NT_GNU_BUILD_ID):
                 desc = note["n_desc"]
                 build_id = desc if isinstance(desc, str) else bytes(desc).hex()
@@ -175,9 +181,11 @@ def parse_image(data: bytes) -> VdsoImage:
             raise VdsoError(f"machine {elf.header['e_machine']} is not supported")
         _check_bounds(elf, len(data))
         dynsym = elf.get_section_by_name(".dynsym")
-        if dynsym is None:
+        if not isinstance(dynsym, SymbolTableSection):
             raise VdsoError("no .dynsym: not a vDSO image (a vDSO exports its functions)")
         versym = elf.get_section_by_name(".gnu.version")
+        if not isinstance(versym, GNUVerSymSection):
+            versym = None
         versions = _versions(elf)
         symbols = []
         for i, sym in enumerate(dynsym.iter_symbols()):
