@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tracer import procfs, target
-from tracer.abi import X86_64
+from tracer.abi import I386, X86_64, Abi
 from tracer.decoders import for_function
 from tracer.inject import InjectError, RawRecord, Recorder
 from tracer.inject import layout as L
@@ -240,7 +240,7 @@ class Session:
     before: bytes = b""
     records: list[RawRecord] = field(default_factory=list)
 
-    def attach(self, funcs_filter: object = None) -> None:
+    def attach(self, funcs_filter: object = None, abi: Abi = X86_64) -> None:
         self.tids, pending = target.attach_process(self.pid)
         assert not pending
         self.mem = target.Memory(self.pid)
@@ -248,7 +248,7 @@ class Session:
         self.base = lo
         self.before = self.mem.read(lo, hi - lo)
         image = parse_image(self.before)
-        self.rec = Recorder(self.pid, self.mem, X86_64, image, lo, traced_functions(image))
+        self.rec = Recorder(self.pid, self.mem, abi, image, lo, traced_functions(image))
 
     def install(self) -> None:
         assert self.rec is not None
@@ -401,8 +401,68 @@ def test_plan_and_code_page_for_this_machine() -> None:
         assert s.copy[1] - s.copy[0] == plan.functions[s.fid].func.size
 
 
-def test_i386_is_refused() -> None:
-    from tracer.abi import I386
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_i386_plan_and_code_page_from_fixture() -> None:
+    """The i386 vDSO (checked-in dump): thunk calls become `mov eax, <original return
+    address>`, calls to __kernel_vsyscall go to a fallback stub that ends in a jump to the
+    real gateway, other calls leave for the vDSO; the gateway itself is not planned."""
+    from tracer import disasm
+    from tracer.inject.stubs32 import build_code32
+    image = parse_image((FIXTURES / "vdso-i386.so").read_bytes())
+    funcs = traced_functions(image)
+    rec = Recorder(0, None, I386, image, 0, funcs)  # type: ignore[arg-type]
+    assert "__kernel_vsyscall" not in [f.symbol for f in rec.funcs]
+    plan = plan_image(image, rec.funcs, I386)
+    gw = image.function("__kernel_vsyscall")
+    assert gw is not None and plan.gateway_offset == gw.image_offset
+    assert image.data[plan.syscall_offset:plan.syscall_offset + 2] == b"\xcd\x80"
+    by = {fp.func.plain: fp for fp in plan.functions}
+    assert set(by) == {"clock_gettime", "clock_gettime64", "gettimeofday", "time",
+                       "clock_getres", "getcpu"}
+    for name in ("clock_gettime", "clock_gettime64", "gettimeofday", "clock_getres"):
+        assert by[name].fallbacks, f"{name} falls back through __kernel_vsyscall"
+    for name in ("clock_gettime", "clock_gettime64", "gettimeofday", "time"):
+        assert (by[name].func.image_offset, 0) in by[name].thunks   # call get_pc_thunk.ax first
+    base, code_base, ring = 0xF7F00000, 0xF7E00000, 0xF6000000
+    code = build_code32(plan, base, code_base, [for_function(f.plain) for f in rec.funcs],
+                        (0x1234, -0x5678), ring)
+    assert code.data[:8] == ring.to_bytes(8, "little")
+
+    def insns_at(addr: int, n: int) -> list[tuple[str, str]]:
+        return [(m, o) for _, _, m, o in capstone_32(code.data[addr - code_base:], addr)][:n]
+    for info, fp in zip(code.stubs, plan.functions):
+        lo = fp.func.image_offset
+        copy = code.data[info.copy[0] - code_base:info.copy[1] - code_base]
+        for off, reg in fp.thunks:
+            ret_addr = base + off + 5
+            assert copy[off - lo:off - lo + 5] == bytes((0xB8 + reg,)) + ret_addr.to_bytes(4, "little")
+        for site in fp.fallbacks:
+            c = copy[site.start - lo:site.end - lo]
+            assert c[0] == 0xE8
+            fb = (info.copy[0] + site.end - lo + int.from_bytes(c[1:], "little")) & 0xFFFFFFFF
+            assert code_base <= fb < info.copy[0]
+            jumps = [o for m, o in insns_at(fb, 40) if m == "jmp"][:1]
+            assert jumps and int(jumps[0], 16) == base + gw.image_offset
+        for i in disasm.disassemble(image, fp.func):
+            if i.mnemonic == "call" and i.target is not None and i.address not in dict(fp.thunks) \
+                    and i.target != gw.image_offset:
+                c = copy[i.address - lo:i.address - lo + 5]
+                dest = (info.copy[0] + i.address - lo + 5 + int.from_bytes(c[1:], "little"))
+                assert dest & 0xFFFFFFFF == base + i.target
+        assert insns_at(info.stub, 1) == [("sub", f"esp, {L.FRAME32:#x}")]
+        assert info.window[0] < info.window[1]
+
+
+def capstone_32(data: bytes, origin: int) -> Iterator[tuple[int, int, str, str]]:
+    import capstone
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
+    for i in md.disasm(data, origin):
+        yield i.address, i.size, i.mnemonic, i.op_str
+
+
+def test_abi_mismatch_is_refused() -> None:
     image, base = own_vdso()
     rec = Recorder(os.getpid(), None, I386, image, base, traced_functions(image))  # type: ignore[arg-type]
     with pytest.raises(InjectError, match="without --inject"):
@@ -625,3 +685,43 @@ def test_install_uninstall_cycles_while_threads_spin(tmp_path: Path, procs: list
     line = read_line(p, "done")
     assert p.wait(timeout=20) == 0
     assert total > 1000 and int(line.split()[1]) > total
+
+
+@pytest.mark.live
+@pytest.mark.i386
+def test_i386_install_run_uninstall(target_bin, tmp_path: Path, procs: list) -> None:
+    """A 32-bit tracee (spin -m32: two threads in clock_gettime/gettimeofday loops): the code
+    page and the ring are mapped below 4 GiB, the records come through the 32-bit stubs, and
+    leaving restores the vDSO, unmaps both and lets the target finish with every result good."""
+    spin = target_bin("spin", True)
+    p = start(procs, [str(spin), str(tmp_path / "r.json"), "--threads", "2"])
+    s = Session(p.pid)
+    s.attach(abi=I386)
+    s.install()
+    assert s.rec is not None and s.rec.installed
+    maps = [m for m in procfs.read_maps(p.pid) if "memfd:vdsotrace" in m.path]
+    assert sorted(m.path.split()[0] for m in maps) == ["/memfd:vdsotrace-code",
+                                                       "/memfd:vdsotrace-ring"], maps
+    assert all(m.end <= 1 << 32 for m in maps), maps
+    s.resume()
+    go(p)
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline or not s.records:
+        s.pump()
+        time.sleep(0.01)
+        assert time.monotonic() < deadline + 10, "no records from the 32-bit stubs"
+    s.stop_all()
+    s.leave()
+    # a thread stopped inside a function's copy keeps the code page (it returns through it)
+    left = [m.path.split()[0] for m in procfs.read_maps(p.pid) if "memfd:vdsotrace" in m.path]
+    assert left == (["/memfd:vdsotrace-code"] if s.rec.code_page_kept else []), left
+    assert s.rec.corrupt() == 0          # (spinning threads may outrun the drain: lost() > 0)
+    threads = set(procfs.list_tasks(p.pid))
+    funcs = {r.func for r in s.records}
+    assert funcs <= {"clock_gettime", "clock_gettime64", "gettimeofday"} and funcs, funcs
+    for r in s.records:
+        assert r.tid in threads and r.ret == 0 and not r.fallback, r
+        assert r.outs[0] is not None and len(r.outs[0]) == (16 if r.func == "clock_gettime64" else 8)
+        assert 0 < r.caller < 1 << 32
+    go(p)
+    assert p.wait(timeout=20) == 0

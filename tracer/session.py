@@ -430,6 +430,9 @@ class Session:
                 # the in-tracee recorder patches the entries itself; the patcher only names
                 # the functions (nothing of it is planted)
                 from tracer.inject import Recorder
+                # i386's gateway is not recorded in the tracee (its calls may block; the
+                # stop-based engine shows them as syscall events)
+                funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL]
                 patcher.funcs = list(funcs)
                 recorder = Recorder(pid, mem, abi, image, vmap.start, funcs)
                 recorder.install(regs_tid)

@@ -4,6 +4,11 @@ Injection (all threads stopped): the tracee itself runs memfd_create, fchmod 060
 mmap and close from a `syscall` instruction of its own vDSO (see remote.py), which gives it
   * `/memfd:vdsotrace-code`, mapped r-x MAP_SHARED within rel32 reach of the vDSO, and
   * `/memfd:vdsotrace-ring`, mapped rw- MAP_SHARED;
+an i386 tracee runs them (mmap2) from the `int 0x80` of __kernel_vsyscall, and the kernel
+places both mappings below 4 GiB for a 32-bit system call (any address there is in rel32 reach
+in 32-bit code). Its stubs are 32-bit code (stubs32.py); __kernel_vsyscall itself is not
+recorded (the stop-based engine shows its system calls; --inject marks the vDSO functions'
+calls into it as fallbacks).
 the tracer opens both through /proc/PID/fd/N, writes the code through its own descriptor, and
 maps the ring. Each traced function's entry becomes `jmp rel32` to its stub (stubs.py), which
 records the call into the ring without any ptrace stop; the tracer drains the ring.
@@ -13,8 +18,9 @@ slot that fails is counted (`corrupt()`) and skipped. A full ring is never overw
 stub counts the call in the ring's `lost` word instead (`lost()`).
 
 Leaving (all threads stopped): the code page's ring pointer is cleared (every stub stops
-recording at once, forked children included, since the page is shared), threads inside a
-stub's ring-writing window are stepped out of it, the vDSO's bytes are restored, the records
+recording at once, forked children included, since the page is shared), threads in a stub
+after its copy returned (gettid, the ring-writing window, the return) are stepped out of the
+stub, the vDSO's bytes are restored, the records
 still in the ring are drained, and the ring is unmapped. The code page is unmapped too unless
 a thread is inside it or may return into it (a return address into it on its stack).
 """
@@ -31,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tracer import procfs, target
-from tracer.abi import X86_64, Abi
+from tracer.abi import I386, X86_64, Abi
 from tracer.decoders import Decoder, for_function, out_size
 from tracer.errors import MemoryReadError, MemoryWriteError, ProcessGone, TracerError
 from tracer.inject import layout as L
@@ -39,7 +45,8 @@ from tracer.inject.clock import TscClock
 from tracer.inject.plan import JMP_LEN, Plan, PlanError, plan_image
 from tracer.inject.remote import RemoteCaller, RemoteError, Stepper
 from tracer.inject.stubs import CodePage, build_code
-from tracer.vdso import VdsoFunction, VdsoImage
+from tracer.inject.stubs32 import build_code32
+from tracer.vdso import GATEWAY_SYMBOL, VdsoFunction, VdsoImage
 
 __all__ = ["InjectError", "RawRecord", "Recorder", "CallStats", "CODE_NAME", "RING_NAME"]
 
@@ -47,8 +54,21 @@ CODE_NAME = "vdsotrace-code"
 RING_NAME = "vdsotrace-ring"
 _HINT = "; run without --inject"
 
-# arch/x86/entry/syscalls/syscall_64.tbl
-_NR_MMAP, _NR_MUNMAP, _NR_CLOSE, _NR_FTRUNCATE, _NR_FCHMOD, _NR_MEMFD_CREATE = 9, 11, 3, 77, 91, 319
+
+
+@dataclass(frozen=True, slots=True)
+class _Numbers:
+    MMAP: int
+    MUNMAP: int
+    CLOSE: int
+    FTRUNCATE: int
+    FCHMOD: int
+    MEMFD_CREATE: int
+
+
+# arch/x86/entry/syscalls/syscall_64.tbl; syscall_32.tbl (i386: mmap2, its offset in pages)
+_NR = {8: _Numbers(MMAP=9, MUNMAP=11, CLOSE=3, FTRUNCATE=77, FCHMOD=91, MEMFD_CREATE=319),
+       4: _Numbers(MMAP=192, MUNMAP=91, CLOSE=6, FTRUNCATE=93, FCHMOD=94, MEMFD_CREATE=356)}
 # include/uapi/linux/memfd.h, include/uapi/asm-generic/mman-common.h, mman.h
 _MFD_CLOEXEC, _MFD_EXEC = 0x1, 0x10
 _PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
@@ -60,6 +80,7 @@ _STALL_S = 2.0                       # an uncommitted slot this old, with later 
 _STACK_SCAN = 64 * 1024
 _SLOT = struct.Struct(L.SLOT_FORMAT)
 _ERR_LO = (1 << 64) - 4095           # -4095..-1 as an unsigned word: -MAX_ERRNO..-1
+_ERR_LO32 = (1 << 32) - 4095
 
 
 class InjectError(TracerError):
@@ -166,7 +187,11 @@ class Recorder:
         self.abi = abi
         self.image = image
         self.base = base
-        self.funcs = list(funcs)
+        # i386: the gateway is not copied (see plan.py); its calls from the vDSO functions
+        # are recorded as those calls' fallbacks
+        self.funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL or abi.word == 8]
+        self._skipped_gateway = len(self.funcs) != len(funcs)
+        self._nr = _NR[abi.word]
         self.decoders: list[Decoder] = [for_function(f.plain) for f in self.funcs]
         self._fid_by_name = {f.plain: i for i, f in enumerate(self.funcs)}
         self._nargs = [min(d.nargs, L.MAX_ARGS) for d in self.decoders]
@@ -192,8 +217,12 @@ class Recorder:
 
     # ------------------------------------------------------------------ install
     def install(self, tid: int) -> None:
-        if self.abi is not X86_64 or self.image.abi is not X86_64:
-            raise InjectError(f"--inject supports 64-bit (x86_64) tracees only{_HINT}")
+        if self.abi not in (X86_64, I386) or self.image.abi is not self.abi:
+            raise InjectError(f"--inject supports x86_64 and i386 tracees with their own "
+                              f"vDSO only (an {self.image.abi.name} vDSO in an {self.abi.name} "
+                              f"process){_HINT}")
+        if not self.funcs and self._skipped_gateway:
+            raise InjectError(f"--inject does not record {GATEWAY_SYMBOL} (system calls){_HINT}")
         why = _status_refusal(self.pid)
         if why:
             raise InjectError(why + _HINT)
@@ -204,13 +233,15 @@ class Recorder:
         self._check_live_bytes(plan)
         self._plan = plan
         self._clock = TscClock()
-        hint = _find_gap(self.pid, self.base, L.CODE_SIZE)
+        # a 32-bit process: any address below 4 GiB is in reach; the kernel chooses
+        hint = _find_gap(self.pid, self.base, L.CODE_SIZE) if self.abi.word == 8 else 0
         stepper = Stepper(self.pid)
         try:
             self._inject(tid, plan, hint, stepper)
-            self._code = build_code(plan, self.base, self._code_addr, self.decoders,
-                                    (secrets.randbits(31), -secrets.randbits(31) - 1),
-                                    self._ring_addr)
+            build = build_code if self.abi.word == 8 else build_code32
+            self._code = build(plan, self.base, self._code_addr, self.decoders,
+                               (secrets.randbits(31), -secrets.randbits(31) - 1),
+                               self._ring_addr)
             os.pwrite(self._code_fd, self._code.data, 0)
             self._step_out_of_entries(plan, stepper)
             self._patch_entries(plan)
@@ -246,53 +277,56 @@ class Recorder:
         if room < len(names):
             raise InjectError(f"no room after the vDSO image for scratch bytes{_HINT}")
         old_tail = self.mem.read(tail, len(names))
-        call = RemoteCaller(stepper, tid, self.base + plan.syscall_offset)
+        call = self._caller(stepper, tid, plan)
         self._remote_fds: list[int] = []
         self.mem.write(tail, names)
         try:
-            code_fd = call(_NR_MEMFD_CREATE, tail, _MFD_CLOEXEC | _MFD_EXEC)
+            code_fd = call(self._nr.MEMFD_CREATE, tail, _MFD_CLOEXEC | _MFD_EXEC)
             if code_fd == -errno.EINVAL:         # before Linux 6.3: no MFD_EXEC
-                code_fd = call(_NR_MEMFD_CREATE, tail, _MFD_CLOEXEC)
+                code_fd = call(self._nr.MEMFD_CREATE, tail, _MFD_CLOEXEC)
             if code_fd < 0:
                 raise RemoteError(-code_fd, f"memfd_create in the tracee: {os.strerror(-code_fd)}")
             self._remote_fds.append(code_fd)
-            ring_fd = call.check(_NR_MEMFD_CREATE, tail + len(CODE_NAME) + 1, _MFD_CLOEXEC,
+            ring_fd = call.check(self._nr.MEMFD_CREATE, tail + len(CODE_NAME) + 1, _MFD_CLOEXEC,
                                  what="memfd_create")
             self._remote_fds.append(ring_fd)
             for fd, size in ((code_fd, L.CODE_SIZE), (ring_fd, L.RING_SIZE)):
-                call.check(_NR_FCHMOD, fd, 0o600, what="fchmod")
-                call.check(_NR_FTRUNCATE, fd, size, what="ftruncate")
+                call.check(self._nr.FCHMOD, fd, 0o600, what="fchmod")
+                call.check(self._nr.FTRUNCATE, fd, size, what="ftruncate")
             self._code_fd = os.open(f"/proc/{self.pid}/fd/{code_fd}", os.O_RDWR | os.O_CLOEXEC)
             self._ring_fd = os.open(f"/proc/{self.pid}/fd/{ring_fd}", os.O_RDWR | os.O_CLOEXEC)
             self._ring = mmap.mmap(self._ring_fd, L.RING_SIZE, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE)
-            addr = call(_NR_MMAP, hint, L.CODE_SIZE, _PROT_READ | _PROT_EXEC,
-                        _MAP_SHARED | _MAP_FIXED_NOREPLACE, code_fd, 0)
-            if addr < 0 or addr != hint:
+            addr = call(self._nr.MMAP, hint, L.CODE_SIZE, _PROT_READ | _PROT_EXEC,
+                        _MAP_SHARED | (_MAP_FIXED_NOREPLACE if hint else 0), code_fd, 0)
+            if addr < 0 or (hint and addr != hint):
                 if addr >= 0:
-                    call(_NR_MUNMAP, addr, L.CODE_SIZE)
+                    call(self._nr.MUNMAP, addr, L.CODE_SIZE)
                 raise RemoteError(-addr if addr < 0 else 0,
                                   f"mmap of the code page at {hint:#x} gave {addr:#x}")
             self._code_addr = addr
-            self._ring_addr = call.check(_NR_MMAP, 0, L.RING_SIZE, _PROT_READ | _PROT_WRITE,
+            self._ring_addr = call.check(self._nr.MMAP, 0, L.RING_SIZE, _PROT_READ | _PROT_WRITE,
                                          _MAP_SHARED, ring_fd, 0, what="mmap of the ring")
             for fd in self._remote_fds:
-                call(_NR_CLOSE, fd)
+                call(self._nr.CLOSE, fd)
             self._remote_fds.clear()
         except BaseException:
             for fd in self._remote_fds:
-                call(_NR_CLOSE, fd)
+                call(self._nr.CLOSE, fd)
             self._remote_fds.clear()
             if self._code_addr:
-                call(_NR_MUNMAP, self._code_addr, L.CODE_SIZE)
+                call(self._nr.MUNMAP, self._code_addr, L.CODE_SIZE)
                 self._code_addr = 0
             if self._ring_addr:
-                call(_NR_MUNMAP, self._ring_addr, L.RING_SIZE)
+                call(self._nr.MUNMAP, self._ring_addr, L.RING_SIZE)
                 self._ring_addr = 0
             raise
         finally:
             call.restore()
             self.mem.write(tail, old_tail)
+
+    def _caller(self, stepper: Stepper, tid: int, plan: Plan) -> RemoteCaller:
+        return RemoteCaller(stepper, tid, self.base + plan.syscall_offset, self.abi.word)
 
     def _threads(self) -> list[int]:
         try:
@@ -326,13 +360,13 @@ class Recorder:
         self._saved.clear()
         if self._code_addr or self._ring_addr:
             try:
-                call = RemoteCaller(stepper, tid, self.base + (self._plan.syscall_offset
-                                                             if self._plan else 0))
+                assert self._plan is not None
+                call = self._caller(stepper, tid, self._plan)
                 try:
                     if self._code_addr:
-                        call(_NR_MUNMAP, self._code_addr, L.CODE_SIZE)
+                        call(self._nr.MUNMAP, self._code_addr, L.CODE_SIZE)
                     if self._ring_addr:
-                        call(_NR_MUNMAP, self._ring_addr, L.RING_SIZE)
+                        call(self._nr.MUNMAP, self._ring_addr, L.RING_SIZE)
                 finally:
                     call.restore()
             except (RemoteError, OSError, ProcessGone):
@@ -415,6 +449,7 @@ class Recorder:
         nf = len(funcs)
         names = [f.plain for f in funcs]
         value_ret = [d.ret_is_value for d in self.decoders]
+        err_lo = _ERR_LO if self.abi.word == 8 else _ERR_LO32
         st_by_fid: list[CallStats] = []
         if stats is not None:
             for name in names:
@@ -430,7 +465,7 @@ class Recorder:
         gc.disable()          # a drain allocates only acyclic records: no collections mid-way
         try:
             i = self._scan(ring, i, end, out_append, st_by_fid if stats is not None else None,
-                           names, nargs, outsz, value_ret, rate, tsc0, ns0, nf)
+                           names, nargs, outsz, value_ret, rate, tsc0, ns0, nf, err_lo)
         finally:
             if gc_was:
                 gc.enable()
@@ -444,7 +479,7 @@ class Recorder:
               out_append: Callable[[RawRecord], None] | None,
               st_by_fid: list[CallStats] | None, names: list[str], nargs: list[int],
               outsz: list[tuple[int, ...]], value_ret: list[bool], rate: float, tsc0: int,
-              ns0: int, nf: int) -> int:
+              ns0: int, nf: int, err_lo: int) -> int:
         """Validate and consume committed slots [i, end); returns the next index."""
         stats = st_by_fid
         mask = L.NSLOTS - 1
@@ -480,7 +515,7 @@ class Recorder:
                     st.calls += 1
                     if flags & 1:
                         st.fallbacks += 1
-                    if not value_ret[fid] and ret >= _ERR_LO:
+                    if not value_ret[fid] and ret >= err_lo:
                         st.errors += 1
                     if dur > 0:
                         st.total_ns += int(dur * rate)
@@ -520,21 +555,32 @@ class Recorder:
         stepper = Stepper(self.pid)
         try:
             os.pwrite(self._code_fd, bytes(8), L.CODE_RINGPTR)   # every stub stops recording
-            windows = [s.window for s in self._code.stubs]
+            # out of the ring-writing window, and on through the stub's return: a thread left
+            # in a stub's tail (e.g. stopped after its gettid) would keep the code page
+            tails = [s.tail for s in self._code.stubs]
+            gw = self._gateway_range()
             regs = target.Regs()
             for t in tids:
-                stepper.step_while(t, regs, lambda ip: any(lo <= ip < hi for lo, hi in windows))
+                if gw[0] < gw[1]:
+                    # i386: the stub calls __kernel_vsyscall for gettid; a thread stopped in
+                    # there on that call is stepped on through the stub. One there on any
+                    # other call (a blocking read) is left alone: a step would restart it.
+                    target.getregs(t, regs)
+                    if gw[0] <= regs["rip"] < gw[1] and not self._returns_to(regs, tails):
+                        continue
+                stepper.step_while(t, regs, lambda ip: gw[0] <= ip < gw[1]
+                                   or any(lo <= ip < hi for lo, hi in tails))
             for at, orig in reversed(self._saved):
                 self.mem.write(at, orig)
             self._saved.clear()
             self._drain_ring(L.NSLOTS, self._pending, None)
             self._lost_final = self.lost()
             keep = self._code_in_use(tids, regs)
-            call = RemoteCaller(stepper, tids[0], self.base + self._plan.syscall_offset)
+            call = self._caller(stepper, tids[0], self._plan)
             try:
-                call(_NR_MUNMAP, self._ring_addr, L.RING_SIZE)
+                call(self._nr.MUNMAP, self._ring_addr, L.RING_SIZE)
                 if not keep:
-                    call(_NR_MUNMAP, self._code_addr, L.CODE_SIZE)
+                    call(self._nr.MUNMAP, self._code_addr, L.CODE_SIZE)
             finally:
                 call.restore()
             self.code_page_kept = keep
@@ -544,29 +590,50 @@ class Recorder:
             if not self.installed:
                 self._close_local()
 
+    def _gateway_range(self) -> tuple[int, int]:
+        """i386: runtime range of __kernel_vsyscall (which the stubs call); (0, 0) otherwise."""
+        gw = self.image.function(GATEWAY_SYMBOL) if self.abi.word == 4 else None
+        if gw is None:
+            return 0, 0
+        return self.base + gw.image_offset, self.base + gw.image_offset + gw.size
+
+    def _returns_to(self, regs: target.Regs, spans: list[tuple[int, int]]) -> bool:
+        """Whether one of the four words on top of the stack (the return address, under at
+        most the gateway's three pushes) points into `spans`."""
+        try:
+            raw = self.mem.read(regs["rsp"] & 0xFFFFFFFF, 16)
+        except MemoryReadError:
+            return False
+        return any(lo <= int.from_bytes(raw[k:k + 4], "little") < hi
+                   for k in range(0, 16, 4) for lo, hi in spans)
+
     def _code_in_use(self, tids: list[int], regs: target.Regs) -> bool:
         """Whether some thread is in the code page or may still return into it: its rip there
         or in the vDSO (a helper called from a copied body), or a word on its stack pointing
         there (conservative: a stale word keeps the page)."""
         lo, hi = self._code_addr, self._code_addr + L.CODE_SIZE
         vlo, vhi = self.base, self.base + len(self.image.data)
-        lo_b = lo.to_bytes(8, "little")[5:]   # the top 3 bytes every such word shares
+        w = self.abi.word
+        top = 3 if w == 8 else 2                 # the top bytes of a word in [lo, hi)
+        prefixes = {a.to_bytes(w, "little")[w - top:] for a in (lo, hi - 1)}
         for t in tids:
             target.getregs(t, regs)
             ip = regs["rip"]
-            if lo <= ip < hi or vlo <= ip < vhi:
+            # (an i386 thread sits in __kernel_vsyscall during every system call: there the
+            # stack scan below decides, it finds the return address into a copy if any)
+            if lo <= ip < hi or (w == 8 and vlo <= ip < vhi):
                 return True
-            sp = regs["rsp"] & ~7
+            sp = regs["rsp"] & ~(w - 1)
             n = 0
             while n < _STACK_SCAN:
                 try:
                     chunk = self.mem.read(sp + n, 4096 - ((sp + n) & 4095))
                 except MemoryReadError:
                     break
-                if lo_b in chunk:
-                    for k in range(0, len(chunk) - 7, 8):
-                        w = int.from_bytes(chunk[k:k + 8], "little")
-                        if lo <= w < hi:
+                if any(p in chunk for p in prefixes):
+                    for k in range(0, len(chunk) - w + 1, w):
+                        v = int.from_bytes(chunk[k:k + w], "little")
+                        if lo <= v < hi:
                             return True
                 n += len(chunk)
         return False

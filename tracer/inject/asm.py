@@ -1,8 +1,9 @@
-"""A tiny x86-64 emitter: the handful of fixed instruction forms the stubs use, with labels
-and rel32 fix-ups. Encodings follow the Intel SDM vol. 2 (REX.W = 0x48, ModRM/SIB)."""
+"""A tiny x86 emitter: the handful of fixed instruction forms the stubs use, with labels
+and rel32 fix-ups. Encodings follow the Intel SDM vol. 2 (REX.W = 0x48, ModRM/SIB). In 32-bit
+code (`wrap=True`) a rel32 reaches every address: the displacement wraps modulo 2**32."""
 from __future__ import annotations
 
-__all__ = ["Asm", "rel32"]
+__all__ = ["Asm", "rel32", "mem32"]
 
 
 def rel32(value: int) -> bytes:
@@ -21,11 +22,28 @@ def _d8(value: int) -> bytes:
     return (value & 0xFF).to_bytes(1, "little")
 
 
+def mem32(op: int, reg: int, base: int, disp: int) -> bytes:
+    """ModRM (+SIB) + displacement for the operand [base+disp] (32-bit addressing), with the
+    /r field `reg`; `op` is the opcode byte(s) before it, given as an int < 256."""
+    if base == 4:                                     # esp needs a SIB byte
+        sib = b"\x24"
+    else:
+        sib = b""
+    if disp == 0 and base != 5:
+        mod, d = 0, b""
+    elif -128 <= disp < 128:
+        mod, d = 1, _d8(disp)
+    else:
+        mod, d = 2, _i32(disp)
+    return bytes((op, (mod << 6) | ((reg & 7) << 3) | (base & 7))) + sib + d
+
+
 class Asm:
     """Bytes for code that will run at runtime address `origin`."""
 
-    def __init__(self, origin: int) -> None:
+    def __init__(self, origin: int, wrap: bool = False) -> None:
         self.origin = origin
+        self.wrap = wrap
         self.buf = bytearray()
         self.labels: dict[str, int] = {}
         self._fix32: list[tuple[int, str | int]] = []   # (offset of rel32, label or address)
@@ -73,7 +91,8 @@ class Asm:
     def finish(self) -> bytes:
         for off, tgt in self._fix32:
             dest = self.addr(tgt) if isinstance(tgt, str) else tgt
-            self.buf[off:off + 4] = rel32(dest - (self.origin + off + 4))
+            d = dest - (self.origin + off + 4)
+            self.buf[off:off + 4] = _i32(d) if self.wrap else rel32(d)
         for off, tgt in self._fix8:
             d = self.labels[tgt] - (off + 1)
             self.buf[off:off + 1] = _d8(d)

@@ -1,5 +1,6 @@
 """The shared memory the stubs and the tracer agree on: the ring's header and slot layout, the
-stub's stack frame, and the code page's data words. All little-endian, x86_64."""
+stub's stack frame, and the code page's data words. All little-endian; the ring is the same
+for x86_64 and i386 tracees (i386 stubs write their 32-bit words zero-extended)."""
 from __future__ import annotations
 
 __all__ = [
@@ -8,6 +9,8 @@ __all__ = [
     "S_OUT", "OUT_MAX", "NOUTS", "MAX_ARGS", "F_FALLBACK", "F_OUT0",
     "FR_ARGS", "FR_KEYA", "FR_KEYB", "FR_FLAG", "FR_T0", "FR_RET", "FRAME",
     "CODE_RINGPTR", "CODE_START", "CODE_SIZE", "SLOT_FORMAT",
+    "FR32_OUTARGS", "FR32_ARGS", "FR32_KEYA", "FR32_KEYB", "FR32_FLAG", "FR32_T0", "FR32_RET",
+    "FR32_TID", "FR32_T1", "FR32_SAVE", "FRAME32",
 ]
 
 # Ring header: the producers' index, the consumer's index and the lost counter on separate
@@ -49,6 +52,21 @@ FR_FLAG = 64     # set to 1 by a fallback stub
 FR_T0 = 72
 FR_RET = 80
 FRAME = 88
+
+# The i386 stub's frame (cdecl: the caller's arguments lie above its return address, at
+# [esp+FRAME32+4+4k]). FRAME32 is 12 mod 16: the stub is entered with esp = 12 mod 16 (i386
+# psABI: 16-byte aligned at the call), so the copy is entered the same way.
+FR32_OUTARGS = 0  # 6 x u32: the arguments the copy gets (it may write its own)
+FR32_ARGS = 24    # 6 x u32: the arguments as the caller passed them
+FR32_KEYA = 48    # the two key words (u32), then the flag word, as on x86_64: flag = key + 8
+FR32_KEYB = 52
+FR32_FLAG = 56
+FR32_T0 = 60      # u64
+FR32_RET = 68     # u32: eax at exit
+FR32_TID = 72
+FR32_T1 = 76      # u64
+FR32_SAVE = 84    # ebx, esi, edi (callee-saved in cdecl; the ring code uses them)
+FRAME32 = 108
 
 # The code page: a data word the tracer clears to switch every stub's recording off.
 CODE_RINGPTR = 0

@@ -1,7 +1,8 @@
 """Making a stopped tracee thread run one system call, and stepping threads out of a range.
 
 A remote system call: the thread's registers are saved, rip is set to a `syscall` instruction
-the vDSO already contains, orig_rax to -1 (so the kernel does not restart a system call the
+the vDSO already contains (an i386 tracee: the `int 0x80` of __kernel_vsyscall, arguments in
+ebx ecx edx esi edi ebp, a 32-bit result), orig_rax to -1 (so the kernel does not restart a system call the
 thread was interrupted in: arch/x86/kernel/signal.c, arch_do_signal_or_restart), one
 PTRACE_SINGLESTEP runs it, rax is the result, and the saved registers go back exactly (with
 them the pending restart, if any). A signal that arrives while we step is held back and sent
@@ -66,13 +67,19 @@ class Stepper:
         self.held.clear()
 
 
+_ARGS64 = ("rdi", "rsi", "rdx", "r10", "r8", "r9")   # arch/x86/entry/entry_64.S
+_ARGS32 = ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp")  # arch/x86/entry/entry_64_compat.S
+
+
 class RemoteCaller:
     """Runs system calls in one stopped thread; `restore()` puts its registers back."""
 
-    def __init__(self, stepper: Stepper, tid: int, site: int) -> None:
+    def __init__(self, stepper: Stepper, tid: int, site: int, word: int = 8) -> None:
         self.stepper = stepper
         self.tid = tid
         self.site = site
+        self.word = word
+        self.arg_regs = _ARGS64 if word == 8 else _ARGS32
         self.saved = target.Regs()
         target.getregs(tid, self.saved)
         self.work = target.Regs()
@@ -81,7 +88,7 @@ class RemoteCaller:
         ctypes.memmove(self.work.buf, self.saved.buf, ctypes.sizeof(self.work.buf))
         w = self.work
         w["rax"] = nr
-        for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+        for name, value in zip(self.arg_regs, args):
             w[name] = value
         w["rip"] = self.site
         w["orig_rax"] = -1
@@ -92,6 +99,11 @@ class RemoteCaller:
             raise RemoteError(0, f"remote system call {nr} in thread {self.tid} ended at "
                                  f"{w['rip']:#x}, not after the syscall instruction")
         rv = w["rax"]
+        if self.word == 4:
+            # a 32-bit result: -4095..-1 are errors, anything else (an address up to 4 GiB
+            # included) is a value
+            rv &= 0xFFFFFFFF
+            return rv - (1 << 32) if rv >= (1 << 32) - 4095 else rv
         return rv - (1 << 64) if rv >> 63 else rv
 
     def check(self, nr: int, *args: int, what: str) -> int:

@@ -6,7 +6,7 @@ top of the stack (the callee owns everything below it, so no red zone is in use)
 
     sub rsp, FRAME; save rdi rsi rdx rcx r8 r9; mark the frame live (two key words);
     flag = 0; t0 = rdtsc; call <copy>             -- the body returns into the stub
-    ret = rax; unmark the frame; tid = gettid(); t1 = rdtsc
+    ret = rax; unmark the frame; t1 = rdtsc; tid = gettid()
     window: r11 = ring (a word of the code page; 0 once the tracer uninstalls)
             claim index = head with lock cmpxchg while head - tail < NSLOTS, else lock inc lost
             write the slot (tid, function, flags, args, ret, t0, t1, caller, outs), seq last
@@ -47,6 +47,7 @@ class StubInfo:
     stub: int                    # runtime_addr of the stub
     window: tuple[int, int]      # [start, end): the instructions that touch the ring
     copy: tuple[int, int]        # runtime range of the body copy
+    tail: tuple[int, int] = (0, 0)   # [after the call into the copy, after the stub's ret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +129,14 @@ def _stub(a: Asm, fid: int, copy_at: int, code_base: int, dec: Decoder,
     a.store_rsp(L.FR_T0, _RAX)
     a.load_rsp(_RDX, L.FR_ARGS + 16)                          # rdtsc clobbered rdx (arg 3)
     a.call(copy_at)
+    a.label("tail")
     a.store_rsp(L.FR_RET, _RAX)
     a.store_rsp_imm(L.FR_KEYA, 0)
+    a.rdtsc64()                                              # t1 first: the call's own
+    a.raw(b"\x49\x89\xc0")                                   # mov r8, rax   (t1) time only
     a.mov_eax_imm(GETTID_NR)
-    a.syscall()
+    a.syscall()                                              # keeps r8 (clobbers rcx, r11)
     a.raw(b"\x49\x89\xc1")                                   # mov r9, rax   (tid)
-    a.rdtsc64()
-    a.raw(b"\x49\x89\xc0")                                   # mov r8, rax   (t1)
     win_start = a.here
     a.rip_ref(b"\x4c\x8b\x1d", code_base + L.CODE_RINGPTR)   # mov r11, [rip+ringptr]
     a.raw(b"\x4d\x85\xdb")                                   # test r11, r11
@@ -239,6 +241,7 @@ def build_code(plan: Plan, base: int, code_base: int, decoders: list[Decoder],
         page[copy_at - code_base:copy_at - code_base + len(copy)] = copy
         page[stub_at - code_base:end] = stub_code
         infos.append(StubInfo(fid, base + fp.func.image_offset, stub_at, win,
-                              (copy_at, copy_at + len(copy))))
+                              (copy_at, copy_at + len(copy)),
+                              (s.addr("tail"), stub_at + len(stub_code))))
         at = _align(end)
     return CodePage(bytes(page), tuple(infos))
