@@ -391,12 +391,19 @@ class Session:
         self._resume(self.threads[pid])
 
     def _pin(self, pid: int) -> None:
-        """Share a CPU with the tracee: a stop costs about 2.2x less (anchors/README.md)."""
+        """Share a CPU with the tracee: a stop costs about 2.2x less (anchors/README.md).
+        With --inject there are no stops: take the other CPU."""
         if not self.options.pin:
             return
         try:
             cpu = procfs.read_stat(pid).processor
             allowed = os.sched_getaffinity(0)
+            if self.options.inject:
+                # no stops to share a CPU for: drain the ring beside the tracee, not on its CPU
+                others = allowed - {cpu}
+                if others:
+                    os.sched_setaffinity(0, {min(others)})
+                return
             if cpu in allowed and len(allowed) > 1:
                 os.sched_setaffinity(0, {cpu})
         except OSError:
@@ -1198,21 +1205,13 @@ class Session:
         old.mem.close()
         self.spaces.pop(pid, None)
         if not old.traced:      # an unfollowed vfork child: its new image is clean
-            self.threads.pop(pid, None)
-            try:
-                target.detach(pid)
-            except ProcessGone:
-                pass
+            self._let_go(pid)
             return
         try:
             space = self._new_space(pid, pid)
         except TracerError as e:
             self._emit(NoticeEvent(pid, pid, time.time(), f"after exec: {e}; detaching"))
-            self.threads.pop(pid, None)
-            try:
-                target.detach(pid)
-            except ProcessGone:
-                pass
+            self._let_go(pid)
             return
         th.space = space
         space.threads.add(pid)
@@ -1224,6 +1223,14 @@ class Session:
         self._emit(ExecEvent(pid, pid, time.time(), exe, space.base, space.abi.name,
                              timens_offsets=space.timens))
         self._resume(th)
+
+    def _let_go(self, tid: int) -> None:
+        """Stop tracing a thread whose image carries none of our code."""
+        self.threads.pop(tid, None)
+        try:
+            target.detach(tid)
+        except ProcessGone:
+            pass
 
     def _gone(self, th: _Thread, status: int) -> None:
         tid = th.tid
