@@ -4,7 +4,7 @@ unchanged (see tests/targets.py: build)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -56,3 +56,15 @@ def target_bin(compiled_targets: dict[tuple[str, bool], Path | T.BuildError]) ->
         return r
 
     return get
+
+
+@pytest.fixture
+def reaper() -> Iterator[T.Reaper]:
+    """Every process a test starts through tests/targets.py is killed (by pid) when it ends."""
+    r = T.Reaper()
+    T.set_reaper(r)
+    try:
+        yield r
+    finally:
+        T.set_reaper(None)
+        r.reap()

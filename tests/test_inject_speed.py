@@ -3,7 +3,6 @@ ns per clock_gettime call untraced and injected (while the tracer drains), and t
 drain rate in records per second."""
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 

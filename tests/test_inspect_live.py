@@ -13,7 +13,6 @@ import shutil
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,14 +67,8 @@ def inspect_target() -> dict[bool, Path]:
 
 
 @pytest.fixture(autouse=True)
-def reaper() -> Iterator[T.Reaper]:
-    r = T.Reaper()
-    T.set_reaper(r)
-    try:
-        yield r
-    finally:
-        T.set_reaper(None)
-        r.reap()
+def _reap_everything(reaper: T.Reaper) -> T.Reaper:
+    return reaper
 
 
 @dataclass

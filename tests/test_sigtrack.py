@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -518,15 +518,6 @@ int main(int argc, char **argv)
 AUDIT_ARCH = {0xC000003E: X86_64, 0x40000003: I386}   # include/uapi/linux/audit.h
 
 
-@pytest.fixture
-def reaper() -> Iterator[T.Reaper]:
-    r = T.Reaper()
-    T.set_reaper(r)
-    try:
-        yield r
-    finally:
-        T.set_reaper(None)
-        r.reap()
 
 
 @pytest.fixture(scope="module")

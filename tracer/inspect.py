@@ -18,7 +18,7 @@ from tracer.consts import AuxType
 from tracer.errors import AuxvError, MemoryReadError, ProcessGone, VdsoError
 from tracer.vdso import VdsoImage, parse_image
 
-__all__ = ["Peek", "peek", "AuxvReport", "read_auxv", "VdsoMapping", "find_vdso",
+__all__ = ["peek", "AuxvReport", "read_auxv", "VdsoMapping", "find_vdso",
            "read_vdso", "Stopped"]
 
 

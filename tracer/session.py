@@ -22,7 +22,7 @@ from typing import Any
 from tracer import procfs, target
 from tracer.abi import I386, X86_64, Abi
 from tracer.auxv import auxv_from_stack, find, parse_auxv
-from tracer.breakpoints import ENTRY, EXIT, FALL, RET, Patcher
+from tracer.breakpoints import ENTRY, EXIT, RET, Patcher
 from tracer.consts import AuxType
 from tracer.decoders import Decoder, errno_name, for_function, out_decoder, out_size
 from tracer.disasm import gateway as find_gateway

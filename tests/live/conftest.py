@@ -2,19 +2,11 @@
 targets recorded. Every process a test starts is killed (by pid) when it ends."""
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 
 import targets as T
 
 
 @pytest.fixture(autouse=True)
-def reaper() -> Iterator[T.Reaper]:
-    r = T.Reaper()
-    T.set_reaper(r)
-    try:
-        yield r
-    finally:
-        T.set_reaper(None)
-        r.reap()
+def _reap_everything(reaper: T.Reaper) -> T.Reaper:
+    return reaper
