@@ -1536,6 +1536,21 @@ class Session:
     def set_functions(self, specs: list[str] | None) -> Future[list[str]]:
         return self.submit(lambda s: s._set_functions_now(specs))
 
+    def set_signals(self, on: bool) -> Future[None]:
+        return self.submit(lambda s: s._set_signals_now(on))
+
+    def _set_signals_now(self, on: bool) -> None:
+        """Switch --signals while attached; each thread follows from its next stop (then it
+        is resumed with PTRACE_SYSCALL, or PTRACE_CONT again)."""
+        if on == self.options.signals:
+            return
+        self.options.signals = on
+        for space in self.spaces.values():
+            space.signals = sigtrack.SignalTracker(space.abi) if on else None
+        if not on:
+            for th in self.threads.values():
+                th.expect_handler = 0
+
     def set_inject(self, on: bool) -> Future[None]:
         return self.submit(lambda s: s._set_inject_now(on))
 

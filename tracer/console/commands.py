@@ -87,8 +87,7 @@ _ALIASES = {"c": "continue", "cont": "continue", "b": "break", "d": "delete", "q
             "exit": "quit", "h": "help", "?": "help", "i": "info", "disassemble": "disas",
             "where": "bt", "backtrace": "bt", "stop": "pause"}
 # Engine operations the console offers once the Session has them (duck-typed, not required).
-_LATER = {"bt": "bt", "callers": "callers", "why": "why", "inject": "set_inject",
-          "signals": "set_signals"}
+_LATER = {"bt": "bt", "callers": "callers", "why": "why"}
 
 
 def rank_symbols(image: VdsoImage) -> tuple[str, ...]:
@@ -637,11 +636,9 @@ class Console:
             return
         on = self._onoff(args, "signals on|off")
         s = self._session
-        if s is not None and hasattr(s, _LATER["signals"]):
-            _wait(getattr(s, _LATER["signals"])(on))
+        if s is not None:
+            _wait(s.set_signals(on))
             when = ""
-        elif s is not None:
-            when = " from the next attach (this session cannot switch it while attached)"
         else:
             when = " from the next attach"
         self.state.signals = on
