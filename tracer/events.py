@@ -79,6 +79,7 @@ class SyscallEvent:
     errno: str | None
     duration_ns: int
     nested_in: str | None             # the vDSO function that fell back into this call
+    strings: dict[int, bytes] | None = None   # argument index -> its string or buffer (prefix)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from tracer.auxv import auxv_from_stack, find, parse_auxv
 from tracer.breakpoints import ENTRY, EXIT, RET, Patcher
 from tracer.consts import AuxType
 from tracer.decoders import Decoder, errno_name, for_function, out_decoder, out_size
+from tracer.decoders.syscalls import STRING_ARGS, read_entry_strings, read_exit_strings
 from tracer.disasm import gateway as find_gateway
 from tracer.errors import (AuxvError, ElfError, MemoryReadError, MemoryWriteError,
                            ProcessGone, TracerError, UnknownFunction, UsageError, VdsoError)
@@ -202,6 +203,7 @@ class _Pending:
     caller: int
     fallback: bool = False
     stack: tuple[int, ...] | None = None
+    strs: dict[int, bytes] | None = None     # i386 system calls: string arguments
 
 
 @dataclass(slots=True)
@@ -805,9 +807,13 @@ class Session:
         sp = buf[_RSP]
         dec = space.decoders[fidx]
         gw = space.is_gateway[fidx]
+        strs = None
         if gw:
             args = tuple(buf[i] & 0xFFFFFFFF for i in _SYSARG32) + (buf[_RAX] & 0xFFFFFFFF,)
             caller = 0
+            name = syscalls_i386.NAMES.get(args[6])
+            if name in STRING_ARGS:     # paths and written buffers, read before they change
+                strs = read_entry_strings(name, args, space.mem.read)
             # A vDSO function that calls the gateway has fallen back into the kernel (its
             # call site is a fallback int3 too, which marks calls made through a stub).
             if th.pending and not space.is_gateway[th.pending[-1].func]:
@@ -832,7 +838,7 @@ class Session:
         buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
         target.setregs(th.tid, th.regs)
         self._resume(th)
-        th.pending.append(_Pending(fidx, sp, args, t0, caller, False, stack))
+        th.pending.append(_Pending(fidx, sp, args, t0, caller, False, stack, strs))
 
     def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
         sp = buf[_RSP]
@@ -867,6 +873,12 @@ class Session:
                     p.caller = mem.read_word(sp, 8)
                 except MemoryReadError:
                     p.caller = 0
+        elif p is not None:
+            name = syscalls_i386.NAMES.get(p.args[6])
+            if name in STRING_ARGS:     # what read() filled in, before the thread runs on
+                got = read_exit_strings(name, p.args, abi.signed(ret), space.mem.read)
+                if got:
+                    p.strs = {**(p.strs or {}), **got}
         buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
         target.setregs(th.tid, th.regs)
         self._resume(th)
@@ -953,7 +965,7 @@ class Session:
         nargs = syscalls_i386.NARGS.get(nr, 6)
         self._emit(SyscallEvent(space.pid, th.tid, p.t0 / 1e9 + self._mono_to_epoch, nr, name,
                                 p.args[:nargs], ret, errno_name(ret) if ret is not None else None,
-                                t1 - p.t0, nested))
+                                t1 - p.t0, nested, p.strs or None))
 
     def _modules(self, space: _Space, addr: int) -> ModuleMap:
         """The space's module map, rebuilt when addr is not in it (a library loaded since),

@@ -49,7 +49,9 @@ def event_dict(e: Event) -> dict[str, Any]:
     if isinstance(e, SyscallEvent):
         return {"event": "syscall", "pid": e.pid, "tid": e.tid, "time": e.time, "nr": e.nr,
                 "name": e.name, "args": list(e.args), "ret": e.ret, "errno": e.errno,
-                "duration_ns": e.duration_ns, "nested_in": e.nested_in}
+                "duration_ns": e.duration_ns, "nested_in": e.nested_in,
+                **({"strings": {str(i): v.decode("utf-8", "backslashreplace")
+                                for i, v in e.strings.items()}} if e.strings else {})}
     if isinstance(e, AttachEvent):
         return {"event": "attach", "pid": e.pid, "tid": e.tid, "time": e.time,
                 "vdso_base": _hex(e.vdso_base), "abi": e.abi, "clocksource": e.clocksource,

@@ -68,6 +68,24 @@ def format_call(e: CallEvent, timing: bool = False) -> str:
     return line
 
 
+def _quote(data: bytes, limit: int = 32) -> str:
+    """strace's string form: C escapes, printable ASCII as is, `...` past the limit."""
+    out = []
+    for b in data[:limit]:
+        c = chr(b)
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\t":
+            out.append("\\t")
+        elif 32 <= b < 127:
+            out.append(c)
+        else:
+            out.append(f"\\{b:o}")
+    return '"' + "".join(out) + '"' + ("..." if len(data) > limit else "")
+
+
 def _sysarg(a: int) -> str:
     """A raw i386 system-call argument: small negatives (AT_FDCWD, -1) signed, pointers in
     hex, the rest (descriptors, pids, lengths, flags) in decimal."""
@@ -80,7 +98,9 @@ def format_event(e: Event, timing: bool = False) -> str:
     if isinstance(e, CallEvent):
         return format_call(e, timing)
     if isinstance(e, SyscallEvent):
-        args = ", ".join(_sysarg(a) for a in e.args)
+        strs = e.strings or {}
+        args = ", ".join(_quote(strs[i]) if i in strs else _sysarg(a)
+                         for i, a in enumerate(e.args))
         ret = "?" if e.ret is None else str(e.ret)
         if e.errno:
             ret += f" {e.errno} ({_strerror(e.errno)})"
