@@ -312,6 +312,7 @@ class Session:
         self.summary_only = False      # -c: aggregate, build no events
         self._inject_stats: dict[str, Any] = {}    # --inject -c: per-function counts
         self.lost_records = 0          # --inject: calls the ring could not hold (or corrupt)
+        self._dead: dict[int, _Thread] = {}    # --inject: exited threads, for late records
         self._last_modules: dict[int, ModuleMap] = {}   # outlive the spaces, for -c names
         self._site_names: dict[tuple[int, int], str] = {}
 
@@ -687,8 +688,9 @@ class Session:
             index = space.fidx_by_name
             signed = space.abi.signed
             threads = self.threads
+            dead = self._dead
             for r in records:
-                th = threads.get(r.tid)
+                th = threads.get(r.tid) or dead.get(r.tid)
                 if th is None or th.space is not space:
                     continue            # a forked child's call through the shared ring
                 self._call_done(th, space, index[r.func], r.args, signed(r.ret), list(r.outs),
@@ -1253,6 +1255,11 @@ class Session:
         self.threads.pop(tid, None)
         space.threads.discard(tid)
         th.pending.clear()
+        if space.recorder is not None:
+            # its last records may still sit behind a slot another thread has not committed
+            if len(self._dead) > 4096:
+                self._dead.clear()
+            self._dead[tid] = th
         if space.signals is not None:
             space.signals.forget(tid)
         if tid == space.pid or not space.threads:
