@@ -64,8 +64,9 @@ def test_print_speed(workload: Path, tmp_path: Path, procs: list) -> None:  # no
           f"{drained / busy if busy else 0:,.0f} records/s; lost {lost}")
 
 
-def test_print_drain_rate_offline() -> None:
-    """drain() alone on a full ring of synthetic committed slots (no tracee)."""
+def _full_ring(flags, ret):  # type: ignore[no-untyped-def]
+    """A Recorder over a ring of NSLOTS synthetic committed clock_gettime slots (no tracee):
+    slot i has flags(i) and return value ret(i)."""
     import mmap
     import os
     import struct
@@ -73,7 +74,7 @@ def test_print_drain_rate_offline() -> None:
     from tracer.abi import X86_64
     from tracer.inject import Recorder
     from tracer.inject import layout as L
-    from tracer.inject.clock import TscClock
+    from tracer.tsc import TscClock
     from test_inject import own_vdso, traced_functions
 
     image, base = own_vdso()
@@ -83,11 +84,19 @@ def test_print_drain_rate_offline() -> None:
     ring = mmap.mmap(-1, L.RING_SIZE)
     fmt = struct.Struct(L.SLOT_FORMAT)
     for i in range(L.NSLOTS):
-        fmt.pack_into(ring, L.DATA + i * L.SLOT, i + 1, 1234, fid, 2, 1, 0x7ffd0000, 0, 0, 0, 0,
-                      0, 1000, 1100, 0x401000, b"\1" * 16, b"\0" * 16)
+        fmt.pack_into(ring, L.DATA + i * L.SLOT, i + 1, 1234, fid, flags(i), 1, 0x7ffd0000,
+                      0, 0, 0, 0, ret(i), 1000, 1100, 0x401000, b"\1" * 16, b"\0" * 16)
     ring[L.HEAD:L.HEAD + 8] = L.NSLOTS.to_bytes(8, "little")
     rec._ring = ring
-    rec._clock = TscClock(0.001)
+    rec._clock = TscClock.anchored(0.001)
+    return rec
+
+
+def test_print_drain_rate_offline() -> None:
+    """drain() alone on a full ring of synthetic committed slots (no tracee)."""
+    from tracer.inject import layout as L
+
+    rec = _full_ring(lambda i: 2, lambda i: 0)
     t0 = time.perf_counter()
     n = 0
     while True:
@@ -101,29 +110,10 @@ def test_print_drain_rate_offline() -> None:
 
 
 def test_print_drain_stats_rate_offline() -> None:
-    import mmap
-    import os
-    import struct
-
-    from tracer.abi import X86_64
-    from tracer.inject import CallStats, Recorder
+    from tracer.inject import CallStats
     from tracer.inject import layout as L
-    from tracer.inject.clock import TscClock
-    from test_inject import own_vdso, traced_functions
 
-    image, base = own_vdso()
-    funcs = traced_functions(image)
-    fid = next(i for i, f in enumerate(funcs) if f.plain == "clock_gettime")
-    rec = Recorder(os.getpid(), None, X86_64, image, base, funcs)  # type: ignore[arg-type]
-    ring = mmap.mmap(-1, L.RING_SIZE)
-    fmt = struct.Struct(L.SLOT_FORMAT)
-    for i in range(L.NSLOTS):
-        fmt.pack_into(ring, L.DATA + i * L.SLOT, i + 1, 1234, fid, 2 | (i % 7 == 0), 1,
-                      0x7ffd0000, 0, 0, 0, 0, (1 << 64) - 22 if i % 5 == 0 else 0, 1000, 1100,
-                      0x401000, b"\1" * 16, b"\0" * 16)
-    ring[L.HEAD:L.HEAD + 8] = L.NSLOTS.to_bytes(8, "little")
-    rec._ring = ring
-    rec._clock = TscClock(0.001)
+    rec = _full_ring(lambda i: 2 | (i % 7 == 0), lambda i: (1 << 64) - 22 if i % 5 == 0 else 0)
     stats: dict[str, CallStats] = {}
     t0 = time.perf_counter()
     n = rec.drain_stats(stats)

@@ -1,9 +1,11 @@
-"""Time-stamp counter ticks -> nanoseconds, for the timestamps the call-through stubs take
-with `rdtsc` inside the tracee (x86: the TSC is invariant and synchronized across CPUs when
-the kernel's clocksource is `tsc`, which is when the vDSO itself reads it).
+"""Time-stamp counter ticks -> nanoseconds, for the timestamps the stubs take with `rdtsc`
+inside the tracee (the call-through stubs of breakpoints.py and the recorder's of inject/).
 
-The tracer calibrates by reading the counter itself, through a few bytes of machine code
-mapped executable in its own process, against CLOCK_MONOTONIC.
+Linux gives every process on a machine the same TSC (invariant and synchronized across CPUs
+when the kernel's clocksource is `tsc`, which is when the vDSO itself reads it; a time
+namespace offsets CLOCK_MONOTONIC, not the TSC), so the tracer reads the counter itself,
+through a few bytes of machine code mapped executable in its own process, next to
+CLOCK_MONOTONIC: the first pair anchors the line, later pairs set the rate.
 """
 from __future__ import annotations
 
@@ -32,14 +34,34 @@ class TscClock:
                 self._buf = buf
             except (OSError, ValueError, TypeError):
                 self._fn = None
-        self._t0 = self._m0 = 0
+        self.tsc0 = self.ns0 = 0
+
+    @classmethod
+    def anchored(cls, settle_s: float = 0.02) -> TscClock:
+        """A clock anchored now and calibrated over `settle_s` (for absolute times, `to_ns`)."""
+        clock = cls()
+        clock.start()
+        time.sleep(settle_s)
+        clock.refine()
+        return clock
+
+    def _pair(self) -> tuple[int, int]:
+        """(tsc, monotonic ns) read as close together as Python allows: the tighter of three."""
+        assert self._fn is not None
+        best: tuple[int, int, int] | None = None
+        for _ in range(3):
+            a = time.monotonic_ns()
+            t = int(self._fn())
+            b = time.monotonic_ns()
+            if best is None or b - a < best[0]:
+                best = (b - a, t, (a + b) // 2)
+        assert best is not None
+        return best[1], best[2]
 
     def start(self) -> None:
-        """Begin a calibration; `ns(ticks)` finishes it on first use (>= 20 ms later) or
-        calibrates briefly itself."""
+        """Anchor the line; `ns(ticks)` calibrates on first use (over >= 2 ms), `refine` later."""
         if self._fn is not None:
-            self._m0 = time.monotonic_ns()
-            self._t0 = int(self._fn())
+            self.tsc0, self.ns0 = self._pair()
 
     def _calibrate(self) -> None:
         """A first estimate over >= 2 ms (the clock reads jitter by about a microsecond, so
@@ -47,17 +69,16 @@ class TscClock:
         if self._fn is None:
             self.ns_per_tick = 1.0
             return
-        if not self._t0:
+        if not self.tsc0:
             self.start()
-        while time.monotonic_ns() - self._m0 < 2_000_000:
+        while time.monotonic_ns() - self.ns0 < 2_000_000:
             time.sleep(0.0005)
         self._measure()
 
     def _measure(self) -> None:
-        assert self._fn is not None
-        m1, t1 = time.monotonic_ns(), int(self._fn())
-        ticks = t1 - self._t0
-        self.ns_per_tick = (m1 - self._m0) / ticks if ticks > 0 else 1.0
+        t1, m1 = self._pair()
+        ticks = t1 - self.tsc0
+        self.ns_per_tick = (m1 - self.ns0) / ticks if ticks > 0 and m1 > self.ns0 else 1.0
 
     def read(self) -> int:
         """The counter now (0 where it cannot be read)."""
@@ -65,13 +86,24 @@ class TscClock:
 
     def refine(self) -> None:
         """Recalibrate over the time since `start` (call now and then, e.g. on a tick)."""
-        if self._fn is not None and self._t0:
+        if self._fn is not None and self.tsc0:
             self._measure()
 
+    @property
+    def rate(self) -> float:
+        """Nanoseconds per tick (calibrating first if needed)."""
+        if self.ns_per_tick is None:
+            self._calibrate()
+        assert self.ns_per_tick is not None
+        return self.ns_per_tick
+
     def ns(self, ticks: int) -> int:
+        """A span of ticks in nanoseconds."""
         npt = self.ns_per_tick
         if npt is None:
-            self._calibrate()
-            npt = self.ns_per_tick
-            assert npt is not None
+            npt = self.rate
         return int(ticks * npt) if ticks > 0 else 0
+
+    def to_ns(self, tsc: int) -> int:
+        """A counter value as CLOCK_MONOTONIC nanoseconds."""
+        return self.ns0 + int((tsc - self.tsc0) * self.rate)

@@ -41,7 +41,7 @@ from tracer.abi import I386, X86_64, Abi
 from tracer.decoders import Decoder, for_function, out_size
 from tracer.errors import MemoryReadError, MemoryWriteError, ProcessGone, TracerError
 from tracer.inject import layout as L
-from tracer.inject.clock import TscClock
+from tracer.tsc import TscClock
 from tracer.inject.plan import JMP_LEN, Plan, PlanError, plan_image
 from tracer.inject.remote import RemoteCaller, RemoteError, Stepper
 from tracer.inject.stubs import CodePage, build_code
@@ -232,7 +232,7 @@ class Recorder:
             raise InjectError(f"the vDSO is not the shape --inject expects: {e}{_HINT}") from e
         self._check_live_bytes(plan)
         self._plan = plan
-        self._clock = TscClock()
+        self._clock = TscClock.anchored()
         # a 32-bit process: any address below 4 GiB is in reach; the kernel chooses
         hint = _find_gap(self.pid, self.base, L.CODE_SIZE) if self.abi.word == 8 else 0
         stepper = Stepper(self.pid)
