@@ -25,10 +25,10 @@ from tracer.errors import (AlreadyTraced, AttachError, KernelThread, MemoryReadE
 
 __all__ = [
     "Regs", "REG_INDEX", "REG_NAMES", "Memory", "seize", "interrupt", "cont", "syscall",
-    "singlestep", "detach", "getregs", "setregs", "geteventmsg", "getsiginfo_signo", "wait",
+    "singlestep", "detach", "getregs", "setregs", "geteventmsg", "wait",
     "wait_nohang", "attach_process", "spawn", "abi_of", "stop_event", "PTRACE_EVENT_STOP",
     "EVENT_CLONE", "EVENT_FORK", "EVENT_VFORK", "EVENT_EXEC", "EVENT_EXIT", "tgkill",
-    "DEFAULT_OPTIONS", "FORK_OPTIONS", "precheck", "diagnose", "get_syscall_info", "SyscallInfo", "set_options", "listen",
+    "DEFAULT_OPTIONS", "FORK_OPTIONS", "precheck", "diagnose", "get_syscall_info", "SyscallInfo", "listen",
 ]
 
 # include/uapi/linux/ptrace.h
@@ -50,8 +50,6 @@ _SYSCALL = _pfunc.PTRACE_SYSCALL
 _SINGLESTEP = _pfunc.PTRACE_SINGLESTEP
 _DETACH = _pfunc.PTRACE_DETACH
 _GETEVENTMSG = _pfunc.PTRACE_GETEVENTMSG
-_GETSIGINFO = _pfunc.PTRACE_GETSIGINFO
-_SETOPTIONS = _pfunc.PTRACE_SETOPTIONS
 DEFAULT_OPTIONS = (_pfunc.PTRACE_O_TRACECLONE | _pfunc.PTRACE_O_TRACEEXEC
                    | _pfunc.PTRACE_O_TRACESYSGOOD)
 FORK_OPTIONS = _pfunc.PTRACE_O_TRACEFORK | _pfunc.PTRACE_O_TRACEVFORK
@@ -141,10 +139,6 @@ def interrupt(tid: int) -> None:
         _fail("PTRACE_INTERRUPT", tid)
 
 
-def set_options(tid: int, options: int) -> None:
-    _call(_SETOPTIONS, tid, None, _ULONG(options), "PTRACE_SETOPTIONS")
-
-
 def seize(tid: int, options: int) -> None:
     _call(PTRACE_SEIZE, tid, None, _ULONG(options), "PTRACE_SEIZE")
 
@@ -153,16 +147,6 @@ def geteventmsg(tid: int) -> int:
     out = ctypes.c_ulong()
     _call(_GETEVENTMSG, tid, None, ctypes.byref(out), "PTRACE_GETEVENTMSG")
     return out.value
-
-
-_SiginfoBuf = ctypes.c_int32 * 32  # siginfo_t is 128 bytes; si_signo, si_errno, si_code first
-
-
-def getsiginfo_signo(tid: int) -> tuple[int, int]:
-    """(si_signo, si_code) of the signal that caused the current stop."""
-    buf = _SiginfoBuf()
-    _call(_GETSIGINFO, tid, None, ctypes.byref(buf), "PTRACE_GETSIGINFO")
-    return int(buf[0]), int(buf[2])
 
 
 @dataclass(frozen=True, slots=True)
