@@ -139,10 +139,7 @@ def run_to_vdso_entry(exe: Path, abi: str, depth: int = 16, args: tuple[str, ...
         regs["pc"] = entry
         regs["sp"] = uregs.rsp
         modules = ModuleMap(regions, vdso_image=image, root=f"/proc/{pid}/root")
-        t0 = time.perf_counter()
         stack = unwind(regs, read_mem, modules, abi, max_depth=depth)
-        elapsed = time.perf_counter() - t0
-        assert elapsed < 5.0
         if on_stop is not None:
             on_stop(regs, read_mem, modules)
 
@@ -247,7 +244,9 @@ def test_frame_pointer_fallback_without_cfi(abi: str, build_dir: Path) -> None:
 
 def test_unwind_cost(build_dir: Path, record_property: Callable[[str, object], None]) -> None:
     """A 16-frame unwind with warm caches, through /proc/PID/mem and from a copy of the
-    stack (the unwinder's own cost); printed with -s, recorded as test properties."""
+    stack (the unwinder's own cost); printed with -s, recorded as test properties, never
+    asserted (speed is scripts/bench's job). What is asserted: the unwinder reads the stack
+    a bounded number of times per unwind."""
     exe = compile_target(Variant("x86_64", ("-fomit-frame-pointer",)), build_dir)
     results: dict[str, float] = {}
 
@@ -286,4 +285,4 @@ def test_unwind_cost(build_dir: Path, record_property: Callable[[str, object], N
     for key, value in results.items():
         record_property(key, value)
     print("unwind cost (16 frames):", {k: round(v, 2) for k, v in results.items()})
-    assert results["copy_us"] < 30.0
+    assert 0 < results["reads_per_unwind"] <= 16 * 4, results
