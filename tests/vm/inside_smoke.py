@@ -6,7 +6,8 @@ Starts TARGET (tests/targets/a64smoke.c built for aarch64) with LD_SHOW_AUXV=1, 
 waits for its go byte: runs `vdsotrace vdso|auxv|dump -p PID`, copies its [vdso] mapping
 (read from /proc/PID/mem) and /proc/PID/auxv into OUTDIR, attaches to it with python-ptrace
 (PTRACE_GETREGSET NT_PRSTATUS on arm64), reads pc and the instruction before it, detaches;
-then lets it run and collects its record. Prints one JSON object of what it saw on stdout.
+then lets it run and collects its record; runs it again under strace. Prints one JSON object
+of what it saw on stdout.
 It asserts nothing: the host-side test judges.
 """
 from __future__ import annotations
@@ -110,6 +111,15 @@ def main() -> int:
         rest, err = p.communicate()
     out["target"] = {"rc": p.returncode, "stderr": err.decode(errors="replace")}
     out["record"] = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
+
+    # strace, the oracle of which calls entered the kernel: a second run of the target under it.
+    st = subprocess.run(["strace", "-f", "-qq", "-o", str(outdir / "strace.txt"), "-e",
+                         "trace=clock_gettime,gettimeofday,clock_getres,read",
+                         target, str(outdir / "record-strace.jsonl")],
+                        input=b"g", capture_output=True, timeout=120)
+    out["strace"] = {"rc": st.returncode, "stderr": st.stderr.decode(errors="replace"),
+                     "lines": (outdir / "strace.txt").read_text().splitlines()
+                     if (outdir / "strace.txt").exists() else []}
     print(json.dumps(out, indent=1))
     return 0
 

@@ -114,3 +114,14 @@ def test_ptrace_attach_detach(smoke: tuple[dict[str, Any], Path]) -> None:
     assert pt["x8"] == NR_READ
     # After detach the target ran its calls and exited normally.
     assert out["target"]["rc"] == 0
+
+
+def test_vdso_calls_make_no_system_call(smoke: tuple[dict[str, Any], Path]) -> None:
+    """strace works inside, and sees the target's read of its go byte but none of its clock
+    calls: the arm64 vDSO serves CLOCK_REALTIME, MONOTONIC and BOOTTIME, gettimeofday and
+    clock_getres(CLOCK_MONOTONIC) in user space (lib/vdso/gettimeofday.c)."""
+    out, _ = smoke
+    st = out["strace"]
+    assert st["rc"] == 0, st["stderr"]
+    assert any(re.search(r"\bread\(0, \"g\", 1\) += 1$", line) for line in st["lines"]), st["lines"]
+    assert not [line for line in st["lines"] if re.search(r"\b(clock_gettime|gettimeofday|clock_getres)\(", line)]
