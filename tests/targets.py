@@ -25,7 +25,7 @@ import pytest
 
 __all__ = [
     "REPO", "SRC_DIR", "BUILD_DIR", "M32_HINT", "BuildError", "M32Unavailable",
-    "build", "Proc", "start", "go", "read_record", "Trace", "run_trace", "run_tracer",
+    "build", "build_aarch64", "Proc", "start", "go", "read_record", "Trace", "run_trace", "run_tracer",
     "read_events", "peek_events", "vdso_range", "read_vdso", "tracer_pid", "wait_traced",
     "calls_by_tid", "compare_call", "compare_calls", "addr", "Reaper", "Run", "run_traced",
 ]
@@ -95,6 +95,39 @@ def build(name: str, m32: bool = False) -> Path:
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise BuildError(f"{' '.join(cmd)} failed:\n{r.stderr}")
+    os.replace(tmp, out)
+    return out
+
+
+# arm64 targets for the emulated machine (scripts/vm aarch64), cross-compiled with clang: Debian 12's
+# gcc-aarch64-linux-gnu conflicts with gcc-multilib. -mbranch-protection=standard signs return
+# addresses (paciasp/autiasp) and marks BTI landing pads, as Debian's own arm64 binaries do.
+AARCH64_CC = ["clang", "--target=aarch64-linux-gnu", "-fuse-ld=lld", "-mbranch-protection=standard"]
+AARCH64_HINT = ("clang cannot build arm64 targets here: run scripts/setup --vm, which installs "
+                "clang, lld and libc6-dev-arm64-cross")
+
+
+def build_aarch64(name: str) -> Path:
+    """Compile tests/targets/NAME.c for aarch64 into BUILD_DIR/aarch64/NAME (rebuilt when a
+    source is newer) and return the binary. Raises BuildError with clang's message."""
+    src = SRC_DIR / f"{name}.c"
+    if not src.exists():
+        raise BuildError(f"no target source {src}")
+    out_dir = BUILD_DIR / "aarch64"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / name
+    stamp = max(p.stat().st_mtime for p in (src, *SRC_DIR.glob("*.h")))
+    if out.exists() and out.stat().st_mtime >= stamp:
+        return out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    cmd = [*AARCH64_CC, *CFLAGS, "-o", str(tmp), str(src)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise BuildError(AARCH64_HINT) from None
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"{' '.join(cmd)} failed ({AARCH64_HINT}):\n{r.stderr}")
     os.replace(tmp, out)
     return out
 
