@@ -15,13 +15,15 @@ Times: an event's `time` is seconds since the epoch as a float, which at today's
 about 0.24 us; vDSO calls last tens of nanoseconds. Slices on one thread must nest properly
 (a viewer drops or misplaces a slice that overlaps another partially), so each slice is placed
 from its `time` and its exact `duration_ns`: events come when calls return (children before
-their parent), a slice that starts after the last one began is its child (or, for a system call
-`nested_in` a function, one that starts at the same time), a sibling starts no earlier than the
-previous sibling ends, and a parent ends no earlier than its children. A slice moves by at most
-the time's resolution. Slices are held per thread until a few thousand are waiting (a later
-parent can still adopt them), then written in order, so `ts` never decreases within a thread.
-`ts` counts from a whole second (`otherData.ts_origin_unix_s`), written with three decimals
-(nanoseconds): small numbers, exact in a reader's double.
+their parent); a slice that starts after the last one began is its child, and so is a system
+call `nested_in` the function that fell back into it (whatever its time says: the engine times
+system calls with its own stops, calls with the tracee's clock); a sibling starts no earlier
+than the previous sibling ends; a parent covers its children. A slice moves by at most the
+time's resolution, except such a fallback, stretched over its system calls. Slices are held per
+thread until a few thousand wait (a later parent can still adopt them), then written in order,
+so `ts` never decreases within a thread. `ts` counts from a whole second
+(`otherData.ts_origin_unix_s`), written with three decimals (nanoseconds): small numbers, exact
+in a reader's double.
 
 Pure: fed with events (`add`) and a way to name threads, by the live trace or by a report.
 """
@@ -180,16 +182,18 @@ class PerfettoTimeline:
         roots = tr.roots
         k = len(roots)
         # Events come as calls return: the held slices that began after this one are its
-        # children; at an equal time only a system call its fallback made is.
+        # children, and so are the system calls its fallback made, whatever their times say
+        # (the engine times a system call from its own stops, a call from the tracee's clock)
         while k:
             r = roots[k - 1]
-            if r.q > q or (r.q == q and fell_back is not None and r.nested_in == fell_back):
+            if r.q > q or (fell_back is not None and r.nested_in == fell_back):
                 k -= 1
             else:
                 break
-        start = max(q, roots[k - 1].end if k else tr.written_end)
-        end = start + dur
         children = roots[k:] if k < len(roots) else None
+        start = q if children is None else min(q, children[0].start)
+        start = max(start, roots[k - 1].end if k else tr.written_end)
+        end = start + dur
         size = 1
         if children:
             last = max(c.end for c in children)
