@@ -181,3 +181,24 @@ def test_checker_catches_what_it_should() -> None:
     twice["traceEvents"].append(twice["traceEvents"][1])
     assert any("2 thread_name" in p for p in check_trace(twice).problems)
     assert check_trace({"traceEvents": [x(0, 1)]}).problems   # no metadata at all
+
+
+def test_slice_args_are_the_call() -> None:
+    from tracer.events import Timeval, Timezone, Unreadable
+    from tracer.render.jsonl import to_json_value
+    e = CallEvent(5, 6, _t(0), "gettimeofday", "__vdso_gettimeofday",
+                  {"tv": Addr(0x10), "tz": Unreadable(0x20), "odd": 'q"\\'}, -14, "EFAULT",
+                  {"tv": Timeval(1, 2), "tz": Timezone(3, 4)}, True, "unknown", 77, 0x30,
+                  "0x30 a.so+0x30", None, ("0x30 a.so!f+0x1", "0x40 b!main+0x2"))
+    _, c = _render([e])
+    (s,) = c.slices
+    assert s.name == "gettimeofday [fallback]" and s.cat == "vdso,fallback"
+    assert s.end - s.start == 77
+    a = json.loads(json.dumps(s.args, default=str))
+    assert a["args"] == {k: to_json_value(v) for k, v in e.args.items()}
+    assert a["out"] == {k: to_json_value(v) for k, v in e.out.items()}
+    assert (a["ret"], a["errno"], a["fallback"], a["fallback_reason"]) == \
+        (-14, "EFAULT", True, "unknown")
+    assert (a["caller"], a["caller_symbol"], a["symbol"]) == \
+        ("0x30 a.so+0x30", None, "__vdso_gettimeofday")
+    assert a["stack"] == list(e.stack)

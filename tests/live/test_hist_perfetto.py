@@ -53,7 +53,8 @@ def _hist_counts(events: list[dict]) -> tuple[Counter, Counter, list[dict]]:
 
 def _check_timeline(path: Path, pid: int, record: list[dict], comm: str) -> Checked:
     c = check_trace(load_trace(path))
-    assert c.problems == [], "timeline breaks the format's rules:\n  " + "\n  ".join(c.problems[:10])
+    assert c.problems == [], \
+        "timeline breaks the format's rules:\n  " + "\n  ".join(c.problems[:10])
     calls = [s for s in c.slices if s.cat.startswith("vdso")]
     by_tid = Counter(s.tid for s in calls)
     want = Counter(r["tid"] for r in record)
@@ -76,7 +77,8 @@ def test_hist_and_timeline_equal_record(target_bin, tmp_path, m32):
     pid = run.proc.pid
     want_calls, want_falls = _record_counts(run.record)
     got_calls, got_falls, hists = _hist_counts(run.events)
-    assert got_calls == want_calls, f"histogram counts {dict(got_calls)} != record {dict(want_calls)}"
+    assert got_calls == want_calls, \
+        f"histogram counts {dict(got_calls)} != record {dict(want_calls)}"
     assert got_falls == want_falls, f"fallbacks {dict(got_falls)} != record {dict(want_falls)}"
     assert all(h["pid"] == pid and isinstance(h["time"], float) for h in hists)
     # the histograms come at the end, after every call

@@ -119,16 +119,22 @@ class LatencyHistograms:
             self.pid = e.pid
 
     def add_call(self, e: CallEvent) -> None:
+        if self.pid is None:
+            self.pid = e.pid
         clock = e.args.get("clockid") if e.func in PER_CLOCK else None
-        key = (e.func, clock if isinstance(clock, (str, int)) else None)
-        c = self._calls.get(key)
+        self.add_raw(e.func, clock if isinstance(clock, (str, int)) else None, e.duration_ns,
+                     e.fallback)
+
+    def add_raw(self, func: str, clock: str | int | None, duration_ns: int,
+                fallback: bool) -> None:
+        """One call without its event (for a path that aggregates without building events;
+        `clock` is the clock's name, or its number when it has none, for PER_CLOCK functions)."""
+        c = self._calls.get((func, clock))
         if c is None:
-            c = self._calls[key] = _Counts()
-            if self.pid is None:
-                self.pid = e.pid
-        k = bucket_index(e.duration_ns)
+            c = self._calls[(func, clock)] = _Counts()
+        k = bucket_index(duration_ns)
         c.counts[k] += 1
-        if e.fallback:
+        if fallback:
             c.nfallbacks += 1
             c.fallbacks[k] += 1
 
@@ -159,8 +165,8 @@ def _bucket_header(b: Bucket) -> str:
 
 def _bars(buckets: tuple[Bucket, ...]) -> list[str]:
     top = max((b.count for b in buckets), default=0) or 1
-    return [f"{_bucket_header(b):<16}{b.count:>8} |{'@' * (b.count * BAR_WIDTH // top):<{BAR_WIDTH}}|"
-            for b in buckets]
+    return [f"{_bucket_header(b):<16}{b.count:>8} |"
+            f"{'@' * (b.count * BAR_WIDTH // top):<{BAR_WIDTH}}|" for b in buckets]
 
 
 def hist_text(hists: list[Histogram]) -> str:

@@ -33,8 +33,9 @@ import json
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable
 
-from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent, ExitEvent,
-                           NoticeEvent, SignalEvent, SigreturnEvent, SyscallEvent)
+from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
+                           ExitEvent, NoticeEvent, SignalEvent, SigreturnEvent, SyscallEvent,
+                           Timespec, Value)
 from tracer.render.jsonl import to_json_value
 
 __all__ = ["PerfettoTimeline", "Names", "HOLD"]
@@ -70,6 +71,36 @@ def _hex(v: int) -> str:
     return f"{v:#x}"
 
 
+_QUOTED: dict[str, str] = {}
+
+
+def _q(text: str | None) -> str:
+    """A JSON string literal (cached: names repeat on every call), or null."""
+    if text is None:
+        return "null"
+    r = _QUOTED.get(text)
+    if r is None:
+        if len(_QUOTED) > 65536:
+            _QUOTED.clear()
+        r = _QUOTED[text] = json.dumps(text)
+    return r
+
+
+def _value(v: Value) -> str:
+    t = type(v)
+    if t is int:
+        return str(v)
+    if t is str:
+        return _q(v)  # type: ignore[arg-type]
+    if t is Timespec:
+        return f'{{"tv_sec":{v.tv_sec},"tv_nsec":{v.tv_nsec}}}'  # type: ignore[union-attr]
+    if t is Addr:
+        return f'"{v.value:#x}"'  # type: ignore[union-attr]
+    if v is None:
+        return "null"
+    return json.dumps(to_json_value(v), separators=(",", ":"))
+
+
 class PerfettoTimeline:
     def __init__(self, f: IO[str], names: Names | None = None, *, close: bool = True,
                  producer: str = "vdsotrace", hold: int = HOLD) -> None:
@@ -86,6 +117,9 @@ class PerfettoTimeline:
         self._closed = False
         self.broken = False
         self.slices = 0
+        self._heads: dict[tuple[Any, ...], str] = {}
+        self._args: dict[tuple[Any, ...], str] = {}
+        self._callers: dict[tuple[Any, ...], str] = {}
 
     # ---------------------------------------------------------------- input
     def add(self, e: Event) -> None:
@@ -140,20 +174,34 @@ class PerfettoTimeline:
         return max(0, round((t - self._origin) * 1e9))
 
     def _call(self, e: CallEvent) -> None:
-        args: dict[str, Any] = {
-            "args": {k: to_json_value(v) for k, v in e.args.items()},
-            "ret": e.ret, "errno": e.errno,
-            "out": {k: to_json_value(v) for k, v in e.out.items()},
-            "fallback": e.fallback, "fallback_reason": e.fallback_reason,
-            "duration_ns": e.duration_ns, "symbol": e.symbol, "caller": e.caller_text,
-            "caller_symbol": e.caller_symbol}
+        hkey = (e.pid, e.tid, e.func, e.symbol, e.fallback)
+        head = self._heads.get(hkey)
+        if head is None:
+            name, cat = (f"{e.func} [fallback]", "vdso,fallback") if e.fallback \
+                else (e.func, "vdso")
+            head = self._cache(self._heads, hkey,
+                               f'{{"name":{_q(name)},"cat":"{cat}","ph":"X","pid":{e.pid},'
+                               f'"tid":{e.tid},')
+        akey = (e.func, *e.args.items())
+        args = self._args.get(akey)
+        if args is None:
+            args = self._cache(self._args, akey, ",".join(
+                [f"{_q(k)}:{_value(v)}" for k, v in e.args.items()]))
+        ckey = (e.symbol, e.caller_text, e.caller_symbol)
+        caller = self._callers.get(ckey)
+        if caller is None:
+            caller = self._cache(self._callers, ckey,
+                                 f',"symbol":{_q(e.symbol)},"caller":{_q(e.caller_text)},'
+                                 f'"caller_symbol":{_q(e.caller_symbol)}')
+        out = ",".join([f"{_q(k)}:{_value(v)}" for k, v in e.out.items()])
+        errno = _q(e.errno) if e.errno else "null"
+        reason = _q(e.fallback_reason) if e.fallback else "null"
+        tail = (f',"args":{{"args":{{{args}}},"ret":{e.ret},"errno":{errno},'
+                f'"out":{{{out}}},"fallback":{"true" if e.fallback else "false"},'
+                f'"fallback_reason":{reason},"duration_ns":{e.duration_ns}{caller}')
         if e.stack is not None:
-            args["stack"] = list(e.stack)
-        if e.fallback:
-            name, cat = f"{e.func} [fallback]", "vdso,fallback"
-        else:
-            name, cat = e.func, "vdso"
-        self._slice(e.pid, e.tid, e.time, e.duration_ns, name, cat, args, None,
+            tail += ',"stack":' + json.dumps(list(e.stack))
+        self._slice(e.pid, e.tid, e.time, e.duration_ns, head, tail + "}}", None,
                     e.func if e.fallback else None)
 
     def _syscall(self, e: SyscallEvent) -> None:
@@ -163,8 +211,18 @@ class PerfettoTimeline:
         if e.strings:
             args["strings"] = {str(i): v.decode("utf-8", "backslashreplace")
                                for i, v in e.strings.items()}
-        self._slice(e.pid, e.tid, e.time, e.duration_ns, e.name, "syscall", args, e.nested_in,
+        head = (f'{{"name":{_q(e.name)},"cat":"syscall","ph":"X","pid":{e.pid},'
+                f'"tid":{e.tid},')
+        self._slice(e.pid, e.tid, e.time, e.duration_ns, head,
+                    ',"args":' + json.dumps(args, separators=(",", ":")) + "}", e.nested_in,
                     None)
+
+    @staticmethod
+    def _cache(cache: dict[Any, str], key: Any, value: str) -> str:
+        if len(cache) > 65536:
+            cache.clear()
+        cache[key] = value
+        return value
 
     # ---------------------------------------------------------------- placing
     def _track(self, pid: int, tid: int) -> _Track:
@@ -174,8 +232,9 @@ class PerfettoTimeline:
             tr = self._tracks[(pid, tid)] = _Track()
         return tr
 
-    def _slice(self, pid: int, tid: int, time: float, dur: int, name: str, cat: str,
-               args: dict[str, Any], nested_in: str | None, fell_back: str | None) -> None:
+    def _slice(self, pid: int, tid: int, time: float, dur: int, head: str, tail: str,
+               nested_in: str | None, fell_back: str | None) -> None:
+        """A complete event `head` "ts":…,"dur":… `tail`, placed on its thread."""
         tr = self._track(pid, tid)
         q = self._ns(time)
         dur = max(0, dur)
@@ -203,10 +262,9 @@ class PerfettoTimeline:
                 end = last + (start == children[0].start)
             size += sum(c.size for c in children)
             del roots[k:]
-        line = json.dumps({"name": name, "cat": cat, "ph": "X", "pid": pid, "tid": tid,
-                           "ts": 0, "dur": 0, "args": args}, separators=(",", ":"))
-        line = line.replace('"ts":0,"dur":0', f'"ts":{_us(start)},"dur":{_us(end - start)}', 1)
-        roots.append(_Slice(q, start, end, line, nested_in, children, size))
+        roots.append(_Slice(q, start, end,
+                            f'{head}"ts":{_us(start)},"dur":{_us(end - start)}{tail}',
+                            nested_in, children, size))
         tr.held += 1
         self.slices += 1
         if tr.held > self._hold:
