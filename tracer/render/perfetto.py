@@ -38,10 +38,11 @@ from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, Exe
                            Timespec, Value)
 from tracer.render.jsonl import to_json_value
 
-__all__ = ["PerfettoTimeline", "Names", "HOLD"]
+__all__ = ["PerfettoTimeline", "Names", "HOLD", "HOLD_ALL"]
 
 Names = Callable[[int, int], "str | None"]     # (pid, tid) -> the thread's comm, if known
 HOLD = 4096            # slices held per thread before the oldest are written
+HOLD_ALL = 1 << 18     # slices held in all, before every thread's are written
 _WRITE_EVERY = 512     # trace events buffered before a write to the file
 
 
@@ -117,6 +118,7 @@ class PerfettoTimeline:
         self._closed = False
         self.broken = False
         self.slices = 0
+        self._held = 0
         self._heads: dict[tuple[Any, ...], str] = {}
         self._args: dict[tuple[Any, ...], str] = {}
         self._callers: dict[tuple[Any, ...], str] = {}
@@ -267,8 +269,12 @@ class PerfettoTimeline:
                             nested_in, children, size))
         tr.held += 1
         self.slices += 1
+        self._held += 1
         if tr.held > self._hold:
             self._release(tr, self._hold // 2)
+        if self._held > HOLD_ALL:            # many threads: bound the memory all together
+            for other in self._tracks.values():
+                self._release(other, 0)
 
     def _release(self, tr: _Track, keep: int) -> None:
         """Write the oldest held slices of a track until `keep` are left."""
@@ -277,6 +283,7 @@ class PerfettoTimeline:
             r = tr.roots[n]
             self._write_tree(r)
             tr.held -= r.size
+            self._held -= r.size
             tr.written_end = r.end
             n += 1
         del tr.roots[:n]
