@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 import sys
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from tracer.errors import UsageError
 from tracer.events import AttachEvent, CallEvent, Event
@@ -27,12 +28,12 @@ class Output:
         self.json = json_mode
         self.timing = timing
         self.summary = summary
-        self.lines: list[str] = []
-        self.broken = False
-        self.flushed = 0.0
         self.hist: LatencyHistograms | None = None          # --hist
         self.timeline: PerfettoTimeline | None = None       # --perfetto OUT
         self._views: list[Callable[[Event], None]] = []
+        self.lines: list[str] = []
+        self.broken = False
+        self.flushed = 0.0
 
     def add_views(self, hist: bool = False, perfetto: str | None = None,
                   names: Names | None = None) -> None:
