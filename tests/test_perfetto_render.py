@@ -217,3 +217,23 @@ def test_memory_bound_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
             evs.extend(one)
         _, c = _render(evs)
         assert c.problems == [] and len(c.slices) == len(evs)
+
+
+def test_names_follow_exec_and_renames_but_not_after_exit() -> None:
+    from tracer.events import ExecEvent
+    names = {(1, 1): "sh", (1, 2): "worker", (5, 5): "short"}
+    buf = io.StringIO()
+    tl = PerfettoTimeline(buf, lambda pid, tid: names.get((pid, tid)), close=False)
+    tl.add(_call(2, 0, 30, pid=1))
+    tl.add(_call(5, 100, 30, pid=5))
+    tl.add(ExitEvent(5, 5, _t(200), 0, None))
+    names[(1, 1)] = "python3"                      # exec: the leader's comm is the new image's
+    tl.add(ExecEvent(1, 1, _t(300), "/usr/bin/python3", 0x7000, "x86_64"))
+    tl.add(_call(1, 400, 30, pid=1))
+    names[(1, 2)] = "renamed"                      # pthread_setname_np after its first call
+    names[(5, 5)] = "pid reused"                   # gone: its name stays the one it had
+    tl.close()
+    c = check_trace(json.loads(buf.getvalue(), parse_float=__import__("decimal").Decimal))
+    assert c.problems == []
+    assert c.process_names == {1: "python3", 5: "short"}
+    assert c.thread_names == {(1, 1): "python3 1", (1, 2): "renamed 2", (5, 5): "short 5"}

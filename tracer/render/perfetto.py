@@ -2,7 +2,8 @@
 `{"traceEvents": [...]}`), which the Perfetto UI and chrome://tracing open.
 
 - a process (`M` `process_name`) per traced pid, a track (`M` `thread_name`, "comm tid") per
-  thread, each named once, when it is first seen;
+  thread, each named once (at the end, by its comm when it was first seen, after an exec, or
+  at the end if still alive);
 - a complete event (`ph` "X", `ts`/`dur` in microseconds) per vDSO call, with its arguments,
   result and caller in `args`; a call that fell back into the kernel is named `func [fallback]`
   (category `vdso,fallback`, `args.fallback_reason`); the system calls of an i386 tracee
@@ -112,7 +113,10 @@ class PerfettoTimeline:
         self._hold = max(1, hold)
         self._origin: int | None = None
         self._tracks: dict[tuple[int, int], _Track] = {}
-        self._procs: set[int] = set()
+        self._pnames: dict[int, str | None] = {}
+        self._tnames: dict[tuple[int, int], str | None] = {}
+        self._gone: set[int] = set()                     # processes seen exiting
+        self._gone_threads: set[tuple[int, int]] = set()
         self._buf: list[str] = []
         self._started = False
         self._closed = False
@@ -159,11 +163,18 @@ class PerfettoTimeline:
             self._instant(e.pid, e.tid, e.time, "detach", "vdsotrace", "p", {"reason": e.reason})
         elif t is ExecEvent:
             assert isinstance(e, ExecEvent)
+            self._track(e.pid, e.tid)
+            self._pnames[e.pid] = self._read(e.pid, e.pid) or self._pnames.get(e.pid)
+            self._tnames[(e.pid, e.tid)] = self._read(e.pid, e.tid) or self._pnames[e.pid]
             self._instant(e.pid, e.tid, e.time, "exec", "process", "p",
                           {"filename": e.filename, "abi": e.abi,
                            "vdso_base": _hex(e.vdso_base)})
         elif t is ExitEvent:
             assert isinstance(e, ExitEvent)
+            self._track(e.pid, e.tid)
+            self._gone_threads.add((e.pid, e.tid))
+            if e.tid == e.pid:
+                self._gone.add(e.pid)
             self._instant(e.pid, e.tid, e.time, "exit", "process", "p",
                           {"status": e.status, "signal": e.signal})
         elif t is NoticeEvent:
@@ -298,18 +309,32 @@ class PerfettoTimeline:
 
     # ---------------------------------------------------------------- names, instants
     def _name(self, pid: int, tid: int) -> None:
-        if pid not in self._procs:
-            self._procs.add(pid)
-            comm = self._names(pid, pid) if self._names else None
+        """Names are read when a thread is first seen (a short-lived thread may be gone at
+        the end), again after an exec, and at the end for threads still alive (a thread
+        renamed after its first call); their metadata events are written at the end."""
+        if pid not in self._pnames:
+            self._pnames[pid] = self._read(pid, pid)
+        self._tnames[(pid, tid)] = self._read(pid, tid)
+
+    def _read(self, pid: int, tid: int) -> str | None:
+        return self._names(pid, tid) if self._names is not None else None
+
+    def _write_names(self) -> None:
+        for (pid, tid), comm in self._tnames.items():
+            if pid not in self._gone and (pid, tid) not in self._gone_threads:
+                now = self._read(pid, tid)
+                if now is not None:
+                    comm = now
+                    if tid == pid:
+                        self._pnames[pid] = now
+            comm = comm or self._pnames.get(pid)
+            self._emit(json.dumps({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
+                                   "args": {"name": f"{comm} {tid}" if comm else str(tid)}},
+                                  separators=(",", ":")))
+        for pid, comm in self._pnames.items():
             self._emit(json.dumps({"name": "process_name", "ph": "M", "pid": pid, "tid": pid,
                                    "args": {"name": comm if comm is not None else str(pid)}},
                                   separators=(",", ":")))
-        comm = self._names(pid, tid) if self._names else None
-        if comm is None and self._names:
-            comm = self._names(pid, pid)
-        self._emit(json.dumps({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
-                               "args": {"name": f"{comm} {tid}" if comm else str(tid)}},
-                              separators=(",", ":")))
 
     def _instant(self, pid: int, tid: int, time: float, name: str, cat: str, scope: str,
                  args: dict[str, Any]) -> None:
@@ -351,6 +376,7 @@ class PerfettoTimeline:
             return
         for tr in self._tracks.values():
             self._release(tr, 0)
+        self._write_names()
         self._write()
         self._closed = True
         if not self.broken:
