@@ -115,7 +115,7 @@ class LatencyHistograms:
             c.counts[bucket_index(e.duration_ns)] += 1
             if self.pid is None:
                 self.pid = e.pid
-        elif self.pid is None and hasattr(e, "pid"):
+        elif self.pid is None:
             self.pid = e.pid
 
     def add_call(self, e: CallEvent) -> None:
