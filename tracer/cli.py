@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-f", dest="follow_forks", action="store_true", help="follow forks")
     t.add_argument("--duration", type=_seconds, metavar="SECONDS",
                    help="detach by itself after SECONDS")
+    t.add_argument("--hist", action="store_true",
+                   help="at the end, latency histograms per function (per clock for "
+                   "clock_gettime): log2 buckets in ns, fallbacks counted apart")
+    t.add_argument("--perfetto", metavar="OUT",
+                   help="also write a timeline to OUT (Chrome trace JSON, for ui.perfetto.dev "
+                   "or chrome://tracing): a track per thread, a slice per call")
     t.add_argument("--signals", action="store_true",
                    help="also trace signal deliveries, handlers and sigreturns")
     t.add_argument("--stack", nargs="?", const=16, type=_depth, metavar="DEPTH",

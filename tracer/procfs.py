@@ -7,7 +7,7 @@ from dataclasses import dataclass
 __all__ = [
     "MapEntry", "read_maps", "parse_maps", "Stat", "read_stat", "parse_stat", "read_status",
     "tracer_pid", "list_tasks", "exe_elf_class", "read_auxv_file", "process_exists",
-    "PF_KTHREAD", "proc_name",
+    "PF_KTHREAD", "proc_name", "thread_comm",
 ]
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
@@ -123,3 +123,16 @@ def exe_elf_class(pid: int) -> int | None:
 def read_auxv_file(pid: int) -> bytes:
     with open(f"/proc/{pid}/auxv", "rb") as f:
         return f.read()
+
+
+def thread_comm(pid: int, tid: int) -> str | None:
+    """/proc/PID/task/TID/comm: the thread's name (prctl PR_SET_NAME, at most 15 bytes, any byte
+    but NUL), undecodable bytes as \\xNN; None once the thread is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    return data.decode("utf-8", "backslashreplace")

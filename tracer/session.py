@@ -1822,8 +1822,9 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
                          "drop -f, or trace without --inject")
     pids: list[int] = list(dict.fromkeys(ns.pid or []))
     out = open_output(ns.output, json=ns.json, timing=ns.timing, summary=ns.summary)
+    out.add_views(hist=ns.hist, perfetto=ns.perfetto, names=procfs.thread_comm)
     session = Session(opts, out.write_event)
-    session.summary_only = ns.summary
+    session.summary_only = ns.summary and not out.needs_events   # --hist needs each duration
     old = _install_signal_handlers(session)
     session.on_tick = out.flush
     started = False

@@ -22,6 +22,7 @@ from tracer import events as E
 from tracer import procfs
 from tracer.errors import (MemoryReadError, ProcessGone, TracerError, UnknownFunction,
                            UsageError)
+from tracer.render.hist import LatencyHistograms, hist_text
 from tracer.vdso import SIGRETURN_TRAMPOLINES, VdsoImage, plain_name
 
 from tracer.console.eventfmt import json_line, paint, text_line
@@ -60,6 +61,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("pause", "pause", "stop every thread of the process, keep the breakpoints "
                 "(Ctrl-C does it too)"),
     CommandSpec("stats", "stats", "calls, fallbacks, errors and time per function"),
+    CommandSpec("hist", "hist [FUNC...|reset]", "latency histograms of the calls so far "
+                "(log2, ns), per function and per clock; fallbacks apart", "traced"),
     CommandSpec("auxv", "auxv", "the process's auxiliary vector, decoded"),
     CommandSpec("vdso", "vdso", "the vDSO: base, build-id, symbols, the syscall gateway"),
     CommandSpec("disas", "disas SYMBOL", "disassemble one vDSO function", "symbol"),
@@ -142,6 +145,8 @@ class Console:
         self._tid_last: dict[int, str] = {}
         self._exit: E.ExitEvent | None = None
         self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
+        self._hist = LatencyHistograms()      # fed by sink (engine thread), read by `hist`
+        self._hist_lock = threading.Lock()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -184,6 +189,8 @@ class Console:
         self._events.append(ev)
         self._pending.append(ev)
         self._received += 1
+        with self._hist_lock:
+            self._hist.add(ev)
         if isinstance(ev, E.CallEvent):
             self._tid_calls[ev.tid] += 1
             self._tid_last[ev.tid] = ev.func
@@ -270,6 +277,8 @@ class Console:
                                 inject=self.state.inject, pin=False)
             s = Session(opts, self.sink)
             self._exit = None
+            with self._hist_lock:
+                self._hist = LatencyHistograms()
             thread = s.start_thread(pid=pid) if pid is not None else s.start_thread(cmd=cmd)
             self._session, self._thread = s, thread
             try:
@@ -464,6 +473,22 @@ class Console:
             return
         from tracer.render.summary import summary_text
         self.write(summary_text(summ))
+
+    def cmd_hist(self, args: list[str]) -> None:
+        if args == ["reset"]:
+            with self._hist_lock:
+                self._hist.clear()
+            self.write("histograms cleared")
+            return
+        with self._hist_lock:
+            hists = self._hist.histograms()
+        if args:
+            want = {plain_name(a) for a in args}
+            hists = [h for h in hists if h.func in want]
+        if not hists:
+            self.write("no calls yet" + (f" to {', '.join(args)}" if args else ""))
+            return
+        self.write(hist_text(hists))
 
     # -- inspection: through the engine while attached, through a short peek otherwise
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import time
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from tracer.errors import UsageError
 from tracer.events import AttachEvent, CallEvent, Event
 from tracer.render import jsonl, text
+from tracer.render.hist import LatencyHistograms, hist_json_lines, hist_text
+from tracer.render.perfetto import Names, PerfettoTimeline
 from tracer.render.summary import summary_dict, summary_text
 
 __all__ = ["Output", "open_output", "FLUSH_INTERVAL"]
@@ -25,11 +28,37 @@ class Output:
         self.json = json_mode
         self.timing = timing
         self.summary = summary
+        self.hist: LatencyHistograms | None = None          # --hist
+        self.timeline: PerfettoTimeline | None = None       # --perfetto OUT
+        self._views: list[Callable[[Event], None]] = []
         self.lines: list[str] = []
         self.broken = False
         self.flushed = 0.0
 
+    def add_views(self, hist: bool = False, perfetto: str | None = None,
+                  names: Names | None = None) -> None:
+        """--hist and --perfetto OUT: renderers that see every event (also under -c). A
+        timeline that cannot be written is refused here, before anything is traced."""
+        if perfetto is not None:
+            try:
+                f = open(perfetto, "w", buffering=1 << 16)
+            except OSError as e:
+                self.finish(None)
+                raise UsageError(f"cannot write the timeline {perfetto}: {e.strerror}") from e
+            self.timeline = PerfettoTimeline(f, names)
+            self._views.append(self.timeline.add)
+        if hist:
+            self.hist = LatencyHistograms()
+            self._views.append(self.hist.add)
+
+    @property
+    def needs_events(self) -> bool:
+        """True when a view needs every call as an event, even with -c."""
+        return bool(self._views)
+
     def write_event(self, e: Event) -> None:
+        for view in self._views:
+            view(e)
         if self.summary:
             if not isinstance(e, AttachEvent):
                 return
@@ -74,7 +103,18 @@ class Output:
         if self.summary and session is not None:
             s = session.summary()
             self.lines.append(json.dumps(summary_dict(s)) if self.json else summary_text(s))
+        if self.hist is not None and session is not None:
+            hists = self.hist.histograms()
+            if self.json:
+                pid = self.hist.pid or 0
+                self.lines.extend(hist_json_lines(hists, pid, pid, time.time()))
+            else:
+                if self.summary:
+                    self.lines.append("")
+                self.lines.append(hist_text(hists))
         self.flush()
+        if self.timeline is not None:
+            self.timeline.close()
         if self.close:
             try:
                 self.f.close()
