@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record calls inside the tracee instead of stopping it at each call")
     t.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not move the tracer onto its tracee's CPU")
+    t.add_argument("--no-demangle", dest="demangle", action="store_false",
+                   help="keep C++/Rust symbol names raw (they are demangled by default)")
     t.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run traced")
 
     a = sub.add_parser("auxv", help="the tracee's auxiliary vector, decoded")

@@ -120,6 +120,7 @@ class TraceOptions:
     inject: bool = False
     pin: bool = True
     duration: float | None = None
+    demangle: bool = True                # C++/Rust symbol names as their source spells them
 
 
 @dataclass(frozen=True, slots=True)
@@ -977,9 +978,9 @@ class Session:
             return mm
         now = time.monotonic()
         try:
-            mm = ModuleMap.from_pid(space.pid, space.image.data)
+            mm = ModuleMap.from_pid(space.pid, space.image.data, self.options.demangle)
         except OSError:
-            mm = ModuleMap([], space.image.data)
+            mm = ModuleMap([], space.image.data, demangle=self.options.demangle)
         space.modules, space.modules_time = mm, now
         self._last_modules[space.pid] = mm
         space.names.clear()
@@ -1816,7 +1817,7 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
     from tracer.render.output import open_output
     opts = TraceOptions(funcs=ns.funcs, follow_forks=ns.follow_forks, signals=ns.signals,
                         stack_depth=ns.stack, inject=ns.inject, pin=ns.pin,
-                        duration=ns.duration)
+                        duration=ns.duration, demangle=ns.demangle)
     if ns.inject and ns.follow_forks:
         raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
                          "drop -f, or trace without --inject")
