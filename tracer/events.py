@@ -65,6 +65,7 @@ class CallEvent(NamedTuple):
     caller_symbol: str | None
     stack: tuple[str, ...] | None
     ns_relative: bool = False         # MONOTONIC/BOOTTIME values inside a time namespace
+    site: str | None = None           # "object!symbol+0xoff" of the first frame outside libc
 
 
 @dataclass(frozen=True, slots=True)

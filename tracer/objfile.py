@@ -44,7 +44,7 @@ from tracer.errors import ElfError
 __all__ = [
     "RuleKind", "CfiRow", "Symbol", "LoadSegment", "ObjectFile", "load_object",
     "load_object_bytes", "clear_object_cache", "MapRegion", "parse_maps", "Module",
-    "Location", "FrameRule", "ModuleMap", "demangle",
+    "Location", "FrameRule", "ModuleMap", "demangle", "is_c_library",
 ]
 
 # What pyelftools raises on malformed input. Besides its own error types it relies on
@@ -696,6 +696,15 @@ class Location:
 FrameRule = tuple[int, "CfiRow | None"] | None
 
 _NO_MODULE: Final = Module("", "", 0, None)
+
+# The C libraries' file names: glibc (libc.so.6, libc-2.x.so), musl (libc.so, and its
+# dynamic linker ld-musl-ARCH.so.1, which is the same object).
+_C_LIBRARY_PREFIXES: Final = ("libc.so", "libc-", "ld-musl-")
+
+
+def is_c_library(short_name: str) -> bool:
+    return short_name.startswith(_C_LIBRARY_PREFIXES)
+
 _RULE_CACHE_MAX: Final = 1 << 16
 
 

@@ -34,10 +34,10 @@ from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent
 from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
 from tracer import sigtrack
-from tracer.objfile import ModuleMap
+from tracer.objfile import ModuleMap, is_c_library
 from tracer.target import REG_INDEX, Regs
 from tracer.tsc import TscClock
-from tracer.unwind import unwind
+from tracer.unwind import ARCHES, unwind
 from tracer.vdso import GATEWAY_SYMBOL, SIGRETURN_TRAMPOLINES, VdsoFunction, VdsoImage, parse_image
 
 __all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "Summary", "resolve_functions",
@@ -56,6 +56,8 @@ _getregs = target.getregs
 _RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")
 _AUDIT_ABI = {0xC000003E: X86_64, 0x40000003: I386}   # include/uapi/linux/audit.h AUDIT_ARCH_*
 _WINDOW = 256           # bytes read from sp at a stub's stop (its block + the caller's locals)
+_OUTSIDE = (0, 0)       # site rule: the caller is not in the C library, it is the site
+_SITE_FRAMES = 4        # C library frames crossed to find the site (musl: time -> clock_gettime)
 # Clocks a time namespace offsets (kernel/time/namespace.c: CLOCK_MONOTONIC and
 # CLOCK_BOOTTIME, and the clocks derived from them).
 _NS_READS = frozenset({"clock_gettime", "clock_gettime64"})   # a resolution is not offset
@@ -205,6 +207,7 @@ class _Pending:
     fallback: bool = False
     stack: tuple[int, ...] | None = None
     strs: dict[int, bytes] | None = None     # i386 system calls: string arguments
+    site: int = 0              # return address of the first frame outside the C library
 
 
 @dataclass(slots=True)
@@ -231,6 +234,10 @@ class _Space:
     unmapped: set[int] = field(default_factory=set)
     frames: dict[int, str] = field(default_factory=dict)     # return address -> stack entry
     args_cache: dict[tuple[int, tuple[int, ...]], dict[str, Any]] = field(default_factory=dict)
+    # return address -> how to find the next frame's: _OUTSIDE, (CFA offset from the
+    # frame's sp, return address offset from the CFA) for the C library's sp-based frames,
+    # or None (a full unwind)
+    site_rules: dict[int, tuple[int, int] | None] = field(default_factory=dict)
 
 
 def _fidx_by_name(space: _Space) -> dict[str, int]:
@@ -779,6 +786,7 @@ class Session:
         if depth:
             stack = self._stack(space, th, depth, space.base + space.patcher.funcs[fidx]
                                 .image_offset, sp + layout.retaddr)
+        site = self._site(space, th, frame[layout.i_retaddr], sp + layout.retaddr, window, sp)
         if th.sig or self._paused or self.options.signals:
             self._resume(th)
         else:                           # the common case, without _resume's bookkeeping
@@ -803,7 +811,7 @@ class Session:
         th.stopped_ticks = 0
         dur = int(ticks * npt) if npt is not None and ticks > 0 else self.tsc.ns(ticks)
         self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t_stop - dur, dur,
-                        frame[layout.i_retaddr], fallback, stack)
+                        frame[layout.i_retaddr], fallback, stack, site)
 
     def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
         t0 = time.monotonic_ns()
@@ -838,10 +846,17 @@ class Session:
         depth = self.options.stack_depth
         if depth and not gw:
             stack = self._stack(space, th, depth)
+        site = 0
+        if not gw:
+            try:
+                ret0 = caller or space.mem.read_word(sp, space.abi.word)
+                site = self._site(space, th, ret0, sp, b"", 0)
+            except MemoryReadError:
+                pass
         buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
         target.setregs(th.tid, th.regs)
         self._resume(th)
-        th.pending.append(_Pending(fidx, sp, args, t0, caller, False, stack, strs))
+        th.pending.append(_Pending(fidx, sp, args, t0, caller, False, stack, strs, site))
 
     def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
         sp = buf[_RSP]
@@ -892,11 +907,11 @@ class Session:
             self._syscall_done(th, space, p, abi.signed(ret), t1)
         else:
             self._call_done(th, space, fidx, p.args, abi.signed(ret), outs, p.t0, t1 - p.t0,
-                            p.caller, p.fallback, p.stack)
+                            p.caller, p.fallback, p.stack, p.site)
 
     def _call_done(self, th: _Thread, space: _Space, fidx: int, raw: tuple[int, ...],
                    ret: int, outs: list[bytes | None], t0: int, dur: int, caller: int,
-                   fallback: bool, stack: tuple[int, ...] | None) -> None:
+                   fallback: bool, stack: tuple[int, ...] | None, site: int = 0) -> None:
         func = space.patcher.funcs[fidx]
         dec = space.decoders[fidx]
         c = self.counters[func.plain]
@@ -917,14 +932,18 @@ class Session:
         if not space.traced:
             return
         pid = space.pid
-        if (pid, caller) not in c.sites:
+        # -c's call sites: who called (under --inject, which does not find the site, the
+        # return address)
+        key = site or caller
+        site_name = None
+        if (pid, key) not in c.sites:
             # name it now, while the process (and /proc/PID/root) exists: -c reports it later
-            text, sym = self._symbolize(space, caller)
-            self._site_names[(pid, caller)] = sym or text.partition(" ")[2] or text
+            text, sym = self._symbolize(space, key)
+            self._site_names[(pid, key)] = site_name = sym or text.partition(" ")[2] or text
         if stack and (pid, stack) not in c.paths:
             for a, entry in zip(stack, self._stack_text(space, stack)):
                 self._site_names.setdefault((pid, a), entry.partition(" ")[2] or entry)
-        c.add_site(pid, caller, stack, dur)
+        c.add_site(pid, key, stack, dur)
         th.last_call = (fidx, caller, stack, fallback, reason)
         if self.summary_only:
             return
@@ -936,6 +955,11 @@ class Session:
                 out[spec.name] = (out_decoder(spec.layout, abi)(data) if data is not None
                                   else Unreadable(addr))
         names = space.names.get(caller) or self._symbolize(space, caller)
+        if site and site_name is None:
+            site_name = self._site_names.get((pid, site))
+            if site_name is None:
+                text, sym = self._symbolize(space, site)
+                site_name = sym or text.partition(" ")[2] or text
         akey = (fidx, raw)
         args = space.args_cache.get(akey)
         if args is None:        # the same arguments come again and again (a loop's tp)
@@ -947,7 +971,7 @@ class Session:
                             names[0], names[1],
                             self._stack_text(space, stack) if stack is not None else None,
                             space.timens is not None and func.plain in _NS_READS
-                            and args.get("clockid") in _NS_CLOCKS))
+                            and args.get("clockid") in _NS_CLOCKS, site_name if site else None))
 
     def _syscall_done(self, th: _Thread, space: _Space, p: _Pending, ret: int | None,
                       t1: int) -> None:
@@ -1025,6 +1049,66 @@ class Session:
             return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth))
         except (ElfError, MemoryReadError):
             return ()
+
+    def _site(self, space: _Space, th: _Thread, ret: int, entry_sp: int, window: bytes,
+              wbase: int) -> int:
+        """The return address of the first frame outside the C library, for a call entered
+        with sp = entry_sp ([entry_sp] = ret): ret itself, unless the C library made the call
+        (its clock_gettime wrapper): then the next frames' return addresses, found with the
+        CFI of each return address (cached per address: its row is fixed), read from
+        `window` (the stack bytes at wbase) when they are in it. 0 when unknown."""
+        rules = space.site_rules
+        word = space.abi.word
+        sp = entry_sp + word               # the caller's sp after the call returns
+        for _ in range(_SITE_FRAMES):
+            rule = rules[ret] if ret in rules else self._site_rule(space, ret)
+            if rule is _OUTSIDE:
+                return ret
+            if rule is None:
+                return self._site_unwound(space, th, entry_sp)
+            cfa = sp + rule[0]
+            slot = cfa + rule[1]
+            off = slot - wbase
+            if 0 <= off and off + word <= len(window):
+                ret = int.from_bytes(window[off:off + word], "little")
+            else:
+                try:
+                    ret = space.mem.read_word(slot, word)
+                except MemoryReadError:
+                    return 0
+            sp = cfa
+        return 0
+
+    def _site_rule(self, space: _Space, ret: int) -> tuple[int, int] | None:
+        mm = self._modules(space, ret)
+        module = mm.module_at(ret)
+        rule: tuple[int, int] | None = _OUTSIDE
+        if module is not None and is_c_library(module.short_name):
+            rule = None
+            found = mm.frame_rule(ret - 1)
+            row = found[1] if found is not None else None
+            arch = ARCHES[space.abi.name]
+            if row is not None and row.offsets is not None and row.cfa_reg == arch.sp:
+                ra = [off for reg, off in row.offsets if reg == arch.ra]
+                if ra:
+                    rule = (row.cfa_offset, ra[0])
+        rules = space.site_rules
+        if len(rules) > 65536:
+            rules.clear()
+        rules[ret] = rule
+        return rule
+
+    def _site_unwound(self, space: _Space, th: _Thread, entry_sp: int) -> int:
+        """The site through a full unwind (a C library frame whose CFA is not sp-based)."""
+        try:
+            entry_pc = space.base   # any vDSO address: the walk starts from [sp]
+            for a in self._stack(space, th, _SITE_FRAMES + 1, entry_pc, entry_sp):
+                module = self._modules(space, a).module_at(a)
+                if module is None or not is_c_library(module.short_name):
+                    return a
+        except (ElfError, MemoryReadError):
+            pass
+        return 0
 
     def _stack_text(self, space: _Space, addrs: tuple[int, ...]) -> tuple[str, ...]:
         frames = space.frames

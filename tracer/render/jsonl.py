@@ -40,7 +40,8 @@ def event_dict(e: Event) -> dict[str, Any]:
              "out": {k: to_json_value(v) for k, v in e.out.items()},
              "fallback": e.fallback, "fallback_reason": e.fallback_reason,
              "duration_ns": e.duration_ns, "caller": e.caller_text,
-             "caller_addr": _hex(e.caller), "caller_symbol": e.caller_symbol}
+             "caller_addr": _hex(e.caller), "caller_symbol": e.caller_symbol,
+             "site": e.site}
         if e.stack is not None:
             d["stack"] = list(e.stack)
         if e.ns_relative:
@@ -177,7 +178,8 @@ def format_call(e: CallEvent) -> str:
             f'"errno": {_q(e.errno) if e.errno else "null"}, "out": {{{out}}}, '
             f'"fallback": {"true" if e.fallback else "false"}, '
             f'"fallback_reason": {_q(e.fallback_reason) if e.fallback_reason else "null"}, '
-            f'"duration_ns": {e.duration_ns}{caller}')
+            f'"duration_ns": {e.duration_ns}{caller}, "site": '
+            f'{_q(e.site) if e.site is not None else "null"}')
     if e.stack is not None:
         line += ', "stack": ' + json.dumps(list(e.stack))
     if e.ns_relative:
