@@ -81,6 +81,7 @@ class SyscallEvent:
     duration_ns: int
     nested_in: str | None             # the vDSO function that fell back into this call
     strings: dict[int, bytes] | None = None   # argument index -> its string or buffer (prefix)
+    cut: tuple[int, ...] = ()         # indexes of strings longer than shown (strace's `...`)
 
 
 @dataclass(frozen=True, slots=True)

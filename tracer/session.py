@@ -25,7 +25,8 @@ from tracer.auxv import auxv_from_stack, find, parse_auxv
 from tracer.breakpoints import ENTRY, EXIT, RET, Patcher
 from tracer.consts import AuxType
 from tracer.decoders import Decoder, errno_name, for_function, out_decoder, out_size
-from tracer.decoders.syscalls import STRING_ARGS, read_entry_strings, read_exit_strings
+from tracer.decoders.syscalls import (STRING_ARGS, clip_strings, read_entry_strings,
+                                      read_exit_strings)
 from tracer.disasm import gateway as find_gateway
 from tracer.errors import (AuxvError, ElfError, MemoryReadError, MemoryWriteError,
                            ProcessGone, TracerError, UnknownFunction, UsageError, VdsoError)
@@ -57,6 +58,7 @@ _RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")
 _AUDIT_ABI = {0xC000003E: X86_64, 0x40000003: I386}   # include/uapi/linux/audit.h AUDIT_ARCH_*
 _WINDOW = 256           # bytes read from sp at a stub's stop (its block + the caller's locals)
 _OUTSIDE = (0, 0)       # site rule: the caller is not in the C library, it is the site
+_MISSING = (-1, -1)     # not in the site rule cache yet
 _SITE_FRAMES = 4        # C library frames crossed to find the site (musl: time -> clock_gettime)
 # Clocks a time namespace offsets (kernel/time/namespace.c: CLOCK_MONOTONIC and
 # CLOCK_BOOTTIME, and the clocks derived from them).
@@ -123,6 +125,7 @@ class TraceOptions:
     pin: bool = True
     duration: float | None = None
     demangle: bool = True                # C++/Rust symbol names as their source spells them
+    string_size: int = 32                # -s: bytes of a buffer shown (strace's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -824,7 +827,7 @@ class Session:
             caller = 0
             name = syscalls_i386.NAMES.get(args[6])
             if name in STRING_ARGS:     # paths and written buffers, read before they change
-                strs = read_entry_strings(name, args, space.mem.read)
+                strs = read_entry_strings(name, args, space.mem.read, self.options.string_size)
             # A vDSO function that calls the gateway has fallen back into the kernel (its
             # call site is a fallback int3 too, which marks calls made through a stub).
             if th.pending and not space.is_gateway[th.pending[-1].func]:
@@ -894,7 +897,8 @@ class Session:
         elif p is not None:
             name = syscalls_i386.NAMES.get(p.args[6])
             if name in STRING_ARGS:     # what read() filled in, before the thread runs on
-                got = read_exit_strings(name, p.args, abi.signed(ret), space.mem.read)
+                got = read_exit_strings(name, p.args, abi.signed(ret), space.mem.read,
+                                        self.options.string_size)
                 if got:
                     p.strs = {**(p.strs or {}), **got}
         buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
@@ -990,9 +994,10 @@ class Session:
             nested = space.patcher.funcs[th.fb_marks[-1][1]].plain
         name = syscalls_i386.NAMES.get(nr, f"syscall_{nr}")
         nargs = syscalls_i386.NARGS.get(nr, 6)
+        strs, cut = clip_strings(name, p.strs, self.options.string_size) if p.strs else (None, ())
         self._emit(SyscallEvent(space.pid, th.tid, p.t0 / 1e9 + self._mono_to_epoch, nr, name,
                                 p.args[:nargs], ret, errno_name(ret) if ret is not None else None,
-                                t1 - p.t0, nested, p.strs or None))
+                                t1 - p.t0, nested, strs, cut))
 
     def _modules(self, space: _Space, addr: int) -> ModuleMap:
         """The space's module map, rebuilt when addr is not in it (a library loaded since),
@@ -1058,25 +1063,29 @@ class Session:
         CFI of each return address (cached per address: its row is fixed), read from
         `window` (the stack bytes at wbase) when they are in it. 0 when unknown."""
         rules = space.site_rules
+        rule = rules.get(ret, _MISSING)
+        if rule is _OUTSIDE:
+            return ret                      # the common case: called from outside libc
         word = space.abi.word
-        sp = entry_sp + word               # the caller's sp after the call returns
+        sp = entry_sp + word                # the caller's sp after the call returns
         for _ in range(_SITE_FRAMES):
-            rule = rules[ret] if ret in rules else self._site_rule(space, ret)
+            if rule is _MISSING:
+                rule = self._site_rule(space, ret)
             if rule is _OUTSIDE:
                 return ret
             if rule is None:
                 return self._site_unwound(space, th, entry_sp)
             cfa = sp + rule[0]
-            slot = cfa + rule[1]
-            off = slot - wbase
-            if 0 <= off and off + word <= len(window):
+            off = cfa + rule[1] - wbase
+            if 0 <= off <= len(window) - word:
                 ret = int.from_bytes(window[off:off + word], "little")
             else:
                 try:
-                    ret = space.mem.read_word(slot, word)
+                    ret = space.mem.read_word(cfa + rule[1], word)
                 except MemoryReadError:
                     return 0
             sp = cfa
+            rule = rules.get(ret, _MISSING)
         return 0
 
     def _site_rule(self, space: _Space, ret: int) -> tuple[int, int] | None:
@@ -1901,7 +1910,8 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
     from tracer.render.output import open_output
     opts = TraceOptions(funcs=ns.funcs, follow_forks=ns.follow_forks, signals=ns.signals,
                         stack_depth=ns.stack, inject=ns.inject, pin=ns.pin,
-                        duration=ns.duration, demangle=ns.demangle)
+                        duration=ns.duration, demangle=ns.demangle,
+                        string_size=ns.string_size)
     if ns.inject and ns.follow_forks:
         raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
                          "drop -f, or trace without --inject")

@@ -7,6 +7,7 @@ from typing import Any
 from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
                            ExitEvent, NoticeEvent, SignalEvent, SigreturnEvent, SyscallEvent,
                            Timespec, Timeval, Timezone, Unreadable, Value)
+from tracer.render.escape import quote_bytes
 
 __all__ = ["to_json_value", "event_dict", "format_event", "format_call"]
 
@@ -51,7 +52,8 @@ def event_dict(e: Event) -> dict[str, Any]:
         return {"event": "syscall", "pid": e.pid, "tid": e.tid, "time": e.time, "nr": e.nr,
                 "name": e.name, "args": list(e.args), "ret": e.ret, "errno": e.errno,
                 "duration_ns": e.duration_ns, "nested_in": e.nested_in,
-                **({"strings": {str(i): v.decode("utf-8", "backslashreplace")
+                # strace's form of each string: quoted, C escapes, `...` after a cut one
+                **({"strings": {str(i): quote_bytes(v, len(v)) + ("..." if i in e.cut else "")
                                 for i, v in e.strings.items()}} if e.strings else {})}
     if isinstance(e, AttachEvent):
         return {"event": "attach", "pid": e.pid, "tid": e.tid, "time": e.time,

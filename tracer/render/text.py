@@ -4,6 +4,7 @@ from __future__ import annotations
 from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
                            ExitEvent, NoticeEvent, SignalEvent, SigreturnEvent, SyscallEvent,
                            Timespec, Timeval, Timezone, Unreadable, Value)
+from tracer.render.escape import quote_bytes
 from tracer.tables.errnos import Errno
 
 __all__ = ["format_value", "format_event", "format_call"]
@@ -68,24 +69,6 @@ def format_call(e: CallEvent, timing: bool = False) -> str:
     return line
 
 
-def _quote(data: bytes, limit: int = 32) -> str:
-    """strace's string form: C escapes, printable ASCII as is, `...` past the limit."""
-    out = []
-    for b in data[:limit]:
-        c = chr(b)
-        if c in '"\\':
-            out.append("\\" + c)
-        elif c == "\n":
-            out.append("\\n")
-        elif c == "\t":
-            out.append("\\t")
-        elif 32 <= b < 127:
-            out.append(c)
-        else:
-            out.append(f"\\{b:o}")
-    return '"' + "".join(out) + '"' + ("..." if len(data) > limit else "")
-
-
 def _sysarg(a: int) -> str:
     """A raw i386 system-call argument: small negatives (AT_FDCWD, -1) signed, pointers in
     hex, the rest (descriptors, pids, lengths, flags) in decimal."""
@@ -99,8 +82,8 @@ def format_event(e: Event, timing: bool = False) -> str:
         return format_call(e, timing)
     if isinstance(e, SyscallEvent):
         strs = e.strings or {}
-        args = ", ".join(_quote(strs[i]) if i in strs else _sysarg(a)
-                         for i, a in enumerate(e.args))
+        args = ", ".join(quote_bytes(strs[i], len(strs[i])) + ("..." if i in e.cut else "")
+                         if i in strs else _sysarg(a) for i, a in enumerate(e.args))
         ret = "?" if e.ret is None else str(e.ret)
         if e.errno:
             ret += f" {e.errno} ({_strerror(e.errno)})"
