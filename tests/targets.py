@@ -386,7 +386,7 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 def vdso_range(pid: int) -> tuple[int, int]:
     """[start, end) of the [vdso] mapping of PID."""
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/maps").read_text(errors="surrogateescape").split("\n"):
         if line.endswith("[vdso]"):
             lo, hi = line.split()[0].split("-")
             return int(lo, 16), int(hi, 16)
@@ -415,7 +415,7 @@ def _task_states(pid: int) -> list[str]:
     states = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
+            stat = (task / "stat").read_text(errors="surrogateescape")
         except OSError:
             continue
         states.append(stat.rsplit(")", 1)[1].split()[0])

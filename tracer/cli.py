@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[ns.command](ns)
     except TracerError as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
+        from tracer.render.escape import escape_text
+        # one line; a task's comm or a path in it is the tracee's: escaped
+        sys.stderr.write(f"{PROG}: {escape_text(str(e))}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

@@ -493,7 +493,8 @@ class ObjectFile:
                 if stype not in (_STT_FUNC, _STT_GNU_IFUNC, _STT_OBJECT) or shndx == _SHN_UNDEF or value == 0:
                     continue
                 end = strtab.find(b"\0", st_name)
-                name = strtab[st_name:end if end >= 0 else None].decode("utf-8", "replace")
+                # as the bytes were (an invalid byte a lone surrogate), escaped on output
+                name = strtab[st_name:end if end >= 0 else None].decode("utf-8", "surrogateescape")
                 if name:
                     out.append(Symbol(name, value, size, stype != _STT_OBJECT, bind))
         return out
@@ -649,10 +650,12 @@ class MapRegion:
 
 
 def parse_maps(text: str) -> list[MapRegion]:
-    return [MapRegion.parse(line) for line in text.splitlines() if line.strip()]
+    # split at "\n" only: the kernel escapes it in paths (seq_path), not \x1c or \x85
+    return [MapRegion.parse(line) for line in text.split("\n") if line.strip()]
 
 
 _DELETED_SUFFIX: Final = " (deleted)"
+_MAPS_NEWLINE: Final = "\\012"
 
 
 @dataclass(frozen=True, slots=True)
@@ -736,7 +739,8 @@ class ModuleMap:
     @classmethod
     def from_pid(cls, pid: int, vdso_image: bytes | None = None,
                  demangle: bool = True) -> ModuleMap:
-        with open(f"/proc/{pid}/maps") as f:
+        # paths are bytes: decoded as os.fsdecode does, so they open the same files again
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
             return cls(parse_maps(f.read()), vdso_image, root=f"/proc/{pid}/root",
                        demangle=demangle)
 
@@ -789,7 +793,14 @@ class ModuleMap:
         try:
             obj = self.loader(self.root + path, region.inode or None)
         except ElfError:
-            return self._intern(Module(path, short, region.start - region.offset, None))
+            # The maps show a newline in a path as "\012" (fs/proc/task_mmu.c: seq_file_path
+            # with "\n" escaped); the inode check makes sure the file found is the one mapped.
+            if _MAPS_NEWLINE not in path:
+                return self._intern(Module(path, short, region.start - region.offset, None))
+            try:
+                obj = self.loader(self.root + path.replace(_MAPS_NEWLINE, "\n"), region.inode or None)
+            except ElfError:
+                return self._intern(Module(path, short, region.start - region.offset, None))
         siblings = [(r.start, r.offset, r.perms) for r in self.regions
                     if r.path == path and r.inode == region.inode and r is not region]
         bias = obj.load_bias(region.start, region.offset, region.perms, siblings)

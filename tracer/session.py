@@ -80,7 +80,7 @@ _FAST_CLOCKSOURCES = frozenset({"tsc", "kvm-clock", "hyperv_clocksource_tsc_page
 def _caught(pid: int, tid: int, sig: int) -> bool:
     """Has the thread's process a handler for `sig` (SigCgt in /proc/PID/task/TID/status)?"""
     try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
+        with open(f"/proc/{pid}/task/{tid}/status", errors="surrogateescape") as f:
             for line in f:
                 if line.startswith("SigCgt:"):
                     return bool(int(line.split()[1], 16) >> (sig - 1) & 1)

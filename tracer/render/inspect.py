@@ -7,6 +7,7 @@ from typing import Any
 from tracer.disasm import Gateway, Insn
 from tracer.inspect import AuxvReport, VdsoMapping
 from tracer.procfs import MapEntry
+from tracer.render.escape import escape_text
 from tracer.vdso import VdsoImage
 
 __all__ = ["auxv_json", "auxv_text", "vdso_json", "vdso_text", "disas_text", "maps_text"]
@@ -29,7 +30,7 @@ def auxv_text(pid: int, abi: str, rep: AuxvReport) -> str:
         lines.append(f"warning: the stack copy differs from the kernel's for {', '.join(rep.mismatch)}")
     width = max((len(e.name) for e in rep.entries), default=10)
     for e in rep.entries:
-        lines.append(f"{e.name:<{width}}  {e.text}")
+        lines.append(f"{e.name:<{width}}  {escape_text(e.text)}")
     return "\n".join(lines)
 
 
@@ -98,5 +99,6 @@ def maps_text(maps: list[MapEntry]) -> str:
             mark = "   <- vDSO data (unreadable through ptrace)"
         elif m.path.startswith("[vdsotrace"):
             mark = "   <- vdsotrace"
-        out.append(f"{m.start:012x}-{m.end:012x} {m.perms} {m.offset:08x} {m.path}{mark}")
+        out.append(f"{m.start:012x}-{m.end:012x} {m.perms} {m.offset:08x} "
+                   f"{escape_text(m.path)}{mark}")
     return "\n".join(out)
