@@ -241,6 +241,7 @@ class _Space:
     # frame's sp, return address offset from the CFA) for the C library's sp-based frames,
     # or None (a full unwind)
     site_rules: dict[int, tuple[int, int] | None] = field(default_factory=dict)
+    site_names: dict[int, str] = field(default_factory=dict)   # address -> -c's site name
 
 
 def _fidx_by_name(space: _Space) -> dict[str, int]:
@@ -264,33 +265,49 @@ class _Thread:
 
 
 _MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
+OTHER_SITES = "(other sites)"   # the -c row that counts the sites the table let go
 
 
 class _Counter:
-    """Aggregates for -c: never per-event data, so a long trace stays in constant memory."""
-    __slots__ = ("calls", "fallbacks", "errors", "total_ns", "reasons", "sites", "paths")
+    """Aggregates for -c: never per-event data, so a long trace stays in constant memory.
+    Sites and paths are keyed by their names (`prog!main+0x2a`): named while the process
+    exists, they outlive it, and the same site in many forked children is one row."""
+    __slots__ = ("calls", "fallbacks", "errors", "total_ns", "reasons", "sites", "paths",
+                 "other")
 
     def __init__(self) -> None:
         self.calls = self.fallbacks = self.errors = self.total_ns = 0
         self.reasons: dict[str, int] = {}
-        self.sites: dict[tuple[int, int], list[int]] = {}   # (pid, return address) -> [calls, ns]
-        self.paths: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+        self.sites: dict[str, list[int]] = {}              # site -> [calls, ns]
+        self.paths: dict[tuple[str, ...], list[int]] = {}  # frames -> [calls, ns]
+        self.other = [0, 0, 0, 0]      # sites' calls and ns, paths' calls and ns, let go
 
-    def add_site(self, pid: int, caller: int, stack: tuple[int, ...] | None, dur: int) -> None:
-        _bump(self.sites, (pid, caller), dur)
-        if stack:
-            _bump(self.paths, (pid, stack), dur)
+    def add_site(self, site: str, path: tuple[str, ...] | None, dur: int) -> None:
+        row = self.sites.get(site)
+        if row is None:
+            if len(self.sites) >= _MAX_KEYS:
+                _prune(self.sites, self.other, 0)
+            row = self.sites[site] = [0, 0]
+        row[0] += 1
+        row[1] += dur
+        if path:
+            row = self.paths.get(path)
+            if row is None:
+                if len(self.paths) >= _MAX_KEYS:
+                    _prune(self.paths, self.other, 2)
+                row = self.paths[path] = [0, 0]
+            row[0] += 1
+            row[1] += dur
 
 
-def _bump(table: dict[Any, list[int]], key: Any, dur: int) -> None:
-    """[calls, ns] += [1, dur]; a full table takes no new keys (memory stays bounded)."""
-    row = table.get(key)
-    if row is None:
-        if len(table) >= _MAX_KEYS:
-            return
-        row = table[key] = [0, 0]
-    row[0] += 1
-    row[1] += dur
+def _prune(table: dict[Any, list[int]], other: list[int], at: int) -> None:
+    """Keep the hottest half of a full table; count the rest in other[at:at + 2]. A site
+    seen again starts over, so the table holds the sites hot now and in the long run."""
+    rows = sorted(table.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+    for key, (n, ns) in rows[:len(rows) // 2]:
+        other[at] += n
+        other[at + 1] += ns
+        del table[key]
 
 
 class Session:
@@ -324,8 +341,6 @@ class Session:
         self._inject_stats: dict[str, Any] = {}    # --inject -c: per-function counts
         self.lost_records = 0          # --inject: calls the ring could not hold (or corrupt)
         self._dead: dict[int, _Thread] = {}    # --inject: exited threads, for late records
-        self._last_modules: dict[int, ModuleMap] = {}   # outlive the spaces, for -c names
-        self._site_names: dict[tuple[int, int], str] = {}
 
     def tick(self) -> None:
         """Async-signal and thread safe: ask the loop to flush, run queued calls and check
@@ -937,17 +952,13 @@ class Session:
             return
         pid = space.pid
         # -c's call sites: who called (under --inject, which does not find the site, the
-        # return address)
+        # return address), named now, while the process (and /proc/PID/root) exists
         key = site or caller
-        site_name = None
-        if (pid, key) not in c.sites:
-            # name it now, while the process (and /proc/PID/root) exists: -c reports it later
-            text, sym = self._symbolize(space, key)
-            self._site_names[(pid, key)] = site_name = sym or text.partition(" ")[2] or text
-        if stack and (pid, stack) not in c.paths:
-            for a, entry in zip(stack, self._stack_text(space, stack)):
-                self._site_names.setdefault((pid, a), entry.partition(" ")[2] or entry)
-        c.add_site(pid, key, stack, dur)
+        site_name = space.site_names.get(key) or self._site_name(space, key)
+        path = None
+        if stack:
+            path = tuple([e.partition(" ")[2] or e for e in self._stack_text(space, stack)])
+        c.add_site(site_name, path, dur)
         th.last_call = (fidx, caller, stack, fallback, reason)
         if self.summary_only:
             return
@@ -959,11 +970,6 @@ class Session:
                 out[spec.name] = (out_decoder(spec.layout, abi)(data) if data is not None
                                   else Unreadable(addr))
         names = space.names.get(caller) or self._symbolize(space, caller)
-        if site and site_name is None:
-            site_name = self._site_names.get((pid, site))
-            if site_name is None:
-                text, sym = self._symbolize(space, site)
-                site_name = sym or text.partition(" ")[2] or text
         akey = (fidx, raw)
         args = space.args_cache.get(akey)
         if args is None:        # the same arguments come again and again (a loop's tp)
@@ -1011,9 +1017,10 @@ class Session:
         except OSError:
             mm = ModuleMap([], space.image.data, demangle=self.options.demangle)
         space.modules, space.modules_time = mm, now
-        self._last_modules[space.pid] = mm
         space.names.clear()
         space.frames.clear()
+        space.site_names.clear()
+        space.site_rules.clear()
         if mm.region_at(addr) is None:
             if len(space.unmapped) > 4096:
                 space.unmapped.clear()
@@ -1054,6 +1061,15 @@ class Session:
             return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth))
         except (ElfError, MemoryReadError):
             return ()
+
+    def _site_name(self, space: _Space, addr: int) -> str:
+        """`prog!main+0x2a` (or `prog+0x1234`, or the address) for -c and `site`."""
+        text, sym = self._symbolize(space, addr)
+        name = sym or text.partition(" ")[2] or text
+        if len(space.site_names) > 65536:
+            space.site_names.clear()
+        space.site_names[addr] = name
+        return name
 
     def _site(self, space: _Space, th: _Thread, ret: int, entry_sp: int, window: bytes,
               wbase: int) -> int:
@@ -1824,23 +1840,16 @@ class Session:
             if c.reasons:
                 reasons[name] = dict(c.reasons)
             hot = sorted(c.sites.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
-            sites[name] = [(self._name_site(pid, addr), n, ns) for (pid, addr), (n, ns) in hot]
+            sites[name] = [(site, n, ns) for site, (n, ns) in hot]
+            if c.other[0]:
+                sites[name].append((OTHER_SITES, c.other[0], c.other[1]))
             hotp = sorted(c.paths.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
-            paths[name] = [(tuple(self._name_site(pid, a) for a in stack), n, ns)
-                           for (pid, stack), (n, ns) in hotp]
+            paths[name] = [(frames, n, ns) for frames, (n, ns) in hotp]
+            if c.other[2]:
+                paths[name].append(((OTHER_SITES,), c.other[2], c.other[3]))
         unused = [r.func for r in rows if not r.calls]
         return Summary(rows, reasons, sites, paths, unused, self._diagnosis(rows, reasons),
                        self.lost_records)
-
-    def _name_site(self, pid: int, addr: int) -> str:
-        known = self._site_names.get((pid, addr))
-        if known is not None:
-            return known
-        mm = self._last_modules.get(pid)
-        loc = mm.locate(addr) if mm is not None else None
-        if loc is None:
-            return f"{addr:#x}"
-        return loc.caller_symbol or loc.caller
 
     def _diagnosis(self, rows: list[FuncStats], reasons: dict[str, dict[str, int]]) -> str | None:
         calls = sum(r.calls for r in rows if r.func != GATEWAY_SYMBOL)
