@@ -75,15 +75,16 @@ def _attach_text(hostile: tuple[Path, Path, Path], tmp_path: Path, *args: str) -
 @pytest.mark.parametrize("engine", [[], ["--inject"]], ids=["stops", "inject"])
 def test_attach_text_escaped(hostile: tuple[Path, Path, Path], tmp_path: Path,
                              engine: list[str]) -> None:
-    data = _attach_text(hostile, tmp_path, "-e", "clock_gettime", "--stack", *engine)
+    data = _attach_text(hostile, tmp_path, "-e", "clock_gettime,time", "--stack", *engine)
     _check_text(data, "trace --stack")
     assert data.count(b"clock_gettime(CLOCK_MONOTONIC") == 3, data
+    assert data.count(b"time(NULL)") == 1, data     # from a page mapped mid-trace
     if not engine:       # the stop-based engine unwinds: the hostile caller, escaped
         assert b"prog!e\\33]0;pwned\\7\\33[2J\\n[pid 1] forged\\377\\233" in data, data
 
 
 def test_summary_site_escaped(hostile: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    data = _attach_text(hostile, tmp_path, "-e", "clock_gettime", "-c")
+    data = _attach_text(hostile, tmp_path, "-e", "clock_gettime,time", "-c")
     _check_text(data, "trace -c")
     assert b"3 calls" in data and b"forged\\377" in data, data
 
@@ -99,7 +100,7 @@ def test_exec_path_text_and_json(hostile: tuple[Path, Path, Path], tmp_path: Pat
     if via_exec:
         cmd = ["/bin/sh", "-c", 'exec "$0" "$@"', *cmd]
     out = tmp_path / "exec.txt"
-    r = T.run_tracer(["trace", "-o", str(out), "-e", "clock_gettime", *engine, "--", *cmd],
+    r = T.run_tracer(["trace", "-o", str(out), "-e", "clock_gettime,time", *engine, "--", *cmd],
                      timeout=60)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     data = out.read_bytes()
@@ -107,8 +108,9 @@ def test_exec_path_text_and_json(hostile: tuple[Path, Path, Path], tmp_path: Pat
     if via_exec:
         assert b"--- exec " in data and b"forged dir\\377/prog" in data, data
     assert data.count(b"clock_gettime(CLOCK_MONOTONIC") == 3, data
+    assert data.count(b"time(NULL)") == 1, data
     jout = tmp_path / "exec.jsonl"
-    r = T.run_tracer(["trace", "--json", "-o", str(jout), "-e", "clock_gettime", *engine,
+    r = T.run_tracer(["trace", "--json", "-o", str(jout), "-e", "clock_gettime,time", *engine,
                       "--", *cmd], timeout=60)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     raw = jout.read_bytes()
@@ -117,8 +119,9 @@ def test_exec_path_text_and_json(hostile: tuple[Path, Path, Path], tmp_path: Pat
     execs = [e for e in evs if e["event"] == "exec"]
     if via_exec:
         assert execs and os.fsencode(execs[0]["filename"]).endswith(DIR_NAME + b"/prog")
-    calls = [e for e in evs if e["event"] == "call"]
+    calls = [e for e in evs if e["event"] == "call" and e["func"] == "clock_gettime"]
     assert len(calls) == 3
+    assert len([e for e in evs if e["event"] == "call" and e["func"] == "time"]) == 1
     if not engine:
         assert calls[0]["site"].startswith("prog!" + os.fsdecode(EVIL))
 

@@ -4,8 +4,10 @@
    and runs it from a directory whose name does the same.
 
    hostile RECORD MAP1 MAP2 [N] [nowait]: maps MAP1 (read + exec) before its ready line,
-   waits for one byte on stdin (unless "nowait"), maps MAP2 (mid-trace), calls the hostile
-   function N times (each reads CLOCK_MONOTONIC) and writes {"calls": N} to RECORD. */
+   waits for one byte on stdin (unless "nowait"), maps MAP2 (mid-trace), calls time() once
+   from a new anonymous page (a caller in no known mapping: the tracer reads the maps again,
+   MAP2 in them), calls the hostile function N times (each reads CLOCK_MONOTONIC) and
+   writes {"calls": N} to RECORD. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdio.h>
@@ -50,7 +52,15 @@ int main(int argc, char **argv)
             return 3;
     }
     map_file(argv[3]);
-    long s = 0;
+    /* push %rbx; mov %rdi,%rbx; xor %edi,%edi; call *%rbx; pop %rbx; ret: time(NULL) from
+       here (glibc resolves time straight to the vDSO) */
+    unsigned char *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE | PROT_EXEC,
+                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (page == MAP_FAILED)
+        return 5;
+    memcpy(page, "\x53\x48\x89\xfb\x31\xff\xff\xd3\x5b\xc3", 10);
+    long (*call_time)(time_t (*)(time_t *)) = (long (*)(time_t (*)(time_t *)))page;
+    long s = call_time(time) & 0;
     for (int i = 0; i < n; i++)
         s += HOSTILE_NAME_PLACEHOLDER_0123456789abcdef();
     FILE *f = fopen(argv[1], "w");
