@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,21 +26,32 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+# Linux keeps a process's peak RSS across exec (fs/exec.c: setmax_mm_hiwater_rss), and a
+# child forked from this (large) pytest process starts with pytest's: the tracer is started
+# by a small Python that reports the tracer's own ru_maxrss (KiB) from wait4.
+_MEASURE = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+p.returncode = 0
+print(usage.ru_maxrss, status)
+"""
+
+
 def _peak_rss(args: list[str], out: Path, timeout: float = 600) -> tuple[int, str]:
     """Run the tracer to its end; (its peak RSS in KiB, its -c report)."""
     argv = T._tracer_argv(["trace", "-c", "-o", str(out), "-e", "clock_gettime", *args])
-    p = subprocess.Popen(argv, cwd=T.REPO, env=T.tracer_env(), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    watchdog = threading.Timer(timeout, p.kill)
-    watchdog.start()
     try:
-        _, status, usage = os.wait4(p.pid, 0)       # the rusage of this one process
-    finally:
-        watchdog.cancel()
-        p.returncode = 0                            # reaped here: Popen must not wait
+        r = subprocess.run([sys.executable, "-c", _MEASURE, *argv], cwd=T.REPO,
+                           env=T.tracer_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`{' '.join(argv)}` did not end within {timeout} s")
+    assert r.returncode == 0, r.stderr
+    peak, status = (int(w) for w in r.stdout.split())
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, \
-        f"`{' '.join(argv)}` ended with status {status:#x} (killed after {timeout} s?)"
-    return usage.ru_maxrss, out.read_text()
+        f"`{' '.join(argv)}` ended with status {status:#x}"
+    return peak, out.read_text()
 
 
 def test_followed_children_do_not_accumulate(built: Path, tmp_path: Path) -> None:

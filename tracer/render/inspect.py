@@ -61,7 +61,7 @@ def vdso_json(image: VdsoImage, base: int, size: int, gw: Gateway | None,
 def vdso_text(image: VdsoImage, base: int, size: int, gw: Gateway | None,
               mapping: VdsoMapping | None = None) -> str:
     lines = [
-        f"{image.soname or 'vDSO'} ({image.abi.name}) at {base:#x}, {size} bytes mapped, "
+        f"{escape_text(image.soname or 'vDSO')} ({image.abi.name}) at {base:#x}, {size} bytes mapped, "
         f"{image.image_size} bytes of image",
         f"build-id {image.build_id or '(none)'}, Linux {image.linux_version or '?'}",
     ]
@@ -73,7 +73,9 @@ def vdso_text(image: VdsoImage, base: int, size: int, gw: Gateway | None,
     lines.append("")
     lines.append(f"{'offset':>8} {'size':>6}  {'version':<10} {'bind':<6} name")
     for sym in sorted(image.symbols, key=lambda x: (x.value, x.bind != "GLOBAL", x.name)):
-        lines.append(f"{sym.value:8x} {sym.size:6}  {sym.version or '':<10} {sym.bind:<6} {sym.name}")
+        # the image is read from the tracee, which can rewrite its vDSO: names escaped
+        lines.append(f"{sym.value:8x} {sym.size:6}  {escape_text(sym.version or ''):<10} "
+                     f"{sym.bind:<6} {escape_text(sym.name)}")
     return "\n".join(lines)
 
 
