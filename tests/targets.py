@@ -405,7 +405,7 @@ def read_vdso(pid: int) -> bytes:
 
 def tracer_pid(pid: int, tid: int | None = None) -> int:
     path = f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status"
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(errors="surrogateescape").split("\n"):
         if line.startswith("TracerPid:"):
             return int(line.split()[1])
     raise AssertionError(f"no TracerPid in {path}")

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,41 @@ def test_inspection_commands(hostile: tuple[Path, Path, Path], tmp_path: Path) -
         assert "forged dir\\377/prog" in r.stdout, r.stdout
     finally:
         proc.popen.send_signal(signal.SIGKILL)
+
+
+def test_console_escapes(hostile: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """The console: attach (the comm in its message and toolbar), maps, info threads, the
+    event stream, bt, callers, and an error naming the process."""
+    from tracer.console.commands import Console
+    lines: list[str] = []
+    c = Console(lines.append, color=False)
+    proc = _start(hostile, tmp_path)
+    try:
+        c.execute(f"attach {proc.pid}")
+        assert c.state.attached, lines
+        c.execute("maps")
+        c.execute("info threads")
+        c.execute("break clock_gettime")
+        c.execute("continue")
+        T.go(proc)
+        rc, _, err = proc.finish()
+        assert rc == 0, err
+        shown: list[str] = []
+        for _ in range(100):
+            shown.extend(c.drain())
+            if sum("clock_gettime(CLOCK_MONOTONIC" in ln for ln in shown) >= 3:
+                break
+            time.sleep(0.05)
+        assert sum("clock_gettime(CLOCK_MONOTONIC" in ln for ln in shown) == 3, shown
+        c.execute("bt")
+        c.execute("callers")
+        text = "\n".join(lines + shown + [c.state.comm])
+        assert "\\33]0;t\\7\\n\\377comm" in text, text
+        # the maps show the newline as \012 (and the backslash is escaped)
+        assert "map\\377\\376\\33[2J\\\\012[pid 1] forged map.dat" in text, text
+        assert "forged\\377\\233" in text, text           # callers: the site
+        _check_text(text.encode(errors="surrogateescape"), "console")
+    finally:
+        c.shutdown()
+        if proc.popen.poll() is None:
+            proc.popen.kill()

@@ -3,7 +3,8 @@
    title, clear the screen and forge a trace line (ESC, BEL, a newline, invalid UTF-8),
    and runs it from a directory whose name does the same.
 
-   hostile RECORD MAP1 MAP2 [N] [nowait]: maps MAP1 (read + exec) before its ready line,
+   hostile RECORD MAP1 MAP2 [N] [nowait]: maps MAP1 (read + exec) and names itself (comm)
+   with the same kind of bytes before its ready line,
    waits for one byte on stdin (unless "nowait"), maps MAP2 (mid-trace), calls time() once
    from a new anonymous page (a caller in no known mapping: the tracer reads the maps again,
    MAP2 in them), calls the hostile function N times (each reads CLOCK_MONOTONIC) and
@@ -14,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -44,6 +46,8 @@ int main(int argc, char **argv)
     int n = argc > 4 ? atoi(argv[4]) : 3;
     int wait = !(argc > 5 && strcmp(argv[5], "nowait") == 0);
     map_file(argv[2]);
+    /* a comm (15 bytes at most) that sets the title and starts a new line */
+    prctl(PR_SET_NAME, "\033]0;t\007\n\377comm", 0, 0, 0);
     printf("ready %d\n", (int)getpid());
     fflush(stdout);
     if (wait) {
