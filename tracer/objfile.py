@@ -700,9 +700,10 @@ FrameRule = tuple[int, "CfiRow | None"] | None
 
 _NO_MODULE: Final = Module("", "", 0, None)
 
-# The C libraries' file names: glibc (libc.so.6, libc-2.x.so), musl (libc.so, and its
-# dynamic linker ld-musl-ARCH.so.1, which is the same object).
-_C_LIBRARY_PREFIXES: Final = ("libc.so", "libc-", "ld-musl-")
+# The C libraries' file names: glibc (libc.so.6, libc-2.x.so, and librt, whose
+# clock_gettime wrapped libc's before glibc 2.17), musl (libc.so, and its dynamic linker
+# ld-musl-ARCH.so.1, which is the same object).
+_C_LIBRARY_PREFIXES: Final = ("libc.so", "libc-", "librt.so", "librt-", "ld-musl-")
 
 
 def is_c_library(short_name: str) -> bool:
