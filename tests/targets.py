@@ -419,7 +419,7 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 def vdso_range(pid: int) -> tuple[int, int]:
     """[start, end) of the [vdso] mapping of PID."""
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/maps").read_text(errors="surrogateescape").split("\n"):
         if line.endswith("[vdso]"):
             lo, hi = line.split()[0].split("-")
             return int(lo, 16), int(hi, 16)
@@ -438,7 +438,7 @@ def read_vdso(pid: int) -> bytes:
 
 def tracer_pid(pid: int, tid: int | None = None) -> int:
     path = f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status"
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(errors="surrogateescape").split("\n"):
         if line.startswith("TracerPid:"):
             return int(line.split()[1])
     raise AssertionError(f"no TracerPid in {path}")
@@ -448,7 +448,7 @@ def _task_states(pid: int) -> list[str]:
     states = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
+            stat = (task / "stat").read_text(errors="surrogateescape")
         except OSError:
             continue
         states.append(stat.rsplit(")", 1)[1].split()[0])

@@ -5,6 +5,7 @@ truncated, corrupted or random vectors get an AuxvError, nothing else."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from functools import cache
@@ -19,6 +20,7 @@ from tracer.auxv import (MAX_ENTRIES, AuxvEntry, aux_name, auxv_from_stack, deco
 from tracer.consts import AuxType, Hwcap2X86, HwcapX86
 from tracer.errors import AuxvError, MemoryReadError
 from tracer.inspect import AuxvReport
+from tracer.render.escape import escape_text
 from tracer.render.inspect import auxv_json, auxv_text
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -211,7 +213,11 @@ def test_random_on_an_unreadable_page_falls_back_to_the_address():
 def test_non_utf8_string():
     mem = FakeMemory()
     mem.map(0x9000, b"/tmp/\xff\xfe\0")
-    assert decode([(AuxType.AT_EXECFN, 0x9000)], mem.read)[0].text == "/tmp/\\xff\\xfe"
+    # kept as the bytes were (os.fsdecode's surrogateescape): the same file opens again,
+    # and the text output escapes it as strace does
+    text = decode([(AuxType.AT_EXECFN, 0x9000)], mem.read)[0].text
+    assert os.fsencode(text) == b"/tmp/\xff\xfe"
+    assert escape_text(text) == "/tmp/\\377\\376"
 
 
 def _stack(arch: str, base: int, argv: list[bytes], envp: list[bytes]) -> FakeMemory:

@@ -6,6 +6,7 @@ import json
 
 from tracer.events import (Addr, CallEvent, SyscallEvent, Timespec, Timeval, Timezone,
                            Unreadable)
+from tracer.decoders.syscalls import clip_strings
 from tracer.render import jsonl, text
 
 
@@ -49,15 +50,38 @@ def test_text_call_shape() -> None:
     assert t == "[pid 4712] time([1700000000]) = 1700000000"
 
 
+def test_clip_strings_size_and_marker() -> None:
+    strs, cut = clip_strings("write", {1: b"a" * 40}, 32)
+    assert strs == {1: b"a" * 32} and cut == (1,)
+    strs, cut = clip_strings("write", {1: b"a" * 32}, 32)
+    assert strs == {1: b"a" * 32} and cut == ()
+    strs, cut = clip_strings("openat", {1: b"/" * 100}, 8)     # paths: PATH_MAX, as strace
+    assert strs == {1: b"/" * 100} and cut == ()
+    strs, cut = clip_strings("write", {1: b"abcdef"}, 3)
+    e = SyscallEvent(1, 2, 1.0, 4, "write", (1, 0x8000000, 6), 6, None, 10, None, strs, cut)
+    assert text.format_event(e) == '[pid 2] write(1, "abc"..., 6) = 6'
+
+
+def test_invalid_byte_and_literal_escape_differ() -> None:
+    invalid = SyscallEvent(1, 2, 1.0, 4, "write", (1, 0x8000000, 1), 1, None, 1, None,
+                           {1: b"\xff"})
+    literal = SyscallEvent(1, 2, 1.0, 4, "write", (1, 0x8000000, 4), 4, None, 1, None,
+                           {1: b"\\xff"})
+    a = json.loads(jsonl.format_event(invalid))["strings"]["1"]
+    b = json.loads(jsonl.format_event(literal))["strings"]["1"]
+    assert a == '"\\377"' and b == '"\\\\xff"' and a != b
+    assert "\\377" in text.format_event(invalid) and "\\\\xff" in text.format_event(literal)
+
+
 def test_syscall_strings_like_strace() -> None:
     e = SyscallEvent(1, 2, 1.0, 4, "write", (1, 0x8000000, 40), 40, None, 10, None,
-                     {1: b'say "hi"\n\t\x00' + b"x" * 30})
+                     {1: b'say "hi"\n\t\x00' + b"x" * 21}, (1,))
     line = text.format_event(e)
     # 11 bytes of text, then x up to strace's 32-byte limit, then `...`
-    assert line == ('[pid 2] write(1, "say \\"hi\\"\\n\\t\\0' + "x" * 21 + '"..., 40)'
-                    " = 40")
+    shown = '"say \\"hi\\"\\n\\t\\0' + "x" * 21 + '"...'
+    assert line == f"[pid 2] write(1, {shown}, 40) = 40"
     doc = json.loads(jsonl.format_event(e))
-    assert doc["args"] == [1, 0x8000000, 40] and doc["strings"]["1"].startswith('say "hi"')
+    assert doc["args"] == [1, 0x8000000, 40] and doc["strings"]["1"] == shown
     neg = SyscallEvent(1, 2, 1.0, 295, "openat", (0xFFFFFF9C, 0x8000000, 0), -2, "ENOENT", 1,
                        None, {1: b"/nonexistent"})
     assert text.format_event(neg) == ('[pid 2] openat(-100, "/nonexistent", 0) = -2 ENOENT '

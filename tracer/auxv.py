@@ -72,7 +72,8 @@ def _cstring(read: ReadFn, addr: int, limit: int = 4096) -> str:
             out += chunk[:nul]
             break
         out += chunk
-    return out.decode("utf-8", "backslashreplace")
+    # as the bytes were (an invalid byte a lone surrogate): escaped on output
+    return out.decode("utf-8", "surrogateescape")
 
 
 _ADDRESS_TYPES = {AuxType.AT_PHDR, AuxType.AT_BASE, AuxType.AT_ENTRY, AuxType.AT_SYSINFO,

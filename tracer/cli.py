@@ -55,6 +55,16 @@ def _seconds(text: str) -> float:
     return s
 
 
+def _size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid string size {text!r}: give a number of bytes")
+    if not 0 <= n <= 1 << 20:
+        raise argparse.ArgumentTypeError("string size must be between 0 and 1048576 bytes")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Trace the virtual system calls a process makes through "
                 "the Linux vDSO (clock_gettime, gettimeofday, time, getcpu, getrandom, and i386's "
@@ -91,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record calls inside the tracee instead of stopping it at each call")
     t.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not move the tracer onto its tracee's CPU")
+    t.add_argument("--no-demangle", dest="demangle", action="store_false",
+                   help="keep C++/Rust symbol names raw (they are demangled by default)")
+    t.add_argument("-s", dest="string_size", type=_size, default=32, metavar="SIZE",
+                   help="bytes of a system call's buffer shown (i386 syscall events; "
+                   "default 32, as strace)")
     t.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run traced")
 
     a = sub.add_parser("auxv", help="the tracee's auxiliary vector, decoded")
@@ -239,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[ns.command](ns)
     except TracerError as e:
-        sys.stderr.write(f"{PROG}: {e}\n")
+        from tracer.render.escape import escape_text
+        # one line; a task's comm or a path in it is the tracee's: escaped
+        sys.stderr.write(f"{PROG}: {escape_text(str(e))}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

@@ -65,6 +65,7 @@ class CallEvent(NamedTuple):
     caller_symbol: str | None
     stack: tuple[str, ...] | None
     ns_relative: bool = False         # MONOTONIC/BOOTTIME values inside a time namespace
+    site: str | None = None           # "object!symbol+0xoff" of the first frame outside libc
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,7 @@ class SyscallEvent:
     duration_ns: int
     nested_in: str | None             # the vDSO function that fell back into this call
     strings: dict[int, bytes] | None = None   # argument index -> its string or buffer (prefix)
+    cut: tuple[int, ...] = ()         # indexes of strings longer than shown (strace's `...`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,16 @@ A `ModuleMap` is a snapshot of /proc/PID/maps that maps runtime addresses to obj
 names them the way strace -k and perf do: `libc.so.6+0x1234` (vaddr, which for shared
 objects is the offset from the load base) and `libc.so.6!clock_gettime+0x39`.
 
-This module and tracer/vdso.py are the only ones that import elftools.
+Symbol names are demangled where they are named (`locate`): C++ (Itanium, `_Z`) and Rust
+(legacy `_ZN...17h<hash>E` and v0 `_R`), as gdb, perf and `c++filt` print them.
+
+This module and tracer/vdso.py are the only ones that import elftools; this one alone
+imports multi_demangle.
 """
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import os
@@ -31,13 +36,15 @@ from elftools.construct import ConstructError
 from elftools.dwarf.callframe import CIE, FDE, CallFrameInfo, CFIEntry
 from elftools.dwarf.structs import DWARFStructs
 from elftools.elf.elffile import ELFFile
+from multi_demangle import demangle_symbol
+
 
 from tracer.errors import ElfError
 
 __all__ = [
     "RuleKind", "CfiRow", "Symbol", "LoadSegment", "ObjectFile", "load_object",
     "load_object_bytes", "clear_object_cache", "MapRegion", "parse_maps", "Module",
-    "Location", "FrameRule", "ModuleMap",
+    "Location", "FrameRule", "ModuleMap", "demangle", "is_c_library",
 ]
 
 # What pyelftools raises on malformed input. Besides its own error types it relies on
@@ -51,6 +58,25 @@ _ELF_INPUT_ERRORS: Final = (
 # x86 base pages are 4 KiB; mappings, and so the offsets /proc/PID/maps shows, are in pages
 # (the psABIs' 2 MiB "maximum page size" only spaces PT_LOAD segments apart).
 PAGE_SIZE: Final = 4096
+
+
+# Mangled-name prefixes: the Itanium C++ ABI, section 5.1.2 (`_Z`, which legacy Rust names
+# `_ZN...17h<hash>E` share), and Rust's v0 scheme, RFC 2603 (`_R`).
+_MANGLED_PREFIXES: Final = ("_Z", "_R")
+
+
+@functools.lru_cache(maxsize=16384)
+def demangle(name: str) -> str:
+    """A C++ or Rust symbol as its source spells it (`<std::sys::pal::unix::time::Timespec>
+    ::now`, `demo::read_time()`); any other name, or one that does not demangle, as is.
+    Mangled names are ASCII (both schemes encode everything else)."""
+    if not name.startswith(_MANGLED_PREFIXES) or not name.isascii():
+        return name
+    try:
+        out = demangle_symbol(name)
+    except ValueError:
+        return name
+    return out or name
 
 
 class RuleKind(IntEnum):
@@ -467,7 +493,8 @@ class ObjectFile:
                 if stype not in (_STT_FUNC, _STT_GNU_IFUNC, _STT_OBJECT) or shndx == _SHN_UNDEF or value == 0:
                     continue
                 end = strtab.find(b"\0", st_name)
-                name = strtab[st_name:end if end >= 0 else None].decode("utf-8", "replace")
+                # as the bytes were (an invalid byte a lone surrogate), escaped on output
+                name = strtab[st_name:end if end >= 0 else None].decode("utf-8", "surrogateescape")
                 if name:
                     out.append(Symbol(name, value, size, stype != _STT_OBJECT, bind))
         return out
@@ -493,18 +520,48 @@ class ObjectFile:
             row = self._debug_frame.row_for(vaddr)
         return row
 
-    def load_bias(self, map_start: int, map_offset: int) -> int | None:
+    def load_bias(self, map_start: int, map_offset: int, perms: str | None = None,
+                  siblings: Sequence[tuple[int, int, str]] = ()) -> int | None:
         """runtime - vaddr for a mapping of this file at map_start with file offset
         map_offset (the maps' offset column). The kernel maps file page P of a PT_LOAD at
         (p_vaddr rounded down to a page) + (P - p_offset rounded down) + bias
         (fs/binfmt_elf.c: elf_map, and glibc's _dl_map_segments), so the segment whose
-        file range holds map_offset gives the bias. None when no segment holds it."""
+        file range holds map_offset gives the bias. None when no segment holds it.
+
+        Segments may share a file page (lld packs them: a read-only segment ending at
+        0x694 and the text segment starting at file offset 0x6a0 but vaddr 0x16a0 are both
+        in page 0), so several segments can hold map_offset. Then the one whose PF_X
+        matches the mapping's `x` (mprotect never adds or removes it for a loaded
+        segment; RELRO only drops `w`) and which explains the most `siblings` (the other
+        mappings of the same file: (start, offset, perms)) at the same bias wins."""
         mask = ~(PAGE_SIZE - 1)
-        for seg in self.segments:
-            off_lo = seg.offset & mask
-            if off_lo <= map_offset < seg.offset + max(seg.filesz, 1):
-                return map_start - ((seg.vaddr & mask) + (map_offset - off_lo))
-        return None
+        candidates = [map_start - ((seg.vaddr & mask) + (map_offset - (seg.offset & mask)))
+                      for seg in self._holding(map_offset, perms)]
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+
+        def explained(bias: int) -> int:
+            n = 0
+            for start, offset, sperms in siblings:
+                for seg in self._holding(offset, sperms):
+                    if start - bias == (seg.vaddr & mask) + (offset - (seg.offset & mask)):
+                        n += 1
+                        break
+            return n
+        return max(candidates, key=explained)     # the first among equals: file order
+
+    def _holding(self, map_offset: int, perms: str | None) -> list[LoadSegment]:
+        """The PT_LOADs whose file pages hold map_offset, those with the mapping's PF_X
+        first (only those, when any)."""
+        mask = ~(PAGE_SIZE - 1)
+        found = [seg for seg in self.segments
+                 if seg.offset & mask <= map_offset < seg.offset + max(seg.filesz, 1)]
+        if perms is not None and len(found) > 1:
+            x = len(perms) > 2 and perms[2] == "x"
+            same = [seg for seg in found if bool(seg.flags & 1) == x]   # PF_X = 1
+            if same:
+                return same
+        return found
 
     def __repr__(self) -> str:
         return f"ObjectFile({self.name!r}, {self.e_type}, {len(self._symbols.names)} symbols)"
@@ -593,10 +650,12 @@ class MapRegion:
 
 
 def parse_maps(text: str) -> list[MapRegion]:
-    return [MapRegion.parse(line) for line in text.splitlines() if line.strip()]
+    # split at "\n" only: the kernel escapes it in paths (seq_path), not \x1c or \x85
+    return [MapRegion.parse(line) for line in text.split("\n") if line.strip()]
 
 
 _DELETED_SUFFIX: Final = " (deleted)"
+_MAPS_NEWLINE: Final = "\\012"
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,6 +699,16 @@ class Location:
 FrameRule = tuple[int, "CfiRow | None"] | None
 
 _NO_MODULE: Final = Module("", "", 0, None)
+
+# The C libraries' file names: glibc (libc.so.6, libc-2.x.so, and librt, whose
+# clock_gettime wrapped libc's before glibc 2.17), musl (libc.so, and its dynamic linker
+# ld-musl-ARCH.so.1, which is the same object).
+_C_LIBRARY_PREFIXES: Final = ("libc.so", "libc-", "librt.so", "librt-", "ld-musl-")
+
+
+def is_c_library(short_name: str) -> bool:
+    return short_name.startswith(_C_LIBRARY_PREFIXES)
+
 _RULE_CACHE_MAX: Final = 1 << 16
 
 
@@ -652,6 +721,7 @@ class ModuleMap:
     vdso_image: bytes | None = None
     root: str = ""
     loader: Callable[[str, int | None], ObjectFile] = load_object
+    demangle: bool = True          # name C++/Rust symbols as their source spells them
     _starts: list[int] = field(init=False)
     _modules: dict[tuple[str, int], Module] = field(init=False)
     _region_module: dict[int, Module] = field(init=False)
@@ -668,9 +738,12 @@ class ModuleMap:
         self._executable = {}
 
     @classmethod
-    def from_pid(cls, pid: int, vdso_image: bytes | None = None) -> ModuleMap:
-        with open(f"/proc/{pid}/maps") as f:
-            return cls(parse_maps(f.read()), vdso_image, root=f"/proc/{pid}/root")
+    def from_pid(cls, pid: int, vdso_image: bytes | None = None,
+                 demangle: bool = True) -> ModuleMap:
+        # paths are bytes: decoded as os.fsdecode does, so they open the same files again
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
+            return cls(parse_maps(f.read()), vdso_image, root=f"/proc/{pid}/root",
+                       demangle=demangle)
 
     def region_at(self, addr: int) -> MapRegion | None:
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -721,8 +794,17 @@ class ModuleMap:
         try:
             obj = self.loader(self.root + path, region.inode or None)
         except ElfError:
-            return self._intern(Module(path, short, region.start - region.offset, None))
-        bias = obj.load_bias(region.start, region.offset)
+            # The maps show a newline in a path as "\012" (fs/proc/task_mmu.c: seq_file_path
+            # with "\n" escaped); the inode check makes sure the file found is the one mapped.
+            if _MAPS_NEWLINE not in path:
+                return self._intern(Module(path, short, region.start - region.offset, None))
+            try:
+                obj = self.loader(self.root + path.replace(_MAPS_NEWLINE, "\n"), region.inode or None)
+            except ElfError:
+                return self._intern(Module(path, short, region.start - region.offset, None))
+        siblings = [(r.start, r.offset, r.perms) for r in self.regions
+                    if r.path == path and r.inode == region.inode and r is not region]
+        bias = obj.load_bias(region.start, region.offset, region.perms, siblings)
         if bias is None:
             return self._intern(Module(path, short, region.start - region.offset, None))
         return self._intern(Module(path, short, bias, obj))
@@ -743,6 +825,8 @@ class ModuleMap:
         if found is None:
             return Location(runtime_addr, module.short_name, vaddr, None, 0)
         name, off = found
+        if self.demangle:
+            name = demangle(name)
         return Location(runtime_addr, module.short_name, vaddr, name, off + (1 if is_return_address else 0))
 
     def frame_rule(self, lookup_pc: int) -> FrameRule:

@@ -1,10 +1,18 @@
-"""Parsers for /proc/<pid>/{maps,stat,status,task,auxv,exe}. No ptrace here."""
+"""Parsers for /proc/<pid>/{maps,stat,status,task,auxv,exe}. No ptrace here.
+
+The kernel writes paths and comm as bytes (any but NUL, and "/" in comm); they are decoded
+as os.fsdecode does (UTF-8 with surrogateescape), so an invalid byte survives as a lone
+surrogate, opens the same file again, and is escaped (tracer.render.escape) on output."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
-__all__ = [
+# The decoding of text read from /proc: a file name's bytes, round-tripped (PEP 383).
+ENCODING = "utf-8"
+ERRORS = "surrogateescape"
+
+__all__ = ["ENCODING", "ERRORS", 
     "MapEntry", "read_maps", "parse_maps", "Stat", "read_stat", "parse_stat", "read_status",
     "tracer_pid", "list_tasks", "exe_elf_class", "read_auxv_file", "process_exists",
     "PF_KTHREAD", "proc_name", "thread_comm",
@@ -48,7 +56,7 @@ def parse_maps(text: str) -> list[MapEntry]:
 
 
 def read_maps(pid: int) -> list[MapEntry]:
-    with open(f"/proc/{pid}/maps") as f:
+    with open(f"/proc/{pid}/maps", encoding=ENCODING, errors=ERRORS) as f:
         return parse_maps(f.read())
 
 
@@ -75,13 +83,13 @@ def parse_stat(text: str) -> Stat:
 
 def read_stat(pid: int, tid: int | None = None) -> Stat:
     path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
-    with open(path) as f:
+    with open(path, encoding=ENCODING, errors=ERRORS) as f:
         return parse_stat(f.read())
 
 
 def read_status(pid: int) -> dict[str, str]:
     out = {}
-    with open(f"/proc/{pid}/status") as f:
+    with open(f"/proc/{pid}/status", encoding=ENCODING, errors=ERRORS) as f:
         for line in f:
             key, _, value = line.partition(":")
             out[key] = value.strip()
@@ -94,8 +102,8 @@ def tracer_pid(pid: int) -> int:
 
 def proc_name(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
+        with open(f"/proc/{pid}/comm", encoding=ENCODING, errors=ERRORS) as f:
+            return f.read().rstrip("\n")
     except OSError:
         return "?"
 

@@ -25,7 +25,8 @@ from tracer.auxv import auxv_from_stack, find, parse_auxv
 from tracer.breakpoints import ENTRY, EXIT, RET, Patcher
 from tracer.consts import AuxType
 from tracer.decoders import Decoder, errno_name, for_function, out_decoder, out_size
-from tracer.decoders.syscalls import STRING_ARGS, read_entry_strings, read_exit_strings
+from tracer.decoders.syscalls import (STRING_ARGS, clip_strings, read_entry_strings,
+                                      read_exit_strings)
 from tracer.disasm import gateway as find_gateway
 from tracer.errors import (AuxvError, ElfError, MemoryReadError, MemoryWriteError,
                            ProcessGone, TracerError, UnknownFunction, UsageError, VdsoError)
@@ -34,10 +35,10 @@ from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent
 from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
 from tracer import sigtrack
-from tracer.objfile import ModuleMap
+from tracer.objfile import ModuleMap, is_c_library
 from tracer.target import REG_INDEX, Regs
 from tracer.tsc import TscClock
-from tracer.unwind import unwind
+from tracer.unwind import ARCHES, unwind
 from tracer.vdso import GATEWAY_SYMBOL, SIGRETURN_TRAMPOLINES, VdsoFunction, VdsoImage, parse_image
 
 __all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "Summary", "resolve_functions",
@@ -56,6 +57,9 @@ _getregs = target.getregs
 _RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")
 _AUDIT_ABI = {0xC000003E: X86_64, 0x40000003: I386}   # include/uapi/linux/audit.h AUDIT_ARCH_*
 _WINDOW = 256           # bytes read from sp at a stub's stop (its block + the caller's locals)
+_OUTSIDE = (0, 0)       # site rule: the caller is not in the C library, it is the site
+_MISSING = (-1, -1)     # not in the site rule cache yet
+_SITE_FRAMES = 4        # C library frames crossed to find the site (musl: time -> clock_gettime)
 # Clocks a time namespace offsets (kernel/time/namespace.c: CLOCK_MONOTONIC and
 # CLOCK_BOOTTIME, and the clocks derived from them).
 _NS_READS = frozenset({"clock_gettime", "clock_gettime64"})   # a resolution is not offset
@@ -76,7 +80,7 @@ _FAST_CLOCKSOURCES = frozenset({"tsc", "kvm-clock", "hyperv_clocksource_tsc_page
 def _caught(pid: int, tid: int, sig: int) -> bool:
     """Has the thread's process a handler for `sig` (SigCgt in /proc/PID/task/TID/status)?"""
     try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
+        with open(f"/proc/{pid}/task/{tid}/status", errors="surrogateescape") as f:
             for line in f:
                 if line.startswith("SigCgt:"):
                     return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
@@ -120,6 +124,8 @@ class TraceOptions:
     inject: bool = False
     pin: bool = True
     duration: float | None = None
+    demangle: bool = True                # C++/Rust symbol names as their source spells them
+    string_size: int = 32                # -s: bytes of a buffer shown (strace's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +210,7 @@ class _Pending:
     fallback: bool = False
     stack: tuple[int, ...] | None = None
     strs: dict[int, bytes] | None = None     # i386 system calls: string arguments
+    site: int = 0              # return address of the first frame outside the C library
 
 
 @dataclass(slots=True)
@@ -230,6 +237,11 @@ class _Space:
     unmapped: set[int] = field(default_factory=set)
     frames: dict[int, str] = field(default_factory=dict)     # return address -> stack entry
     args_cache: dict[tuple[int, tuple[int, ...]], dict[str, Any]] = field(default_factory=dict)
+    # return address -> how to find the next frame's: _OUTSIDE, (CFA offset from the
+    # frame's sp, return address offset from the CFA) for the C library's sp-based frames,
+    # or None (a full unwind)
+    site_rules: dict[int, tuple[int, int] | None] = field(default_factory=dict)
+    site_names: dict[int, str] = field(default_factory=dict)   # address -> -c's site name
 
 
 def _fidx_by_name(space: _Space) -> dict[str, int]:
@@ -253,33 +265,49 @@ class _Thread:
 
 
 _MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
+OTHER_SITES = "(other sites)"   # the -c row that counts the sites the table let go
 
 
 class _Counter:
-    """Aggregates for -c: never per-event data, so a long trace stays in constant memory."""
-    __slots__ = ("calls", "fallbacks", "errors", "total_ns", "reasons", "sites", "paths")
+    """Aggregates for -c: never per-event data, so a long trace stays in constant memory.
+    Sites and paths are keyed by their names (`prog!main+0x2a`): named while the process
+    exists, they outlive it, and the same site in many forked children is one row."""
+    __slots__ = ("calls", "fallbacks", "errors", "total_ns", "reasons", "sites", "paths",
+                 "other")
 
     def __init__(self) -> None:
         self.calls = self.fallbacks = self.errors = self.total_ns = 0
         self.reasons: dict[str, int] = {}
-        self.sites: dict[tuple[int, int], list[int]] = {}   # (pid, return address) -> [calls, ns]
-        self.paths: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+        self.sites: dict[str, list[int]] = {}              # site -> [calls, ns]
+        self.paths: dict[tuple[str, ...], list[int]] = {}  # frames -> [calls, ns]
+        self.other = [0, 0, 0, 0]      # sites' calls and ns, paths' calls and ns, let go
 
-    def add_site(self, pid: int, caller: int, stack: tuple[int, ...] | None, dur: int) -> None:
-        _bump(self.sites, (pid, caller), dur)
-        if stack:
-            _bump(self.paths, (pid, stack), dur)
+    def add_site(self, site: str, path: tuple[str, ...] | None, dur: int) -> None:
+        row = self.sites.get(site)
+        if row is None:
+            if len(self.sites) >= _MAX_KEYS:
+                _prune(self.sites, self.other, 0)
+            row = self.sites[site] = [0, 0]
+        row[0] += 1
+        row[1] += dur
+        if path:
+            row = self.paths.get(path)
+            if row is None:
+                if len(self.paths) >= _MAX_KEYS:
+                    _prune(self.paths, self.other, 2)
+                row = self.paths[path] = [0, 0]
+            row[0] += 1
+            row[1] += dur
 
 
-def _bump(table: dict[Any, list[int]], key: Any, dur: int) -> None:
-    """[calls, ns] += [1, dur]; a full table takes no new keys (memory stays bounded)."""
-    row = table.get(key)
-    if row is None:
-        if len(table) >= _MAX_KEYS:
-            return
-        row = table[key] = [0, 0]
-    row[0] += 1
-    row[1] += dur
+def _prune(table: dict[Any, list[int]], other: list[int], at: int) -> None:
+    """Keep the hottest half of a full table; count the rest in other[at:at + 2]. A site
+    seen again starts over, so the table holds the sites hot now and in the long run."""
+    rows = sorted(table.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+    for key, (n, ns) in rows[:len(rows) // 2]:
+        other[at] += n
+        other[at + 1] += ns
+        del table[key]
 
 
 class Session:
@@ -313,8 +341,6 @@ class Session:
         self._inject_stats: dict[str, Any] = {}    # --inject -c: per-function counts
         self.lost_records = 0          # --inject: calls the ring could not hold (or corrupt)
         self._dead: dict[int, _Thread] = {}    # --inject: exited threads, for late records
-        self._last_modules: dict[int, ModuleMap] = {}   # outlive the spaces, for -c names
-        self._site_names: dict[tuple[int, int], str] = {}
 
     def tick(self) -> None:
         """Async-signal and thread safe: ask the loop to flush, run queued calls and check
@@ -778,6 +804,7 @@ class Session:
         if depth:
             stack = self._stack(space, th, depth, space.base + space.patcher.funcs[fidx]
                                 .image_offset, sp + layout.retaddr)
+        site = self._site(space, th, frame[layout.i_retaddr], sp + layout.retaddr, window, sp)
         if th.sig or self._paused or self.options.signals:
             self._resume(th)
         else:                           # the common case, without _resume's bookkeeping
@@ -802,7 +829,7 @@ class Session:
         th.stopped_ticks = 0
         dur = int(ticks * npt) if npt is not None and ticks > 0 else self.tsc.ns(ticks)
         self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t_stop - dur, dur,
-                        frame[layout.i_retaddr], fallback, stack)
+                        frame[layout.i_retaddr], fallback, stack, site)
 
     def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
         t0 = time.monotonic_ns()
@@ -815,7 +842,7 @@ class Session:
             caller = 0
             name = syscalls_i386.NAMES.get(args[6])
             if name in STRING_ARGS:     # paths and written buffers, read before they change
-                strs = read_entry_strings(name, args, space.mem.read)
+                strs = read_entry_strings(name, args, space.mem.read, self.options.string_size)
             # A vDSO function that calls the gateway has fallen back into the kernel (its
             # call site is a fallback int3 too, which marks calls made through a stub).
             if th.pending and not space.is_gateway[th.pending[-1].func]:
@@ -837,10 +864,17 @@ class Session:
         depth = self.options.stack_depth
         if depth and not gw:
             stack = self._stack(space, th, depth)
+        site = 0
+        if not gw:
+            try:
+                ret0 = caller or space.mem.read_word(sp, space.abi.word)
+                site = self._site(space, th, ret0, sp, b"", 0)
+            except MemoryReadError:
+                pass
         buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
         target.setregs(th.tid, th.regs)
         self._resume(th)
-        th.pending.append(_Pending(fidx, sp, args, t0, caller, False, stack, strs))
+        th.pending.append(_Pending(fidx, sp, args, t0, caller, False, stack, strs, site))
 
     def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
         sp = buf[_RSP]
@@ -878,7 +912,8 @@ class Session:
         elif p is not None:
             name = syscalls_i386.NAMES.get(p.args[6])
             if name in STRING_ARGS:     # what read() filled in, before the thread runs on
-                got = read_exit_strings(name, p.args, abi.signed(ret), space.mem.read)
+                got = read_exit_strings(name, p.args, abi.signed(ret), space.mem.read,
+                                        self.options.string_size)
                 if got:
                     p.strs = {**(p.strs or {}), **got}
         buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
@@ -891,11 +926,11 @@ class Session:
             self._syscall_done(th, space, p, abi.signed(ret), t1)
         else:
             self._call_done(th, space, fidx, p.args, abi.signed(ret), outs, p.t0, t1 - p.t0,
-                            p.caller, p.fallback, p.stack)
+                            p.caller, p.fallback, p.stack, p.site)
 
     def _call_done(self, th: _Thread, space: _Space, fidx: int, raw: tuple[int, ...],
                    ret: int, outs: list[bytes | None], t0: int, dur: int, caller: int,
-                   fallback: bool, stack: tuple[int, ...] | None) -> None:
+                   fallback: bool, stack: tuple[int, ...] | None, site: int = 0) -> None:
         func = space.patcher.funcs[fidx]
         dec = space.decoders[fidx]
         c = self.counters[func.plain]
@@ -916,14 +951,14 @@ class Session:
         if not space.traced:
             return
         pid = space.pid
-        if (pid, caller) not in c.sites:
-            # name it now, while the process (and /proc/PID/root) exists: -c reports it later
-            text, sym = self._symbolize(space, caller)
-            self._site_names[(pid, caller)] = sym or text.partition(" ")[2] or text
-        if stack and (pid, stack) not in c.paths:
-            for a, entry in zip(stack, self._stack_text(space, stack)):
-                self._site_names.setdefault((pid, a), entry.partition(" ")[2] or entry)
-        c.add_site(pid, caller, stack, dur)
+        # -c's call sites: who called (under --inject, which does not find the site, the
+        # return address), named now, while the process (and /proc/PID/root) exists
+        key = site or caller
+        site_name = space.site_names.get(key) or self._site_name(space, key)
+        path = None
+        if stack:
+            path = tuple([e.partition(" ")[2] or e for e in self._stack_text(space, stack)])
+        c.add_site(site_name, path, dur)
         th.last_call = (fidx, caller, stack, fallback, reason)
         if self.summary_only:
             return
@@ -946,7 +981,7 @@ class Session:
                             names[0], names[1],
                             self._stack_text(space, stack) if stack is not None else None,
                             space.timens is not None and func.plain in _NS_READS
-                            and args.get("clockid") in _NS_CLOCKS))
+                            and args.get("clockid") in _NS_CLOCKS, site_name if site else None))
 
     def _syscall_done(self, th: _Thread, space: _Space, p: _Pending, ret: int | None,
                       t1: int) -> None:
@@ -965,9 +1000,10 @@ class Session:
             nested = space.patcher.funcs[th.fb_marks[-1][1]].plain
         name = syscalls_i386.NAMES.get(nr, f"syscall_{nr}")
         nargs = syscalls_i386.NARGS.get(nr, 6)
+        strs, cut = clip_strings(name, p.strs, self.options.string_size) if p.strs else (None, ())
         self._emit(SyscallEvent(space.pid, th.tid, p.t0 / 1e9 + self._mono_to_epoch, nr, name,
                                 p.args[:nargs], ret, errno_name(ret) if ret is not None else None,
-                                t1 - p.t0, nested, p.strs or None))
+                                t1 - p.t0, nested, strs, cut))
 
     def _modules(self, space: _Space, addr: int) -> ModuleMap:
         """The space's module map, rebuilt when addr is not in it (a library loaded since),
@@ -977,13 +1013,14 @@ class Session:
             return mm
         now = time.monotonic()
         try:
-            mm = ModuleMap.from_pid(space.pid, space.image.data)
+            mm = ModuleMap.from_pid(space.pid, space.image.data, self.options.demangle)
         except OSError:
-            mm = ModuleMap([], space.image.data)
+            mm = ModuleMap([], space.image.data, demangle=self.options.demangle)
         space.modules, space.modules_time = mm, now
-        self._last_modules[space.pid] = mm
         space.names.clear()
         space.frames.clear()
+        space.site_names.clear()
+        space.site_rules.clear()
         if mm.region_at(addr) is None:
             if len(space.unmapped) > 4096:
                 space.unmapped.clear()
@@ -1024,6 +1061,79 @@ class Session:
             return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth))
         except (ElfError, MemoryReadError):
             return ()
+
+    def _site_name(self, space: _Space, addr: int) -> str:
+        """`prog!main+0x2a` (or `prog+0x1234`, or the address) for -c and `site`."""
+        text, sym = self._symbolize(space, addr)
+        name = sym or text.partition(" ")[2] or text
+        if len(space.site_names) > 65536:
+            space.site_names.clear()
+        space.site_names[addr] = name
+        return name
+
+    def _site(self, space: _Space, th: _Thread, ret: int, entry_sp: int, window: bytes,
+              wbase: int) -> int:
+        """The return address of the first frame outside the C library, for a call entered
+        with sp = entry_sp ([entry_sp] = ret): ret itself, unless the C library made the call
+        (its clock_gettime wrapper): then the next frames' return addresses, found with the
+        CFI of each return address (cached per address: its row is fixed), read from
+        `window` (the stack bytes at wbase) when they are in it. 0 when unknown."""
+        rules = space.site_rules
+        rule = rules.get(ret, _MISSING)
+        if rule is _OUTSIDE:
+            return ret                      # the common case: called from outside libc
+        word = space.abi.word
+        sp = entry_sp + word                # the caller's sp after the call returns
+        for _ in range(_SITE_FRAMES):
+            if rule is _MISSING:
+                rule = self._site_rule(space, ret)
+            if rule is _OUTSIDE:
+                return ret
+            if rule is None:
+                return self._site_unwound(space, th, entry_sp)
+            cfa = sp + rule[0]
+            off = cfa + rule[1] - wbase
+            if 0 <= off <= len(window) - word:
+                ret = int.from_bytes(window[off:off + word], "little")
+            else:
+                try:
+                    ret = space.mem.read_word(cfa + rule[1], word)
+                except MemoryReadError:
+                    return 0
+            sp = cfa
+            rule = rules.get(ret, _MISSING)
+        return 0
+
+    def _site_rule(self, space: _Space, ret: int) -> tuple[int, int] | None:
+        mm = self._modules(space, ret)
+        module = mm.module_at(ret)
+        rule: tuple[int, int] | None = _OUTSIDE
+        if module is not None and is_c_library(module.short_name):
+            rule = None
+            found = mm.frame_rule(ret - 1)
+            row = found[1] if found is not None else None
+            arch = ARCHES[space.abi.name]
+            if row is not None and row.offsets is not None and row.cfa_reg == arch.sp:
+                ra = [off for reg, off in row.offsets if reg == arch.ra]
+                if ra:
+                    rule = (row.cfa_offset, ra[0])
+        rules = space.site_rules
+        if len(rules) > 65536:
+            rules.clear()
+        rules[ret] = rule
+        return rule
+
+    def _site_unwound(self, space: _Space, th: _Thread, entry_sp: int) -> int:
+        """The site through a full unwind (a C library frame whose CFA is not sp-based)."""
+        try:
+            entry_pc = space.base   # any vDSO address: the walk starts from [sp]
+            for a in self._stack(space, th, _SITE_FRAMES + 1, entry_pc, entry_sp):
+                module = self._modules(space, a).module_at(a)
+                if module is None or not is_c_library(module.short_name):
+                    return a
+        except (ElfError, MemoryReadError):
+            pass
+        return 0
 
     def _stack_text(self, space: _Space, addrs: tuple[int, ...]) -> tuple[str, ...]:
         frames = space.frames
@@ -1730,23 +1840,16 @@ class Session:
             if c.reasons:
                 reasons[name] = dict(c.reasons)
             hot = sorted(c.sites.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
-            sites[name] = [(self._name_site(pid, addr), n, ns) for (pid, addr), (n, ns) in hot]
+            sites[name] = [(site, n, ns) for site, (n, ns) in hot]
+            if c.other[0]:
+                sites[name].append((OTHER_SITES, c.other[0], c.other[1]))
             hotp = sorted(c.paths.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
-            paths[name] = [(tuple(self._name_site(pid, a) for a in stack), n, ns)
-                           for (pid, stack), (n, ns) in hotp]
+            paths[name] = [(frames, n, ns) for frames, (n, ns) in hotp]
+            if c.other[2]:
+                paths[name].append(((OTHER_SITES,), c.other[2], c.other[3]))
         unused = [r.func for r in rows if not r.calls]
         return Summary(rows, reasons, sites, paths, unused, self._diagnosis(rows, reasons),
                        self.lost_records)
-
-    def _name_site(self, pid: int, addr: int) -> str:
-        known = self._site_names.get((pid, addr))
-        if known is not None:
-            return known
-        mm = self._last_modules.get(pid)
-        loc = mm.locate(addr) if mm is not None else None
-        if loc is None:
-            return f"{addr:#x}"
-        return loc.caller_symbol or loc.caller
 
     def _diagnosis(self, rows: list[FuncStats], reasons: dict[str, dict[str, int]]) -> str | None:
         calls = sum(r.calls for r in rows if r.func != GATEWAY_SYMBOL)
@@ -1816,7 +1919,8 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
     from tracer.render.output import open_output
     opts = TraceOptions(funcs=ns.funcs, follow_forks=ns.follow_forks, signals=ns.signals,
                         stack_depth=ns.stack, inject=ns.inject, pin=ns.pin,
-                        duration=ns.duration)
+                        duration=ns.duration, demangle=ns.demangle,
+                        string_size=ns.string_size)
     if ns.inject and ns.follow_forks:
         raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
                          "drop -f, or trace without --inject")

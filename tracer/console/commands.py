@@ -26,6 +26,7 @@ from tracer.render.hist import LatencyHistograms, hist_text
 from tracer.vdso import SIGRETURN_TRAMPOLINES, VdsoImage, plain_name
 
 from tracer.console.eventfmt import json_line, paint, text_line
+from tracer.render.escape import escape_text
 from tracer.console.state import ConsoleState, Filter
 
 __all__ = ["Console", "CommandSpec", "COMMANDS", "COMMAND_NAMES", "SPECS", "rank_symbols",
@@ -182,7 +183,8 @@ class Console:
             self.write(self._err(f"internal error in {name}: {type(e).__name__}: {e}"))
 
     def _err(self, msg: str) -> str:
-        return paint(f"error: {msg}", "error", self.state.color)
+        # messages carry the tracee's names (comm, paths): escaped, never raw bytes
+        return paint(f"error: {escape_text(msg)}", "error", self.state.color)
 
     def sink(self, ev: E.Event) -> None:
         """Called by the engine, in its thread, for every event: appends, nothing more."""
@@ -292,7 +294,7 @@ class Console:
             self._image, self._base = info.image, info.vdso_base
             st = self.state
             st.pid, st.abi, st.attached = info.pid, info.abi, True
-            st.comm = procfs.proc_name(info.pid)
+            st.comm = escape_text(procfs.proc_name(info.pid))   # shown in the toolbar too
             st.symbols = rank_symbols(info.image)
             st.breaks = list(info.functions)
             st.run_state, st.threads = s.state, len(info.threads)
@@ -300,7 +302,8 @@ class Console:
             self._rate_mark = (time.monotonic(), info.calls)
         how = "started" if pid is None else "attached to"
         traced = ", ".join(st.breaks) if st.breaks else "none yet (`break FUNC`)"
-        self.write(paint(f"{how} {st.pid} ({st.comm}), {st.abi}, vDSO at {info.vdso_base:#x}, "
+        self.write(paint(f"{how} {st.pid} ({st.comm}), {st.abi}, "
+                         f"vDSO at {info.vdso_base:#x}, "
                          f"{st.threads} thread{'s' if st.threads != 1 else ''}; {s.state}",
                          "life", st.color))
         self.write(f"breakpoints: {traced}; `continue` lets it run, Ctrl-C pauses it")
@@ -592,7 +595,7 @@ class Console:
         for tid in tids:
             try:
                 stt = procfs.read_stat(pid, tid)
-                comm, state = stt.comm, stt.state
+                comm, state = escape_text(stt.comm), stt.state
             except OSError:
                 comm, state = "?", "gone"
             mark = "*" if tid == pid else " "
@@ -686,7 +689,9 @@ class Console:
         if s is None:
             raise UsageError(f"{name}: nothing traced yet: `attach PID` first")
         res = _wait(s.submit(lambda engine: getattr(engine, _LATER[name])(*args)))
-        self.write(res if isinstance(res, str) else "\n".join(str(r) for r in res))
+        # bt and callers name the tracee's files and symbols: each line escaped
+        self.write(escape_text(res) if isinstance(res, str)
+                   else "\n".join(escape_text(str(r)) for r in res))
 
     def cmd_bt(self, args: list[str]) -> None:
         self._later("bt", args)

@@ -10,6 +10,7 @@ from prompt_toolkit.document import Document
 
 from tracer import procfs
 from tracer.console.commands import SPECS, COMMAND_NAMES, Console
+from tracer.render.escape import escape_text
 
 __all__ = ["ConsoleCompleter"]
 
@@ -89,4 +90,4 @@ def _pids(word: str) -> Iterator[Completion]:
             continue
         if st.flags & procfs.PF_KTHREAD:
             continue
-        yield Completion(str(pid), start_position=-len(word), display_meta=st.comm)
+        yield Completion(str(pid), start_position=-len(word), display_meta=escape_text(st.comm))

@@ -7,6 +7,7 @@ from typing import Any
 from tracer.disasm import Gateway, Insn
 from tracer.inspect import AuxvReport, VdsoMapping
 from tracer.procfs import MapEntry
+from tracer.render.escape import escape_text
 from tracer.vdso import VdsoImage
 
 __all__ = ["auxv_json", "auxv_text", "vdso_json", "vdso_text", "disas_text", "maps_text"]
@@ -29,7 +30,7 @@ def auxv_text(pid: int, abi: str, rep: AuxvReport) -> str:
         lines.append(f"warning: the stack copy differs from the kernel's for {', '.join(rep.mismatch)}")
     width = max((len(e.name) for e in rep.entries), default=10)
     for e in rep.entries:
-        lines.append(f"{e.name:<{width}}  {e.text}")
+        lines.append(f"{e.name:<{width}}  {escape_text(e.text)}")
     return "\n".join(lines)
 
 
@@ -60,7 +61,7 @@ def vdso_json(image: VdsoImage, base: int, size: int, gw: Gateway | None,
 def vdso_text(image: VdsoImage, base: int, size: int, gw: Gateway | None,
               mapping: VdsoMapping | None = None) -> str:
     lines = [
-        f"{image.soname or 'vDSO'} ({image.abi.name}) at {base:#x}, {size} bytes mapped, "
+        f"{escape_text(image.soname or 'vDSO')} ({image.abi.name}) at {base:#x}, {size} bytes mapped, "
         f"{image.image_size} bytes of image",
         f"build-id {image.build_id or '(none)'}, Linux {image.linux_version or '?'}",
     ]
@@ -72,7 +73,9 @@ def vdso_text(image: VdsoImage, base: int, size: int, gw: Gateway | None,
     lines.append("")
     lines.append(f"{'offset':>8} {'size':>6}  {'version':<10} {'bind':<6} name")
     for sym in sorted(image.symbols, key=lambda x: (x.value, x.bind != "GLOBAL", x.name)):
-        lines.append(f"{sym.value:8x} {sym.size:6}  {sym.version or '':<10} {sym.bind:<6} {sym.name}")
+        # the image is read from the tracee, which can rewrite its vDSO: names escaped
+        lines.append(f"{sym.value:8x} {sym.size:6}  {escape_text(sym.version or ''):<10} "
+                     f"{sym.bind:<6} {escape_text(sym.name)}")
     return "\n".join(lines)
 
 
@@ -98,5 +101,6 @@ def maps_text(maps: list[MapEntry]) -> str:
             mark = "   <- vDSO data (unreadable through ptrace)"
         elif m.path.startswith("[vdsotrace"):
             mark = "   <- vdsotrace"
-        out.append(f"{m.start:012x}-{m.end:012x} {m.perms} {m.offset:08x} {m.path}{mark}")
+        out.append(f"{m.start:012x}-{m.end:012x} {m.perms} {m.offset:08x} "
+                   f"{escape_text(m.path)}{mark}")
     return "\n".join(out)

@@ -7,6 +7,7 @@ from typing import Any
 from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
                            ExitEvent, NoticeEvent, SignalEvent, SigreturnEvent, SyscallEvent,
                            Timespec, Timeval, Timezone, Unreadable, Value)
+from tracer.render.escape import quote_bytes
 
 __all__ = ["to_json_value", "event_dict", "format_event", "format_call"]
 
@@ -40,7 +41,8 @@ def event_dict(e: Event) -> dict[str, Any]:
              "out": {k: to_json_value(v) for k, v in e.out.items()},
              "fallback": e.fallback, "fallback_reason": e.fallback_reason,
              "duration_ns": e.duration_ns, "caller": e.caller_text,
-             "caller_addr": _hex(e.caller), "caller_symbol": e.caller_symbol}
+             "caller_addr": _hex(e.caller), "caller_symbol": e.caller_symbol,
+             "site": e.site}
         if e.stack is not None:
             d["stack"] = list(e.stack)
         if e.ns_relative:
@@ -50,7 +52,8 @@ def event_dict(e: Event) -> dict[str, Any]:
         return {"event": "syscall", "pid": e.pid, "tid": e.tid, "time": e.time, "nr": e.nr,
                 "name": e.name, "args": list(e.args), "ret": e.ret, "errno": e.errno,
                 "duration_ns": e.duration_ns, "nested_in": e.nested_in,
-                **({"strings": {str(i): v.decode("utf-8", "backslashreplace")
+                # strace's form of each string: quoted, C escapes, `...` after a cut one
+                **({"strings": {str(i): quote_bytes(v, len(v)) + ("..." if i in e.cut else "")
                                 for i, v in e.strings.items()}} if e.strings else {})}
     if isinstance(e, AttachEvent):
         return {"event": "attach", "pid": e.pid, "tid": e.tid, "time": e.time,
@@ -177,7 +180,8 @@ def format_call(e: CallEvent) -> str:
             f'"errno": {_q(e.errno) if e.errno else "null"}, "out": {{{out}}}, '
             f'"fallback": {"true" if e.fallback else "false"}, '
             f'"fallback_reason": {_q(e.fallback_reason) if e.fallback_reason else "null"}, '
-            f'"duration_ns": {e.duration_ns}{caller}')
+            f'"duration_ns": {e.duration_ns}{caller}, "site": '
+            f'{_q(e.site) if e.site is not None else "null"}')
     if e.stack is not None:
         line += ', "stack": ' + json.dumps(list(e.stack))
     if e.ns_relative:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tracer.render.escape import escape_text
+
 __all__ = ["summary_text", "summary_dict"]
 
 
@@ -41,7 +43,7 @@ def summary_text(s: Any) -> str:
         for func in sorted(hot, key=lambda f: -sum(n for _, n, _ in hot[f])):
             out.append(f"  {func}:")
             for site, n, ns in hot[func]:
-                out.append(f"    {n:9d} calls {ns / 1e9:11.6f} s  {site}")
+                out.append(f"    {n:9d} calls {ns / 1e9:11.6f} s  {escape_text(site)}")
     paths = {f: v for f, v in s.paths.items() if v}
     if paths:
         out.append("")
@@ -50,7 +52,7 @@ def summary_text(s: Any) -> str:
             out.append(f"  {func}:")
             for frames, n, ns in paths[func]:
                 out.append(f"    {n:9d} calls {ns / 1e9:11.6f} s")
-                out.extend(f"        {fr}" for fr in frames)
+                out.extend(f"        {escape_text(fr)}" for fr in frames)
     if s.unused:
         out.append("")
         out.append("never called during the trace: " + ", ".join(s.unused))

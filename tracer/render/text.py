@@ -4,6 +4,8 @@ from __future__ import annotations
 from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
                            ExitEvent, NoticeEvent, SignalEvent, SigreturnEvent, SyscallEvent,
                            Timespec, Timeval, Timezone, Unreadable, Value)
+from tracer.render.escape import escape_text as _esc
+from tracer.render.escape import quote_bytes
 from tracer.tables.errnos import Errno
 
 __all__ = ["format_value", "format_event", "format_call"]
@@ -64,26 +66,9 @@ def format_call(e: CallEvent, timing: bool = False) -> str:
     if timing:
         line += f" <{e.duration_ns / 1e9:.9f}>"
     if e.stack:
-        line += "".join(f"\n > {frame}" for frame in e.stack)
+        # frames name the tracee's files and symbols: escaped, one line each
+        line += "".join(f"\n > {_esc(frame)}" for frame in e.stack)
     return line
-
-
-def _quote(data: bytes, limit: int = 32) -> str:
-    """strace's string form: C escapes, printable ASCII as is, `...` past the limit."""
-    out = []
-    for b in data[:limit]:
-        c = chr(b)
-        if c in '"\\':
-            out.append("\\" + c)
-        elif c == "\n":
-            out.append("\\n")
-        elif c == "\t":
-            out.append("\\t")
-        elif 32 <= b < 127:
-            out.append(c)
-        else:
-            out.append(f"\\{b:o}")
-    return '"' + "".join(out) + '"' + ("..." if len(data) > limit else "")
 
 
 def _sysarg(a: int) -> str:
@@ -99,8 +84,8 @@ def format_event(e: Event, timing: bool = False) -> str:
         return format_call(e, timing)
     if isinstance(e, SyscallEvent):
         strs = e.strings or {}
-        args = ", ".join(_quote(strs[i]) if i in strs else _sysarg(a)
-                         for i, a in enumerate(e.args))
+        args = ", ".join(quote_bytes(strs[i], len(strs[i])) + ("..." if i in e.cut else "")
+                         if i in strs else _sysarg(a) for i, a in enumerate(e.args))
         ret = "?" if e.ret is None else str(e.ret)
         if e.errno:
             ret += f" {e.errno} ({_strerror(e.errno)})"
@@ -128,28 +113,28 @@ def format_event(e: Event, timing: bool = False) -> str:
         if e.timens_offsets:
             ns = "; time namespace offsets " + ", ".join(
                 f"{k} {s}s {n}ns" for k, (s, n) in e.timens_offsets.items())
-        return (f"{_prefix(e.pid, e.tid)}--- exec {e.filename or '?'} ({e.abi}), new vDSO at "
+        return (f"{_prefix(e.pid, e.tid)}--- exec {_esc(e.filename or '?')} ({e.abi}), new vDSO at "
                 f"{e.vdso_base:#x}{ns} ---")
     if isinstance(e, ExitEvent):
         if e.signal:
             return f"{_prefix(e.pid, e.tid)}+++ killed by {e.signal} +++"
         return f"{_prefix(e.pid, e.tid)}+++ exited with {e.status} +++"
     if isinstance(e, SignalEvent):
-        hs = f" <{e.handler_symbol}>" if e.handler_symbol else ""
-        rs = f" <{e.restorer_symbol}>" if e.restorer_symbol else ""
+        hs = f" <{_esc(e.handler_symbol)}>" if e.handler_symbol else ""
+        rs = f" <{_esc(e.restorer_symbol)}>" if e.restorer_symbol else ""
         return (f"{_prefix(e.pid, e.tid)}--- {e.signame} delivered: handler {e.handler:#x}{hs}, "
                 f"returns via {e.restorer:#x}{rs}, interrupted at {e.resume_ip:#x} ---")
     if isinstance(e, SigreturnEvent):
         what = f"{e.signame_text()}" if hasattr(e, "signame_text") else (
             f"signal {e.signo}" if e.signo is not None else "no delivery")
-        rs = f" <{e.resume_symbol}>" if e.resume_symbol else ""
+        rs = f" <{_esc(e.resume_symbol)}>" if e.resume_symbol else ""
         extra = ""
         if e.anomaly:
             extra = f" !!! ANOMALY: {e.anomaly}"
         elif e.resume_changed:
             extra = " (handler changed the resume address)"
-        return (f"{_prefix(e.pid, e.tid)}--- <signal handler returned> via {e.via} "
+        return (f"{_prefix(e.pid, e.tid)}--- <signal handler returned> via {_esc(e.via)} "
                 f"({what}), resumes at {e.resume_ip:#x}{rs}{extra} ---")
     if isinstance(e, NoticeEvent):
-        return f"--- vdsotrace: {e.message} ---"
+        return f"--- vdsotrace: {_esc(e.message)} ---"
     return repr(e)
