@@ -291,7 +291,9 @@ class Session:
         self.spaces: dict[int, _Space] = {}
         self.threads: dict[int, _Thread] = {}
         self.early: dict[int, int] = {}            # stops of tids we do not know yet
-        self.release_forks: dict[int, _Space] = {}  # fork child -> parent: clean, let go
+        # unfollowed fork child -> what its copy of the parent's space holds (a patcher copy
+        # taken at the fork, with its own planted state; the parent's recorder): clean, let go
+        self.release_forks: dict[int, tuple[Patcher, Any]] = {}
         self.counters: dict[str, _Counter] = {}
         self.state = "detached"
         self.stop_reason: str | None = None
@@ -697,18 +699,28 @@ class Session:
                                 r.t_entry_ns, r.duration_ns, r.caller, r.fallback, None)
         return n
 
+    def _drain_bounded(self) -> None:
+        """Drain until the rings are empty, but never more than what they can hold twice
+        over: whoever keeps writing into a ring (a process we do not trace that got hold of
+        it) cannot keep the tracer here."""
+        from tracer.inject.layout import NSLOTS
+        budget = 2 * NSLOTS * max(1, sum(1 for sp in self.spaces.values() if sp.recorder))
+        while budget > 0:
+            n = self._drain_recorders()
+            if not n:
+                return
+            budget -= n
+
     def _uninstall(self, space: _Space, threads: list[_Thread]) -> None:
         """--inject: every thread stopped; switch the stubs off, restore the vDSO, unmap the
         ring, and emit what was still in it."""
         rec = space.recorder
         if rec is None or not rec.installed:
             return
-        while self._drain_recorders():
-            pass
+        self._drain_bounded()
         tids = [th.tid for th in threads if th.space is space]
         rec.uninstall(tids)
-        while self._drain_recorders():
-            pass
+        self._drain_bounded()
         for th in threads:
             if th.space is space and th.tid == tids[0]:
                 th.stopped = True
@@ -716,8 +728,7 @@ class Session:
 
     def _finish_recorder(self, space: _Space) -> None:
         """The process exited or exec'd: everything still in its ring, then the losses."""
-        while self._drain_recorders():
-            pass
+        self._drain_bounded()
         self._report_losses(space)
         space.recorder.abandon()
 
@@ -1150,15 +1161,22 @@ class Session:
         ps = parent.space
         follow = self.options.follow_forks
         if follow or vfork:
-            mem = ps.mem if vfork else target.Memory(child)
-            patcher = ps.patcher.copy()
+            # Each space owns its /proc/PID/mem handle (a vfork child's refers to the parent's
+            # memory, and is closed at the child's exec or exit). A vfork child shares the
+            # parent's address space, so it shares the patcher too: one planted state per
+            # address space. A fork child's copy has its own.
+            try:
+                mem = target.Memory(child)
+            except ProcessGone:
+                return
+            patcher = ps.patcher if vfork else ps.patcher.copy()
             space = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
                            ps.decoders, ps.is_gateway, traced=follow)
             self.spaces[child] = space
             th = self._add_thread(child, space)
             th.stopped = False
         else:
-            self.release_forks[child] = ps
+            self.release_forks[child] = (ps.patcher.copy(), ps.recorder)
         early = self.early.pop(child, None)
         if early is not None:
             self._dispatch(child, early)
@@ -1186,19 +1204,60 @@ class Session:
             return
         self.early[tid] = status
 
-    def _release_child(self, child: int) -> None:
-        """Restore an unfollowed fork child's private copy of the vDSO and let it go."""
-        parent = self.release_forks.pop(child, None)
-        try:
-            if parent is not None:
+    def _release_child(self, child: int, wait: bool = False) -> None:
+        """Restore an unfollowed fork child's private copy of the vDSO (under --inject: its
+        entries, and unmap the ring and code page it inherited) and let it go. `wait`: its
+        first stop has not been seen yet (it cannot have run: an auto-attached child stops
+        before its first instruction). Cleaning never touches the parent's state: the patcher
+        is the copy taken at the fork."""
+        entry = self.release_forks.pop(child, None)
+        if entry is None:
+            return
+        patcher, recorder = entry
+        if wait and not self._await_first_stop(child):
+            return
+        problem = None
+        for _ in range(2):               # a failed write: once more, through a fresh handle
+            try:
                 mem = target.Memory(child)
-                try:
-                    parent.patcher.unplant(mem)
-                finally:
-                    mem.close()
+            except ProcessGone:
+                return
+            try:
+                patcher.unplant(mem)
+                if recorder is not None:
+                    kept = recorder.release_fork(child, mem)
+                    if kept:
+                        self._emit(NoticeEvent(child, child, time.time(), kept))
+                problem = None
+                break
+            except ProcessGone:
+                return
+            except (MemoryWriteError, OSError) as e:
+                problem = str(e)
+            finally:
+                mem.close()
+        try:
             target.detach(child)
-        except (ProcessGone, MemoryWriteError, OSError):
+        except (ProcessGone, OSError):
             pass
+        if problem is not None:
+            self._emit(NoticeEvent(child, child, time.time(),
+                                   f"cannot remove vdsotrace's code from fork child {child} "
+                                   f"({problem}): it may die at its next vDSO call"))
+
+    def _await_first_stop(self, child: int, timeout: float = 2.0) -> bool:
+        """Wait (bounded) for a fork child's first stop; False if it is gone or never came."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got, status = target.wait_nohang(child)
+            if got == child:
+                return bool(os.WIFSTOPPED(status))
+            if time.monotonic() > deadline:
+                self._emit(NoticeEvent(child, child, time.time(),
+                                       f"fork child {child} never stopped: it could not be "
+                                       "cleaned of vdsotrace's code"))
+                return False
+            time.sleep(0.001)
 
     def _exec(self, th: _Thread) -> None:
         """execve replaced the address space: a new vDSO to read and patch."""
@@ -1250,8 +1309,7 @@ class Session:
         tid = th.tid
         space = th.space
         if space.recorder is not None:
-            while self._drain_recorders():
-                pass                    # its last calls are in the ring: name them while we can
+            self._drain_bounded()       # its last calls are in the ring: name them while we can
         self.threads.pop(tid, None)
         space.threads.discard(tid)
         th.pending.clear()
@@ -1445,7 +1503,8 @@ class Session:
         if not patcher.planted:
             return True
         patcher.restore_code(space.mem)
-        mine = [th for th in threads if th.space is space]
+        # a vfork child shares the address space, and so the patcher
+        mine = [th for th in threads if th.space.patcher is patcher]
         for th in mine:
             try:
                 self._unpatch_thread(th, patcher)
@@ -1460,6 +1519,26 @@ class Session:
         patcher.clear_padding(space.mem)
         return True
 
+    def _restore_space(self, space: _Space, threads: list[_Thread]) -> None:
+        """Take everything of ours out of one space. A failed write is never taken for
+        success: it is retried through a freshly opened /proc/PID/mem, then reported."""
+        problem = None
+        for attempt in range(2):
+            try:
+                if attempt:
+                    space.mem.reopen()
+                self._uninstall(space, threads)
+                self._unpatch_space(space, threads)
+                return
+            except ProcessGone:
+                return
+            except (MemoryWriteError, OSError) as e:
+                problem = str(e)
+        self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+                               f"cannot restore the vDSO of {space.pid} ({problem}): "
+                               "vdsotrace's code stays in it and it may die at its next "
+                               "vDSO call"))
+
     def detach_all(self, reason: str = "detach") -> None:
         """Remove every breakpoint, put every thread back on original code, let go."""
         if not self.threads and not self.spaces:
@@ -1471,11 +1550,7 @@ class Session:
         except ProcessGone:
             threads = list(self.threads.values())
         for space in list(self.spaces.values()):
-            try:
-                self._uninstall(space, threads)
-                self._unpatch_space(space, threads)
-            except (MemoryWriteError, ProcessGone):
-                pass
+            self._restore_space(space, threads)
         for th in threads:
             try:
                 target.detach(th.tid, th.sig)
@@ -1487,7 +1562,7 @@ class Session:
                                        space.abi.name, reason))
             space.mem.close()
         for child in list(self.release_forks):
-            self._release_child(child)
+            self._release_child(child, wait=True)
         self.threads.clear()
         self.spaces.clear()
         self._paused = False

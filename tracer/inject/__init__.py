@@ -590,6 +590,35 @@ class Recorder:
             if not self.installed:
                 self._close_local()
 
+    def release_fork(self, child: int, mem: target.Memory) -> str | None:
+        """A fork child we do not follow, at its first stop (it has not run yet): it inherited
+        the patched entries (in its private copy of the vDSO), the ring and the code page
+        (MAP_SHARED: still ours). Put its entries back, unmap both pages in it by remote
+        system calls, so none of its calls reaches our ring. Returns a notice when a page has
+        to stay (the child may still return into the code page)."""
+        if not self.installed or self._plan is None:
+            return None
+        for at, orig in reversed(self._saved):
+            mem.write(at, orig)
+        stepper = Stepper(child)
+        regs = target.Regs()
+        try:
+            if self._code_in_use([child], regs, mem):
+                # (forked from a handler that interrupted a stub): the stub still writes to
+                # the ring on its way out; keep both, the code page stops recording when the
+                # tracer leaves
+                return (f"fork child {child} may still return through vdsotrace's stub code: "
+                        "the recorder's pages stay mapped in it")
+            call = self._caller(stepper, child, self._plan)
+            try:
+                call.check(self._nr.MUNMAP, self._ring_addr, L.RING_SIZE, what="munmap")
+                call.check(self._nr.MUNMAP, self._code_addr, L.CODE_SIZE, what="munmap")
+            finally:
+                call.restore()
+        finally:
+            stepper.resend_held()
+        return None
+
     def _gateway_range(self) -> tuple[int, int]:
         """i386: runtime range of __kernel_vsyscall (which the stubs call); (0, 0) otherwise."""
         gw = self.image.function(GATEWAY_SYMBOL) if self.abi.word == 4 else None
@@ -607,10 +636,12 @@ class Recorder:
         return any(lo <= int.from_bytes(raw[k:k + 4], "little") < hi
                    for k in range(0, 16, 4) for lo, hi in spans)
 
-    def _code_in_use(self, tids: list[int], regs: target.Regs) -> bool:
+    def _code_in_use(self, tids: list[int], regs: target.Regs,
+                     mem: target.Memory | None = None) -> bool:
         """Whether some thread is in the code page or may still return into it: its rip there
         or in the vDSO (a helper called from a copied body), or a word on its stack pointing
         there (conservative: a stale word keeps the page)."""
+        mem = mem or self.mem
         lo, hi = self._code_addr, self._code_addr + L.CODE_SIZE
         vlo, vhi = self.base, self.base + len(self.image.data)
         w = self.abi.word
@@ -627,7 +658,7 @@ class Recorder:
             n = 0
             while n < _STACK_SCAN:
                 try:
-                    chunk = self.mem.read(sp + n, 4096 - ((sp + n) & 4095))
+                    chunk = mem.read(sp + n, 4096 - ((sp + n) & 4095))
                 except MemoryReadError:
                     break
                 if any(p in chunk for p in prefixes):
