@@ -250,6 +250,7 @@ class _Thread:
     last_call: tuple[Any, ...] | None = None   # (func index, caller, stack, fallback, reason)
     expect_handler: int = 0        # stepped into a handler for this signal (--signals)
     stopped_ticks: int = 0         # TSC ticks spent handling fallback stops of the open call
+    vfork_child: int = 0           # in vfork until this child execs or exits (unstoppable)
 
 
 _MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
@@ -718,7 +719,12 @@ class Session:
         if rec is None or not rec.installed:
             return
         self._drain_bounded()
-        tids = [th.tid for th in threads if th.space is space]
+        tids = [th.tid for th in threads if th.space is space and th.stopped]
+        if not tids:
+            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+                                   "no thread of the process could be stopped (waiting for "
+                                   "a vfork child?): the recorder stays in it"))
+            return
         rec.uninstall(tids)
         self._drain_bounded()
         for th in threads:
@@ -1160,6 +1166,10 @@ class Session:
         silently, until it execs or exits."""
         ps = parent.space
         follow = self.options.follow_forks
+        if vfork:
+            # the parent waits in the kernel (killable only: PTRACE_INTERRUPT does not stop
+            # it) until the child execs or exits (kernel/fork.c wait_for_vfork_done)
+            parent.vfork_child = child
         if follow or vfork:
             # Each space owns its /proc/PID/mem handle (a vfork child's refers to the parent's
             # memory, and is closed at the child's exec or exit). A vfork child shares the
@@ -1259,9 +1269,15 @@ class Session:
                 return False
             time.sleep(0.001)
 
+    def _vfork_done(self, child: int) -> None:
+        for t in self.threads.values():
+            if t.vfork_child == child:
+                t.vfork_child = 0
+
     def _exec(self, th: _Thread) -> None:
         """execve replaced the address space: a new vDSO to read and patch."""
         old = th.space
+        self._vfork_done(old.pid)
         former = target.geteventmsg(th.tid)
         pid = old.pid
         for t in list(old.threads):
@@ -1308,6 +1324,8 @@ class Session:
     def _gone(self, th: _Thread, status: int) -> None:
         tid = th.tid
         space = th.space
+        if tid == space.pid:
+            self._vfork_done(tid)
         if space.recorder is not None:
             self._drain_bounded()       # its last calls are in the ring: name them while we can
         self.threads.pop(tid, None)
@@ -1342,7 +1360,8 @@ class Session:
                 except ProcessGone:
                     pass
         while True:
-            waiting = [t for t in self.threads.values() if not t.stopped]
+            # a thread in vfork stops only once its child execs or exits: not waited for
+            waiting = [t for t in self.threads.values() if not t.stopped and not t.vfork_child]
             if not waiting:
                 break
             tid = _waitpid(-1, self._status_ref, target.WALL)
@@ -1417,6 +1436,21 @@ class Session:
         if not inside(regs.buf[_RIP]):
             return True
         deadline = time.monotonic() + timeout
+        held: list[int] = []
+        try:
+            return self._step_loop(tid, inside, limit, deadline, regs, held)
+        finally:
+            th = self.threads.get(tid)
+            for sig in held:            # queued again: delivered when the thread runs
+                try:
+                    tgid = (th.space.pid if th is not None
+                            else int(procfs.read_status(tid).get("Tgid", tid)))
+                    target.tgkill(tgid, tid, sig)
+                except (ProcessGone, OSError, ValueError):
+                    pass
+
+    def _step_loop(self, tid: int, inside: Callable[[int], bool], limit: int,
+                   deadline: float, regs: Regs, held: list[int]) -> bool:
         for _ in range(limit):
             target.singlestep(tid)
             while True:
@@ -1432,10 +1466,17 @@ class Session:
                 raise ProcessGone(f"thread {tid} exited")
             if status >> 16 == target.PTRACE_EVENT_STOP:
                 continue                # an interrupt we sent earlier: step again
-            if (status >> 8) & 0xFF != _SIGTRAP or status >> 16:
+            sig = (status >> 8) & 0xFF
+            if sig != _SIGTRAP and not status >> 16:
+                # a signal arrived (a SIGCHLD from a child that exited...): hold it for the
+                # thread's next resume and step on; the step has not been taken yet
                 th = self.threads.get(tid)
-                if th is not None and not status >> 16:
-                    th.sig = (status >> 8) & 0xFF
+                if th is not None and not th.sig:
+                    th.sig = sig
+                else:
+                    held.append(sig)
+                continue
+            if sig != _SIGTRAP or status >> 16:
                 return False
             target.getregs(tid, regs)
             if not inside(regs.buf[_RIP]):
@@ -1539,11 +1580,33 @@ class Session:
                                "vdsotrace's code stays in it and it may die at its next "
                                "vDSO call"))
 
+    def _settle_vforks(self, timeout: float = 5.0) -> None:
+        """Before stopping everything: a thread waiting in vfork cannot be stopped until its
+        child execs or exits, so trace on (bounded) until no vfork is in flight."""
+        deadline = time.monotonic() + timeout
+        while (any(t.vfork_child for t in self.threads.values())
+               and time.monotonic() < deadline):
+            tid = _waitpid(-1, self._status_ref, target.WALL | os.WNOHANG)
+            if tid > 0:
+                self._dispatch(tid, self._status.value)
+            elif tid < 0 and ctypes.get_errno() == 10:
+                return
+            else:
+                if self.options.inject:
+                    self._drain_recorders()
+                time.sleep(0.001)
+        for t in self.threads.values():
+            if t.vfork_child:
+                self._emit(NoticeEvent(t.space.pid, t.tid, time.time(),
+                                       f"thread {t.tid} still waits for its vfork child "
+                                       f"{t.vfork_child}: it is let go without being stopped"))
+
     def detach_all(self, reason: str = "detach") -> None:
         """Remove every breakpoint, put every thread back on original code, let go."""
         if not self.threads and not self.spaces:
             self.state = "exited" if reason == "exit" else "detached"
             return
+        self._settle_vforks()
         self._paused = True
         try:
             threads = self._stop_all()

@@ -185,3 +185,24 @@ def test_real_forking_programs(reaper, tmp_path, prog, engine):
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0 and out.startswith(b"ok "), (p.returncode, out, err, tr.stderr())
     assert summary and calls > 0, f"no call counted: {summary}"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_leave_during_vfork(target_bin, tmp_path, engine):
+    """The tracer is told to leave while a thread waits in vfork (it cannot be stopped until
+    its child execs): it leaves, promptly, and the process is clean and lives on."""
+    proc = T.start(target_bin("forks"), tmp_path / "forks.jsonl", "--mode", "vforkslow",
+                   "--child-calls", "1500")
+    before = T.read_vdso(proc.pid)
+    tr = T.run_trace(["-p", str(proc.pid), *engine], tmp_path / "ev.jsonl")
+    T.go(proc, close=False)
+    _wait_line(proc, "vforking", 30)
+    time.sleep(0.2)                        # the child spins for 1.5 s before its exec
+    tr.signal(signal.SIGINT)
+    tr.wait_ok(20)
+    _wait_line(proc, "done ", 30)
+    check_clean(proc.pid, before, tr)
+    assert proc.popen.stdin is not None
+    proc.popen.stdin.close()
+    rc, out, err = proc.finish(20)
+    assert rc == 0, (rc, out, err, tr.stderr())

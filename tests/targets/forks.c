@@ -10,6 +10,8 @@
  *   fork:       fork(); the child makes K (default 3) checked clock_gettime calls and exits
  *               0 if all were good (1 otherwise); the parent waits for it.
  *   vfork:      vfork() + execve("/bin/true").
+ *   vforkslow:  prints "vforking", then vfork(); the child calls clock_gettime for K ms
+ *               before its execve("/bin/true") (the parent waits in vfork meanwhile).
  *   spawn:      posix_spawn("/bin/true") (glibc: clone(CLONE_VM|CLONE_VFORK) + exec).
  *   forkexec:   fork() + execve("/bin/true") in the child.
  *   childloop:  fork(); the child exits 4 if a `/memfd:vdsotrace` mapping is in its
@@ -175,9 +177,20 @@ int main(int argc, char **argv)
         if (strcmp(mode, "spawn") == 0) {
             if (posix_spawn(&child, "/bin/true", NULL, NULL, targv, environ) != 0)
                 die("posix_spawn failed");
-        } else if (strcmp(mode, "vfork") == 0) {
+        } else if (strcmp(mode, "vfork") == 0 || strcmp(mode, "vforkslow") == 0) {
+            int slow = strcmp(mode, "vforkslow") == 0;
+            if (slow) {
+                printf("vforking\n");
+                fflush(stdout);
+            }
             child = vfork();
             if (child == 0) {
+                struct timespec t0, t;
+                clock_gettime(CLOCK_MONOTONIC, &t0);
+                t = t0;
+                while (slow && (t.tv_sec - t0.tv_sec) * 1000000000LL + t.tv_nsec - t0.tv_nsec
+                       < k * 1000000LL)
+                    clock_gettime(CLOCK_MONOTONIC, &t);
                 execve("/bin/true", targv, environ);
                 _exit(127);
             }
