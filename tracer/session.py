@@ -651,6 +651,10 @@ class Session:
                 return
         pc = buf[_RIP] - 1
         bp = space.patcher.bps.get(pc)
+        if bp is None and space.patcher.planted and not space.base <= pc < space.base + space.size:
+            # outside the vDSO as we know it: did the process move it (mremap)?
+            if self._follow_vdso(space):
+                bp = space.patcher.bps.get(pc)
         if bp is None:
             # Not ours: a SIGTRAP the program raised or a debugger-style int3 of its own.
             th.sig = _SIGTRAP
@@ -1402,6 +1406,10 @@ class Session:
                     if self._handler_entry(th, th.space, signo):
                         continue
                 pc = th.regs.buf[_RIP] - 1
+                sp = th.space
+                if (pc not in sp.patcher.bps and sp.patcher.planted
+                        and not sp.base <= pc < sp.base + sp.size):
+                    self._follow_vdso(sp)          # moved by mremap?
                 if pc in th.space.patcher.bps:
                     th.undo_trap = pc   # a hit not yet handled: on resume, or undone on detach
                     continue
@@ -1560,10 +1568,69 @@ class Session:
         patcher.clear_padding(space.mem)
         return True
 
+    def _follow_vdso(self, space: _Space) -> bool:
+        """Is the vDSO still where we patched it? No ptrace event tells of an mremap: the
+        [vdso] line of /proc/PID/maps does. If it moved with its bytes, follow it there
+        (every address of the patch moves with it); if it is gone or is not the image we
+        patched, nothing is written where it was. Says so in a notice either way. Returns
+        whether restoring writes may be made."""
+        try:
+            maps = procfs.read_maps(space.pid)
+        except OSError:
+            return True                 # gone: any write fails with ProcessGone
+        vmap = next((m for m in maps if m.path == "[vdso]"), None)
+        old = space.base
+        if vmap is not None and vmap.start == old:
+            return True
+        if vmap is not None and vmap.size == space.size and self._same_image(space, vmap.start):
+            delta = vmap.start - old
+            patcher = space.patcher
+            if patcher.base == old:
+                patcher.rebase(delta)
+            for sp in self.spaces.values():
+                if sp.patcher is patcher:          # a vfork child shares the memory
+                    sp.base = vmap.start
+            space.base = vmap.start
+            if space.recorder is not None:
+                space.recorder.rebase(delta)
+            space.modules = None
+            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+                                   f"the vDSO moved from {old:#x} to {vmap.start:#x} (mremap): "
+                                   "vdsotrace follows it there"))
+            return True
+        msg = (f"the process unmapped its vDSO (at {old:#x}): nothing of it is left to "
+               "restore, and nothing is written there any more" if vmap is None else
+               f"the vDSO moved from {old:#x} to {vmap.start:#x} and is not the image "
+               "vdsotrace patched: its patches cannot be restored (nothing is written at "
+               "either address)")
+        self._emit(NoticeEvent(space.pid, space.pid, time.time(), msg))
+        space.patcher.planted = False
+        space.patcher.pad_used = b""
+        if space.recorder is not None:
+            space.recorder.vdso_lost = True
+        return False
+
+    def _same_image(self, space: _Space, start: int) -> bool:
+        """The bytes at `start` are our patched image: the original outside what we wrote."""
+        size = space.image.image_size
+        try:
+            live = bytearray(space.mem.read(start, size))
+        except MemoryReadError:
+            return False
+        want = bytearray(space.image.data[:size])
+        written = [(a - space.base, len(new)) for a, new, _ in space.patcher.patches]
+        if space.recorder is not None:
+            written += space.recorder.patched_ranges(space.base)
+        for off, n in written:
+            if 0 <= off < size:
+                live[off:off + n] = want[off:off + n]
+        return live == want
+
     def _restore_space(self, space: _Space, threads: list[_Thread]) -> None:
         """Take everything of ours out of one space. A failed write is never taken for
         success: it is retried through a freshly opened /proc/PID/mem, then reported."""
         problem = None
+        self._follow_vdso(space)
         for attempt in range(2):
             try:
                 if attempt:

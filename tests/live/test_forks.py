@@ -16,6 +16,8 @@ import targets as T
 
 pytestmark = pytest.mark.live
 
+# generous: on a loaded machine loading the C library's symbols at attach has taken 30 s
+ATTACH = 90.0
 ENGINES = [pytest.param([], id="stops"), pytest.param(["-f"], id="stops-f"),
            pytest.param(["--inject"], id="inject")]
 
@@ -68,7 +70,8 @@ def run_forks(target_bin, tmp_path: Path, mode: str, count: int, trace_args: lis
     proc = T.start(target_bin("forks", m32), tmp_path / f"forks-{mode}.jsonl", "--mode", mode,
                    "--count", str(count), "--child-calls", str(child_calls))
     before = T.read_vdso(proc.pid)
-    tr = T.run_trace(["-p", str(proc.pid), *trace_args], tmp_path / f"ev-{mode}.jsonl")
+    tr = T.run_trace(["-p", str(proc.pid), *trace_args], tmp_path / f"ev-{mode}.jsonl",
+                     attach_timeout=ATTACH)
     T.go(proc, close=False)
     done_ns = int(_wait_line(proc, "done ", done_timeout).split()[1])
     time.sleep(after)                      # the clock threads call on after the last child
@@ -175,7 +178,7 @@ def test_real_forking_programs(reaper, tmp_path, prog, engine):
         time.sleep(0.02)
     time.sleep(0.3)
     tr = T.run_trace(["-p", str(p.pid), "--duration", "1.5", "-c", *engine],
-                     tmp_path / "ev.jsonl")
+                     tmp_path / "ev.jsonl", attach_timeout=ATTACH)
     tr.wait_ok(30)
     check_clean(p.pid, before, tr)
     summary = [e for e in tr.events() if e["event"] == "summary"]
@@ -194,7 +197,7 @@ def test_leave_during_vfork(target_bin, tmp_path, engine):
     proc = T.start(target_bin("forks"), tmp_path / "forks.jsonl", "--mode", "vforkslow",
                    "--child-calls", "1500")
     before = T.read_vdso(proc.pid)
-    tr = T.run_trace(["-p", str(proc.pid), *engine], tmp_path / "ev.jsonl")
+    tr = T.run_trace(["-p", str(proc.pid), *engine], tmp_path / "ev.jsonl", attach_timeout=ATTACH)
     T.go(proc, close=False)
     _wait_line(proc, "vforking", 30)
     time.sleep(0.2)                        # the child spins for 1.5 s before its exec
