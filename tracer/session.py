@@ -1290,7 +1290,14 @@ class Session:
         old.threads.clear()
         if former != th.tid:
             self.threads.pop(former, None)
+        # Calls open in the old image never return (execve itself, through i386's gateway,
+        # left its fallback mark): nothing per call survives into the new image.
         th.pending.clear()
+        th.fb_marks.clear()
+        th.stopped_ticks = 0
+        th.expect_handler = 0
+        th.undo_trap = 0
+        th.last_call = None
         th.tid = pid
         self.threads[pid] = th
         if old.recorder is not None:
