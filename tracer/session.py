@@ -331,6 +331,17 @@ class Session:
 
     def attach(self, pid: int) -> None:
         t0 = time.monotonic()
+        try:
+            tgid = int(procfs.read_status(pid).get("Tgid", pid))
+        except (OSError, ValueError):
+            tgid = pid
+        if pid in self.threads or tgid in self.spaces:
+            what = (f"{pid} is a thread of process {tgid}, which this vdsotrace already traces"
+                    if tgid != pid else f"process {pid} is already traced by this vdsotrace")
+            raise UsageError(f"{what} (every thread of a process is followed): give each "
+                             "process once to -p")
+        if tgid > 0:
+            pid = tgid          # a thread's id stands for its process (strace -p does so)
         tids, pending = target.attach_process(pid, self._options())
         if self.root_pid is None:
             self.root_pid = pid
