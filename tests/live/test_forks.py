@@ -128,12 +128,14 @@ def test_many_spawns(target_bin, tmp_path, engine):
     assert calls_after(events, pid, done_ns)
 
 
+@pytest.mark.parametrize("m32", [pytest.param(False, id="x86_64"),
+                                 pytest.param(True, id="i386", marks=pytest.mark.i386)])
 @pytest.mark.parametrize("mode", ["childloop", "ringwrite"])
-def test_inject_fork_child_does_not_record(target_bin, tmp_path, mode):
+def test_inject_fork_child_does_not_record(target_bin, tmp_path, mode, m32):
     """--inject: an unfollowed fork child loses the ring and the stubs at the fork (its calls
     are not in the parent's trace; writing records into the inherited ring is not
     possible), and it runs correctly."""
-    events, rec, done_ns, tr = run_forks(target_bin, tmp_path, mode, 5, ["--inject"],
+    events, rec, done_ns, tr = run_forks(target_bin, tmp_path, mode, 5, ["--inject"], m32,
                                          child_calls=200)
     pid = next(e["pid"] for e in events if e["event"] == "attach")
     assert rec["ring_in_child"] == 0
