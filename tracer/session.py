@@ -230,6 +230,7 @@ class _Space:
     unmapped: set[int] = field(default_factory=set)
     frames: dict[int, str] = field(default_factory=dict)     # return address -> stack entry
     args_cache: dict[tuple[int, tuple[int, ...]], dict[str, Any]] = field(default_factory=dict)
+    vdso_lost: bool = False        # unmapped or replaced by the process: never written again
 
 
 def _fidx_by_name(space: _Space) -> dict[str, int]:
@@ -1181,6 +1182,8 @@ class Session:
         silently, until it execs or exits."""
         ps = parent.space
         follow = self.options.follow_forks
+        # the child's copy is taken from the patch as it is now: where the vDSO is now
+        self._follow_vdso(ps)
         if vfork:
             # the parent waits in the kernel (killable only: PTRACE_INTERRUPT does not stop
             # it) until the child execs or exits (kernel/fork.c wait_for_vfork_done)
@@ -1248,7 +1251,8 @@ class Session:
             except ProcessGone:
                 return
             try:
-                patcher.unplant(mem)
+                if patcher.planted:
+                    patcher.unplant(mem)
                 if recorder is not None:
                     kept = recorder.release_fork(child, mem)
                     if kept:
@@ -1592,6 +1596,8 @@ class Session:
         (every address of the patch moves with it); if it is gone or is not the image we
         patched, nothing is written where it was. Says so in a notice either way. Returns
         whether restoring writes may be made."""
+        if space.vdso_lost:
+            return False
         try:
             maps = procfs.read_maps(space.pid)
         except OSError:
@@ -1622,6 +1628,7 @@ class Session:
                "vdsotrace patched: its patches cannot be restored (nothing is written at "
                "either address)")
         self._emit(NoticeEvent(space.pid, space.pid, time.time(), msg))
+        space.vdso_lost = True
         space.patcher.planted = False
         space.patcher.pad_used = b""
         if space.recorder is not None:

@@ -45,3 +45,23 @@ def test_vdso_moved(target_bin, tmp_path, engine, unmap):
     rec = T.read_record(proc.record)[-1]
     assert rec["pattern_intact"] == 1, f"something was written where the vDSO was: {rec}"
     assert rc == 0 and rec["bad"] == 0, (rc, out, err, rec)
+
+
+def test_calls_after_the_move_are_traced(target_bin, tmp_path):
+    """Stop-based engine: calls made through the moved vDSO while traced stop at an address
+    the tracer did not patch; it finds the vDSO's new place and goes on (the process
+    neither gets a stray SIGTRAP nor loses a call). (--inject cannot: its entry jumps are
+    relative to where they were written, and nothing tells of an mremap before the call.)"""
+    proc = T.start(target_bin("vmove"), tmp_path / "vmove.jsonl")
+    tr = T.run_trace(["-p", str(proc.pid)], tmp_path / "ev.jsonl", attach_timeout=ATTACH)
+    T.go(proc, close=False)
+    _wait_line(proc, "moved ", 30)
+    assert proc.popen.stdin is not None
+    proc.popen.stdin.write(b"g")
+    proc.popen.stdin.close()
+    rc, out, err = proc.finish(30)
+    assert rc == 0 and "bad=0" in out and "intact=1" in out, (rc, out, err, tr.stderr())
+    tr.wait_ok(30)
+    calls = [e for e in tr.events() if e["event"] == "call"]
+    assert len(calls) == 300, len(calls)
+    assert all(not e["fallback"] and e["ret"] == 0 for e in calls)

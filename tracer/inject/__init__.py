@@ -646,8 +646,9 @@ class Recorder:
         to stay (the child may still return into the code page)."""
         if not self.installed or self._plan is None:
             return None
-        for at, orig in reversed(self._saved):
-            mem.write(at, orig)
+        if not self.vdso_lost:
+            for at, orig in reversed(self._saved):
+                mem.write(at, orig)
         stepper = Stepper(child)
         regs = target.Regs()
         try:
