@@ -236,3 +236,26 @@ def test_exec_other_abi(target_bin, tmp_path, engine, m32_first):
     assert [e["fallback"] for e in after] == [False] * 4, after
     if m32_first:
         T.compare_calls(after, post, "after exec")
+
+
+def test_inject_foreign_records_do_not_hold_the_tracer(target_bin, tmp_path):
+    """Another process floods the ring with well-formed records of a thread we do not trace
+    (root reaches it through /proc/PID/map_files): the tracer still leaves within its
+    --duration (every drain on the way out is bounded), and the process is clean."""
+    proc = T.start(target_bin("spin"), tmp_path / "spin.jsonl", "--threads", "1")
+    before = T.read_vdso(proc.pid)
+    tr = T.run_trace(["-p", str(proc.pid), "--inject", "--duration", "2"], tmp_path / "ev.jsonl",
+                     attach_timeout=ATTACH)
+    T.go(proc, close=False)
+    flood = T.start(target_bin("ringflood"), tmp_path / "flood.jsonl", str(proc.pid), "30")
+    T.go(flood)
+    tr.wait_ok(25)
+    assert flood.popen.poll() is None, "the flooder ended before the tracer left"
+    flood.popen.kill()
+    check_clean(proc.pid, before, tr)
+    tids = {e["tid"] for e in tr.events() if e["event"] == "call"}
+    assert flood.pid not in tids
+    assert proc.popen.stdin is not None
+    proc.popen.stdin.close()
+    rc, out, err = proc.finish(20)
+    assert rc == 0 and "bad=0" in out, (rc, out, err)
