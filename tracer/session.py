@@ -49,6 +49,7 @@ _SYSARG32 = tuple(REG_INDEX[r] for r in ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp
 _SIGTRAP = signal.SIGTRAP
 _SYSCALL_TRAP = signal.SIGTRAP | 0x80
 _GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
 _cont = target.cont
@@ -1501,6 +1502,11 @@ class Session:
                 # a signal arrived (a SIGCHLD from a child that exited...): hold it for the
                 # thread's next resume and step on; the step has not been taken yet
                 th = self.threads.get(tid)
+                again = (th is not None and sig == th.sig) or sig in held
+                if again and sig in _FAULTS:
+                    return False        # the stepped instruction itself faults
+                if again:
+                    continue            # a standard signal already pending: one is kept
                 if th is not None and not th.sig:
                     th.sig = sig
                 else:
@@ -1698,7 +1704,10 @@ class Session:
         if not self.threads and not self.spaces:
             self.state = "exited" if reason == "exit" else "detached"
             return
-        self._settle_vforks()
+        try:
+            self._settle_vforks()
+        except (TracerError, OSError):
+            pass                        # whatever happened there, the restore below is due
         self._paused = True
         try:
             threads = self._stop_all()
