@@ -48,8 +48,9 @@ def ours_mapped(pid: int) -> list[str]:
             if "/memfd:vdsotrace" in ln]
 
 
-def check_clean(pid: int, before: bytes, tr: T.Trace) -> None:
-    """After the tracer left: alive, untraced, vDSO as before, nothing of ours mapped."""
+def check_clean(pid: int, before: bytes, tr: T.Trace, code_page_may_stay: bool = False) -> None:
+    """After the tracer left: alive, untraced, vDSO as before, nothing of ours mapped (but
+    the recorder's code page, where allowed and the tracer said it keeps it)."""
     assert os.path.exists(f"/proc/{pid}"), f"tracee died; tracer stderr:\n{tr.stderr()}"
     assert T.tracer_pid(pid) == 0
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -59,7 +60,11 @@ def check_clean(pid: int, before: bytes, tr: T.Trace) -> None:
     assert len(after) == len(before) and not diff, (
         f"vDSO differs after detach at {len(diff)} offsets, first {[hex(i) for i in diff[:8]]}; "
         f"tracer stderr:\n{tr.stderr()}")
-    assert not ours_mapped(pid), ours_mapped(pid)
+    left = ours_mapped(pid)
+    if code_page_may_stay and any("code page stays mapped" in e.get("message", "")
+                                  for e in tr.events() if e["event"] == "notice"):
+        left = [ln for ln in left if "/memfd:vdsotrace-code" not in ln]
+    assert not left, left
 
 
 def run_forks(target_bin, tmp_path: Path, mode: str, count: int, trace_args: list[str],
@@ -252,7 +257,9 @@ def test_inject_foreign_records_do_not_hold_the_tracer(target_bin, tmp_path):
     tr.wait_ok(25)
     assert flood.popen.poll() is None, "the flooder ended before the tracer left"
     flood.popen.kill()
-    check_clean(proc.pid, before, tr)
+    # (a thread that waited in a stub for room in the ring may leave a stale return address
+    # into the code page on its stack: then the page stays, said in a notice)
+    check_clean(proc.pid, before, tr, code_page_may_stay=True)
     tids = {e["tid"] for e in tr.events() if e["event"] == "call"}
     assert flood.pid not in tids
     assert proc.popen.stdin is not None
