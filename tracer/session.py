@@ -1742,7 +1742,11 @@ class Session:
             new_funcs: list[str] = []
             plans = {pid: resolve_functions(sp.image, specs) for pid, sp in self.spaces.items()}
             threads = list(self.threads.values())
+            done: set[int] = set()
             for pid, space in self.spaces.items():
+                if id(space.patcher) in done:
+                    continue            # a vfork child: the parent's memory, handled with it
+                done.add(id(space.patcher))
                 if not self._unpatch_space(space, threads):
                     space.patcher.plant(space.mem)
                     raise TracerError("a thread is inside a traced call right now: try again")
@@ -1821,10 +1825,12 @@ class Session:
             self._pause_now()
         try:
             threads = list(self.threads.values())
+            done: set[int] = set()
             for space in self.spaces.values():
                 mine = [th for th in threads if th.space is space]
-                if not mine:
-                    continue
+                if not mine or id(space.patcher) in done:
+                    continue            # (a vfork child: the parent's memory, done with it)
+                done.add(id(space.patcher))
                 funcs = list(space.patcher.funcs)
                 if on:
                     from tracer.inject import Recorder
