@@ -94,6 +94,21 @@ class Patcher:
                        self.pad_start, self.pad_used, self.planted, list(self.warnings),
                        list(self.detour_ranges))
 
+    def rebase(self, delta: int) -> None:
+        """The tracee moved its vDSO (mremap: no ptrace event tells): the same patches,
+        `delta` bytes away. Every address moves; the code itself is position independent
+        (stubs, slots and the jumps between them are relative within the mapping). Bp
+        records are shared with copies of this patcher: new ones are made."""
+        self.base += delta
+        self.bps = {a + delta: Bp(b.addr + delta, b.kind, b.func,
+                                  b.slot + delta if b.slot else 0, b.orig)
+                    for a, b in self.bps.items()}
+        self.patches = [(a + delta, new, orig) for a, new, orig in self.patches]
+        self.slots = [(lo + delta, hi + delta, [(off, orig + delta) for off, orig in bounds])
+                      for lo, hi, bounds in self.slots]
+        self.stub_returns = {a + delta for a in self.stub_returns}
+        self.detour_ranges = [(lo + delta, hi + delta) for lo, hi in self.detour_ranges]
+
     # ------------------------------------------------------------------ planning
     def plan(self, funcs: list[VdsoFunction], nargs: list[int], stubs: bool = True) -> None:
         """Decide every patch and slot for `funcs` (nothing is written yet)."""

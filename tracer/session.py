@@ -50,6 +50,7 @@ _SYSARG32 = tuple(REG_INDEX[r] for r in ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp
 _SIGTRAP = signal.SIGTRAP
 _SYSCALL_TRAP = signal.SIGTRAP | 0x80
 _GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
 _cont = target.cont
@@ -242,6 +243,7 @@ class _Space:
     # or None (a full unwind)
     site_rules: dict[int, tuple[int, int] | None] = field(default_factory=dict)
     site_names: dict[int, str] = field(default_factory=dict)   # address -> -c's site name
+    vdso_lost: bool = False        # unmapped or replaced by the process: never written again
 
 
 def _fidx_by_name(space: _Space) -> dict[str, int]:
@@ -262,6 +264,7 @@ class _Thread:
     last_call: tuple[Any, ...] | None = None   # (func index, caller, stack, fallback, reason)
     expect_handler: int = 0        # stepped into a handler for this signal (--signals)
     stopped_ticks: int = 0         # TSC ticks spent handling fallback stops of the open call
+    vfork_child: int = 0           # in vfork until this child execs or exits (unstoppable)
 
 
 _MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
@@ -319,7 +322,9 @@ class Session:
         self.spaces: dict[int, _Space] = {}
         self.threads: dict[int, _Thread] = {}
         self.early: dict[int, int] = {}            # stops of tids we do not know yet
-        self.release_forks: dict[int, _Space] = {}  # fork child -> parent: clean, let go
+        # unfollowed fork child -> what its copy of the parent's space holds (a patcher copy
+        # taken at the fork, with its own planted state; the parent's recorder): clean, let go
+        self.release_forks: dict[int, tuple[Patcher, Any]] = {}
         self.counters: dict[str, _Counter] = {}
         self.state = "detached"
         self.stop_reason: str | None = None
@@ -354,6 +359,17 @@ class Session:
 
     def attach(self, pid: int) -> None:
         t0 = time.monotonic()
+        try:
+            tgid = int(procfs.read_status(pid).get("Tgid", pid))
+        except (OSError, ValueError):
+            tgid = pid
+        if pid in self.threads or tgid in self.spaces:
+            what = (f"{pid} is a thread of process {tgid}, which this vdsotrace already traces"
+                    if tgid != pid else f"process {pid} is already traced by this vdsotrace")
+            raise UsageError(f"{what} (every thread of a process is followed): give each "
+                             "process once to -p")
+        if tgid > 0:
+            pid = tgid          # a thread's id stands for its process (strace -p does so)
         tids, pending = target.attach_process(pid, self._options())
         if self.root_pid is None:
             self.root_pid = pid
@@ -674,6 +690,10 @@ class Session:
                 return
         pc = buf[_RIP] - 1
         bp = space.patcher.bps.get(pc)
+        if bp is None and space.patcher.planted and not space.base <= pc < space.base + space.size:
+            # outside the vDSO as we know it: did the process move it (mremap)?
+            if self._follow_vdso(space):
+                bp = space.patcher.bps.get(pc)
         if bp is None:
             # Not ours: a SIGTRAP the program raised or a debugger-style int3 of its own.
             th.sig = _SIGTRAP
@@ -723,18 +743,33 @@ class Session:
                                 r.t_entry_ns, r.duration_ns, r.caller, r.fallback, None)
         return n
 
+    def _drain_bounded(self) -> None:
+        """Drain until the rings are empty, but never more than what they can hold twice
+        over: whoever keeps writing into a ring (a process we do not trace that got hold of
+        it) cannot keep the tracer here."""
+        from tracer.inject.layout import NSLOTS
+        budget = 2 * NSLOTS * max(1, sum(1 for sp in self.spaces.values() if sp.recorder))
+        while budget > 0:
+            n = self._drain_recorders()
+            if not n:
+                return
+            budget -= n
+
     def _uninstall(self, space: _Space, threads: list[_Thread]) -> None:
         """--inject: every thread stopped; switch the stubs off, restore the vDSO, unmap the
         ring, and emit what was still in it."""
         rec = space.recorder
         if rec is None or not rec.installed:
             return
-        while self._drain_recorders():
-            pass
-        tids = [th.tid for th in threads if th.space is space]
+        self._drain_bounded()
+        tids = [th.tid for th in threads if th.space is space and th.stopped]
+        if not tids:
+            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+                                   "no thread of the process could be stopped (waiting for "
+                                   "a vfork child?): the recorder stays in it"))
+            return
         rec.uninstall(tids)
-        while self._drain_recorders():
-            pass
+        self._drain_bounded()
         for th in threads:
             if th.space is space and th.tid == tids[0]:
                 th.stopped = True
@@ -742,8 +777,7 @@ class Session:
 
     def _finish_recorder(self, space: _Space) -> None:
         """The process exited or exec'd: everything still in its ring, then the losses."""
-        while self._drain_recorders():
-            pass
+        self._drain_bounded()
         self._report_losses(space)
         space.recorder.abandon()
 
@@ -1259,16 +1293,29 @@ class Session:
         silently, until it execs or exits."""
         ps = parent.space
         follow = self.options.follow_forks
+        # the child's copy is taken from the patch as it is now: where the vDSO is now
+        self._follow_vdso(ps)
+        if vfork:
+            # the parent waits in the kernel (killable only: PTRACE_INTERRUPT does not stop
+            # it) until the child execs or exits (kernel/fork.c wait_for_vfork_done)
+            parent.vfork_child = child
         if follow or vfork:
-            mem = ps.mem if vfork else target.Memory(child)
-            patcher = ps.patcher.copy()
+            # Each space owns its /proc/PID/mem handle (a vfork child's refers to the parent's
+            # memory, and is closed at the child's exec or exit). A vfork child shares the
+            # parent's address space, so it shares the patcher too: one planted state per
+            # address space. A fork child's copy has its own.
+            try:
+                mem = target.Memory(child)
+            except ProcessGone:
+                return
+            patcher = ps.patcher if vfork else ps.patcher.copy()
             space = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
                            ps.decoders, ps.is_gateway, traced=follow)
             self.spaces[child] = space
             th = self._add_thread(child, space)
             th.stopped = False
         else:
-            self.release_forks[child] = ps
+            self.release_forks[child] = (ps.patcher.copy(), ps.recorder)
         early = self.early.pop(child, None)
         if early is not None:
             self._dispatch(child, early)
@@ -1296,23 +1343,71 @@ class Session:
             return
         self.early[tid] = status
 
-    def _release_child(self, child: int) -> None:
-        """Restore an unfollowed fork child's private copy of the vDSO and let it go."""
-        parent = self.release_forks.pop(child, None)
-        try:
-            if parent is not None:
+    def _release_child(self, child: int, wait: bool = False) -> None:
+        """Restore an unfollowed fork child's private copy of the vDSO (under --inject: its
+        entries, and unmap the ring and code page it inherited) and let it go. `wait`: its
+        first stop has not been seen yet (it cannot have run: an auto-attached child stops
+        before its first instruction). Cleaning never touches the parent's state: the patcher
+        is the copy taken at the fork."""
+        entry = self.release_forks.pop(child, None)
+        if entry is None:
+            return
+        patcher, recorder = entry
+        if wait and not self._await_first_stop(child):
+            return
+        problem = None
+        for _ in range(2):               # a failed write: once more, through a fresh handle
+            try:
                 mem = target.Memory(child)
-                try:
-                    parent.patcher.unplant(mem)
-                finally:
-                    mem.close()
+            except ProcessGone:
+                return
+            try:
+                if patcher.planted:
+                    patcher.unplant(mem)
+                if recorder is not None:
+                    kept = recorder.release_fork(child, mem)
+                    if kept:
+                        self._emit(NoticeEvent(child, child, time.time(), kept))
+                problem = None
+                break
+            except ProcessGone:
+                return
+            except (MemoryWriteError, OSError) as e:
+                problem = str(e)
+            finally:
+                mem.close()
+        try:
             target.detach(child)
-        except (ProcessGone, MemoryWriteError, OSError):
+        except (ProcessGone, OSError):
             pass
+        if problem is not None:
+            self._emit(NoticeEvent(child, child, time.time(),
+                                   f"cannot remove vdsotrace's code from fork child {child} "
+                                   f"({problem}): it may die at its next vDSO call"))
+
+    def _await_first_stop(self, child: int, timeout: float = 2.0) -> bool:
+        """Wait (bounded) for a fork child's first stop; False if it is gone or never came."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got, status = target.wait_nohang(child)
+            if got == child:
+                return bool(os.WIFSTOPPED(status))
+            if time.monotonic() > deadline:
+                self._emit(NoticeEvent(child, child, time.time(),
+                                       f"fork child {child} never stopped: it could not be "
+                                       "cleaned of vdsotrace's code"))
+                return False
+            time.sleep(0.001)
+
+    def _vfork_done(self, child: int) -> None:
+        for t in self.threads.values():
+            if t.vfork_child == child:
+                t.vfork_child = 0
 
     def _exec(self, th: _Thread) -> None:
         """execve replaced the address space: a new vDSO to read and patch."""
         old = th.space
+        self._vfork_done(old.pid)
         former = target.geteventmsg(th.tid)
         pid = old.pid
         for t in list(old.threads):
@@ -1321,7 +1416,14 @@ class Session:
         old.threads.clear()
         if former != th.tid:
             self.threads.pop(former, None)
+        # Calls open in the old image never return (execve itself, through i386's gateway,
+        # left its fallback mark): nothing per call survives into the new image.
         th.pending.clear()
+        th.fb_marks.clear()
+        th.stopped_ticks = 0
+        th.expect_handler = 0
+        th.undo_trap = 0
+        th.last_call = None
         th.tid = pid
         self.threads[pid] = th
         if old.recorder is not None:
@@ -1359,9 +1461,10 @@ class Session:
     def _gone(self, th: _Thread, status: int) -> None:
         tid = th.tid
         space = th.space
+        if tid == space.pid:
+            self._vfork_done(tid)
         if space.recorder is not None:
-            while self._drain_recorders():
-                pass                    # its last calls are in the ring: name them while we can
+            self._drain_bounded()       # its last calls are in the ring: name them while we can
         self.threads.pop(tid, None)
         space.threads.discard(tid)
         th.pending.clear()
@@ -1394,7 +1497,8 @@ class Session:
                 except ProcessGone:
                     pass
         while True:
-            waiting = [t for t in self.threads.values() if not t.stopped]
+            # a thread in vfork stops only once its child execs or exits: not waited for
+            waiting = [t for t in self.threads.values() if not t.stopped and not t.vfork_child]
             if not waiting:
                 break
             tid = _waitpid(-1, self._status_ref, target.WALL)
@@ -1435,6 +1539,10 @@ class Session:
                     if self._handler_entry(th, th.space, signo):
                         continue
                 pc = th.regs.buf[_RIP] - 1
+                sp = th.space
+                if (pc not in sp.patcher.bps and sp.patcher.planted
+                        and not sp.base <= pc < sp.base + sp.size):
+                    self._follow_vdso(sp)          # moved by mremap?
                 if pc in th.space.patcher.bps:
                     th.undo_trap = pc   # a hit not yet handled: on resume, or undone on detach
                     continue
@@ -1469,6 +1577,21 @@ class Session:
         if not inside(regs.buf[_RIP]):
             return True
         deadline = time.monotonic() + timeout
+        held: list[int] = []
+        try:
+            return self._step_loop(tid, inside, limit, deadline, regs, held)
+        finally:
+            th = self.threads.get(tid)
+            for sig in held:            # queued again: delivered when the thread runs
+                try:
+                    tgid = (th.space.pid if th is not None
+                            else int(procfs.read_status(tid).get("Tgid", tid)))
+                    target.tgkill(tgid, tid, sig)
+                except (ProcessGone, OSError, ValueError):
+                    pass
+
+    def _step_loop(self, tid: int, inside: Callable[[int], bool], limit: int,
+                   deadline: float, regs: Regs, held: list[int]) -> bool:
         for _ in range(limit):
             target.singlestep(tid)
             while True:
@@ -1484,10 +1607,22 @@ class Session:
                 raise ProcessGone(f"thread {tid} exited")
             if status >> 16 == target.PTRACE_EVENT_STOP:
                 continue                # an interrupt we sent earlier: step again
-            if (status >> 8) & 0xFF != _SIGTRAP or status >> 16:
+            sig = (status >> 8) & 0xFF
+            if sig != _SIGTRAP and not status >> 16:
+                # a signal arrived (a SIGCHLD from a child that exited...): hold it for the
+                # thread's next resume and step on; the step has not been taken yet
                 th = self.threads.get(tid)
-                if th is not None and not status >> 16:
-                    th.sig = (status >> 8) & 0xFF
+                again = (th is not None and sig == th.sig) or sig in held
+                if again and sig in _FAULTS:
+                    return False        # the stepped instruction itself faults
+                if again:
+                    continue            # a standard signal already pending: one is kept
+                if th is not None and not th.sig:
+                    th.sig = sig
+                else:
+                    held.append(sig)
+                continue
+            if sig != _SIGTRAP or status >> 16:
                 return False
             target.getregs(tid, regs)
             if not inside(regs.buf[_RIP]):
@@ -1555,7 +1690,8 @@ class Session:
         if not patcher.planted:
             return True
         patcher.restore_code(space.mem)
-        mine = [th for th in threads if th.space is space]
+        # a vfork child shares the address space, and so the patcher
+        mine = [th for th in threads if th.space.patcher is patcher]
         for th in mine:
             try:
                 self._unpatch_thread(th, patcher)
@@ -1570,22 +1706,125 @@ class Session:
         patcher.clear_padding(space.mem)
         return True
 
+    def _follow_vdso(self, space: _Space) -> bool:
+        """Is the vDSO still where we patched it? No ptrace event tells of an mremap: the
+        [vdso] line of /proc/PID/maps does. If it moved with its bytes, follow it there
+        (every address of the patch moves with it); if it is gone or is not the image we
+        patched, nothing is written where it was. Says so in a notice either way. Returns
+        whether restoring writes may be made."""
+        if space.vdso_lost:
+            return False
+        try:
+            maps = procfs.read_maps(space.pid)
+        except OSError:
+            return True                 # gone: any write fails with ProcessGone
+        vmap = next((m for m in maps if m.path == "[vdso]"), None)
+        old = space.base
+        if vmap is not None and vmap.start == old:
+            return True
+        if vmap is not None and vmap.size == space.size and self._same_image(space, vmap.start):
+            delta = vmap.start - old
+            patcher = space.patcher
+            if patcher.base == old:
+                patcher.rebase(delta)
+            for sp in self.spaces.values():
+                if sp.patcher is patcher:          # a vfork child shares the memory
+                    sp.base = vmap.start
+            space.base = vmap.start
+            if space.recorder is not None:
+                space.recorder.rebase(delta)
+            space.modules = None
+            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+                                   f"the vDSO moved from {old:#x} to {vmap.start:#x} (mremap): "
+                                   "vdsotrace follows it there"))
+            return True
+        msg = (f"the process unmapped its vDSO (at {old:#x}): nothing of it is left to "
+               "restore, and nothing is written there any more" if vmap is None else
+               f"the vDSO moved from {old:#x} to {vmap.start:#x} and is not the image "
+               "vdsotrace patched: its patches cannot be restored (nothing is written at "
+               "either address)")
+        self._emit(NoticeEvent(space.pid, space.pid, time.time(), msg))
+        space.vdso_lost = True
+        space.patcher.planted = False
+        space.patcher.pad_used = b""
+        if space.recorder is not None:
+            space.recorder.vdso_lost = True
+        return False
+
+    def _same_image(self, space: _Space, start: int) -> bool:
+        """The bytes at `start` are our patched image: the original outside what we wrote."""
+        size = space.image.image_size
+        try:
+            live = bytearray(space.mem.read(start, size))
+        except MemoryReadError:
+            return False
+        want = bytearray(space.image.data[:size])
+        written = [(a - space.base, len(new)) for a, new, _ in space.patcher.patches]
+        if space.recorder is not None:
+            written += space.recorder.patched_ranges(space.base)
+        for off, n in written:
+            if 0 <= off < size:
+                live[off:off + n] = want[off:off + n]
+        return live == want
+
+    def _restore_space(self, space: _Space, threads: list[_Thread]) -> None:
+        """Take everything of ours out of one space. A failed write is never taken for
+        success: it is retried through a freshly opened /proc/PID/mem, then reported."""
+        problem = None
+        self._follow_vdso(space)
+        for attempt in range(2):
+            try:
+                if attempt:
+                    space.mem.reopen()
+                self._uninstall(space, threads)
+                self._unpatch_space(space, threads)
+                return
+            except ProcessGone:
+                return
+            except (MemoryWriteError, OSError) as e:
+                problem = str(e)
+        self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+                               f"cannot restore the vDSO of {space.pid} ({problem}): "
+                               "vdsotrace's code stays in it and it may die at its next "
+                               "vDSO call"))
+
+    def _settle_vforks(self, timeout: float = 5.0) -> None:
+        """Before stopping everything: a thread waiting in vfork cannot be stopped until its
+        child execs or exits, so trace on (bounded) until no vfork is in flight."""
+        deadline = time.monotonic() + timeout
+        while (any(t.vfork_child for t in self.threads.values())
+               and time.monotonic() < deadline):
+            tid = _waitpid(-1, self._status_ref, target.WALL | os.WNOHANG)
+            if tid > 0:
+                self._dispatch(tid, self._status.value)
+            elif tid < 0 and ctypes.get_errno() == 10:
+                return
+            else:
+                if self.options.inject:
+                    self._drain_recorders()
+                time.sleep(0.001)
+        for t in self.threads.values():
+            if t.vfork_child:
+                self._emit(NoticeEvent(t.space.pid, t.tid, time.time(),
+                                       f"thread {t.tid} still waits for its vfork child "
+                                       f"{t.vfork_child}: it is let go without being stopped"))
+
     def detach_all(self, reason: str = "detach") -> None:
         """Remove every breakpoint, put every thread back on original code, let go."""
         if not self.threads and not self.spaces:
             self.state = "exited" if reason == "exit" else "detached"
             return
+        try:
+            self._settle_vforks()
+        except (TracerError, OSError):
+            pass                        # whatever happened there, the restore below is due
         self._paused = True
         try:
             threads = self._stop_all()
         except ProcessGone:
             threads = list(self.threads.values())
         for space in list(self.spaces.values()):
-            try:
-                self._uninstall(space, threads)
-                self._unpatch_space(space, threads)
-            except (MemoryWriteError, ProcessGone):
-                pass
+            self._restore_space(space, threads)
         for th in threads:
             try:
                 target.detach(th.tid, th.sig)
@@ -1597,7 +1836,7 @@ class Session:
                                        space.abi.name, reason))
             space.mem.close()
         for child in list(self.release_forks):
-            self._release_child(child)
+            self._release_child(child, wait=True)
         self.threads.clear()
         self.spaces.clear()
         self._paused = False
@@ -1613,7 +1852,11 @@ class Session:
             new_funcs: list[str] = []
             plans = {pid: resolve_functions(sp.image, specs) for pid, sp in self.spaces.items()}
             threads = list(self.threads.values())
+            done: set[int] = set()
             for pid, space in self.spaces.items():
+                if id(space.patcher) in done:
+                    continue            # a vfork child: the parent's memory, handled with it
+                done.add(id(space.patcher))
                 if not self._unpatch_space(space, threads):
                     space.patcher.plant(space.mem)
                     raise TracerError("a thread is inside a traced call right now: try again")
@@ -1692,10 +1935,12 @@ class Session:
             self._pause_now()
         try:
             threads = list(self.threads.values())
+            done: set[int] = set()
             for space in self.spaces.values():
                 mine = [th for th in threads if th.space is space]
-                if not mine:
-                    continue
+                if not mine or id(space.patcher) in done:
+                    continue            # (a vfork child: the parent's memory, done with it)
+                done.add(id(space.patcher))
                 funcs = list(space.patcher.funcs)
                 if on:
                     from tracer.inject import Recorder

@@ -9,7 +9,7 @@
  * --fork: then forks a child that makes K calls, appends its own lines to the
  *   record and exits 0; the parent waits for it.
  * --exec: after writing its record, the process execs itself
- *   (/proc/self/exe) with --after-exec, and the new image makes K more calls
+ *   (/proc/self/exe, or the --exec-path P binary: the other ABI's build) with --after-exec, and the new image makes K more calls
  *   in the same thread (same pid and tid) and appends them.
  *
  * Record, one JSON line each, every line appended with O_APPEND:
@@ -143,11 +143,14 @@ int main(int argc, char **argv)
         char kbuf[16];
         char *args[] = { argv[0], argv[1], "--after-exec", "--calls", kbuf, NULL };
         snprintf(kbuf, sizeof kbuf, "%d", K);
+        const char *path = arg_value(argc, argv, "--exec-path");
+        if (!path)
+            path = "/proc/self/exe";
         f = record_open_append(argv[1]);
-        fprintf(f, "{\"kind\": \"exec\", \"pid\": %d, \"tid\": %d, \"path\": \"/proc/self/exe\"}\n",
-                (int)getpid(), (int)gettid_raw());
+        fprintf(f, "{\"kind\": \"exec\", \"pid\": %d, \"tid\": %d, \"path\": \"%s\"}\n",
+                (int)getpid(), (int)gettid_raw(), path);
         fclose(f);
-        execv("/proc/self/exe", args);
+        execv(path, args);
         die("execv failed: %s", strerror(errno));
     }
     return 0;

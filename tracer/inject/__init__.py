@@ -214,6 +214,7 @@ class Recorder:
         self._stall_at: tuple[int, float] | None = None
         self.installed = False
         self.code_page_kept = False
+        self.vdso_lost = False          # the process unmapped (or replaced) its vDSO
 
     # ------------------------------------------------------------------ install
     def install(self, tid: int) -> None:
@@ -247,8 +248,8 @@ class Recorder:
             self._patch_entries(plan)
             self.installed = True
         except (PlanError, RemoteError, MemoryWriteError, MemoryReadError, OSError) as e:
-            self._undo_partial(tid, stepper)
-            raise InjectError(f"cannot inject into {self.pid}: {e}{_HINT}") from e
+            left = self._undo_partial(tid, stepper)
+            raise InjectError(f"cannot inject into {self.pid}: {e}{left}{_HINT}") from e
         finally:
             stepper.resend_held()
 
@@ -326,7 +327,43 @@ class Recorder:
             self.mem.write(tail, old_tail)
 
     def _caller(self, stepper: Stepper, tid: int, plan: Plan) -> RemoteCaller:
+        if self.vdso_lost:
+            return RemoteCaller(stepper, tid, self._syscall_elsewhere(), self.abi.word)
         return RemoteCaller(stepper, tid, self.base + plan.syscall_offset, self.abi.word)
+
+    def patched_ranges(self, base: int) -> list[tuple[int, int]]:
+        """(offset from `base`, length) of every vDSO byte range the entries overwrite."""
+        return [(at - base, len(orig)) for at, orig in self._saved]
+
+    def rebase(self, delta: int) -> None:
+        """The process moved its vDSO (mremap) with its bytes: our entries are `delta` away."""
+        self.base += delta
+        self._saved = [(at + delta, orig) for at, orig in self._saved]
+
+    def _syscall_elsewhere(self) -> int:
+        """A system call instruction (x86_64 `syscall` 0f 05, i386 `int 0x80` cd 80) in some
+        executable mapping of the process other than ours: the vDSO's is gone. Executing
+        those two bytes is all a remote system call needs, wherever they are."""
+        insn = b"\x0f\x05" if self.abi.word == 8 else b"\xcd\x80"
+        try:
+            maps = procfs.read_maps(self.pid)
+        except OSError as e:
+            raise ProcessGone(f"process {self.pid} is gone") from e
+        for m in maps:
+            if "x" not in m.perms or m.start == self._code_addr or m.path.startswith("["):
+                continue
+            for at in range(m.start, min(m.end, m.start + (16 << 20)), 1 << 16):
+                try:
+                    chunk = self.mem.read(at, min(1 << 16, m.end - at) + 1)
+                except MemoryReadError:
+                    try:
+                        chunk = self.mem.read(at, min(1 << 16, m.end - at))
+                    except MemoryReadError:
+                        break
+                k = chunk.find(insn)
+                if k >= 0:
+                    return at + k
+        raise RemoteError(0, "no system call instruction left in the process")
 
     def _threads(self) -> list[int]:
         try:
@@ -351,12 +388,18 @@ class Recorder:
             self._saved.append((at, orig))
             self.mem.write(at, b"\xe9" + (rel & 0xFFFFFFFF).to_bytes(4, "little"))
 
-    def _undo_partial(self, tid: int, stepper: Stepper) -> None:
+    def _undo_partial(self, tid: int, stepper: Stepper) -> str:
+        """Take back what a failed install wrote; returns what could not be (for the error)."""
+        failed = []
         for at, orig in reversed(self._saved):
             try:
                 self.mem.write(at, orig)
             except MemoryWriteError:
-                pass
+                try:                     # once more, through a fresh handle
+                    self.mem.reopen()
+                    self.mem.write(at, orig)
+                except (MemoryWriteError, ProcessGone) as e:
+                    failed.append(str(e))
         self._saved.clear()
         if self._code_addr or self._ring_addr:
             try:
@@ -373,6 +416,10 @@ class Recorder:
                 pass
         self._code_addr = self._ring_addr = 0
         self._close_local()
+        if failed:
+            return (f"; and {len(failed)} patched entries could not be put back "
+                    f"({failed[0]}): the process may crash at its next vDSO call")
+        return ""
 
     def _close_local(self) -> None:
         if self._ring is not None:
@@ -570,8 +617,9 @@ class Recorder:
                         continue
                 stepper.step_while(t, regs, lambda ip: gw[0] <= ip < gw[1]
                                    or any(lo <= ip < hi for lo, hi in tails))
-            for at, orig in reversed(self._saved):
-                self.mem.write(at, orig)
+            if not self.vdso_lost:      # else: nothing of it to restore, nothing written there
+                for at, orig in reversed(self._saved):
+                    self.mem.write(at, orig)
             self._saved.clear()
             self._drain_ring(L.NSLOTS, self._pending, None)
             self._lost_final = self.lost()
@@ -590,9 +638,40 @@ class Recorder:
             if not self.installed:
                 self._close_local()
 
+    def release_fork(self, child: int, mem: target.Memory) -> str | None:
+        """A fork child we do not follow, at its first stop (it has not run yet): it inherited
+        the patched entries (in its private copy of the vDSO), the ring and the code page
+        (MAP_SHARED: still ours). Put its entries back, unmap both pages in it by remote
+        system calls, so none of its calls reaches our ring. Returns a notice when a page has
+        to stay (the child may still return into the code page)."""
+        if not self.installed or self._plan is None:
+            return None
+        if not self.vdso_lost:
+            for at, orig in reversed(self._saved):
+                mem.write(at, orig)
+        stepper = Stepper(child)
+        regs = target.Regs()
+        try:
+            if self._code_in_use([child], regs, mem):
+                # (forked from a handler that interrupted a stub): the stub still writes to
+                # the ring on its way out; keep both, the code page stops recording when the
+                # tracer leaves
+                return (f"fork child {child} may still return through vdsotrace's stub code: "
+                        "the recorder's pages stay mapped in it")
+            call = self._caller(stepper, child, self._plan)
+            try:
+                call.check(self._nr.MUNMAP, self._ring_addr, L.RING_SIZE, what="munmap")
+                call.check(self._nr.MUNMAP, self._code_addr, L.CODE_SIZE, what="munmap")
+            finally:
+                call.restore()
+        finally:
+            stepper.resend_held()
+        return None
+
     def _gateway_range(self) -> tuple[int, int]:
         """i386: runtime range of __kernel_vsyscall (which the stubs call); (0, 0) otherwise."""
-        gw = self.image.function(GATEWAY_SYMBOL) if self.abi.word == 4 else None
+        gw = (self.image.function(GATEWAY_SYMBOL) if self.abi.word == 4 and not self.vdso_lost
+              else None)
         if gw is None:
             return 0, 0
         return self.base + gw.image_offset, self.base + gw.image_offset + gw.size
@@ -607,10 +686,12 @@ class Recorder:
         return any(lo <= int.from_bytes(raw[k:k + 4], "little") < hi
                    for k in range(0, 16, 4) for lo, hi in spans)
 
-    def _code_in_use(self, tids: list[int], regs: target.Regs) -> bool:
+    def _code_in_use(self, tids: list[int], regs: target.Regs,
+                     mem: target.Memory | None = None) -> bool:
         """Whether some thread is in the code page or may still return into it: its rip there
         or in the vDSO (a helper called from a copied body), or a word on its stack pointing
         there (conservative: a stale word keeps the page)."""
+        mem = mem or self.mem
         lo, hi = self._code_addr, self._code_addr + L.CODE_SIZE
         vlo, vhi = self.base, self.base + len(self.image.data)
         w = self.abi.word
@@ -627,7 +708,7 @@ class Recorder:
             n = 0
             while n < _STACK_SCAN:
                 try:
-                    chunk = self.mem.read(sp + n, 4096 - ((sp + n) & 4095))
+                    chunk = mem.read(sp + n, 4096 - ((sp + n) & 4095))
                 except MemoryReadError:
                     break
                 if any(p in chunk for p in prefixes):

@@ -21,6 +21,8 @@ from tracer.errors import ProcessGone
 __all__ = ["Stepper", "RemoteError"]
 
 _MAX_STEPS = 10000
+_MAX_STOPS = 64          # stops while one instruction is stepped (signals held back)
+_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 
 
 class RemoteError(OSError):
@@ -36,8 +38,9 @@ class Stepper:
 
     def step(self, tid: int) -> None:
         """One instruction; returns with the thread stopped again."""
+        start = len(self.held)
         target.singlestep(tid, 0)
-        while True:
+        for _ in range(_MAX_STOPS):
             _, status = target.wait(tid)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 raise ProcessGone(f"thread {tid} exited while vdsotrace stepped it")
@@ -48,6 +51,13 @@ class Stepper:
                 self.held.append((tid, sig))        # a signal-delivery stop: hold it back
             # an event stop (or a held signal): step on, the instruction has not run yet
             target.singlestep(tid, 0)
+        # the same signal again and again: the instruction we made it run faults (its code
+        # is gone); those faults are ours, not the thread's: they are not sent again
+        mine = self.held[start:]
+        del self.held[start:]
+        self.held.extend(dict.fromkeys(h for h in mine if h[1] not in _FAULTS))
+        raise RemoteError(0, f"thread {tid} could not execute one instruction (signals "
+                             f"{sorted({s for _, s in mine})})")
 
     def step_while(self, tid: int, regs: target.Regs, inside: Callable[[int], bool]) -> None:
         """Step `tid` until its rip is no longer `inside`."""
