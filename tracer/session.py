@@ -1145,6 +1145,8 @@ class Session:
 
     # ---------------------------------------------------------------- other stops
     def _signal(self, th: _Thread, sig: int) -> None:
+        if sig == signal.SIGSEGV and self._emulate_rdtsc(th):
+            return
         th.sig = sig
         if th.space.signals is not None and not self._paused and _caught(th.space.pid, th.tid,
                                                                          sig):
@@ -1159,6 +1161,30 @@ class Session:
                 pass
             return
         self._resume(th)
+
+    def _emulate_rdtsc(self, th: _Thread, resume: bool = True) -> bool:
+        """A stub's rdtsc faulted (the thread called prctl(PR_SET_TSC, PR_TSC_SIGSEGV) after
+        the stubs were made): give it the tracer's own reading of the same counter and step
+        it over the instruction; the program never sees the SIGSEGV."""
+        space = th.space
+        patcher = space.patcher
+        try:
+            target.getregs(th.tid, th.regs)
+            buf = th.regs.buf
+            pc = buf[_RIP]
+            if not (patcher.pad_used and patcher.in_padding(pc)
+                    and space.mem.read(pc, 2) == b"\x0f\x31"):
+                return False
+        except MemoryReadError:
+            return False
+        t = self.tsc.read()
+        buf[_RAX] = t & 0xFFFFFFFF
+        buf[REG_INDEX["rdx"]] = t >> 32
+        buf[_RIP] = pc + 2
+        target.setregs(th.tid, th.regs)
+        if resume:
+            self._resume(th)
+        return True
 
     def _handler_entry(self, th: _Thread, space: _Space, signo: int) -> bool:
         tracker = space.signals
@@ -1437,6 +1463,8 @@ class Session:
                     continue
             if sig == _SYSCALL_TRAP:
                 continue
+            if sig == signal.SIGSEGV and self._emulate_rdtsc(th, resume=False):
+                continue
             th.sig = sig                # a real signal: deliver it when we let go
         return list(self.threads.values())
 
@@ -1484,6 +1512,13 @@ class Session:
                 raise ProcessGone(f"thread {tid} exited")
             if status >> 16 in (target.PTRACE_EVENT_STOP, target.EVENT_SECCOMP):
                 continue                # an interrupt we sent earlier, or a marker: step again
+            if status == (signal.SIGSEGV << 8) | 0x7F:
+                known = self.threads.get(tid)
+                if known is not None and self._emulate_rdtsc(known, resume=False):
+                    target.getregs(tid, regs)   # a stub's rdtsc, answered: step on
+                    if not inside(regs.buf[_RIP]):
+                        return True
+                    continue
             if (status >> 8) & 0xFF != _SIGTRAP or status >> 16:
                 th = self.threads.get(tid)
                 if th is not None and not status >> 16:

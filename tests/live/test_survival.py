@@ -128,3 +128,26 @@ def test_a_process_whose_tsc_faults_is_traced_without_rdtsc(tmp_path: Path, m32:
     rc, stdout, stderr = proc.finish(timeout=60)
     assert rc == 0, f"hotloop exited {rc}: {stdout!r} {stderr!r}"
     assert "bad=0" in stdout
+
+
+def test_a_thread_that_disables_its_tsc_while_traced_keeps_running(tmp_path: Path) -> None:
+    """prctl(PR_SET_TSC, PR_TSC_SIGSEGV) after the stubs were made: their rdtsc faults, and
+    the tracer answers it (the same counter, read by itself) instead of the SIGSEGV."""
+    proc = T.start(T.build("hotloop"), tmp_path / "rec.json")
+    T.go(proc, close=False)
+    out = tmp_path / "t.json"
+    tr = T.run_trace(["-p", proc.pid], out, attach_timeout=60)
+    _wait_calls(out, 20)
+    assert proc.popen.stdin is not None
+    proc.popen.stdin.write(b"n")
+    proc.popen.stdin.flush()
+    deadline = time.monotonic() + 60
+    while not any(ev.get("func") == "time" for ev in T.peek_events(out)):
+        assert time.monotonic() < deadline, "no time() call traced after the prctl"
+        time.sleep(0.05)
+    tr.signal(signal.SIGINT)
+    tr.wait_ok(30)
+    assert proc.popen.poll() is None
+    proc.popen.stdin.close()
+    rc, stdout, stderr = proc.finish(timeout=30)
+    assert rc == 0 and "bad=0" in stdout, (rc, stdout, stderr)

@@ -17,6 +17,9 @@
  * _exit and sigreturn only; the kernel disables the TSC), reads the go byte, calls time()
  * and CLOCK_MONOTONIC_COARSE for S seconds (default 2) and leaves with _exit.
  *
+ * A byte 'n' on stdin after the go byte makes every thread call prctl(PR_SET_TSC,
+ * PR_TSC_SIGSEGV) for itself (while traced) and go on as with --notsc.
+ *
  * At the end it prints "calls=N bad=M" on stdout, writes the record
  *   {"calls": N, "bad": M, "mode": "..."}
  * and exits 0 when M is 0, 1 otherwise.
@@ -35,7 +38,7 @@ struct worker {
     unsigned long long calls, bad;
 };
 
-static volatile int stop;
+static volatile int stop, late;
 static int fallback, notsc;
 static double seconds = -1;
 static pid_t parent;
@@ -73,11 +76,18 @@ static void *work(void *arg)
     struct worker *w = arg;
     struct timespec prev = {0, 0}, now, start;
     struct timeval tv;
+    int mine_notsc = notsc;
     pthread_barrier_wait(&go_barrier);
     clock_gettime(CLOCK_MONOTONIC_COARSE, &start);
     prev = start;
     while (!__atomic_load_n(&stop, __ATOMIC_RELAXED)) {
-        if (notsc) {
+        if (!mine_notsc && __atomic_load_n(&late, __ATOMIC_RELAXED)) {
+            if (prctl(PR_SET_TSC, PR_TSC_SIGSEGV) != 0)
+                w->bad++;
+            mine_notsc = 1;
+            clock_gettime(CLOCK_MONOTONIC_COARSE, &prev);
+        }
+        if (mine_notsc) {
             coarse_turn(&w->calls, &w->bad, &prev);
             if (seconds >= 0 && since(&start, &prev) >= seconds)
                 break;
@@ -194,6 +204,8 @@ int main(int argc, char **argv)
             ssize_t k = read(0, &c, 1);
             if (k == 0 || (k < 0 && errno != EINTR))
                 break;
+            if (k == 1 && c == 'n')
+                __atomic_store_n(&late, 1, __ATOMIC_RELAXED);
         }
         __atomic_store_n(&stop, 1, __ATOMIC_RELAXED);
     }
