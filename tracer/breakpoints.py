@@ -420,6 +420,13 @@ class Patcher:
             mem.write(addr, orig)
         self.planted = False
 
+    def undo_int3s(self) -> list[tuple[int, bytes]]:
+        """Writes that leave no int3 a thread could still reach, whatever it is doing: the
+        original code back, and a nop over each stub's exit int3 (for guardian.py)."""
+        out = [(addr, orig) for addr, _, orig in self.patches]
+        out += [(bp.addr, b"\x90") for bp in self.bps.values() if bp.kind == EXIT]
+        return out
+
     def clear_padding(self, mem: Memory) -> None:
         if self.pad_used:
             mem.write(self.base + self.pad_start, bytes(len(self.pad_used)))

@@ -27,6 +27,7 @@ from tracer.consts import AuxType
 from tracer.decoders import Decoder, errno_name, for_function, out_decoder, out_size
 from tracer.decoders.syscalls import STRING_ARGS, read_entry_strings, read_exit_strings
 from tracer.disasm import gateway as find_gateway
+from tracer.guardian import Guardian
 from tracer.errors import (AuxvError, ElfError, MemoryReadError, MemoryWriteError,
                            ProcessGone, TracerError, UnknownFunction, UsageError, VdsoError)
 from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
@@ -321,6 +322,7 @@ class Session:
         self._dead: dict[int, _Thread] = {}    # --inject: exited threads, for late records
         self._last_modules: dict[int, ModuleMap] = {}   # outlive the spaces, for -c names
         self._site_names: dict[tuple[int, int], str] = {}
+        self._guardian: Guardian | None = None     # for processes stopped on int3s
 
     def tick(self) -> None:
         """Async-signal and thread safe: ask the loop to flush, run queued calls and check
@@ -461,6 +463,8 @@ class Session:
                 for tid in tids or [regs_tid]:
                     self._step_out(tid, patcher.in_detour)
                 patcher.plant(mem)
+                if not markers:
+                    self._guard(pid, mem, patcher)
         except BaseException:
             mem.close()
             raise
@@ -497,6 +501,16 @@ class Session:
             notes.append(f"process {pid} would not survive a SIGKILL of vdsotrace (it stops on "
                          f"int3 breakpoints, not on seccomp markers: {why})")
         return why is None, use_tsc, notes
+
+    def _guard(self, pid: int, mem: target.Memory, patcher: Patcher) -> None:
+        """int3 stops: a guardian undoes them if the tracer dies (guardian.py)."""
+        if self._guardian is None:
+            self._guardian = Guardian()
+        self._guardian.watch(pid, mem.fd, patcher.undo_int3s())
+
+    def _unguard(self, pid: int) -> None:
+        if self._guardian is not None:
+            self._guardian.forget(pid)
 
     def _add_thread(self, tid: int, space: _Space) -> _Thread:
         th = _Thread(tid, space)
@@ -1346,6 +1360,7 @@ class Session:
         self.threads[pid] = th
         if old.recorder is not None:
             self._finish_recorder(old)
+        self._unguard(pid)
         old.mem.close()
         self.spaces.pop(pid, None)
         if not old.traced:      # an unfollowed vfork child: its new image is clean
@@ -1401,6 +1416,7 @@ class Session:
             if not space.threads:
                 if space.recorder is not None:
                     self._finish_recorder(space)
+                self._unguard(space.pid)
                 space.mem.close()
                 self.spaces.pop(space.pid, None)
 
@@ -1625,6 +1641,7 @@ class Session:
         if not patcher.planted:
             return True
         patcher.restore_code(space.mem)
+        self._unguard(space.pid)
         mine = [th for th in threads if th.space is space]
         for th in mine:
             try:
@@ -1672,6 +1689,9 @@ class Session:
         self.spaces.clear()
         self._paused = False
         self.state = "detached"
+        if self._guardian is not None:
+            self._guardian.close()
+            self._guardian = None
 
     # ---------------------------------------------------------------- console API
     def _set_functions_now(self, specs: list[str] | None) -> list[str]:
@@ -1706,11 +1726,15 @@ class Session:
                         rec.install(mine[0])
                         space.recorder = rec
                 else:
-                    space.patcher.plan(funcs, [d.nargs for d in decs])
+                    space.patcher.plan(funcs, [d.nargs for d in decs],
+                                       markers=space.patcher.marker_mode,
+                                       tsc=space.patcher.tsc)
                     for th in threads:
                         if th.space is space:
                             self._step_out(th.tid, space.patcher.in_detour)
                     space.patcher.plant(space.mem)
+                    if not space.patcher.marker_mode:
+                        self._guard(space.pid, space.mem, space.patcher)
                 space.decoders = decs
                 space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
                 space.fidx_by_name = _fidx_by_name(space)
@@ -1784,10 +1808,18 @@ class Session:
                 else:
                     self._uninstall(space, threads)
                     space.recorder = None
-                    space.patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs])
+                    markers, use_tsc, notes = self._stop_mechanism(
+                        space.pid, [th.tid for th in mine], space.mem, space.abi, space.image,
+                        space.base)
+                    space.patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs],
+                                       markers=markers, tsc=use_tsc)
+                    space.notices = notes
+                    self._flush_notices(space)
                     for th in mine:
                         self._step_out(th.tid, space.patcher.in_detour)
                     space.patcher.plant(space.mem)
+                    if not markers:
+                        self._guard(space.pid, space.mem, space.patcher)
             self.options.inject = on
         finally:
             if not was_paused:

@@ -151,3 +151,39 @@ def test_a_thread_that_disables_its_tsc_while_traced_keeps_running(tmp_path: Pat
     proc.popen.stdin.close()
     rc, stdout, stderr = proc.finish(timeout=30)
     assert rc == 0 and "bad=0" in stdout, (rc, stdout, stderr)
+
+
+def test_a_filter_that_kills_unknown_calls_gets_int3s_and_a_guardian(tmp_path: Path) -> None:
+    """A process whose own seccomp filter would kill the marker calls: vdsotrace sees it (runs
+    the filter), stops it on int3s instead and says it would not survive a SIGKILL; its
+    guardian then puts the original code back the moment the tracer dies (a thread not at an
+    int3 then, as here with calls 500 ms apart, runs on)."""
+    from tracer.vdso import parse_image
+    proc = T.start(T.build("hotloop"), tmp_path / "rec.json", "--hostile", "--interval", "500")
+    before = T.read_vdso(proc.pid)
+    size = parse_image(before).image_size
+    T.go(proc, close=False)
+    out = tmp_path / "t.json"
+    tr = T.run_trace(["-p", proc.pid], out, attach_timeout=60)
+    _wait_calls(out, 4)
+    notices = [ev["message"] for ev in T.peek_events(out) if ev["event"] == "notice"]
+    assert any("would not survive a SIGKILL" in n and "filter" in n for n in notices), notices
+    assert T.read_vdso(proc.pid)[:size] != before[:size]
+    # kill while every thread sleeps between calls (none is stopped at an int3, which no
+    # guardian can save)
+    deadline = time.monotonic() + 20
+    while not all(s == "S" for s in T._task_states(proc.pid)):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    os.kill(tr.pid, signal.SIGKILL)
+    tr.popen.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while T.read_vdso(proc.pid)[:size] != before[:size]:
+        assert time.monotonic() < deadline, "the guardian did not restore the vDSO"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.popen.poll() is None
+    assert proc.popen.stdin is not None
+    proc.popen.stdin.close()
+    rc, stdout, stderr = proc.finish(timeout=30)
+    assert rc == 0 and "bad=0" in stdout, (rc, stdout, stderr)

@@ -17,6 +17,10 @@
  * _exit and sigreturn only; the kernel disables the TSC), reads the go byte, calls time()
  * and CLOCK_MONOTONIC_COARSE for S seconds (default 2) and leaves with _exit.
  *
+ * --hostile: installs (setting no_new_privs itself) a seccomp filter that kills the
+ * process on any system call numbered 1000 or more, as allow-list sandboxes kill unknown
+ * calls. --interval MS: each turn then sleeps MS milliseconds.
+ *
  * A byte 'n' on stdin after the go byte makes every thread call prctl(PR_SET_TSC,
  * PR_TSC_SIGSEGV) for itself (while traced) and go on as with --notsc.
  *
@@ -27,7 +31,10 @@
 #include "common.h"
 
 #include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <sys/prctl.h>
 #include <sys/time.h>
@@ -42,6 +49,7 @@ static volatile int stop, late;
 static int fallback, notsc;
 static double seconds = -1;
 static pid_t parent;
+static long interval_ms;
 static pthread_barrier_t go_barrier;
 
 static int before(const struct timespec *a, const struct timespec *b)
@@ -114,6 +122,8 @@ static void *work(void *arg)
         }
         if (seconds >= 0 && since(&start, &prev) >= seconds)
             break;
+        if (interval_ms)
+            usleep((useconds_t)interval_ms * 1000);
     }
     return NULL;
 }
@@ -184,6 +194,19 @@ int main(int argc, char **argv)
         if (rec < 0)
             die("cannot open the record");
         strict_main(rec);
+    }
+    interval_ms = arg_long(argc, argv, "--interval", 0);
+    if (arg_flag(argc, argv, "--hostile")) {
+        struct sock_filter f[] = {
+            BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+            BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 1000, 0, 1),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        };
+        struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+            prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
+            die("cannot install the hostile filter");
     }
     if (notsc && prctl(PR_SET_TSC, PR_TSC_SIGSEGV) != 0)
         die("prctl(PR_SET_TSC) failed");
