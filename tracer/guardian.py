@@ -16,7 +16,6 @@ when the socket closes.
 from __future__ import annotations
 
 import array
-import os
 import socket
 import subprocess
 import sys
