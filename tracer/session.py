@@ -22,12 +22,13 @@ from typing import Any
 from tracer import procfs, target
 from tracer.abi import I386, X86_64, Abi
 from tracer.auxv import auxv_from_stack, find, parse_auxv
-from tracer.breakpoints import ENTRY, EXIT, RET, Patcher
+from tracer.breakpoints import ENTRY, EXIT, FALL, RET, Patcher
 from tracer.consts import AuxType
 from tracer.decoders import Decoder, errno_name, for_function, out_decoder, out_size
 from tracer.decoders.syscalls import (STRING_ARGS, clip_strings, read_entry_strings,
                                       read_exit_strings)
 from tracer.disasm import gateway as find_gateway
+from tracer.guardian import Guardian
 from tracer.errors import (AuxvError, ElfError, MemoryReadError, MemoryWriteError,
                            ProcessGone, TracerError, UnknownFunction, UsageError, VdsoError)
 from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
@@ -35,6 +36,7 @@ from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent
 from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
 from tracer import sigtrack
+from tracer import seccomp as _seccomp
 from tracer.objfile import ModuleMap, is_c_library
 from tracer.target import REG_INDEX, Regs
 from tracer.tsc import TscClock
@@ -45,6 +47,9 @@ __all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "Summary", "re
            "run_trace", "clocksource_info"]
 
 _RIP, _RSP, _RAX = REG_INDEX["rip"], REG_INDEX["rsp"], REG_INDEX["rax"]
+_ORIG_RAX = REG_INDEX["orig_rax"]
+_MARKER_STOP = 0x7057F      # a stop status: SIGTRAP | PTRACE_EVENT_SECCOMP << 8
+_ENOSYS = 38
 _ARG64 = tuple(REG_INDEX[r] for r in ("rdi", "rsi", "rdx", "rcx", "r8", "r9"))
 _SYSARG32 = tuple(REG_INDEX[r] for r in ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp"))
 _SIGTRAP = signal.SIGTRAP
@@ -244,6 +249,7 @@ class _Space:
     site_rules: dict[int, tuple[int, int] | None] = field(default_factory=dict)
     site_names: dict[int, str] = field(default_factory=dict)   # address -> -c's site name
     vdso_lost: bool = False        # unmapped or replaced by the process: never written again
+    notices: list[str] = field(default_factory=list)         # emitted after attach/exec
 
 
 def _fidx_by_name(space: _Space) -> dict[str, int]:
@@ -265,6 +271,7 @@ class _Thread:
     expect_handler: int = 0        # stepped into a handler for this signal (--signals)
     stopped_ticks: int = 0         # TSC ticks spent handling fallback stops of the open call
     vfork_child: int = 0           # in vfork until this child execs or exits (unstoppable)
+    marker_stop: bool = False      # in a marker's seccomp stop not handled yet (paused)
 
 
 _MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
@@ -346,6 +353,7 @@ class Session:
         self._inject_stats: dict[str, Any] = {}    # --inject -c: per-function counts
         self.lost_records = 0          # --inject: calls the ring could not hold (or corrupt)
         self._dead: dict[int, _Thread] = {}    # --inject: exited threads, for late records
+        self._guardian: Guardian | None = None     # for processes stopped on int3s
 
     def tick(self) -> None:
         """Async-signal and thread safe: ask the loop to flush, run queued calls and check
@@ -355,7 +363,8 @@ class Session:
     # ---------------------------------------------------------------- setup
     def _options(self) -> int:
         # Fork events are always wanted: a child inherits every int3 and must be cleaned.
-        return int(target.DEFAULT_OPTIONS | target.FORK_OPTIONS)
+        # PTRACE_O_TRACESECCOMP: the marker stops (seccomp.py)
+        return int(target.DEFAULT_OPTIONS | target.FORK_OPTIONS | target.SECCOMP_OPTION)
 
     def attach(self, pid: int) -> None:
         t0 = time.monotonic()
@@ -416,11 +425,11 @@ class Session:
         pid = target.spawn(argv, self._options())
         self.root_pid = pid
         try:
-            if self.options.inject:
-                # At the exec event the thread is still inside execve's exit path, where a
-                # system call made for the recorder does not run: step one instruction first.
-                target.singlestep(pid)
-                target.wait(pid)
+            # At the exec event the thread is still inside execve's exit path, where a
+            # system call made for the recorder (or the marker filter) does not run: step
+            # one instruction first.
+            target.singlestep(pid)
+            target.wait(pid)
             space = self._new_space(pid, pid)
             self._add_thread(pid, space)
             self._pin(pid)
@@ -489,10 +498,15 @@ class Session:
                 recorder = Recorder(pid, mem, abi, image, vmap.start, funcs)
                 recorder.install(regs_tid)
             else:
-                patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs])
+                markers, use_tsc, notes = self._stop_mechanism(pid, tids or [regs_tid], mem,
+                                                               abi, image, vmap.start)
+                patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs],
+                             markers=markers, tsc=use_tsc)
                 for tid in tids or [regs_tid]:
                     self._step_out(tid, patcher.in_detour)
                 patcher.plant(mem)
+                if not markers:
+                    self._guard(pid, mem, patcher)
         except BaseException:
             mem.close()
             raise
@@ -501,6 +515,8 @@ class Session:
                        [f.symbol == GATEWAY_SYMBOL for f in funcs], traced)
         space.timens = timens_offsets(pid)
         space.recorder = recorder
+        if recorder is None:
+            space.notices = notes
         space.fidx_by_name = _fidx_by_name(space)
         if self.options.signals:
             space.signals = sigtrack.SignalTracker(abi)
@@ -508,6 +524,35 @@ class Session:
         for f in funcs:
             self.counters.setdefault(f.plain, _Counter())
         return space
+
+    def _stop_mechanism(self, pid: int, tids: list[int], mem: target.Memory, abi: Abi,
+                        image: VdsoImage, base: int) -> tuple[bool, bool, list[str]]:
+        """(marker stops, stubs may read the TSC, notices): the marker filter is installed
+        when it can be (seccomp.py); the TSC is probed without a system call (tsc.py)."""
+        from tracer.tsc import tsc_usable
+        notes: list[str] = []
+        scratch = base + ((image.image_size + 15) & ~15)
+        modes = _seccomp.seccomp_modes(pid, tids)
+        use_tsc = 1 not in modes and tsc_usable(tids, mem, scratch)
+        if not use_tsc:
+            notes.append(f"process {pid} has the time-stamp counter disabled (prctl PR_SET_TSC "
+                         "or seccomp strict mode): call durations read 0")
+        why = _seccomp.ensure(pid, tids, mem, abi, scratch, _seccomp.syscall_site(image, base),
+                              _seccomp.MARKER_SPAN)
+        if why is not None:
+            notes.append(f"process {pid} would not survive a SIGKILL of vdsotrace (it stops on "
+                         f"int3 breakpoints, not on seccomp markers: {why})")
+        return why is None, use_tsc, notes
+
+    def _guard(self, pid: int, mem: target.Memory, patcher: Patcher) -> None:
+        """int3 stops: a guardian undoes them if the tracer dies (guardian.py)."""
+        if self._guardian is None:
+            self._guardian = Guardian()
+        self._guardian.watch(pid, mem.fd, patcher.undo_int3s())
+
+    def _unguard(self, pid: int) -> None:
+        if self._guardian is not None:
+            self._guardian.forget(pid)
 
     def _add_thread(self, tid: int, space: _Space) -> _Thread:
         th = _Thread(tid, space)
@@ -522,6 +567,12 @@ class Session:
                                self.clocksource, self.fast_path, space.timens,
                                len(space.threads), tuple(f.plain for f in space.patcher.funcs),
                                gw.instructions if gw else None, spawned, setup))
+        self._flush_notices(space)
+
+    def _flush_notices(self, space: _Space) -> None:
+        for text in space.notices:
+            self._emit(NoticeEvent(space.pid, space.pid, time.time(), text))
+        space.notices = []
 
     # ---------------------------------------------------------------- control
     def _emit(self, ev: Event) -> None:
@@ -533,6 +584,7 @@ class Session:
         sig, th.sig = th.sig, 0
         th.stopped = False
         th.undo_trap = 0
+        th.marker_stop = False
         try:
             if self.options.signals:
                 # every system-call entry stops: rt_sigreturn is seen however it is made
@@ -592,6 +644,7 @@ class Session:
         waitpid, status, ref = _waitpid, self._status, self._status_ref
         dispatch = self._dispatch
         trap = self._trap
+        marker = self._marker
         threads = self.threads
         options = self.options
         reason = "exit"
@@ -626,11 +679,14 @@ class Session:
                 tid = waitpid(-1, ref, target.WALL)
                 if tid > 0:
                     st = status.value
-                    th = threads.get(tid) if st == 0x57F else None
-                    if th is not None:          # the hot case: an int3 of a known thread
+                    th = threads.get(tid) if st == 0x57F or st == _MARKER_STOP else None
+                    if th is not None:          # the hot case: a stop of a known thread
                         th.stopped = True
                         try:
-                            trap(th)
+                            if st == _MARKER_STOP:
+                                marker(th)
+                            else:
+                                trap(th)
                         except ProcessGone:
                             th.stopped = False
                             th.pending.clear()
@@ -662,6 +718,9 @@ class Session:
                 th.stopped = True
                 if status == 0x57F:                        # SIGTRAP, no event: an int3
                     self._trap(th)
+                    return
+                if status == _MARKER_STOP:
+                    self._marker(th)
                     return
                 sig = (status >> 8) & 0xFF
                 ev = status >> 16
@@ -716,6 +775,42 @@ class Session:
             target.setregs(tid, regs)
             self._resume(th)
             th.stopped_ticks += self.tsc.read() - t_in
+
+    def _marker(self, th: _Thread) -> None:
+        """A seccomp stop: one of our marker system calls (breakpoints.py), or a
+        SECCOMP_RET_TRACE of a filter of the tracee's own, which gets what it gets with no
+        tracer: -ENOSYS, the call not run (kernel/seccomp.c)."""
+        tid = th.tid
+        space = th.space
+        regs = th.regs
+        buf = regs.buf
+        _getregs(tid, regs)
+        markers = space.patcher.markers
+        idx = (buf[_ORIG_RAX] & 0xFFFFFFFF) - _seccomp.MARKER_BASE
+        if not 0 <= idx < len(markers) or space.recorder is not None:
+            if not 0 <= idx < _seccomp.MARKER_SPAN:
+                buf[_ORIG_RAX] = -1 & 0xFFFFFFFFFFFFFFFF
+                buf[_RAX] = -_ENOSYS & 0xFFFFFFFFFFFFFFFF
+                target.setregs(tid, regs)
+            self._resume(th)
+            return
+        bp = markers[idx]
+        sp = (buf[_RSP] & space.abi.mask) + bp.sp_adj
+        kind = bp.kind
+        if kind == EXIT:
+            self._stub_exit(th, space, bp.func, buf, sp)
+        elif kind == FALL:
+            t_in = self.tsc.read()
+            th.fb_marks.append((sp, bp.func))
+            pend = th.pending
+            if pend and pend[-1].func == bp.func:
+                pend[-1].fallback = True
+            self._resume(th)
+            th.stopped_ticks += self.tsc.read() - t_in
+        elif kind == ENTRY:
+            self._entry_hit(th, space, bp.func, buf, sp)
+        else:
+            self._exit_hit(th, space, bp.func, buf, sp)
 
     def _drain_recorders(self) -> int:
         """--inject: turn what the stubs recorded into events (or, with -c, counts)."""
@@ -796,10 +891,12 @@ class Session:
                                    "the recorder's code page stays mapped: a thread may still "
                                    "return through it"))
 
-    def _stub_exit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
-        """The stub's int3: arguments, result, timestamps and return address are in one block
-        of stack; the thread just continues into the stub's epilogue."""
-        sp = buf[_RSP]
+    def _stub_exit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
+                   sp: int | None = None) -> None:
+        """The stub's int3 (or marker): arguments, result, timestamps and return address are
+        in one block of stack at `sp`; the thread just continues into the stub's epilogue."""
+        if sp is None:
+            sp = buf[_RSP]
         layout = space.patcher.layouts[fidx]
         assert layout is not None
         mem = space.mem
@@ -865,14 +962,25 @@ class Session:
         self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t_stop - dur, dur,
                         frame[layout.i_retaddr], fallback, stack, site)
 
-    def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
+    def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
+                   msp: int | None = None) -> None:
+        """An entry int3, or (`msp` given) the entry marker of i386's gateway stub, whose
+        saved eax (the system call's number) is at msp, the 6th argument (ebp, pushed by the
+        gateway) at msp - 16 (breakpoints.py)."""
         t0 = time.monotonic_ns()
-        sp = buf[_RSP]
+        sp = buf[_RSP] if msp is None else msp
         dec = space.decoders[fidx]
         gw = space.is_gateway[fidx]
         strs = None
         if gw:
             args = tuple(buf[i] & 0xFFFFFFFF for i in _SYSARG32) + (buf[_RAX] & 0xFFFFFFFF,)
+            if msp is not None:
+                try:
+                    raw = space.mem.read(msp - 16, 20)
+                except MemoryReadError:
+                    raw = bytes(20)
+                args = args[:5] + (int.from_bytes(raw[0:4], "little"),
+                                   int.from_bytes(raw[16:20], "little"))
             caller = 0
             name = syscalls_i386.NAMES.get(args[6])
             if name in STRING_ARGS:     # paths and written buffers, read before they change
@@ -905,13 +1013,17 @@ class Session:
                 site = self._site(space, th, ret0, sp, b"", 0)
             except MemoryReadError:
                 pass
-        buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
-        target.setregs(th.tid, th.regs)
+        if msp is None:
+            buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
+            target.setregs(th.tid, th.regs)
         self._resume(th)
         th.pending.append(_Pending(fidx, sp, args, t0, caller, False, stack, strs, site))
 
-    def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
-        sp = buf[_RSP]
+    def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
+                  msp: int | None = None) -> None:
+        """A ret int3, or (`msp` given) the exit marker of i386's gateway stub, whose saved
+        eax (the system call's result) is at msp."""
+        sp = buf[_RSP] if msp is None else msp
         pend = th.pending
         p = None
         while pend:
@@ -923,6 +1035,11 @@ class Session:
                 p = pend.pop()
             break
         ret = buf[_RAX]
+        if msp is not None:
+            try:
+                ret = space.mem.read_word(msp, 4)
+            except MemoryReadError:
+                ret = -_ENOSYS & 0xFFFFFFFF
         outs: list[bytes | None] = []
         abi = space.abi
         if th.fb_marks:
@@ -950,8 +1067,9 @@ class Session:
                                         self.options.string_size)
                 if got:
                     p.strs = {**(p.strs or {}), **got}
-        buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
-        target.setregs(th.tid, th.regs)
+        if msp is None:
+            buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
+            target.setregs(th.tid, th.regs)
         self._resume(th)
         if p is None:
             return                  # a call that began before we attached
@@ -1185,6 +1303,8 @@ class Session:
 
     # ---------------------------------------------------------------- other stops
     def _signal(self, th: _Thread, sig: int) -> None:
+        if sig == signal.SIGSEGV and self._emulate_rdtsc(th):
+            return
         th.sig = sig
         if th.space.signals is not None and not self._paused and _caught(th.space.pid, th.tid,
                                                                          sig):
@@ -1199,6 +1319,30 @@ class Session:
                 pass
             return
         self._resume(th)
+
+    def _emulate_rdtsc(self, th: _Thread, resume: bool = True) -> bool:
+        """A stub's rdtsc faulted (the thread called prctl(PR_SET_TSC, PR_TSC_SIGSEGV) after
+        the stubs were made): give it the tracer's own reading of the same counter and step
+        it over the instruction; the program never sees the SIGSEGV."""
+        space = th.space
+        patcher = space.patcher
+        try:
+            target.getregs(th.tid, th.regs)
+            buf = th.regs.buf
+            pc = buf[_RIP]
+            if not (patcher.pad_used and patcher.in_padding(pc)
+                    and space.mem.read(pc, 2) == b"\x0f\x31"):
+                return False
+        except MemoryReadError:
+            return False
+        t = self.tsc.read()
+        buf[_RAX] = t & 0xFFFFFFFF
+        buf[REG_INDEX["rdx"]] = t >> 32
+        buf[_RIP] = pc + 2
+        target.setregs(th.tid, th.regs)
+        if resume:
+            self._resume(th)
+        return True
 
     def _handler_entry(self, th: _Thread, space: _Space, signo: int) -> bool:
         tracker = space.signals
@@ -1428,6 +1572,7 @@ class Session:
         self.threads[pid] = th
         if old.recorder is not None:
             self._finish_recorder(old)
+        self._unguard(pid)
         old.mem.close()
         self.spaces.pop(pid, None)
         if not old.traced:      # an unfollowed vfork child: its new image is clean
@@ -1484,6 +1629,7 @@ class Session:
             if not space.threads:
                 if space.recorder is not None:
                     self._finish_recorder(space)
+                self._unguard(space.pid)
                 space.mem.close()
                 self.spaces.pop(space.pid, None)
 
@@ -1521,6 +1667,9 @@ class Session:
             if ev == target.PTRACE_EVENT_STOP:
                 th.listening = sig in _GROUP_STOP_SIGS
                 continue
+            if ev == target.EVENT_SECCOMP:
+                th.marker_stop = True   # handled on resume; harmless if we detach now
+                continue
             if ev:
                 # clone/fork/exec while stopping: handle it fully, then stop again
                 self._paused = False
@@ -1548,6 +1697,8 @@ class Session:
                     continue
             if sig == _SYSCALL_TRAP:
                 continue
+            if sig == signal.SIGSEGV and self._emulate_rdtsc(th, resume=False):
+                continue
             th.sig = sig                # a real signal: deliver it when we let go
         return list(self.threads.values())
 
@@ -1564,6 +1715,9 @@ class Session:
                     # The trap was taken while pausing: handle it as a normal hit now.
                     th.undo_trap = 0
                     self._trap(th)
+                elif th.marker_stop:
+                    th.marker_stop = False
+                    self._marker(th)
                 else:
                     self._resume(th)
         self.state = "running"
@@ -1605,8 +1759,15 @@ class Session:
                 time.sleep(0.0002)
             if status & 0x7F != 0x7F:
                 raise ProcessGone(f"thread {tid} exited")
-            if status >> 16 == target.PTRACE_EVENT_STOP:
-                continue                # an interrupt we sent earlier: step again
+            if status >> 16 in (target.PTRACE_EVENT_STOP, target.EVENT_SECCOMP):
+                continue                # an interrupt we sent earlier, or a marker: step again
+            if status == (signal.SIGSEGV << 8) | 0x7F:
+                known = self.threads.get(tid)
+                if known is not None and self._emulate_rdtsc(known, resume=False):
+                    target.getregs(tid, regs)   # a stub's rdtsc, answered: step on
+                    if not inside(regs.buf[_RIP]):
+                        return True
+                    continue
             sig = (status >> 8) & 0xFF
             if sig != _SIGTRAP and not status >> 16:
                 # a signal arrived (a SIGCHLD from a child that exited...): hold it for the
@@ -1651,7 +1812,42 @@ class Session:
         def inside(x: int) -> bool:
             return patcher.in_padding(x) or patcher.in_stub_function(x)
 
-        self._step_out(th.tid, inside)
+        if patcher.gw_real_ret:
+            self._leave_gateway_stub(th, patcher, inside)
+        else:
+            self._step_out(th.tid, inside)
+
+    def _leave_gateway_stub(self, th: _Thread, patcher: Patcher,
+                            inside: Callable[[int], bool]) -> None:
+        """i386 marker mode: step the thread off our code (a thread in __kernel_vsyscall
+        with a return into the padding counts: a marker's call), except that one in the
+        system call that gw_stub made for its caller gets the gateway's own `ret` as return
+        address instead of gw_stub's: it returns to its caller directly (breakpoints.py)."""
+        mem = th.space.mem
+        regs = Regs()
+
+        def gw_word() -> tuple[int, int] | None:
+            target.getregs(th.tid, regs)
+            off = patcher.gw_return_slot(regs.buf[_RIP])
+            if off is None:
+                return None
+            at = (regs.buf[_RSP] & 0xFFFFFFFF) + off
+            try:
+                return at, mem.read_word(at, 4)
+            except MemoryReadError:
+                return None
+
+        def ours(x: int) -> bool:
+            if inside(x):
+                return True
+            got = gw_word()
+            return got is not None and got[1] != patcher.gw_real_ret and patcher.in_padding(
+                got[1])
+
+        self._step_out(th.tid, ours)
+        got = gw_word()
+        if got is not None and got[1] == patcher.gw_real_ret:
+            mem.write(got[0], patcher.gw_ret.to_bytes(4, "little"))
 
     def _on_our_code(self, th: _Thread, patcher: Patcher) -> bool:
         """Will this thread still run code in the padding: its pc is there (it could not be
@@ -1690,6 +1886,7 @@ class Session:
         if not patcher.planted:
             return True
         patcher.restore_code(space.mem)
+        self._unguard(space.pid)
         # a vfork child shares the address space, and so the patcher
         mine = [th for th in threads if th.space.patcher is patcher]
         for th in mine:
@@ -1841,6 +2038,9 @@ class Session:
         self.spaces.clear()
         self._paused = False
         self.state = "detached"
+        if self._guardian is not None:
+            self._guardian.close()
+            self._guardian = None
 
     # ---------------------------------------------------------------- console API
     def _set_functions_now(self, specs: list[str] | None) -> list[str]:
@@ -1879,11 +2079,15 @@ class Session:
                         rec.install(mine[0])
                         space.recorder = rec
                 else:
-                    space.patcher.plan(funcs, [d.nargs for d in decs])
+                    space.patcher.plan(funcs, [d.nargs for d in decs],
+                                       markers=space.patcher.marker_mode,
+                                       tsc=space.patcher.tsc)
                     for th in threads:
                         if th.space is space:
                             self._step_out(th.tid, space.patcher.in_detour)
                     space.patcher.plant(space.mem)
+                    if not space.patcher.marker_mode:
+                        self._guard(space.pid, space.mem, space.patcher)
                 space.decoders = decs
                 space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
                 space.fidx_by_name = _fidx_by_name(space)
@@ -1959,10 +2163,18 @@ class Session:
                 else:
                     self._uninstall(space, threads)
                     space.recorder = None
-                    space.patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs])
+                    markers, use_tsc, notes = self._stop_mechanism(
+                        space.pid, [th.tid for th in mine], space.mem, space.abi, space.image,
+                        space.base)
+                    space.patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs],
+                                       markers=markers, tsc=use_tsc)
+                    space.notices = notes
+                    self._flush_notices(space)
                     for th in mine:
                         self._step_out(th.tid, space.patcher.in_detour)
                     space.patcher.plant(space.mem)
+                    if not markers:
+                        self._guard(space.pid, space.mem, space.patcher)
             self.options.inject = on
         finally:
             if not was_paused:

@@ -29,6 +29,7 @@ __all__ = [
     "wait_nohang", "attach_process", "spawn", "abi_of", "stop_event", "PTRACE_EVENT_STOP",
     "EVENT_CLONE", "EVENT_FORK", "EVENT_VFORK", "EVENT_EXEC", "EVENT_EXIT", "tgkill",
     "DEFAULT_OPTIONS", "FORK_OPTIONS", "precheck", "diagnose", "get_syscall_info", "SyscallInfo", "listen",
+    "EVENT_SECCOMP", "SECCOMP_OPTION", "seccomp_filters",
 ]
 
 # include/uapi/linux/ptrace.h
@@ -36,6 +37,7 @@ PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
 PTRACE_GET_SYSCALL_INFO = 0x420E
+PTRACE_SECCOMP_GET_FILTER = 0x420C
 PTRACE_EVENT_STOP = 128
 PTRACE_O_EXITKILL = 1 << 20
 EVENT_CLONE = _pfunc.PTRACE_EVENT_CLONE
@@ -43,6 +45,8 @@ EVENT_FORK = _pfunc.PTRACE_EVENT_FORK
 EVENT_VFORK = _pfunc.PTRACE_EVENT_VFORK
 EVENT_EXEC = _pfunc.PTRACE_EVENT_EXEC
 EVENT_EXIT = _pfunc.PTRACE_EVENT_EXIT
+EVENT_SECCOMP = 7                  # PTRACE_EVENT_SECCOMP
+SECCOMP_OPTION = 0x80              # PTRACE_O_TRACESECCOMP
 _GETREGS = _pfunc.PTRACE_GETREGS
 _SETREGS = _pfunc.PTRACE_SETREGS
 _CONT = _pfunc.PTRACE_CONT
@@ -180,6 +184,30 @@ def get_syscall_info(tid: int) -> SyscallInfo:
         rval = words[0] - (1 << 64) if words[0] >> 63 else words[0]
         return SyscallInfo(op, arch, ip, sp, -1, (), rval, bool(raw[32]))
     return SyscallInfo(op, arch, ip, sp, -1, (), 0, False)
+
+
+def seccomp_filters(tid: int) -> list[bytes] | None:
+    """The thread's seccomp filters, newest first, each as its array of struct sock_filter
+    (PTRACE_SECCOMP_GET_FILTER: needs CAP_SYS_ADMIN and the thread in a ptrace stop); [] for
+    none, None when they cannot be read."""
+    out: list[bytes] = []
+    for index in range(4096):
+        ctypes.set_errno(0)
+        n = _ptrace(PTRACE_SECCOMP_GET_FILTER, tid, _VOID(index), None)
+        if n == -1:
+            err = _get_errno()
+            if err == _errno.ENOENT:
+                return out
+            if err == _errno.EINVAL and index == 0:
+                return out                   # not in filter mode
+            if err == _errno.ESRCH:
+                raise ProcessGone(f"thread {tid} is gone")
+            return None
+        buf = (ctypes.c_uint8 * (8 * n))()
+        if _ptrace(PTRACE_SECCOMP_GET_FILTER, tid, _VOID(index), ctypes.byref(buf)) != n:
+            return None
+        out.append(bytes(buf))
+    return None
 
 
 def tgkill(pid: int, tid: int, sig: int) -> None:

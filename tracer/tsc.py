@@ -13,8 +13,9 @@ import ctypes
 import mmap
 import platform
 import time
+from typing import Any
 
-__all__ = ["TscClock"]
+__all__ = ["TscClock", "tsc_usable"]
 
 _RDTSC = b"\x0f\x31\x48\xc1\xe2\x20\x48\x09\xd0\xc3"   # rdtsc ; shl rdx,32 ; or rax,rdx ; ret
 
@@ -107,3 +108,51 @@ class TscClock:
     def to_ns(self, tsc: int) -> int:
         """A counter value as CLOCK_MONOTONIC nanoseconds."""
         return self.ns0 + int((tsc - self.tsc0) * self.rate)
+
+
+def tsc_usable(tids: list[int], mem: Any, scratch: int) -> bool:
+    """Whether every thread may execute rdtsc: prctl(PR_SET_TSC, PR_TSC_SIGSEGV) and seccomp
+    strict mode make it fault (CR4.TSD, per thread: arch/x86/kernel/process.c), and no
+    system call tells without running in the tracee. So each stopped thread single-steps one
+    rdtsc written at `scratch` (a zeroed, writable spot of its vDSO, zeroed again after):
+    SIGTRAP, it ran; SIGSEGV, it faulted (the signal is discarded with the registers put
+    back). orig_rax = -1 keeps the kernel from restarting an interrupted system call there."""
+    from tracer import target
+    from tracer.errors import ProcessGone
+    ok = True
+    mem.write(scratch, b"\x0f\x31")
+    try:
+        for tid in tids:
+            saved = target.Regs()
+            try:
+                target.getregs(tid, saved)
+            except ProcessGone:
+                continue
+            work = target.Regs()
+            ctypes.memmove(work.buf, saved.buf, ctypes.sizeof(work.buf))
+            work["rip"] = scratch
+            work["orig_rax"] = -1
+            target.setregs(tid, work)
+            held = []
+            try:
+                for _ in range(16):
+                    target.singlestep(tid, 0)
+                    _, status = target.wait(tid)
+                    if not (status & 0x7F == 0x7F):
+                        raise ProcessGone(f"thread {tid} exited")
+                    sig = (status >> 8) & 0xFF
+                    if status >> 16:
+                        continue                   # an event stop: the step is still due
+                    if sig == 5:                   # SIGTRAP: the step ran
+                        break
+                    if sig == 11:                  # SIGSEGV: rdtsc faulted
+                        ok = False
+                        break
+                    held.append(sig)               # another signal: send it again below
+            finally:
+                target.setregs(tid, saved)
+                for sig in held:
+                    target.tgkill(mem.pid, tid, sig)
+    finally:
+        mem.write(scratch, b"\0\0")
+    return ok

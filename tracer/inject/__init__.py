@@ -36,12 +36,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tracer import procfs, target
+from tracer import procfs, seccomp, target
 from tracer.abi import I386, X86_64, Abi
 from tracer.decoders import Decoder, for_function, out_size
 from tracer.errors import MemoryReadError, MemoryWriteError, ProcessGone, TracerError
 from tracer.inject import layout as L
-from tracer.tsc import TscClock
+from tracer.tsc import TscClock, tsc_usable
 from tracer.inject.plan import JMP_LEN, Plan, PlanError, plan_image
 from tracer.inject.remote import RemoteCaller, RemoteError, Stepper
 from tracer.inject.stubs import CodePage, build_code
@@ -148,8 +148,11 @@ def _status_refusal(pid: int) -> str | None:
         st = procfs.read_status(pid)
     except OSError as e:
         raise ProcessGone(f"process {pid} is gone") from e
-    if st.get("Seccomp", "0") != "0":
-        return (f"process {pid} runs under seccomp (mode {st['Seccomp']}): the injected stubs "
+    mode = st.get("Seccomp", "0")
+    # mode 2 with nothing but the stop-based engine's marker filter (left by an earlier
+    # trace, seccomp.py) lets every system call of the stubs through
+    if mode != "0" and not (mode == "2" and seccomp.only_ours(pid)):
+        return (f"process {pid} runs under seccomp (mode {mode}): the injected stubs "
                 "make system calls a filter may kill it for")
     feats = st.get("x86_Thread_features", "")
     if "shstk" in feats.split():
@@ -232,6 +235,10 @@ class Recorder:
         except PlanError as e:
             raise InjectError(f"the vDSO is not the shape --inject expects: {e}{_HINT}") from e
         self._check_live_bytes(plan)
+        tail, room = self._vdso_tail()
+        if room >= 2 and not tsc_usable(self._threads(), self.mem, tail):
+            raise InjectError(f"process {self.pid} has the time-stamp counter disabled (prctl "
+                              "PR_SET_TSC): the injected stubs read it; trace without --inject")
         self._plan = plan
         self._clock = TscClock.anchored()
         # a 32-bit process: any address below 4 GiB is in reach; the kernel chooses
