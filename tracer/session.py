@@ -331,7 +331,7 @@ class Session:
         self.early: dict[int, int] = {}            # stops of tids we do not know yet
         # unfollowed fork child -> what its copy of the parent's space holds (a patcher copy
         # taken at the fork, with its own planted state; the parent's recorder): clean, let go
-        self.release_forks: dict[int, tuple[Patcher, Any]] = {}
+        self.release_forks: dict[int, tuple[Patcher, Any, _Space]] = {}
         self.counters: dict[str, _Counter] = {}
         self.state = "detached"
         self.stop_reason: str | None = None
@@ -1459,7 +1459,7 @@ class Session:
             th = self._add_thread(child, space)
             th.stopped = False
         else:
-            self.release_forks[child] = (ps.patcher.copy(), ps.recorder)
+            self.release_forks[child] = (ps.patcher.copy(), ps.recorder, ps)
         early = self.early.pop(child, None)
         if early is not None:
             self._dispatch(child, early)
@@ -1496,7 +1496,7 @@ class Session:
         entry = self.release_forks.pop(child, None)
         if entry is None:
             return
-        patcher, recorder = entry
+        patcher, recorder, ps = entry
         if wait and not self._await_first_stop(child):
             return
         problem = None
@@ -1507,7 +1507,11 @@ class Session:
                 return
             try:
                 if patcher.planted:
-                    patcher.unplant(mem)
+                    # as at detach: its thread may be on our code (i386: a fork made through
+                    # __kernel_vsyscall returns inside the gateway stub in the padding)
+                    copy = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
+                                  ps.decoders, ps.is_gateway, traced=False)
+                    self._unpatch_space(copy, [_Thread(child, copy)])
                 if recorder is not None:
                     kept = recorder.release_fork(child, mem)
                     if kept:
