@@ -190,6 +190,8 @@ def resolve_functions(image: VdsoImage, specs: list[str] | None) -> list[VdsoFun
         if f.symbol not in exclude and f.symbol not in seen:
             seen.add(f.symbol)
             out.append(f)
+    if not out:
+        raise UsageError(f"-e {','.join(names)} selects no function of this vDSO")
     return out
 
 
@@ -1825,7 +1827,13 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
     session = Session(opts, out.write_event)
     session.summary_only = ns.summary
     old = _install_signal_handlers(session)
-    session.on_tick = out.flush
+    # a reader gone from our output pipe (`| head`) ends the trace as SIGINT does
+    out.on_broken = lambda: session.request_stop("EPIPE")
+
+    def tick() -> None:
+        out.flush()
+        out.check()
+    session.on_tick = tick
     started = False
     try:
         if pids:
