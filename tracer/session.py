@@ -34,6 +34,7 @@ from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent
 from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
 from tracer import sigtrack
+from tracer import symload
 from tracer.objfile import ModuleMap
 from tracer.target import REG_INDEX, Regs
 from tracer.tsc import TscClock
@@ -330,6 +331,9 @@ class Session:
 
     def attach(self, pid: int) -> None:
         t0 = time.monotonic()
+        # Parse the objects it maps now, while it runs: naming a call (or unwinding it) must
+        # never wait for a parse while the tracee waits for us (node: over a second).
+        symload.warm(pid, cfi=bool(self.options.stack_depth))
         tids, pending = target.attach_process(pid, self._options())
         if self.root_pid is None:
             self.root_pid = pid
@@ -360,14 +364,12 @@ class Session:
         self._emit_attach(space, spawned=False, t0=t0)
 
     def _preload(self, space: _Space) -> None:
-        """Load the symbols of the program and its C library now (tens of ms for libc), not
-        at the first call, whose event would wait for them."""
+        """Have the symbols (and CFI) of every object the tracee maps, and of those it maps in
+        the next moments (the C library, after exec), parsed in the background, not at the
+        first call, whose naming would otherwise hold up the engine and every stopped thread."""
+        symload.warm_later(space.pid, cfi=bool(self.options.stack_depth))
         try:
-            mm = self._modules(space, space.base)
-            for m in mm.regions:
-                if m.executable and m.path.startswith("/") and (
-                        "libc" in os.path.basename(m.path) or m.offset == 0):
-                    mm.locate(m.start + 1, is_return_address=False)
+            self._modules(space, space.base)
         except (OSError, ElfError):
             pass
 
@@ -803,7 +805,9 @@ class Session:
             ticks -= min(th.stopped_ticks, ticks)
         th.stopped_ticks = 0
         dur = int(ticks * npt) if npt is not None and ticks > 0 else self.tsc.ns(ticks)
-        self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t_stop - dur, dur,
+        # the call's time is the stub's own entry stamp, not when we got to its stop
+        t0 = self.tsc.to_ns(frame[layout.i_t0]) if self.tsc.tsc0 else t_stop - dur
+        self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t0, dur,
                         frame[layout.i_retaddr], fallback, stack)
 
     def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any) -> None:
@@ -1462,11 +1466,29 @@ class Session:
         patcher.clear_padding(space.mem)
         return True
 
+    def _quiesce_recorders(self, limit_s: float = 5.0) -> None:
+        """--inject, before stopping the tracee to leave: switch recording off and drain the
+        ring while it runs on, so that it is held for milliseconds, not for as long as
+        decoding a full ring takes (a second and more). What the stop finds is left over."""
+        recs = [sp.recorder for sp in self.spaces.values()
+                if sp.recorder is not None and sp.recorder.installed]
+        if not recs:
+            return
+        for rec in recs:
+            try:
+                rec.stop_recording()
+            except OSError:
+                pass
+        end = time.monotonic() + limit_s
+        while self._drain_recorders() and time.monotonic() < end:
+            pass
+
     def detach_all(self, reason: str = "detach") -> None:
         """Remove every breakpoint, put every thread back on original code, let go."""
         if not self.threads and not self.spaces:
             self.state = "exited" if reason == "exit" else "detached"
             return
+        self._quiesce_recorders()
         self._paused = True
         try:
             threads = self._stop_all()
