@@ -334,6 +334,7 @@ class Session:
         # Parse the objects it maps now, while it runs: naming a call (or unwinding it) must
         # never wait for a parse while the tracee waits for us (node: over a second).
         symload.warm(pid, cfi=bool(self.options.stack_depth))
+        self._prepare(pid)
         tids, pending = target.attach_process(pid, self._options())
         if self.root_pid is None:
             self.root_pid = pid
@@ -362,6 +363,27 @@ class Session:
                 self._resume(th)
         self._preload(space)
         self._emit_attach(space, spawned=False, t0=t0)
+
+    def _prepare(self, pid: int) -> None:
+        """Before seizing: parse the vDSO and plan its patches from a read through
+        /proc/PID/mem (root may read a process it does not trace), so that doing it again
+        while every thread is stopped finds both in parse_image's and disasm's caches. Any
+        failure is met again, and reported, on the real path."""
+        try:
+            vmap = next((m for m in procfs.read_maps(pid) if m.path == "[vdso]"), None)
+            if vmap is None:
+                return
+            mem = target.Memory(pid)
+            try:
+                image = parse_image(mem.read(vmap.start, vmap.size))
+            finally:
+                mem.close()
+            funcs = resolve_functions(image, self.options.funcs)
+            if not self.options.inject:
+                Patcher(image, vmap.start, vmap.size).plan(
+                    funcs, [for_function(f.plain).nargs for f in funcs])
+        except (OSError, TracerError):
+            pass
 
     def _preload(self, space: _Space) -> None:
         """Have the symbols (and CFI) of every object the tracee maps, and of those it maps in
