@@ -55,9 +55,25 @@ def _is_syscall(i: capstone.CsInsn) -> bool:
     return i.mnemonic in _SYSCALL_MNEMONICS or (i.group(_GRP_INT) and i.op_str in ("0x80", "$0x80"))
 
 
+_INSNS: dict[tuple[bytes, int, int, int, str], tuple[Insn, ...]] = {}
+
+
 def disassemble(image: VdsoImage, func: VdsoFunction, base: int = 0,
                 syntax: str = "intel") -> list[Insn]:
-    """The function's instructions at runtime addresses base + image_offset."""
+    """The function's instructions at runtime addresses base + image_offset (once per image,
+    function, base and syntax: the --inject plan disassembles while the tracee is stopped)."""
+    key = (image.data, func.image_offset, func.size, base, syntax)
+    hit = _INSNS.get(key)
+    if hit is None:
+        hit = tuple(_disassemble(image, func, base, syntax))
+        if len(_INSNS) >= 256:
+            _INSNS.clear()
+        _INSNS[key] = hit
+    return list(hit)
+
+
+def _disassemble(image: VdsoImage, func: VdsoFunction, base: int,
+                 syntax: str) -> list[Insn]:
     md = _cs(image.abi, syntax)
     start = func.image_offset
     code = image.data[start:start + func.size]

@@ -379,7 +379,11 @@ class Session:
             finally:
                 mem.close()
             funcs = resolve_functions(image, self.options.funcs)
-            if not self.options.inject:
+            if self.options.inject:
+                from tracer.inject.plan import plan_image
+                TscClock.anchored()
+                plan_image(image, [f for f in funcs if f.symbol != GATEWAY_SYMBOL], image.abi)
+            else:
                 Patcher(image, vmap.start, vmap.size).plan(
                     funcs, [for_function(f.plain).nargs for f in funcs])
         except (OSError, TracerError):
