@@ -1261,6 +1261,8 @@ class Session:
             return
         th.space = space
         space.threads.add(pid)
+        # the new image's objects: parsed in the background, as after spawn
+        symload.warm_later(pid, cfi=bool(self.options.stack_depth))
         exe = None
         try:
             exe = os.readlink(f"/proc/{pid}/exe")
