@@ -9,6 +9,7 @@ the recorder's ring (inject/). The engine never prints: events go to `sink`.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import threading
@@ -367,8 +368,8 @@ class Session:
     def _prepare(self, pid: int) -> None:
         """Before seizing: parse the vDSO and plan its patches from a read through
         /proc/PID/mem (root may read a process it does not trace), so that doing it again
-        while every thread is stopped finds both in parse_image's and disasm's caches. Any
-        failure is met again, and reported, on the real path."""
+        while every thread is stopped finds both in parse_image's and disasm's caches. A
+        failure other than a bad -e is met again, and reported, on the real path."""
         try:
             vmap = next((m for m in procfs.read_maps(pid) if m.path == "[vdso]"), None)
             if vmap is None:
@@ -378,7 +379,11 @@ class Session:
                 image = parse_image(mem.read(vmap.start, vmap.size))
             finally:
                 mem.close()
-            funcs = resolve_functions(image, self.options.funcs)
+        except (OSError, TracerError):
+            return
+        # an unknown or empty -e is refused before the process is touched at all
+        funcs = resolve_functions(image, self.options.funcs)
+        try:
             if self.options.inject:
                 from tracer.inject.plan import plan_image
                 TscClock.anchored()
@@ -1114,9 +1119,11 @@ class Session:
             return
         target.getregs(th.tid, th.regs)
         via_addr = info.instruction_pointer - 2        # syscall / int 0x80: 2 bytes
-        via = self._code_name(space, via_addr, trampoline=True) or f"{via_addr:#x}"
-        r = tracker.on_sigreturn(th.tid, info.nr, th.regs, space.mem.read, via, abi=abi)
+        r = tracker.on_sigreturn(th.tid, info.nr, th.regs, space.mem.read, "", abi=abi)
         self._resume(th)
+        # naming may parse an object: only once the thread runs again
+        via = self._code_name(space, via_addr, trampoline=True) or f"{via_addr:#x}"
+        r = dataclasses.replace(r, via=via)
         if space.traced:
             self._emit(sigtrack.sigreturn_event(r, space.pid, time.time(),
                                                 lambda a: self._code_name(space, a)))
