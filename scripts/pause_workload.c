@@ -5,7 +5,8 @@
  *
  *   pause_workload SECONDS
  *
- * Prints "ready PID" at start and "pause_workload maxgap_ns=G reads=N backwards=B" at the end;
+ * Prints "ready PID" at start, and at the end "gap END_NS LEN_NS" for every gap over 2 ms (END_NS
+ * on CLOCK_MONOTONIC, at most 4096 of them) and "pause_workload maxgap_ns=G reads=N backwards=B";
  * exits 3 if the clock ever went backwards (a wrong result).
  */
 #include <stdio.h>
@@ -18,6 +19,8 @@ int main(int argc, char **argv)
     double secs = argc > 1 ? atof(argv[1]) : 4;
     struct timespec ts;
     long long start, prev, now, max = 0, n = 0, back = 0;
+    static long long gap_end[4096], gap_len[4096];
+    int ngaps = 0;
 
     printf("ready %d\n", (int)getpid());
     fflush(stdout);
@@ -30,11 +33,17 @@ int main(int argc, char **argv)
             back++;
         if (now - prev > max)
             max = now - prev;
+        if (now - prev > 2000000 && ngaps < 4096) {
+            gap_end[ngaps] = now;
+            gap_len[ngaps++] = now - prev;
+        }
         prev = now;
         n++;
         if (now - start >= (long long)(secs * 1e9))
             break;
     }
+    for (int i = 0; i < ngaps; i++)
+        printf("gap %lld %lld\n", gap_end[i], gap_len[i]);
     printf("pause_workload maxgap_ns=%lld reads=%lld backwards=%lld\n", max, n, back);
     return back ? 3 : 0;
 }

@@ -331,11 +331,11 @@ class Session:
         return int(target.DEFAULT_OPTIONS | target.FORK_OPTIONS)
 
     def attach(self, pid: int) -> None:
-        t0 = time.monotonic()
         # Parse the objects it maps now, while it runs: naming a call (or unwinding it) must
         # never wait for a parse while the tracee waits for us (node: over a second).
         symload.warm(pid, cfi=bool(self.options.stack_depth))
         self._prepare(pid)
+        t0 = time.monotonic()           # setup_ms: from the seize to running again
         tids, pending = target.attach_process(pid, self._options())
         if self.root_pid is None:
             self.root_pid = pid
