@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,9 @@ def _check_unharmed(proc: T.Proc, before: bytes) -> None:
         assert T.tracer_pid(proc.pid, int(tid)) == 0, f"thread {tid} still traced"
     assert T.read_vdso(proc.pid) == before, "the vDSO differs from before the trace"
     maps = Path(f"/proc/{proc.pid}/maps").read_text()
-    assert "memfd:vdsotrace" not in maps, maps
+    # (--inject's code page may stay, as on every way out, when a word on a thread's stack
+    # could still be a return into it: test_detach's rule)
+    assert "vdsotrace-ring" not in maps, maps
     time.sleep(0.2)
     assert proc.popen.stdin is not None
     proc.popen.stdin.close()
@@ -76,7 +79,9 @@ def test_closed_pipe_ends_the_trace(target_bin, tmp_path, engine, where):
     try:
         assert tr.stdout is not None
         lines = _read_lines(tr.stdout, 3, 30)   # what `head -3` reads, then it exits
-        assert b"vdsotrace" in lines[0] and b"clock_gettime(" in b"".join(lines[1:]), lines
+        assert b"vdsotrace" in lines[0], lines
+        assert all(re.match(rb"\[pid \d+\] (clock_gettime|gettimeofday)\(", ln)
+                   for ln in lines[1:]), lines
         tr.stdout.close()
         rc = tr.wait(timeout=20)
     finally:
