@@ -17,6 +17,7 @@ ALL_TARGETS: list[tuple[str, bool]] = [
     ("syscalls32", True),
     ("threads", False),
     ("spin", False), ("spin", True),
+    ("stamp", False), ("stamp", True),
 ]
 
 

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tracer.errors import TracerError, UsageError
 
@@ -65,26 +64,68 @@ def _size(text: str) -> int:
     return n
 
 
+# What the top-level help lists: every function vdsotrace traces and decodes, per ABI.
+TRACED_FUNCTIONS = """\
+traced functions (every one the tracee's vDSO exports, unless -e says otherwise):
+  x86_64   clock_gettime, gettimeofday, time, clock_getres, getcpu, getrandom
+           (the __vdso_* symbols; -e takes the plain or the symbol name)
+  i386     the same (clock_gettime64, clock_getres_time64 where the vDSO has them), and
+           __kernel_vsyscall: every system call the C library makes, as `syscall` events
+  arm64    __kernel_clock_gettime, __kernel_gettimeofday, __kernel_clock_getres,
+           __kernel_getrandom (Linux 6.12+)
+  with --signals, also the sigreturn trampolines (__kernel_sigreturn, __kernel_rt_sigreturn)
+  and every signal delivery, handler entry and sigreturn
+
+The trace goes to stderr, as strace's does (-o FILE, or -o - for stdout).
+`vdsotrace COMMAND --help` explains each command's options."""
+
+
+def _add_pid(p: argparse.ArgumentParser | Any, required: bool = False,
+             what: str = "the process to inspect") -> None:
+    p.add_argument("-p", "--pid", type=_pid, required=required, metavar="PID", help=what)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tracer import __version__
     p = _Parser(prog=PROG, description="Trace the virtual system calls a process makes through "
                 "the Linux vDSO (clock_gettime, gettimeofday, time, getcpu, getrandom, and i386's "
-                "__kernel_vsyscall), which strace and ltrace cannot see.")
+                "__kernel_vsyscall), which strace and ltrace cannot see.",
+                epilog=TRACED_FUNCTIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    c = sub.add_parser("console", help="interactive console, attached to PID or a new command")
-    c.add_argument("-p", "--pid", type=_pid)
-    c.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run under the console")
+    c = sub.add_parser("console", help="interactive console, attached to PID or a new command",
+                       description="The interactive console (type `help` in it). With -p it "
+                       "attaches to PID, with -- CMD it starts CMD; either way the process is "
+                       "paused until `continue`.")
+    _add_pid(c, what="attach to this process")
+    c.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
+                   help="start CMD ARGS... under the console")
 
-    t = sub.add_parser("trace", help="strace-like stream of vDSO calls")
-    t.add_argument("-p", "--pid", type=_pids, help="PID[,PID...] to attach to")
+    t = sub.add_parser("trace", help="strace-like stream of vDSO calls",
+                       description="Log every vDSO call of a process (or of a command started "
+                       "here), decoded, until it exits, --duration ends, or vdsotrace gets "
+                       "SIGINT, SIGTERM or SIGHUP, or its output pipe closes; then every patch "
+                       "is removed and the process runs on as before. Events go to stderr "
+                       "unless -o says otherwise.")
+    t.add_argument("-p", "--pid", type=_pids, metavar="PID[,PID...]",
+                   help="attach to these running processes (all their threads)")
     t.add_argument("-e", dest="funcs", metavar="FUNCS", action="append",
-                   help="comma list of vDSO functions (clock_gettime, __vdso_time, !getcpu)")
-    t.add_argument("-o", dest="output", metavar="FILE", help="write events to FILE")
-    t.add_argument("--json", action="store_true", help="one JSON object per line")
+                   help="comma list of vDSO functions to trace: plain names (clock_gettime), "
+                   "symbols (__vdso_time), `all`, or !name to exclude; strace's "
+                   "trace=FUNCS is accepted (default: every function the vDSO exports but the "
+                   "sigreturn trampolines)")
+    t.add_argument("-o", dest="output", metavar="FILE",
+                   help="write events to FILE instead of stderr; `-o -` writes to stdout")
+    t.add_argument("--json", action="store_true",
+                   help="one JSON object per event and line instead of strace-like text")
     t.add_argument("-c", dest="summary", action="store_true",
-                   help="print a per-function summary at the end")
-    t.add_argument("-T", dest="timing", action="store_true", help="show time spent in each call")
-    t.add_argument("-f", dest="follow_forks", action="store_true", help="follow forks")
+                   help="no events: at the end, a summary per function (calls, fallbacks, "
+                   "errors, time), the fallback reasons and the hottest call sites")
+    t.add_argument("-T", dest="timing", action="store_true",
+                   help="show the time spent in each call (measured in the tracee)")
+    t.add_argument("-f", dest="follow_forks", action="store_true",
+                   help="follow forked children too (threads are always followed)")
     t.add_argument("--duration", type=_seconds, metavar="SECONDS",
                    help="detach by itself after SECONDS")
     t.add_argument("--hist", action="store_true",
@@ -94,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a timeline to OUT (Chrome trace JSON, for ui.perfetto.dev "
                    "or chrome://tracing): a track per thread, a slice per call")
     t.add_argument("--signals", action="store_true",
-                   help="also trace signal deliveries, handlers and sigreturns")
+                   help="also trace signal deliveries, handlers and sigreturns (every system "
+                   "call then costs two extra stops)")
     t.add_argument("--stack", nargs="?", const=16, type=_depth, metavar="DEPTH",
-                   help="add each call's stack (default depth 16)")
+                   help="add each call's stack, symbolized, like strace -k (default depth 16)")
     t.add_argument("--inject", action="store_true",
-                   help="record calls inside the tracee instead of stopping it at each call")
+                   help="record calls inside the tracee (a stub and a shared ring) instead of "
+                   "stopping it at each call: same events, far cheaper")
     t.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not move the tracer onto its tracee's CPU")
     t.add_argument("--no-demangle", dest="demangle", action="store_false",
@@ -106,28 +149,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-s", dest="string_size", type=_size, default=32, metavar="SIZE",
                    help="bytes of a system call's buffer shown (i386 syscall events; "
                    "default 32, as strace)")
-    t.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run traced")
+    t.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
+                   help="start CMD ARGS... and trace it from its first instruction")
 
-    a = sub.add_parser("auxv", help="the tracee's auxiliary vector, decoded")
-    a.add_argument("-p", "--pid", type=_pid, required=True)
-    a.add_argument("--json", action="store_true")
+    a = sub.add_parser("auxv", help="the tracee's auxiliary vector, decoded",
+                       description="The process's auxiliary vector, decoded, in the kernel's "
+                       "order (read from its initial stack, checked against /proc/PID/auxv).")
+    _add_pid(a, required=True)
+    a.add_argument("--json", action="store_true", help="one JSON object instead of text")
 
-    v = sub.add_parser("vdso", help="the vDSO: base, build-id, symbols, the syscall gateway")
+    v = sub.add_parser("vdso", help="the vDSO: base, build-id, symbols, the syscall gateway",
+                       description="Describe a vDSO: base, size, build-id, notes, symbols with "
+                       "versions and sizes, the system call gateway.")
     g = v.add_mutually_exclusive_group(required=True)
-    g.add_argument("-p", "--pid", type=_pid)
-    g.add_argument("--file", metavar="FILE")
-    v.add_argument("--json", action="store_true")
+    _add_pid(g, what="read the vDSO of this process")
+    g.add_argument("--file", metavar="FILE", help="read a vDSO image written by `dump`")
+    v.add_argument("--json", action="store_true", help="one JSON object instead of text")
 
-    d = sub.add_parser("dump", help="write the tracee's vDSO image to FILE")
-    d.add_argument("-p", "--pid", type=_pid, required=True)
-    d.add_argument("-o", dest="output", metavar="FILE", required=True)
+    d = sub.add_parser("dump", help="write the tracee's vDSO image to FILE",
+                       description="Write the process's vDSO, byte for byte, to FILE (a valid "
+                       "ELF shared object: `file` and `objdump -T` accept it).")
+    _add_pid(d, required=True, what="read the vDSO of this process")
+    d.add_argument("-o", dest="output", metavar="FILE", required=True,
+                   help="the file to write")
 
-    s = sub.add_parser("disas", help="disassemble one vDSO function")
+    s = sub.add_parser("disas", help="disassemble one vDSO function",
+                       description="Disassemble one vDSO function, symbolized; instructions "
+                       "that enter the kernel are marked.")
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("-p", "--pid", type=_pid)
-    g.add_argument("--file", metavar="FILE")
-    s.add_argument("symbol", metavar="SYMBOL")
-    s.add_argument("--syntax", choices=("intel", "att"), default="intel")
+    _add_pid(g, what="read the vDSO of this process")
+    g.add_argument("--file", metavar="FILE", help="read a vDSO image written by `dump`")
+    s.add_argument("symbol", metavar="SYMBOL",
+                   help="the function, by plain name (clock_gettime) or symbol")
+    s.add_argument("--syntax", choices=("intel", "att"), default="intel",
+                   help="assembly syntax (default intel)")
     return p
 
 
@@ -220,8 +275,43 @@ def _split_cmd(cmd: list[str]) -> list[str]:
     return cmd[1:] if cmd and cmd[0] == "--" else cmd
 
 
+# strace's -e qualifiers other than trace=: none of them means anything for vDSO calls.
+_OTHER_QUALIFIERS = ("signal", "signals", "s", "abbrev", "a", "verbose", "v", "raw", "x", "read",
+                     "r", "write", "w", "fault", "inject", "status", "quiet", "q", "silent",
+                     "silence", "decode-fds", "decode-fd", "kvm", "decode-pids", "secontext",
+                     "trace-fds", "trace-fd", "fd", "fds")
+
+
+def _trace_specs(specs: list[str] | None) -> list[str] | None:
+    """-e as strace takes it: `-e FUNCS` or `-e trace=FUNCS` (`t=`), repeatable. A selection
+    that is empty or excludes all it includes is refused here, before anything is attached."""
+    if specs is None:
+        return None
+    from tracer.vdso import plain_name
+    out: list[str] = []
+    for spec in specs:
+        qual, eq, rest = spec.partition("=")
+        if eq and qual.strip() in ("trace", "t"):
+            spec = rest
+        elif eq and qual.strip() in _OTHER_QUALIFIERS:
+            raise UsageError(f"-e {spec}: vdsotrace takes only -e FUNCS or -e trace=FUNCS "
+                             "(signals: --signals)")
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        if not names:
+            raise UsageError(f"-e {spec!r} selects no function: give a comma list of vDSO "
+                             "functions, e.g. -e clock_gettime,time (or leave -e out for all)")
+        out.extend(names)
+    include = {plain_name(n) for n in out if not n.startswith("!")}
+    exclude = {plain_name(n[1:]) for n in out if n.startswith("!")}
+    if "none" in include or (include and not include & {"all", "*"} and include <= exclude):
+        raise UsageError(f"-e {','.join(out)} selects no function: every function it names "
+                         "is also excluded")
+    return [",".join(out)]
+
+
 def _cmd_trace(ns: argparse.Namespace) -> int:
     from tracer.session import run_trace
+    ns.funcs = _trace_specs(ns.funcs)
     cmd = _split_cmd(ns.cmd)
     if ns.pid and cmd:
         raise UsageError("give either -p PID or -- CMD, not both")
@@ -262,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
     except BrokenPipeError:
-        # the reader went away (| head): nothing left to say
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
+        # the reader went away (| head): nothing left to say, and nothing for Python's own
+        # flush of stdout at exit to fail on
+        from tracer.render.output import silence_stream
+        silence_stream(sys.stdout)
         return 0
+

@@ -55,9 +55,25 @@ def _is_syscall(i: capstone.CsInsn) -> bool:
     return i.mnemonic in _SYSCALL_MNEMONICS or (i.group(_GRP_INT) and i.op_str in ("0x80", "$0x80"))
 
 
+_INSNS: dict[tuple[bytes, int, int, int, str], tuple[Insn, ...]] = {}
+
+
 def disassemble(image: VdsoImage, func: VdsoFunction, base: int = 0,
                 syntax: str = "intel") -> list[Insn]:
-    """The function's instructions at runtime addresses base + image_offset."""
+    """The function's instructions at runtime addresses base + image_offset (once per image,
+    function, base and syntax: the --inject plan disassembles while the tracee is stopped)."""
+    key = (image.data, func.image_offset, func.size, base, syntax)
+    hit = _INSNS.get(key)
+    if hit is None:
+        hit = tuple(_disassemble(image, func, base, syntax))
+        if len(_INSNS) >= 256:
+            _INSNS.clear()
+        _INSNS[key] = hit
+    return list(hit)
+
+
+def _disassemble(image: VdsoImage, func: VdsoFunction, base: int,
+                 syntax: str) -> list[Insn]:
     md = _cs(image.abi, syntax)
     start = func.image_offset
     code = image.data[start:start + func.size]
@@ -99,7 +115,24 @@ class Sites:
     escapes: tuple[int, ...]         # jumps that leave the function (a return we cannot see)
 
 
+# Disassembly is pure in the image's bytes: done once per image and function, so that planning
+# again while the tracee is stopped (attach, exec) costs no capstone pass.
+_SITES: dict[tuple[bytes, int, int], Sites] = {}
+_TARGETS: dict[bytes, frozenset[int]] = {}
+
+
 def sites(image: VdsoImage, func: VdsoFunction) -> Sites:
+    key = (image.data, func.image_offset, func.size)
+    hit = _SITES.get(key)
+    if hit is None:
+        hit = _sites(image, func)
+        if len(_SITES) >= 256:
+            _SITES.clear()
+        _SITES[key] = hit
+    return hit
+
+
+def _sites(image: VdsoImage, func: VdsoFunction) -> Sites:
     gw = image.function(GATEWAY_SYMBOL)
     gw_off = gw.image_offset if gw is not None and gw is not func else None
     lo, hi = func.image_offset, func.image_offset + func.size
@@ -196,6 +229,16 @@ def insn_length(abi: Abi, code: bytes, addr: int) -> int:
 
 def branch_targets(image: VdsoImage) -> set[int]:
     """Every relative branch target (image offsets) in the image's .text, by linear sweep."""
+    hit = _TARGETS.get(image.data)
+    if hit is None:
+        hit = frozenset(_branch_targets(image))
+        if len(_TARGETS) >= 8:
+            _TARGETS.clear()
+        _TARGETS[image.data] = hit
+    return set(hit)
+
+
+def _branch_targets(image: VdsoImage) -> set[int]:
     md = _cs(image.abi)
     md.skipdata = True
     lo, hi = image.text

@@ -574,20 +574,37 @@ _cache: OrderedDict[tuple[Any, ...], ObjectFile | ElfError] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+_building: dict[tuple[Any, ...], threading.Event] = {}
+
+
 def _cached(key: tuple[Any, ...], build: Callable[[], ObjectFile]) -> ObjectFile:
-    with _cache_lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-    if hit is None:
+    """One parse per object: a thread that wants an object another thread is parsing (the
+    background loader of symload.py) waits for that parse instead of starting its own."""
+    while True:
+        with _cache_lock:
+            hit = _cache.get(key)
+            if hit is not None:
+                _cache.move_to_end(key)
+                break
+            busy = _building.get(key)
+            if busy is None:
+                mine = _building[key] = threading.Event()
+        if busy is not None:
+            busy.wait()
+            continue
         try:
             hit = build()
         except ElfError as e:
             hit = e
-        with _cache_lock:
-            _cache[key] = hit
-            while len(_cache) > _CACHE_SIZE:
-                _cache.popitem(last=False)
+        finally:
+            with _cache_lock:
+                if hit is not None:
+                    _cache[key] = hit
+                    while len(_cache) > _CACHE_SIZE:
+                        _cache.popitem(last=False)
+                del _building[key]
+            mine.set()
+        break
     if isinstance(hit, ElfError):
         raise hit
     return hit

@@ -9,6 +9,7 @@ the recorder's ring (inject/). The engine never prints: events go to `sink`.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import threading
@@ -37,6 +38,7 @@ from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
 from tracer import sigtrack
 from tracer import seccomp as _seccomp
+from tracer import symload
 from tracer.objfile import ModuleMap, is_c_library
 from tracer.target import REG_INDEX, Regs
 from tracer.tsc import TscClock
@@ -202,6 +204,8 @@ def resolve_functions(image: VdsoImage, specs: list[str] | None) -> list[VdsoFun
         if f.symbol not in exclude and f.symbol not in seen:
             seen.add(f.symbol)
             out.append(f)
+    if not out:
+        raise UsageError(f"-e {','.join(names)} selects no function of this vDSO")
     return out
 
 
@@ -367,7 +371,6 @@ class Session:
         return int(target.DEFAULT_OPTIONS | target.FORK_OPTIONS | target.SECCOMP_OPTION)
 
     def attach(self, pid: int) -> None:
-        t0 = time.monotonic()
         try:
             tgid = int(procfs.read_status(pid).get("Tgid", pid))
         except (OSError, ValueError):
@@ -379,6 +382,11 @@ class Session:
                              "process once to -p")
         if tgid > 0:
             pid = tgid          # a thread's id stands for its process (strace -p does so)
+        # Parse the objects it maps now, while it runs: naming a call (or unwinding it) must
+        # never wait for a parse while the tracee waits for us (node: over a second).
+        symload.warm(pid, cfi=bool(self.options.stack_depth))
+        self._prepare(pid)
+        t0 = time.monotonic()           # setup_ms: from the seize to running again
         tids, pending = target.attach_process(pid, self._options())
         if self.root_pid is None:
             self.root_pid = pid
@@ -408,15 +416,42 @@ class Session:
         self._preload(space)
         self._emit_attach(space, spawned=False, t0=t0)
 
-    def _preload(self, space: _Space) -> None:
-        """Load the symbols of the program and its C library now (tens of ms for libc), not
-        at the first call, whose event would wait for them."""
+    def _prepare(self, pid: int) -> None:
+        """Before seizing: parse the vDSO and plan its patches from a read through
+        /proc/PID/mem (root may read a process it does not trace), so that doing it again
+        while every thread is stopped finds both in parse_image's and disasm's caches. A
+        failure other than a bad -e is met again, and reported, on the real path."""
         try:
-            mm = self._modules(space, space.base)
-            for m in mm.regions:
-                if m.executable and m.path.startswith("/") and (
-                        "libc" in os.path.basename(m.path) or m.offset == 0):
-                    mm.locate(m.start + 1, is_return_address=False)
+            vmap = next((m for m in procfs.read_maps(pid) if m.path == "[vdso]"), None)
+            if vmap is None:
+                return
+            mem = target.Memory(pid)
+            try:
+                image = parse_image(mem.read(vmap.start, vmap.size))
+            finally:
+                mem.close()
+        except (OSError, TracerError):
+            return
+        # an unknown or empty -e is refused before the process is touched at all
+        funcs = resolve_functions(image, self.options.funcs)
+        try:
+            if self.options.inject:
+                from tracer.inject.plan import plan_image
+                TscClock.anchored()
+                plan_image(image, [f for f in funcs if f.symbol != GATEWAY_SYMBOL], image.abi)
+            else:
+                Patcher(image, vmap.start, vmap.size).plan(
+                    funcs, [for_function(f.plain).nargs for f in funcs])
+        except (OSError, TracerError):
+            pass
+
+    def _preload(self, space: _Space) -> None:
+        """Have the symbols (and CFI) of every object the tracee maps, and of those it maps in
+        the next moments (the C library, after exec), parsed in the background, not at the
+        first call, whose naming would otherwise hold up the engine and every stopped thread."""
+        symload.warm_later(space.pid, cfi=bool(self.options.stack_depth))
+        try:
+            self._modules(space, space.base)
         except (OSError, ElfError):
             pass
 
@@ -959,7 +994,9 @@ class Session:
             ticks -= min(th.stopped_ticks, ticks)
         th.stopped_ticks = 0
         dur = int(ticks * npt) if npt is not None and ticks > 0 else self.tsc.ns(ticks)
-        self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t_stop - dur, dur,
+        # the call's time is the stub's own entry stamp, not when we got to its stop
+        t0 = self.tsc.to_ns(frame[layout.i_t0]) if self.tsc.tsc0 else t_stop - dur
+        self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t0, dur,
                         frame[layout.i_retaddr], fallback, stack, site)
 
     def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
@@ -1370,9 +1407,11 @@ class Session:
             return
         target.getregs(th.tid, th.regs)
         via_addr = info.instruction_pointer - 2        # syscall / int 0x80: 2 bytes
-        via = self._code_name(space, via_addr, trampoline=True) or f"{via_addr:#x}"
-        r = tracker.on_sigreturn(th.tid, info.nr, th.regs, space.mem.read, via, abi=abi)
+        r = tracker.on_sigreturn(th.tid, info.nr, th.regs, space.mem.read, "", abi=abi)
         self._resume(th)
+        # naming may parse an object: only once the thread runs again
+        via = self._code_name(space, via_addr, trampoline=True) or f"{via_addr:#x}"
+        r = dataclasses.replace(r, via=via)
         if space.traced:
             self._emit(sigtrack.sigreturn_event(r, space.pid, time.time(),
                                                 lambda a: self._code_name(space, a)))
@@ -1590,6 +1629,8 @@ class Session:
             return
         th.space = space
         space.threads.add(pid)
+        # the new image's objects: parsed in the background, as after spawn
+        symload.warm_later(pid, cfi=bool(self.options.stack_depth))
         exe = None
         try:
             exe = os.readlink(f"/proc/{pid}/exe")
@@ -2010,6 +2051,23 @@ class Session:
                                        f"thread {t.tid} still waits for its vfork child "
                                        f"{t.vfork_child}: it is let go without being stopped"))
 
+    def _quiesce_recorders(self, limit_s: float = 5.0) -> None:
+        """--inject, before stopping the tracee to leave: switch recording off and drain the
+        ring while it runs on, so that it is held for milliseconds, not for as long as
+        decoding a full ring takes (a second and more). What the stop finds is left over."""
+        recs = [sp.recorder for sp in self.spaces.values()
+                if sp.recorder is not None and sp.recorder.installed]
+        if not recs:
+            return
+        for rec in recs:
+            try:
+                rec.stop_recording()
+            except OSError:
+                pass
+        end = time.monotonic() + limit_s
+        while self._drain_recorders() and time.monotonic() < end:
+            pass
+
     def detach_all(self, reason: str = "detach") -> None:
         """Remove every breakpoint, put every thread back on original code, let go."""
         if not self.threads and not self.spaces:
@@ -2019,6 +2077,7 @@ class Session:
             self._settle_vforks()
         except (TracerError, OSError):
             pass                        # whatever happened there, the restore below is due
+        self._quiesce_recorders()
         self._paused = True
         try:
             threads = self._stop_all()
@@ -2391,7 +2450,13 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
     session = Session(opts, out.write_event)
     session.summary_only = ns.summary and not out.needs_events   # --hist needs each duration
     old = _install_signal_handlers(session)
-    session.on_tick = out.flush
+    # a reader gone from our output pipe (`| head`) ends the trace as SIGINT does
+    out.on_broken = lambda: session.request_stop("EPIPE")
+
+    def tick() -> None:
+        out.flush()
+        out.check()
+    session.on_tick = tick
     started = False
     try:
         if pids:

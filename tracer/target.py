@@ -430,6 +430,10 @@ def spawn(argv: list[str], options: int = DEFAULT_OPTIONS) -> int:
     pid = os.fork()
     if pid == 0:  # child: stop until the parent has seized us, then exec
         try:
+            # Python ignores SIGPIPE and SIGXFSZ, and exec keeps an ignored disposition: give
+            # the program the defaults it would get from a shell (`prog | head` ends it)
+            for ignored in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(ignored, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGSTOP)
             os.execv(path, argv)
         finally:

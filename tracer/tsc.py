@@ -37,13 +37,21 @@ class TscClock:
                 self._fn = None
         self.tsc0 = self.ns0 = 0
 
+    _shared: TscClock | None = None
+
     @classmethod
     def anchored(cls, settle_s: float = 0.02) -> TscClock:
-        """A clock anchored now and calibrated over `settle_s` (for absolute times, `to_ns`)."""
-        clock = cls()
-        clock.start()
-        time.sleep(settle_s)
-        clock.refine()
+        """A clock anchored and calibrated over at least `settle_s` (for absolute times,
+        `to_ns`). One per tracer: the first call sleeps `settle_s` (call it before stopping a
+        tracee: --inject asks for one while every thread is held); later ones share it, and
+        `refine` keeps improving it."""
+        clock = TscClock._shared
+        if clock is None:
+            clock = cls()
+            clock.start()
+            time.sleep(settle_s)
+            clock.refine()
+            TscClock._shared = clock
         return clock
 
     def _pair(self) -> tuple[int, int]:

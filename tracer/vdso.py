@@ -170,8 +170,24 @@ def _check_bounds(elf: ELFFile, size: int) -> None:
             raise VdsoError("a note segment runs past the end of the image (truncated?)")
 
 
+_PARSED: dict[bytes, VdsoImage] = {}   # every process of a machine maps the same few images
+
+
 def parse_image(data: bytes) -> VdsoImage:
-    """Parse a vDSO image from bytes. Raises VdsoError for anything that is not one."""
+    """Parse a vDSO image from bytes (once per distinct image: the tracer parses it again
+    while the tracee is stopped, where tens of milliseconds count). Raises VdsoError for
+    anything that is not one."""
+    data = bytes(data)
+    hit = _PARSED.get(data)
+    if hit is None:
+        hit = _parse_image(data)
+        if len(_PARSED) >= 8:
+            _PARSED.clear()
+        _PARSED[data] = hit
+    return hit
+
+
+def _parse_image(data: bytes) -> VdsoImage:
     abi = _validate_headers(data)
     try:
         elf = ELFFile(io.BytesIO(data))

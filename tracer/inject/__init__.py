@@ -602,6 +602,13 @@ class Recorder:
         return now - self._stall_at[1] > _STALL_S
 
     # ------------------------------------------------------------------ uninstall
+    def stop_recording(self) -> None:
+        """Switch every stub off while the tracee runs (each loads the ring pointer afresh on
+        every call: 0 means record nothing); what is in the ring stays to be drained. Used
+        before stopping the tracee to leave, so the stop does not last a full ring's drain."""
+        if self.installed and self._code_fd >= 0:
+            os.pwrite(self._code_fd, bytes(8), L.CODE_RINGPTR)
+
     def uninstall(self, tids: list[int]) -> None:
         if not self.installed:
             return

@@ -1,8 +1,13 @@
-"""Where a trace's events go: a buffered file or stdout, flushed on a timer tick (so a live log
-can be followed with tail -f) and on every way out."""
+"""Where a trace's events go: stderr (strace's default, so the traced program keeps its
+stdout), stdout (`-o -`) or a file, buffered, flushed on a timer tick (so a live log can be
+followed with tail -f) and on every way out. A reader that goes away (`| head`) is noticed at
+the next write (EPIPE) or tick (POLLERR on the pipe) and ends the trace."""
 from __future__ import annotations
 
 import json
+import os
+import select
+import stat
 import time
 import sys
 from collections.abc import Callable
@@ -15,7 +20,7 @@ from tracer.render.hist import LatencyHistograms, hist_json_lines, hist_text
 from tracer.render.perfetto import Names, PerfettoTimeline
 from tracer.render.summary import summary_dict, summary_text
 
-__all__ = ["Output", "open_output", "FLUSH_INTERVAL"]
+__all__ = ["Output", "open_output", "silence_stream", "FLUSH_INTERVAL"]
 
 FLUSH_INTERVAL = 0.05  # seconds: how stale a live log may get while calls come
 
@@ -34,6 +39,15 @@ class Output:
         self.lines: list[str] = []
         self.broken = False
         self.flushed = 0.0
+        self.on_broken: Callable[[], None] | None = None   # the reader is gone: end the trace
+        self._poll: select.poll | None = None
+        try:
+            if stat.S_ISFIFO(os.fstat(f.fileno()).st_mode):
+                # Linux's pipe_poll reports POLLERR on the write end once no reader is left
+                self._poll = select.poll()
+                self._poll.register(f.fileno(), select.POLLERR)
+        except (OSError, ValueError):
+            pass
 
     def add_views(self, hist: bool = False, perfetto: str | None = None,
                   names: Names | None = None) -> None:
@@ -94,10 +108,31 @@ class Output:
             self.f.write(data)
             self.f.flush()
         except BrokenPipeError:
-            self.broken = True
+            self._reader_gone()
         except OSError as e:
             self.broken = True
             sys.stderr.write(f"vdsotrace: cannot write events: {e.strerror}\n")
+
+    def check(self) -> None:
+        """On a tick: end the trace when the pipe we write to has no reader left, even if
+        no event has come to fail on."""
+        if self._poll is not None and not self.broken:
+            try:
+                if self._poll.poll(0):
+                    self._reader_gone()
+            except OSError:
+                pass
+
+    def _reader_gone(self) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        self.lines.clear()
+        # What is still buffered would fail again at close or at Python's exit flush: let
+        # the descriptor point at /dev/null from now on.
+        silence_stream(self.f)
+        if self.on_broken is not None:
+            self.on_broken()
 
     def finish(self, session: Any) -> None:
         if self.summary and session is not None:
@@ -122,9 +157,33 @@ class Output:
                 pass
 
 
+def silence_stream(stream: Any) -> None:
+    """Point a stream whose reader is gone at /dev/null (the descriptor itself, so that what is
+    still buffered, flushed at close or at Python's exit, finds somewhere to go)."""
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):
+        return
+    try:
+        os.dup2(null, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(null)
+
+
 def open_output(path: str | None, json: bool, timing: bool, summary: bool) -> Output:
-    if path is None or path == "-":
+    if path == "-":
         return Output(sys.stdout, False, json, timing, summary)
+    if path is None:
+        # our own buffer on descriptor 2 (sys.stderr is line-buffered: a write per line)
+        try:
+            err = open(sys.stderr.fileno(), "w", buffering=1 << 16, closefd=False,
+                       errors="backslashreplace")
+        except (OSError, ValueError, AttributeError):
+            return Output(sys.stderr, False, json, timing, summary)
+        return Output(err, True, json, timing, summary)
     try:
         f = open(path, "w", buffering=1 << 16)
     except OSError as e:
