@@ -88,6 +88,7 @@ _PAGE = 4096
 _REACH = (1 << 31) - (64 << 20)      # keep the code page well inside rel32 reach of the vDSO
 _PID_MAX_LIMIT = 4 * 1024 * 1024     # include/linux/threads.h
 _STALL_S = 2.0                       # an uncommitted slot this old, with later ones committed
+_COPY_STEPS = 2000                   # single steps spent taking a thread out of a copied body
 _SLOT = struct.Struct(L.SLOT_FORMAT)
 _ERR_LO = (1 << 64) - 4095           # -4095..-1 as an unsigned word: -MAX_ERRNO..-1
 _ERR_LO32 = (1 << 32) - 4095
@@ -452,7 +453,7 @@ class Recorder:
     def lost(self) -> int:
         """Calls the stubs could not record (the ring was full), as far as the counter can
         be believed: the tracee can write any value there (see lost_counter_corrupt)."""
-        if self._ring is None or self._ring_broken:
+        if self._ring is None:
             return self._lost_final if self._lost_final is not None else self._lost_seen
         try:
             raw = int.from_bytes(self._ring[L.LOST:L.LOST + 8], "little")
@@ -671,6 +672,7 @@ class Recorder:
             # in a stub's tail (e.g. stopped after its gettid) would keep the code page
             tails = [s.tail for s in self._code.stubs]
             gw = self._gateway_range()
+            code_lo, code_hi = self._code_addr, self._code_addr + L.CODE_SIZE
             regs = target.Regs()
             for t in tids:
                 if gw[0] < gw[1]:
@@ -682,6 +684,15 @@ class Recorder:
                         continue
                 stepper.step_while(t, regs, lambda ip: gw[0] <= ip < gw[1]
                                    or any(lo <= ip < hi for lo, hi in tails))
+                # a thread in a copied body (or a fallback stub): on through its return, a
+                # few hundred instructions, so the code page can go; one that does not leave
+                # in time (a long getrandom) or leaves for the vDSO's own code (a helper,
+                # i386's gateway) keeps the page (_code_in_use)
+                try:
+                    stepper.step_while(t, regs, lambda ip: code_lo <= ip < code_hi,
+                                       limit=_COPY_STEPS)
+                except RemoteError:
+                    pass
             for at, orig in reversed(self._saved):
                 self.mem.write(at, orig)
             self._saved.clear()

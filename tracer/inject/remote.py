@@ -49,14 +49,18 @@ class Stepper:
             # an event stop (or a held signal): step on, the instruction has not run yet
             target.singlestep(tid, 0)
 
-    def step_while(self, tid: int, regs: target.Regs, inside: Callable[[int], bool]) -> None:
-        """Step `tid` until its rip is no longer `inside`."""
-        for _ in range(_MAX_STEPS):
+    def step_while(self, tid: int, regs: target.Regs, inside: Callable[[int], bool],
+                   limit: int = _MAX_STEPS) -> None:
+        """Step `tid` until its rip is no longer `inside` (at most `limit` steps)."""
+        for _ in range(limit):
             target.getregs(tid, regs)
             if not inside(regs["rip"]):
                 return
             self.step(tid)
-        raise RemoteError(0, f"thread {tid} did not leave the injected code in {_MAX_STEPS} steps")
+        target.getregs(tid, regs)
+        if not inside(regs["rip"]):
+            return
+        raise RemoteError(0, f"thread {tid} did not leave the injected code in {limit} steps")
 
     def resend_held(self) -> None:
         for tid, sig in self.held:

@@ -8,7 +8,7 @@ import sys
 from typing import IO, Any
 
 from tracer.errors import UsageError
-from tracer.events import AttachEvent, CallEvent, Event
+from tracer.events import AttachEvent, CallEvent, Event, NoticeEvent
 from tracer.render import jsonl, text
 from tracer.render.summary import summary_dict, summary_text
 
@@ -31,7 +31,8 @@ class Output:
 
     def write_event(self, e: Event) -> None:
         if self.summary:
-            if not isinstance(e, AttachEvent):
+            # -c: the table at the end, the attach line, and what the user should know
+            if not isinstance(e, (AttachEvent, NoticeEvent)):
                 return
             self.lines.append(jsonl.format_event(e) if self.json else text.format_event(e))
             self.flush()
