@@ -33,7 +33,7 @@ from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent
                            ExitEvent, NoticeEvent, SyscallEvent, Unreadable)
 from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
-from tracer import sigtrack, stackscan
+from tracer import sched, sigtrack, stackscan
 from tracer.objfile import ModuleMap
 from tracer.target import REG_INDEX, Regs
 from tracer.tsc import TscClock
@@ -51,11 +51,18 @@ _SYSCALL_TRAP = signal.SIGTRAP | 0x80
 _GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
-# --inject: records drained between two looks at waitpid (about 1 ms of work each: ~10 us per
-# event built, ~1 us per record counted with -c), and the time a way out spends draining
-_DRAIN_BATCH = 128
-_DRAIN_BATCH_STATS = 2048
+# --inject: records drained between two looks at waitpid (about 0.5 ms of work each: ~10 us
+# per event built, ~1 us per record counted with -c), and the time a way out spends draining
+_DRAIN_BATCH = 64
+_DRAIN_BATCH_STATS = 512
 _DRAIN_LEAVE_S = 1.0
+_NAP_EMPTY = 0.0005     # --inject: the longest sleep when the ring is empty
+_SLICE_S = 0.0002       # --inject: the engine thread's time slice (sched.py)
+
+
+def _nap(seconds: float) -> None:
+    """Sleep until a tracee stops (SIGCHLD, blocked in the engine thread) or `seconds`."""
+    signal.sigtimedwait((signal.SIGCHLD,), seconds)
 _cont = target.cont
 _getregs = target.getregs
 _RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")
@@ -558,6 +565,12 @@ class Session:
         threads = self.threads
         options = self.options
         reason = "exit"
+        if options.inject:
+            # a ptrace stop sends the tracer SIGCHLD: blocked here, it ends a nap at once
+            sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+            # never idle while the ring fills: ask to run often and briefly rather than
+            # seldom and long, so a stop waits less for our next waitpid (sched.py)
+            sched.request_short_slice(_SLICE_S)
         try:
             while True:
                 if self._tick_due:
@@ -587,7 +600,7 @@ class Session:
                     # signal) are served within one batch however fast the ring fills
                     if not self._drain_recorders(_DRAIN_BATCH_STATS if self.summary_only
                                                  else _DRAIN_BATCH):
-                        time.sleep(0.0005)    # the ring is empty: let the tracee fill it
+                        _nap(_NAP_EMPTY)      # the ring is empty: let the tracee fill it
                     continue
                 tid = waitpid(-1, ref, target.WALL)
                 if tid > 0:
@@ -611,6 +624,8 @@ class Session:
             reason = "error"
             raise
         finally:
+            if options.inject:
+                signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             self._engine_ident = None
             # every way out, an internal error included, leaves the tracee as it was
             self.detach_all(reason)
