@@ -63,6 +63,8 @@ _SLICE_S = 0.0002       # --inject: the engine thread's time slice (sched.py)
 def _nap(seconds: float) -> None:
     """Sleep until a tracee stops (SIGCHLD, blocked in the engine thread) or `seconds`."""
     signal.sigtimedwait((signal.SIGCHLD,), seconds)
+
+
 _cont = target.cont
 _getregs = target.getregs
 _RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")

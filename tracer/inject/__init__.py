@@ -1,7 +1,8 @@
 """In-process recording of vDSO calls (`trace --inject`): a stub per function and a shared ring.
 
-Injection (all threads stopped): the tracee itself runs memfd_create, fchmod 0600, ftruncate,
-mmap and close from a `syscall` instruction of its own vDSO (see remote.py), which gives it
+Injection (all threads stopped): the tracee itself runs memfd_create (MFD_ALLOW_SEALING),
+fchmod 0600, ftruncate, fcntl(F_ADD_SEALS: the size can never change, nor the seals), mmap and
+close from a `syscall` instruction of its own vDSO (see remote.py), which gives it
   * `/memfd:vdsotrace-code`, mapped r-x MAP_SHARED within rel32 reach of the vDSO, and
   * `/memfd:vdsotrace-ring`, mapped rw- MAP_SHARED;
 an i386 tracee runs them (mmap2) from the `int 0x80` of __kernel_vsyscall, and the kernel
@@ -10,19 +11,24 @@ in 32-bit code). Its stubs are 32-bit code (stubs32.py); __kernel_vsyscall itsel
 recorded (the stop-based engine shows its system calls; --inject marks the vDSO functions'
 calls into it as fallbacks).
 the tracer opens both through /proc/PID/fd/N, writes the code through its own descriptor, and
-maps the ring. Each traced function's entry becomes `jmp rel32` to its stub (stubs.py), which
+reads and writes the ring with pread/pwrite (never mapped in the tracer: tracee-controlled
+memory must not be able to fault it). Each traced function's entry becomes `jmp rel32` to its stub (stubs.py), which
 records the call into the ring without any ptrace stop; the tracer drains the ring.
 
 The ring is writable by the tracee: every slot is checked before it becomes a RawRecord, and a
-slot that fails is counted (`corrupt()`) and skipped. A full ring is never overwritten: the
-stub counts the call in the ring's `lost` word instead (`lost()`).
+slot that fails is counted (`corrupt()`) and skipped; a HEAD no stub can have written is
+counted (`header_corrupt()`) and followed, and each drain is bounded whatever the header says.
+A full ring is never overwritten: the stub counts the call in the ring's `lost` word instead
+(`lost()`, believed only within what the process can have counted).
 
 Leaving (all threads stopped): the code page's ring pointer is cleared (every stub stops
 recording at once, forked children included, since the page is shared), threads in a stub
 after its copy returned (gettid, the ring-writing window, the return) are stepped out of the
 stub, the vDSO's bytes are restored, the records
 still in the ring are drained, and the ring is unmapped. The code page is unmapped too unless
-a thread is inside it or may return into it (a return address into it on its stack).
+a thread is inside it or may return into it (a return address into it on its stack, or the
+saved pc of a signal frame: stackscan.py); the ring stays mapped when such a saved pc lies in a
+stub's ring-writing window (that context already holds the ring's address).
 """
 from __future__ import annotations
 
