@@ -21,6 +21,7 @@ from tracer.errors import ProcessGone
 __all__ = ["Stepper", "RemoteError"]
 
 _MAX_STEPS = 10000
+_MAX_HELD = 1000         # stops (signals, events) taken while one step is due
 
 
 class RemoteError(OSError):
@@ -37,7 +38,7 @@ class Stepper:
     def step(self, tid: int) -> None:
         """One instruction; returns with the thread stopped again."""
         target.singlestep(tid, 0)
-        while True:
+        for _ in range(_MAX_HELD):
             _, status = target.wait(tid)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 raise ProcessGone(f"thread {tid} exited while vdsotrace stepped it")
@@ -48,6 +49,9 @@ class Stepper:
                 self.held.append((tid, sig))        # a signal-delivery stop: hold it back
             # an event stop (or a held signal): step on, the instruction has not run yet
             target.singlestep(tid, 0)
+        target.interrupt(tid)                 # a flood of signals from outside: give up
+        target.wait(tid)
+        raise RemoteError(0, f"thread {tid} kept receiving signals while vdsotrace stepped it")
 
     def step_while(self, tid: int, regs: target.Regs, inside: Callable[[int], bool],
                    limit: int = _MAX_STEPS) -> None:
