@@ -57,10 +57,10 @@ def test_handler_holds_inside_our_code_across_detach(target_bin, tmp_path, engin
                    *(["--altstack"] if altstack else []))
     tr = T.run_trace(["-p", str(proc.pid), *engine], tmp_path / "ev.jsonl")
     T.go(proc, close=False)
-    held = _read_line(proc, 30)
+    held = _read_line(proc, 60)
     assert held.startswith("held 0x"), held
     tr.signal(signal.SIGINT)
-    tr.wait_ok(20)
+    tr.wait_ok(60)
     assert T.tracer_pid(proc.pid) == 0
     notices = [e["message"] for e in tr.events() if e["event"] == "notice"]
     assert any("stays" in m for m in notices), (
@@ -81,7 +81,7 @@ def test_handler_holds_inside_ring_window_across_detach(target_bin, tmp_path, m3
     held = _read_line(proc, 60)
     assert held.startswith("held 0x"), held
     tr.signal(signal.SIGINT)
-    tr.wait_ok(20)
+    tr.wait_ok(60)
     notices = [e["message"] for e in tr.events() if e["event"] == "notice"]
     assert any("ring stays mapped" in m for m in notices), notices
     assert "vdsotrace-ring" in open(f"/proc/{proc.pid}/maps").read()
@@ -100,7 +100,7 @@ def test_signal_flood_across_detach(target_bin, tmp_path, engine, m32):
         T.go(proc, close=False)
         time.sleep(0.5)
         tr.signal(signal.SIGINT)
-        tr.wait_ok(30)
+        tr.wait_ok(60)
         time.sleep(0.3)                 # run on untraced, through whatever we left
         assert proc.popen.stdin is not None
         proc.popen.stdin.close()

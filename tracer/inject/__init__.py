@@ -688,13 +688,14 @@ class Recorder:
                     target.getregs(t, regs)
                     if gw[0] <= regs["rip"] < gw[1] and not self._returns_to(regs, tails):
                         continue
-                stepper.step_while(t, regs, lambda ip: gw[0] <= ip < gw[1]
-                                   or any(lo <= ip < hi for lo, hi in tails))
-                # a thread in a copied body (or a fallback stub): on through its return, a
-                # few hundred instructions, so the code page can go; one that does not leave
-                # in time (a long getrandom) or leaves for the vDSO's own code (a helper,
-                # i386's gateway) keeps the page (_code_in_use)
+                # a thread in a copied body (or a fallback stub) too: on through its return,
+                # a few hundred instructions, so the code page can go. One that does not
+                # leave in time (a long getrandom, a flood of signals) or leaves for the
+                # vDSO's own code (a helper, i386's gateway) keeps the page, and the ring
+                # if it is in a ring-writing window (_code_in_use)
                 try:
+                    stepper.step_while(t, regs, lambda ip: gw[0] <= ip < gw[1]
+                                       or any(lo <= ip < hi for lo, hi in tails))
                     stepper.step_while(t, regs, lambda ip: code_lo <= ip < code_hi,
                                        limit=_COPY_STEPS)
                 except RemoteError:
@@ -741,7 +742,8 @@ class Recorder:
 
     def _code_in_use(self, tids: list[int], regs: target.Regs) -> tuple[bool, bool]:
         """(code, ring): whether some thread may still run code of the code page, and
-        whether one may still write the ring.
+        whether one may still write the ring (it is in a ring-writing window, or was when a
+        signal handler interrupted it).
 
         Code: its rip is there or in the vDSO (a helper called from a copied body), or a
         word on its stack points there as a return address (conservative: a stale word keeps
@@ -760,6 +762,8 @@ class Recorder:
             # stack scan below decides, it finds the return address into a copy if any)
             if lo <= ip < hi or (w == 8 and vlo <= ip < vhi):
                 code = True
+            if any(a <= ip < b for a, b in windows):
+                ring = True
             hits = stackscan.scan(self.mem.read, regs["rsp"] & self.abi.mask, w, [(lo, hi)],
                                   lambda v: True)
             if hits:
