@@ -65,8 +65,17 @@ def test_handler_holds_inside_our_code_across_detach(target_bin, tmp_path, engin
     notices = [e["message"] for e in tr.events() if e["event"] == "notice"]
     assert any("stays" in m for m in notices), (
         f"no notice says our code stays for the held thread: {notices}")
+    _release(proc, tr)
+
+
+def _release(proc: T.Proc, tr: T.Trace) -> None:
+    """The byte that lets the held handler return into the interrupted context."""
+    time.sleep(0.2)
+    rc = proc.popen.poll()
+    assert rc is None, (f"the tracee died ({rc}) while its handler held, after the tracer "
+                        f"left; tracer stderr:\n{tr.stderr()}")
     assert proc.popen.stdin is not None
-    proc.popen.stdin.write(b"r")        # the handler returns into the interrupted context
+    proc.popen.stdin.write(b"r")
     proc.popen.stdin.close()
     _survived(proc, tr)
 
@@ -85,10 +94,7 @@ def test_handler_holds_inside_ring_window_across_detach(target_bin, tmp_path, m3
     notices = [e["message"] for e in tr.events() if e["event"] == "notice"]
     assert any("ring stays mapped" in m for m in notices), notices
     assert "vdsotrace-ring" in open(f"/proc/{proc.pid}/maps").read()
-    assert proc.popen.stdin is not None
-    proc.popen.stdin.write(b"r")
-    proc.popen.stdin.close()
-    _survived(proc, tr)
+    _release(proc, tr)
 
 
 @pytest.mark.parametrize("m32", ABIS)
