@@ -679,25 +679,30 @@ class Recorder:
             tails = [s.tail for s in self._code.stubs]
             gw = self._gateway_range()
             code_lo, code_hi = self._code_addr, self._code_addr + L.CODE_SIZE
+            # the vDSO's own code our code calls (a vclock helper, i386's gateway): a thread
+            # there got there from our code (or never blocks: see the gateway just below)
+            vlo, vhi = self.base, self.base + len(self.image.data)
             regs = target.Regs()
             for t in tids:
                 if gw[0] < gw[1]:
-                    # i386: the stub calls __kernel_vsyscall for gettid; a thread stopped in
-                    # there on that call is stepped on through the stub. One there on any
-                    # other call (a blocking read) is left alone: a step would restart it.
+                    # i386: the stub calls __kernel_vsyscall for gettid, a copy for its
+                    # fallback system call (neither blocks); a thread stopped in there on such
+                    # a call is stepped on through our code. One there on any other call (a
+                    # blocking read) is left alone: a step would restart it and wait for it.
                     target.getregs(t, regs)
-                    if gw[0] <= regs["rip"] < gw[1] and not self._returns_to(regs, tails):
+                    if gw[0] <= regs["rip"] < gw[1] and not self._returns_to(
+                            regs, [(code_lo, code_hi)]):
                         continue
-                # a thread in a copied body (or a fallback stub) too: on through its return,
-                # a few hundred instructions, so the code page can go. One that does not
-                # leave in time (a long getrandom, a flood of signals) or leaves for the
-                # vDSO's own code (a helper, i386's gateway) keeps the page, and the ring
-                # if it is in a ring-writing window (_code_in_use)
+                # a thread in a copied body (or a fallback stub, or vDSO code our code
+                # called) too: on through its return, a few hundred instructions, so the code
+                # page can go. One that does not leave in time (a long getrandom, a flood of
+                # signals) keeps the page, and the ring if it is in a ring-writing window
+                # (_code_in_use)
                 try:
                     stepper.step_while(t, regs, lambda ip: gw[0] <= ip < gw[1]
                                        or any(lo <= ip < hi for lo, hi in tails))
-                    stepper.step_while(t, regs, lambda ip: code_lo <= ip < code_hi,
-                                       limit=_COPY_STEPS)
+                    stepper.step_while(t, regs, lambda ip: code_lo <= ip < code_hi
+                                       or vlo <= ip < vhi, limit=_COPY_STEPS)
                 except RemoteError:
                     pass
             for at, orig in reversed(self._saved):
