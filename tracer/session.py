@@ -1500,7 +1500,8 @@ class Session:
 
         self._step_out(th.tid, inside)
 
-    def _on_our_code(self, th: _Thread, patcher: Patcher) -> bool:
+    def _on_our_code(self, th: _Thread, patcher: Patcher,
+                     ranges: list[tuple[int, int]] | None = None) -> bool:
         """Will this thread still run code in the padding: its pc is there (it could not be
         stepped out), or its stack holds a return into a stub (a call interrupted by a signal
         handler) or a signal frame whose saved pc is in the padding (a handler interrupted
@@ -1513,9 +1514,10 @@ class Session:
             return True
         lo = patcher.base + patcher.pad_start
         rets = patcher.stub_returns
-        return bool(stackscan.scan(th.space.mem.read, th.regs.buf[_RSP] & th.space.abi.mask,
-                                   th.space.abi.word, [(lo, lo + len(patcher.pad_used))],
-                                   rets.__contains__))
+        sp = th.regs.buf[_RSP] & th.space.abi.mask
+        return bool(stackscan.scan(th.space.mem.read, sp, th.space.abi.word,
+                                   [(lo, lo + len(patcher.pad_used))], rets.__contains__,
+                                   end=stackscan.mapping_end(ranges or [], sp)))
 
     def _unpatch_space(self, space: _Space, threads: list[_Thread]) -> bool:
         """Every thread stopped: restore the original code, move threads off our code, and
@@ -1531,7 +1533,11 @@ class Session:
                 self._unpatch_thread(th, patcher)
             except (ProcessGone, OSError):
                 pass
-        busy = [th.tid for th in mine if self._on_our_code(th, patcher)]
+        try:
+            ranges = [(m.start, m.end) for m in procfs.read_maps(space.pid)]
+        except OSError:
+            ranges = []
+        busy = [th.tid for th in mine if self._on_our_code(th, patcher, ranges)]
         if busy:
             # the stub stays, and stops no more: with no tracer its trap would kill the thread
             patcher.disarm(space.mem)

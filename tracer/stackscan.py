@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from tracer.errors import MemoryReadError
 
-__all__ = ["Hit", "scan", "SCAN_LIMIT"]
+__all__ = ["Hit", "scan", "mapping_end", "SCAN_LIMIT"]
 
 SCAN_LIMIT = 256 * 1024       # bytes above sp looked at (stopping early at unmapped memory)
 _MAX_HITS = 64
@@ -51,12 +51,23 @@ def _saved_ip(read: Callable[[int, int], bytes], at: int, word: int) -> bool:
     return cs == _USER_CS[word] and flags & 2 == 2 and flags >> 22 == 0
 
 
+def mapping_end(ranges: list[tuple[int, int]], sp: int) -> int | None:
+    """The end of the mapping [start, end) that holds sp (the top of that stack: a thread's
+    frames, or a sigaltstack's, do not go past it; what lies beyond is another mapping,
+    where stale words would only mislead)."""
+    for lo, hi in ranges:
+        if lo <= sp < hi:
+            return hi
+    return None
+
+
 def scan(read: Callable[[int, int], bytes], sp: int, word: int,
          spans: list[tuple[int, int]], is_return: Callable[[int], bool],
-         limit: int = SCAN_LIMIT) -> list[Hit]:
-    """The words in [sp, sp + limit) (up to unmapped memory) whose value lies in one of
-    `spans` and that are either a signal frame's saved ip or, by `is_return`, a return
-    address. At most a few dozen hits."""
+         limit: int = SCAN_LIMIT, end: int | None = None) -> list[Hit]:
+    """The words in [sp, sp + limit), and below `end` (the top of the stack, see
+    mapping_end), up to unmapped memory, whose value lies in one of `spans` and that are
+    either a signal frame's saved ip or, by `is_return`, a return address. At most a few
+    dozen hits."""
     spans = [(lo, hi) for lo, hi in spans if lo < hi]
     if not spans:
         return []
@@ -64,7 +75,7 @@ def scan(read: Callable[[int, int], bytes], sp: int, word: int,
     prefixes = {a.to_bytes(word, "little")[word - top:] for lo, hi in spans for a in (lo, hi - 1)}
     hits: list[Hit] = []
     at = sp & ~(word - 1)
-    end = at + limit
+    end = at + limit if end is None else min(at + limit, end)
     while at < end and len(hits) < _MAX_HITS:
         n = min(_PAGE - (at & (_PAGE - 1)), end - at)
         try:

@@ -760,6 +760,10 @@ class Recorder:
         windows = [s.window for s in self._code.stubs] if self._code is not None else []
         w = self.abi.word
         code = ring = False
+        try:
+            ranges = [(m.start, m.end) for m in procfs.read_maps(self.pid)]
+        except OSError:
+            ranges = []
         for t in tids:
             target.getregs(t, regs)
             ip = regs["rip"]
@@ -769,8 +773,9 @@ class Recorder:
                 code = True
             if any(a <= ip < b for a, b in windows):
                 ring = True
-            hits = stackscan.scan(self.mem.read, regs["rsp"] & self.abi.mask, w, [(lo, hi)],
-                                  lambda v: True)
+            sp = regs["rsp"] & self.abi.mask
+            hits = stackscan.scan(self.mem.read, sp, w, [(lo, hi)], lambda v: True,
+                                  end=stackscan.mapping_end(ranges, sp))
             if hits:
                 code = True
             if any(h.signal and any(a <= h.value < b for a, b in windows) for h in hits):
