@@ -55,6 +55,7 @@ __all__ = ["ENTRY", "RET", "FALL", "EXIT", "Bp", "Patcher", "INT3", "StubLayout"
 
 ENTRY, RET, FALL, EXIT = 0, 1, 2, 3
 INT3 = b"\xcc"
+NOP = b"\x90"
 _MAX_INSN = 15
 
 
@@ -454,6 +455,13 @@ class Patcher:
     def clear_padding(self, mem: Memory) -> None:
         if self.pad_used:
             mem.write(self.base + self.pad_start, bytes(len(self.pad_used)))
+
+    def disarm(self, mem: Memory) -> None:
+        """Make the stubs' stops no-ops (a nop over each stub's int3), for a padding left in
+        place after the tracer is gone: a trap there would be a SIGTRAP nobody handles."""
+        for bp in self.bps.values():
+            if bp.kind == EXIT:
+                mem.write(bp.addr, NOP)
 
     def unplant(self, mem: Memory) -> None:
         """Put back every original byte, the padding included."""

@@ -36,7 +36,7 @@ from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent
                            ExitEvent, NoticeEvent, SyscallEvent, Unreadable)
 from tracer.tables import syscalls_i386
 from tracer.tables.signals import signame
-from tracer import sigtrack
+from tracer import sched, sigtrack, stackscan
 from tracer import seccomp as _seccomp
 from tracer import symload
 from tracer.objfile import ModuleMap, is_c_library
@@ -60,6 +60,20 @@ _GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTT
 _FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
+# --inject: records drained between two looks at waitpid (about 0.5 ms of work each: ~10 us
+# per event built, ~1 us per record counted with -c), and the time a way out spends draining
+_DRAIN_BATCH = 64
+_DRAIN_BATCH_STATS = 512
+_DRAIN_LEAVE_S = 1.0
+_NAP_EMPTY = 0.0005     # --inject: the longest sleep when the ring is empty
+_SLICE_S = 0.0002       # --inject: the engine thread's time slice (sched.py)
+
+
+def _nap(seconds: float) -> None:
+    """Sleep until a tracee stops (SIGCHLD, blocked in the engine thread) or `seconds`."""
+    signal.sigtimedwait((signal.SIGCHLD,), seconds)
+
+
 _cont = target.cont
 _getregs = target.getregs
 _RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")
@@ -506,7 +520,7 @@ class Session:
             return auxv_from_stack(mem.read, start, abi.word)
 
     def _new_space(self, pid: int, regs_tid: int, traced: bool = True,
-                   tids: list[int] | None = None) -> _Space:
+                   tids: list[int] | None = None, inject: bool | None = None) -> _Space:
         regs = Regs()
         target.getregs(regs_tid, regs)
         abi = target.abi_of(pid, regs)
@@ -522,7 +536,7 @@ class Session:
             funcs = resolve_functions(image, self.options.funcs)
             patcher = Patcher(image, vmap.start, vmap.size)
             recorder = None
-            if self.options.inject:
+            if self.options.inject if inject is None else inject:
                 # the in-tracee recorder patches the entries itself; the patcher only names
                 # the functions (nothing of it is planted)
                 from tracer.inject import Recorder
@@ -683,6 +697,12 @@ class Session:
         threads = self.threads
         options = self.options
         reason = "exit"
+        if options.inject:
+            # a ptrace stop sends the tracer SIGCHLD: blocked here, it ends a nap at once
+            sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+            # never idle while the ring fills: ask to run often and briefly rather than
+            # seldom and long, so a stop waits less for our next waitpid (sched.py)
+            sched.request_short_slice(_SLICE_S)
         try:
             while True:
                 if self._tick_due:
@@ -708,8 +728,11 @@ class Session:
                     if tid < 0 and ctypes.get_errno() == 10:
                         reason = "exit"
                         break
-                    if not self._drain_recorders():
-                        time.sleep(0.0005)    # the ring is empty: let the tracee fill it
+                    # a bounded batch, then waitpid again: stops (a thread being created, a
+                    # signal) are served within one batch however fast the ring fills
+                    if not self._drain_recorders(_DRAIN_BATCH_STATS if self.summary_only
+                                                 else _DRAIN_BATCH):
+                        _nap(_NAP_EMPTY)      # the ring is empty: let the tracee fill it
                     continue
                 tid = waitpid(-1, ref, target.WALL)
                 if tid > 0:
@@ -736,6 +759,8 @@ class Session:
             reason = "error"
             raise
         finally:
+            if options.inject:
+                signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             self._engine_ident = None
             # every way out, an internal error included, leaves the tracee as it was
             self.detach_all(reason)
@@ -847,17 +872,18 @@ class Session:
         else:
             self._exit_hit(th, space, bp.func, buf, sp)
 
-    def _drain_recorders(self) -> int:
-        """--inject: turn what the stubs recorded into events (or, with -c, counts)."""
+    def _drain_recorders(self, limit: int = 65536) -> int:
+        """--inject: turn what the stubs recorded into events (or, with -c, counts), at
+        most `limit` records per ring."""
         n = 0
         for space in list(self.spaces.values()):
             rec = space.recorder
             if rec is None:
                 continue
             if self.summary_only:
-                n += rec.drain_stats(self._inject_stats)
+                n += rec.drain_stats(self._inject_stats, limit)
                 continue
-            records = rec.drain()
+            records = rec.drain(limit)
             n += len(records)
             if not records:
                 continue
@@ -873,25 +899,13 @@ class Session:
                                 r.t_entry_ns, r.duration_ns, r.caller, r.fallback, None)
         return n
 
-    def _drain_bounded(self) -> None:
-        """Drain until the rings are empty, but never more than what they can hold twice
-        over: whoever keeps writing into a ring (a process we do not trace that got hold of
-        it) cannot keep the tracer here."""
-        from tracer.inject.layout import NSLOTS
-        budget = 2 * NSLOTS * max(1, sum(1 for sp in self.spaces.values() if sp.recorder))
-        while budget > 0:
-            n = self._drain_recorders()
-            if not n:
-                return
-            budget -= n
-
     def _uninstall(self, space: _Space, threads: list[_Thread]) -> None:
         """--inject: every thread stopped; switch the stubs off, restore the vDSO, unmap the
         ring, and emit what was still in it."""
         rec = space.recorder
         if rec is None or not rec.installed:
             return
-        self._drain_bounded()
+        self._drain_for(_DRAIN_LEAVE_S)
         tids = [th.tid for th in threads if th.space is space and th.stopped]
         if not tids:
             self._emit(NoticeEvent(space.pid, space.pid, time.time(),
@@ -899,7 +913,7 @@ class Session:
                                    "a vfork child?): the recorder stays in it"))
             return
         rec.uninstall(tids)
-        self._drain_bounded()
+        self._drain_for(_DRAIN_LEAVE_S)
         for th in threads:
             if th.space is space and th.tid == tids[0]:
                 th.stopped = True
@@ -907,24 +921,54 @@ class Session:
 
     def _finish_recorder(self, space: _Space) -> None:
         """The process exited or exec'd: everything still in its ring, then the losses."""
-        self._drain_bounded()
+        space.recorder.producers_stopped()
+        self._drain_for(_DRAIN_LEAVE_S)
         self._report_losses(space)
         space.recorder.abandon()
+
+    def _drain_for(self, seconds: float) -> None:
+        """Drain until the rings are empty, for at most `seconds`: on a way out the work must
+        end whatever the rings say (a producer we do not stop, a forked child sharing a
+        ring, may never let one run empty)."""
+        deadline = time.monotonic() + seconds
+        while self._drain_recorders(_DRAIN_BATCH_STATS) and time.monotonic() < deadline:
+            pass
 
     def _report_losses(self, space: _Space) -> None:
         rec = space.recorder
         lost, corrupt = rec.lost(), rec.corrupt()
         self.lost_records += lost + corrupt
+        now = time.time()
         if lost:
-            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+            self._emit(NoticeEvent(space.pid, space.pid, now,
                                    f"{lost} calls were not recorded: the ring was full"))
+        bad = rec.lost_counter_corrupt()
+        if bad is not None:
+            self._emit(NoticeEvent(space.pid, space.pid, now,
+                                   f"the ring's count of calls not recorded was overwritten "
+                                   f"(it read {bad}, more than the process can have made): "
+                                   "how many calls were not recorded is unknown"))
         if corrupt:
-            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+            self._emit(NoticeEvent(space.pid, space.pid, now,
                                    f"{corrupt} corrupt ring records were skipped"))
+        if rec.header_corrupt():
+            self._emit(NoticeEvent(space.pid, space.pid, now,
+                                   f"the ring's header was overwritten by the process "
+                                   f"{rec.header_corrupt()} time(s): the calls in flight then "
+                                   "were not recorded"))
+        if rec.ring_broken():
+            self._emit(NoticeEvent(space.pid, space.pid, now,
+                                   "the ring could not be read any more (its header or file "
+                                   "was damaged by the process): later calls were not "
+                                   "recorded"))
         if rec.code_page_kept:
-            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+            self._emit(NoticeEvent(space.pid, space.pid, now,
                                    "the recorder's code page stays mapped: a thread may still "
                                    "return through it"))
+        if rec.ring_kept:
+            self._emit(NoticeEvent(space.pid, space.pid, now,
+                                   "the recorder's ring stays mapped: a signal handler "
+                                   "interrupted a thread while it wrote a record"))
 
     def _stub_exit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
                    sp: int | None = None) -> None:
@@ -1621,8 +1665,19 @@ class Session:
         if not old.traced:      # an unfollowed vfork child: its new image is clean
             self._let_go(pid)
             return
+        fell_back = None
         try:
-            space = self._new_space(pid, pid)
+            # (both engines: the recorder's injection and the marker filter's installation
+            # make system calls in the tracee, as spawn() does)
+            self._step_past_exec(th)
+            try:
+                space = self._new_space(pid, pid)
+            except TracerError as e:
+                if not self.options.inject or isinstance(e, ProcessGone):
+                    raise
+                # the new image cannot take the recorder: trace it with stops instead
+                fell_back = str(e)
+                space = self._new_space(pid, pid, inject=False)
         except TracerError as e:
             self._emit(NoticeEvent(pid, pid, time.time(), f"after exec: {e}; detaching"))
             self._let_go(pid)
@@ -1638,7 +1693,38 @@ class Session:
             pass
         self._emit(ExecEvent(pid, pid, time.time(), exe, space.base, space.abi.name,
                              timens_offsets=space.timens))
+        if fell_back is not None:
+            self._emit(NoticeEvent(pid, pid, time.time(),
+                                   f"after exec: --inject is not possible in the new image "
+                                   f"({fell_back.removesuffix('; run without --inject')}): "
+                                   "tracing it with stops instead"))
         self._resume(th)
+
+    def _step_past_exec(self, th: _Thread) -> None:
+        """At the exec event the thread is still inside execve's exit path, where a system
+        call made for the recorder does not run: one PTRACE_SINGLESTEP reports at once, on
+        the way out to user space, before the new image's first instruction. A signal that
+        arrives instead is delivered on the thread's next resume (a second one sent again)."""
+        held: list[int] = []
+        try:
+            for _ in range(16):
+                target.singlestep(th.tid, 0)
+                _, status = target.wait(th.tid)
+                if status & 0x7F != 0x7F:
+                    raise ProcessGone(f"process {th.tid} exited right after its exec")
+                sig = (status >> 8) & 0xFF
+                if sig == _SIGTRAP and not status >> 16:
+                    return
+                if not status >> 16:
+                    held.append(sig)        # a signal-delivery stop: the step is still due
+        finally:
+            if held:
+                th.sig = held[0]
+                for sig in held[1:]:
+                    try:
+                        target.tgkill(th.space.pid, th.tid, sig)
+                    except ProcessGone:
+                        pass
 
     def _let_go(self, tid: int) -> None:
         """Stop tracing a thread whose image carries none of our code."""
@@ -1653,13 +1739,12 @@ class Session:
         space = th.space
         if tid == space.pid:
             self._vfork_done(tid)
-        if space.recorder is not None:
-            self._drain_bounded()       # its last calls are in the ring: name them while we can
         self.threads.pop(tid, None)
         space.threads.discard(tid)
         th.pending.clear()
         if space.recorder is not None:
-            # its last records may still sit behind a slot another thread has not committed
+            # its last records are still in the ring (drained later, not here: a thread's exit
+            # must not wait for the other threads' records)
             if len(self._dead) > 4096:
                 self._dead.clear()
             self._dead[tid] = th
@@ -1894,34 +1979,24 @@ class Session:
         if got is not None and got[1] == patcher.gw_real_ret:
             mem.write(got[0], patcher.gw_ret.to_bytes(4, "little"))
 
-    def _on_our_code(self, th: _Thread, patcher: Patcher) -> bool:
+    def _on_our_code(self, th: _Thread, patcher: Patcher,
+                     ranges: list[tuple[int, int]] | None = None) -> bool:
         """Will this thread still run code in the padding: its pc is there (it could not be
         stepped out), or its stack holds a return into a stub (a call interrupted by a signal
-        handler)? Scans up to 64 KiB above sp."""
+        handler) or a signal frame whose saved pc is in the padding (a handler interrupted
+        the stub itself)? Scans the stack above sp (stackscan.py)."""
         try:
             target.getregs(th.tid, th.regs)
         except ProcessGone:
             return False
         if patcher.in_padding(th.regs.buf[_RIP]):
             return True
-        if not patcher.stub_returns:
-            return False
-        word = th.space.abi.word
-        sp = th.regs.buf[_RSP] & th.space.abi.mask
+        lo = patcher.base + patcher.pad_start
         rets = patcher.stub_returns
-        for off in range(0, 65536, 4096):
-            start = sp + off if off else sp
-            end = (sp + off + 4096) & ~4095 if off == 0 else start + 4096
-            try:
-                chunk = th.space.mem.read(start, end - start)
-            except MemoryReadError:
-                return False
-            for i in range(0, len(chunk) - word + 1, word):
-                if int.from_bytes(chunk[i:i + word], "little") in rets:
-                    return True
-            if off == 0:
-                sp = end - 4096
-        return False
+        sp = th.regs.buf[_RSP] & th.space.abi.mask
+        return bool(stackscan.scan(th.space.mem.read, sp, th.space.abi.word,
+                                   [(lo, lo + len(patcher.pad_used))], rets.__contains__,
+                                   end=stackscan.mapping_end(ranges or [], sp)))
 
     def _unpatch_space(self, space: _Space, threads: list[_Thread]) -> bool:
         """Every thread stopped: restore the original code, move threads off our code, and
@@ -1939,11 +2014,18 @@ class Session:
                 self._unpatch_thread(th, patcher)
             except (ProcessGone, OSError):
                 pass
-        busy = [th.tid for th in mine if self._on_our_code(th, patcher)]
+        try:
+            ranges = [(m.start, m.end) for m in procfs.read_maps(space.pid)]
+        except OSError:
+            ranges = []
+        busy = [th.tid for th in mine if self._on_our_code(th, patcher, ranges)]
         if busy:
+            # the stub stays, and stops no more: with no tracer its trap would kill the thread
+            patcher.disarm(space.mem)
             self._emit(NoticeEvent(space.pid, busy[0], time.time(),
                                    f"thread {busy[0]} is inside a traced call (a signal handler "
-                                   "interrupted it?): its return stub stays in the vDSO padding"))
+                                   "interrupted it): the stub code stays in the vDSO padding, "
+                                   "with its stop made a no-op, until the thread returns"))
             return False
         patcher.clear_padding(space.mem)
         return True

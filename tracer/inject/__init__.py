@@ -1,7 +1,8 @@
 """In-process recording of vDSO calls (`trace --inject`): a stub per function and a shared ring.
 
-Injection (all threads stopped): the tracee itself runs memfd_create, fchmod 0600, ftruncate,
-mmap and close from a `syscall` instruction of its own vDSO (see remote.py), which gives it
+Injection (all threads stopped): the tracee itself runs memfd_create (MFD_ALLOW_SEALING),
+fchmod 0600, ftruncate, fcntl(F_ADD_SEALS: the size can never change, nor the seals), mmap and
+close from a `syscall` instruction of its own vDSO (see remote.py), which gives it
   * `/memfd:vdsotrace-code`, mapped r-x MAP_SHARED within rel32 reach of the vDSO, and
   * `/memfd:vdsotrace-ring`, mapped rw- MAP_SHARED;
 an i386 tracee runs them (mmap2) from the `int 0x80` of __kernel_vsyscall, and the kernel
@@ -10,23 +11,29 @@ in 32-bit code). Its stubs are 32-bit code (stubs32.py); __kernel_vsyscall itsel
 recorded (the stop-based engine shows its system calls; --inject marks the vDSO functions'
 calls into it as fallbacks).
 the tracer opens both through /proc/PID/fd/N, writes the code through its own descriptor, and
-maps the ring. Each traced function's entry becomes `jmp rel32` to its stub (stubs.py), which
+reads and writes the ring with pread/pwrite (never mapped in the tracer: tracee-controlled
+memory must not be able to fault it). Each traced function's entry becomes `jmp rel32` to its stub (stubs.py), which
 records the call into the ring without any ptrace stop; the tracer drains the ring.
 
 The ring is writable by the tracee: every slot is checked before it becomes a RawRecord, and a
-slot that fails is counted (`corrupt()`) and skipped. A full ring is never overwritten: the
-stub counts the call in the ring's `lost` word instead (`lost()`).
+slot that fails is counted (`corrupt()`) and skipped; a HEAD no stub can have written is
+counted (`header_corrupt()`) and followed, and each drain is bounded whatever the header says.
+A full ring is never overwritten: the stub counts the call in the ring's `lost` word instead
+(`lost()`, believed only within what the process can have counted).
 
 Leaving (all threads stopped): the code page's ring pointer is cleared (every stub stops
 recording at once, forked children included, since the page is shared), threads in a stub
 after its copy returned (gettid, the ring-writing window, the return) are stepped out of the
 stub, the vDSO's bytes are restored, the records
 still in the ring are drained, and the ring is unmapped. The code page is unmapped too unless
-a thread is inside it or may return into it (a return address into it on its stack).
+a thread is inside it or may return into it (a return address into it on its stack, or the
+saved pc of a signal frame: stackscan.py); the ring stays mapped when such a saved pc lies in a
+stub's ring-writing window (that context already holds the ring's address).
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import mmap
 import os
@@ -36,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tracer import procfs, seccomp, target
+from tracer import procfs, seccomp, stackscan, target
 from tracer.abi import I386, X86_64, Abi
 from tracer.decoders import Decoder, for_function, out_size
 from tracer.errors import MemoryReadError, MemoryWriteError, ProcessGone, TracerError
@@ -64,20 +71,30 @@ class _Numbers:
     FTRUNCATE: int
     FCHMOD: int
     MEMFD_CREATE: int
+    FCNTL: int
 
 
-# arch/x86/entry/syscalls/syscall_64.tbl; syscall_32.tbl (i386: mmap2, its offset in pages)
-_NR = {8: _Numbers(MMAP=9, MUNMAP=11, CLOSE=3, FTRUNCATE=77, FCHMOD=91, MEMFD_CREATE=319),
-       4: _Numbers(MMAP=192, MUNMAP=91, CLOSE=6, FTRUNCATE=93, FCHMOD=94, MEMFD_CREATE=356)}
+# arch/x86/entry/syscalls/syscall_64.tbl; syscall_32.tbl (i386: mmap2, its offset in pages;
+# fcntl64)
+_NR = {8: _Numbers(MMAP=9, MUNMAP=11, CLOSE=3, FTRUNCATE=77, FCHMOD=91, MEMFD_CREATE=319,
+                   FCNTL=72),
+       4: _Numbers(MMAP=192, MUNMAP=91, CLOSE=6, FTRUNCATE=93, FCHMOD=94, MEMFD_CREATE=356,
+                   FCNTL=221)}
 # include/uapi/linux/memfd.h, include/uapi/asm-generic/mman-common.h, mman.h
-_MFD_CLOEXEC, _MFD_EXEC = 0x1, 0x10
+_MFD_CLOEXEC, _MFD_ALLOW_SEALING, _MFD_EXEC = 0x1, 0x2, 0x10
+# include/uapi/linux/fcntl.h: F_ADD_SEALS = F_LINUX_SPECIFIC_BASE + 9, F_GET_SEALS + 10.
+# SHRINK and GROW fix the size (a truncated file under a mapping faults with SIGBUS); SEAL
+# forbids any change of the seals afterwards. No write seal: the tracer writes both files.
+_F_ADD_SEALS, _F_GET_SEALS = 1033, 1034
+_F_SEAL_SEAL, _F_SEAL_SHRINK, _F_SEAL_GROW = 0x1, 0x2, 0x4
+_SEALS = _F_SEAL_SEAL | _F_SEAL_SHRINK | _F_SEAL_GROW
 _PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
 _MAP_SHARED, _MAP_FIXED_NOREPLACE = 0x01, 0x100000
 _PAGE = 4096
 _REACH = (1 << 31) - (64 << 20)      # keep the code page well inside rel32 reach of the vDSO
 _PID_MAX_LIMIT = 4 * 1024 * 1024     # include/linux/threads.h
 _STALL_S = 2.0                       # an uncommitted slot this old, with later ones committed
-_STACK_SCAN = 64 * 1024
+_COPY_STEPS = 2000                   # single steps spent taking a thread out of a copied body
 _SLOT = struct.Struct(L.SLOT_FORMAT)
 _ERR_LO = (1 << 64) - 4095           # -4095..-1 as an unsigned word: -MAX_ERRNO..-1
 _ERR_LO32 = (1 << 32) - 4095
@@ -85,6 +102,37 @@ _ERR_LO32 = (1 << 32) - 4095
 
 class InjectError(TracerError):
     """The tracee cannot be traced by injection (safely or exactly)."""
+
+
+class _RingShort(Exception):
+    """The ring file is shorter than the tracer expects (it cannot be, once sealed)."""
+
+
+class _FileRing:
+    """The ring, read and written through the tracer's descriptor with pread/pwrite and never
+    mapped into the tracer: it is memory the tracee controls, and a mapping of a file that
+    shrinks under it faults (SIGBUS) in the reader, where a read only comes back short."""
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __getitem__(self, sl: slice) -> bytes:
+        n = sl.stop - sl.start
+        data = os.pread(self.fd, n, sl.start)
+        if len(data) != n:
+            raise _RingShort()
+        return data
+
+    def __setitem__(self, sl: slice, data: bytes) -> None:
+        if os.pwrite(self.fd, data, sl.start) != len(data):
+            raise _RingShort()
+
+    def close(self) -> None:
+        pass                    # the descriptor is the Recorder's
+
+
+_RingBuf = mmap.mmap | _FileRing
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,11 +254,17 @@ class Recorder:
         self._ring_addr = 0
         self._code_fd = -1
         self._ring_fd = -1
-        self._ring: mmap.mmap | None = None
+        self._ring: _RingBuf | None = None
         self._saved: list[tuple[int, bytes]] = []     # (runtime_addr, original bytes)
         self._tail = 0
         self._lost_final: int | None = None
         self._corrupt = 0
+        self._header_corrupt = 0       # times HEAD was found where no stub can put it
+        self._ring_broken = False      # the ring file came back short: not read any more
+        self._final = False            # no stub can commit a slot any more
+        self._lost_seen = 0            # the last plausible value of the lost counter
+        self._lost_bad: int | None = None   # an impossible value the counter was found at
+        self._t_install = time.monotonic()
         self._pending: list[RawRecord] = []
         self._clock: TscClock | None = None
         self._last_refine = 0.0
@@ -218,6 +272,7 @@ class Recorder:
         self.installed = False
         self.code_page_kept = False
         self.vdso_lost = False          # the process unmapped (or replaced) its vDSO
+        self.ring_kept = False
 
     # ------------------------------------------------------------------ install
     def install(self, tid: int) -> None:
@@ -289,22 +344,31 @@ class Recorder:
         self._remote_fds: list[int] = []
         self.mem.write(tail, names)
         try:
-            code_fd = call(self._nr.MEMFD_CREATE, tail, _MFD_CLOEXEC | _MFD_EXEC)
+            flags = _MFD_CLOEXEC | _MFD_ALLOW_SEALING
+            code_fd = call(self._nr.MEMFD_CREATE, tail, flags | _MFD_EXEC)
             if code_fd == -errno.EINVAL:         # before Linux 6.3: no MFD_EXEC
-                code_fd = call(self._nr.MEMFD_CREATE, tail, _MFD_CLOEXEC)
+                code_fd = call(self._nr.MEMFD_CREATE, tail, flags)
             if code_fd < 0:
                 raise RemoteError(-code_fd, f"memfd_create in the tracee: {os.strerror(-code_fd)}")
             self._remote_fds.append(code_fd)
-            ring_fd = call.check(self._nr.MEMFD_CREATE, tail + len(CODE_NAME) + 1, _MFD_CLOEXEC,
+            ring_fd = call.check(self._nr.MEMFD_CREATE, tail + len(CODE_NAME) + 1, flags,
                                  what="memfd_create")
             self._remote_fds.append(ring_fd)
             for fd, size in ((code_fd, L.CODE_SIZE), (ring_fd, L.RING_SIZE)):
                 call.check(self._nr.FCHMOD, fd, 0o600, what="fchmod")
                 call.check(self._nr.FTRUNCATE, fd, size, what="ftruncate")
+                # sealed before the tracer maps anything: from here on nobody (a process
+                # sharing the descriptor table, root through /proc/PID/map_files) can change
+                # the size under a mapping
+                call.check(self._nr.FCNTL, fd, _F_ADD_SEALS, _SEALS, what="sealing the memfd")
             self._code_fd = os.open(f"/proc/{self.pid}/fd/{code_fd}", os.O_RDWR | os.O_CLOEXEC)
             self._ring_fd = os.open(f"/proc/{self.pid}/fd/{ring_fd}", os.O_RDWR | os.O_CLOEXEC)
-            self._ring = mmap.mmap(self._ring_fd, L.RING_SIZE, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE)
+            for fd, size in ((self._code_fd, L.CODE_SIZE), (self._ring_fd, L.RING_SIZE)):
+                # what we opened is what was sealed, at the size we set (a sibling sharing
+                # the descriptor table could have changed it between ftruncate and the seal)
+                if os.fstat(fd).st_size != size or fcntl.fcntl(fd, _F_GET_SEALS) & _SEALS != _SEALS:
+                    raise RemoteError(0, "the recorder's memfd was changed while it was set up")
+            self._ring = _FileRing(self._ring_fd)
             addr = call(self._nr.MMAP, hint, L.CODE_SIZE, _PROT_READ | _PROT_EXEC,
                         _MAP_SHARED | (_MAP_FIXED_NOREPLACE if hint else 0), code_fd, 0)
             if addr < 0 or (hint and addr != hint):
@@ -447,13 +511,47 @@ class Recorder:
 
     # ------------------------------------------------------------------ drain
     def lost(self) -> int:
+        """Calls the stubs could not record (the ring was full), as far as the counter can
+        be believed: the tracee can write any value there (see lost_counter_corrupt)."""
         if self._ring is None:
-            return self._lost_final or 0
-        return int.from_bytes(self._ring[L.LOST:L.LOST + 8], "little")
+            return self._lost_final if self._lost_final is not None else self._lost_seen
+        try:
+            raw = int.from_bytes(self._ring[L.LOST:L.LOST + 8], "little")
+        except (_RingShort, OSError):
+            self._ring_broken = True
+            return self._lost_seen
+        if self._lost_bad is not None:
+            return self._lost_seen
+        # The stubs only ever add 1 (lock inc), once per call, and a call takes far more
+        # than a nanosecond of a CPU: a value outside [last seen, 1 per ns per CPU since
+        # install] was written by something else.
+        cap = int((time.monotonic() - self._t_install) * 1e9) * (os.cpu_count() or 1)
+        if self._lost_seen <= raw <= cap:
+            self._lost_seen = raw
+        else:
+            self._lost_bad = raw
+        return self._lost_seen
+
+    def lost_counter_corrupt(self) -> int | None:
+        """The impossible value the lost counter was found at, or None."""
+        return self._lost_bad
 
     def corrupt(self) -> int:
         """Slots that failed validation and were skipped."""
         return self._corrupt
+
+    def header_corrupt(self) -> int:
+        """Times the ring's HEAD was found where no stub can have put it (the records in
+        flight then were skipped and the tracer followed HEAD)."""
+        return self._header_corrupt
+
+    def ring_broken(self) -> bool:
+        return self._ring_broken
+
+    def producers_stopped(self) -> None:
+        """No stub can commit a slot any more (every thread stopped past the ring-writing
+        window, or the process gone): an uncommitted slot is corrupt, not late."""
+        self._final = True
 
     def drain(self, limit: int = 65536) -> list[RawRecord]:
         if self._pending:
@@ -484,20 +582,40 @@ class Recorder:
     def _drain_ring(self, limit: int, out: list[RawRecord] | None,
                     stats: dict[str, CallStats] | None) -> int:
         ring, clock = self._ring, self._clock
-        if ring is None or clock is None:
+        if ring is None or clock is None or self._ring_broken:
             return 0
+        try:
+            return self._drain_ring_at(ring, clock, limit, out, stats)
+        except (_RingShort, OSError):
+            # the sealed file cannot shrink; if reading it fails anyway, stop reading it
+            self._ring_broken = True
+            return 0
+
+    def _drain_ring_at(self, ring: _RingBuf, clock: TscClock, limit: int,
+                       out: list[RawRecord] | None, stats: dict[str, CallStats] | None) -> int:
         now = time.monotonic()
         if now - self._last_refine > 0.25:
             clock.refine()
             self._last_refine = now
+            self.lost()                         # sampled: a counter going back is corrupt
         head = int.from_bytes(ring[L.HEAD:L.HEAD + 8], "little")
         tail = self._tail
         avail = head - tail
-        if avail <= 0:
+        if avail == 0:
             return 0
-        if avail > L.NSLOTS:                   # the stubs never claim past tail + NSLOTS
-            self._corrupt += 1
-            avail = L.NSLOTS
+        if not 0 < avail <= L.NSLOTS:
+            # A stub claims only while head - tail < NSLOTS, and never moves HEAD back: the
+            # tracee overwrote it. Follow it (what was in flight is skipped, counted once),
+            # so that the stubs, which compare HEAD with TAIL, can claim again; a HEAD no
+            # stub reaches in 2^63 calls is not followed and the ring is read no more.
+            self._header_corrupt += 1
+            self._stall_at = None
+            if head >> 63:
+                self._ring_broken = True
+                return 0
+            self._tail = head
+            ring[L.TAIL:L.TAIL + 8] = head.to_bytes(8, "little")
+            return 0
         n = min(avail, limit)
         funcs, nargs, outsz = self.funcs, self._nargs, self._outsz
         nf = len(funcs)
@@ -529,7 +647,7 @@ class Recorder:
             ring[L.TAIL:L.TAIL + 8] = i.to_bytes(8, "little")
         return i - tail
 
-    def _scan(self, ring: mmap.mmap, i: int, end: int,
+    def _scan(self, ring: _RingBuf, i: int, end: int,
               out_append: Callable[[RawRecord], None] | None,
               st_by_fid: list[CallStats] | None, names: list[str], nargs: list[int],
               outsz: list[tuple[int, ...]], value_ret: list[bool], rate: float, tsc0: int,
@@ -548,8 +666,9 @@ class Recorder:
                  o1) in unpack(ring[off:off + cnt * L.SLOT]):
                 if seq != i + 1:
                     # seq > i + 1 cannot be written by a stub (it claims below tail + NSLOTS);
-                    # an uncommitted slot is waited for, until it has stalled.
-                    if seq < i + 1 and not self._stalled(i):
+                    # an uncommitted slot is waited for, until it has stalled (or no stub
+                    # can commit it any more).
+                    if seq < i + 1 and not self._final and not self._stalled(i):
                         stop = True
                         break
                     self._corrupt += 1
@@ -620,32 +739,51 @@ class Recorder:
             # in a stub's tail (e.g. stopped after its gettid) would keep the code page
             tails = [s.tail for s in self._code.stubs]
             gw = self._gateway_range()
+            code_lo, code_hi = self._code_addr, self._code_addr + L.CODE_SIZE
+            # the vDSO's own code our code calls (a vclock helper, i386's gateway): a thread
+            # there got there from our code (or never blocks: see the gateway just below)
+            vlo, vhi = self.base, self.base + len(self.image.data)
             regs = target.Regs()
             for t in tids:
                 if gw[0] < gw[1]:
-                    # i386: the stub calls __kernel_vsyscall for gettid; a thread stopped in
-                    # there on that call is stepped on through the stub. One there on any
-                    # other call (a blocking read) is left alone: a step would restart it.
+                    # i386: the stub calls __kernel_vsyscall for gettid, a copy for its
+                    # fallback system call (neither blocks); a thread stopped in there on such
+                    # a call is stepped on through our code. One there on any other call (a
+                    # blocking read) is left alone: a step would restart it and wait for it.
                     target.getregs(t, regs)
-                    if gw[0] <= regs["rip"] < gw[1] and not self._returns_to(regs, tails):
+                    if gw[0] <= regs["rip"] < gw[1] and not self._returns_to(
+                            regs, [(code_lo, code_hi)]):
                         continue
-                stepper.step_while(t, regs, lambda ip: gw[0] <= ip < gw[1]
-                                   or any(lo <= ip < hi for lo, hi in tails))
+                # a thread in a copied body (or a fallback stub, or vDSO code our code
+                # called) too: on through its return, a few hundred instructions, so the code
+                # page can go. One that does not leave in time (a long getrandom, a flood of
+                # signals) keeps the page, and the ring if it is in a ring-writing window
+                # (_code_in_use)
+                try:
+                    stepper.step_while(t, regs, lambda ip: gw[0] <= ip < gw[1]
+                                       or any(lo <= ip < hi for lo, hi in tails))
+                    stepper.step_while(t, regs, lambda ip: code_lo <= ip < code_hi
+                                       or vlo <= ip < vhi, limit=_COPY_STEPS)
+                except RemoteError:
+                    pass
             if not self.vdso_lost:      # else: nothing of it to restore, nothing written there
                 for at, orig in reversed(self._saved):
                     self.mem.write(at, orig)
             self._saved.clear()
+            self.producers_stopped()
             self._drain_ring(L.NSLOTS, self._pending, None)
             self._lost_final = self.lost()
-            keep = self._code_in_use(tids, regs)
+            keep, keep_ring = self._code_in_use(tids, regs)
             call = self._caller(stepper, tids[0], self._plan)
             try:
-                call(self._nr.MUNMAP, self._ring_addr, L.RING_SIZE)
+                if not keep_ring:
+                    call(self._nr.MUNMAP, self._ring_addr, L.RING_SIZE)
                 if not keep:
                     call(self._nr.MUNMAP, self._code_addr, L.CODE_SIZE)
             finally:
                 call.restore()
             self.code_page_kept = keep
+            self.ring_kept = keep_ring
             self.installed = False
         finally:
             stepper.resend_held()
@@ -666,7 +804,7 @@ class Recorder:
         stepper = Stepper(child)
         regs = target.Regs()
         try:
-            if self._code_in_use([child], regs, mem):
+            if any(self._code_in_use([child], regs, mem, child)):
                 # (forked from a handler that interrupted a stub): the stub still writes to
                 # the ring on its way out; keep both, the code page stops recording when the
                 # tracer leaves
@@ -700,35 +838,42 @@ class Recorder:
         return any(lo <= int.from_bytes(raw[k:k + 4], "little") < hi
                    for k in range(0, 16, 4) for lo, hi in spans)
 
-    def _code_in_use(self, tids: list[int], regs: target.Regs,
-                     mem: target.Memory | None = None) -> bool:
-        """Whether some thread is in the code page or may still return into it: its rip there
-        or in the vDSO (a helper called from a copied body), or a word on its stack pointing
-        there (conservative: a stale word keeps the page)."""
+    def _code_in_use(self, tids: list[int], regs: target.Regs, mem: target.Memory | None = None,
+                     pid: int | None = None) -> tuple[bool, bool]:
+        """(code, ring): whether some thread may still run code of the code page, and
+        whether one may still write the ring (it is in a ring-writing window, or was when a
+        signal handler interrupted it).
+
+        Code: its rip is there or in the vDSO (a helper called from a copied body), or a
+        word on its stack points there as a return address (conservative: a stale word keeps
+        the page) or as the ip a signal handler interrupted. Ring: such an interrupted ip lies
+        in a stub's ring-writing window, where the ring's address is already in a register
+        (saved in the frame too) and the cleared ring pointer is not read again. `mem` and
+        `pid`: another process's (a fork child's), not the tracee's."""
         mem = mem or self.mem
         lo, hi = self._code_addr, self._code_addr + L.CODE_SIZE
         vlo, vhi = self.base, self.base + len(self.image.data)
+        windows = [s.window for s in self._code.stubs] if self._code is not None else []
         w = self.abi.word
-        top = 3 if w == 8 else 2                 # the top bytes of a word in [lo, hi)
-        prefixes = {a.to_bytes(w, "little")[w - top:] for a in (lo, hi - 1)}
+        code = ring = False
+        try:
+            ranges = [(m.start, m.end) for m in procfs.read_maps(pid or self.pid)]
+        except OSError:
+            ranges = []
         for t in tids:
             target.getregs(t, regs)
             ip = regs["rip"]
             # (an i386 thread sits in __kernel_vsyscall during every system call: there the
             # stack scan below decides, it finds the return address into a copy if any)
             if lo <= ip < hi or (w == 8 and vlo <= ip < vhi):
-                return True
-            sp = regs["rsp"] & ~(w - 1)
-            n = 0
-            while n < _STACK_SCAN:
-                try:
-                    chunk = mem.read(sp + n, 4096 - ((sp + n) & 4095))
-                except MemoryReadError:
-                    break
-                if any(p in chunk for p in prefixes):
-                    for k in range(0, len(chunk) - w + 1, w):
-                        v = int.from_bytes(chunk[k:k + w], "little")
-                        if lo <= v < hi:
-                            return True
-                n += len(chunk)
-        return False
+                code = True
+            if any(a <= ip < b for a, b in windows):
+                ring = True
+            sp = regs["rsp"] & self.abi.mask
+            hits = stackscan.scan(mem.read, sp, w, [(lo, hi)], lambda v: True,
+                                  end=stackscan.mapping_end(ranges, sp))
+            if hits:
+                code = True
+            if any(h.signal and any(a <= h.value < b for a, b in windows) for h in hits):
+                ring = True
+        return code, ring

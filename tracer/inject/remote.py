@@ -21,7 +21,7 @@ from tracer.errors import ProcessGone
 __all__ = ["Stepper", "RemoteError"]
 
 _MAX_STEPS = 10000
-_MAX_STOPS = 64          # stops while one instruction is stepped (signals held back)
+_MAX_HELD = 1000         # stops (signals, events) taken while one step is due
 _FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 
 
@@ -40,7 +40,7 @@ class Stepper:
         """One instruction; returns with the thread stopped again."""
         start = len(self.held)
         target.singlestep(tid, 0)
-        for _ in range(_MAX_STOPS):
+        for n in range(_MAX_HELD):
             _, status = target.wait(tid)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 raise ProcessGone(f"thread {tid} exited while vdsotrace stepped it")
@@ -49,24 +49,32 @@ class Stepper:
                 return
             if target.stop_event(status) == 0 and sig != signal.SIGTRAP:
                 self.held.append((tid, sig))        # a signal-delivery stop: hold it back
-            # an event stop (or a held signal): step on, the instruction has not run yet
-            target.singlestep(tid, 0)
-        # the same signal again and again: the instruction we made it run faults (its code
-        # is gone); those faults are ours, not the thread's: they are not sent again
+                if sig in _FAULTS and [h[1] for h in self.held[start:]].count(sig) >= 3:
+                    break       # the same fault again and again: the instruction itself faults
+            if n + 1 < _MAX_HELD:
+                # an event stop (or a held signal): step on, the instruction has not run yet
+                target.singlestep(tid, 0)
+        # given up, the thread stopped: a flood of signals from outside, or an instruction
+        # that faults (its code is gone); those faults are ours, not the thread's: they are
+        # not sent again
         mine = self.held[start:]
         del self.held[start:]
         self.held.extend(dict.fromkeys(h for h in mine if h[1] not in _FAULTS))
         raise RemoteError(0, f"thread {tid} could not execute one instruction (signals "
                              f"{sorted({s for _, s in mine})})")
 
-    def step_while(self, tid: int, regs: target.Regs, inside: Callable[[int], bool]) -> None:
-        """Step `tid` until its rip is no longer `inside`."""
-        for _ in range(_MAX_STEPS):
+    def step_while(self, tid: int, regs: target.Regs, inside: Callable[[int], bool],
+                   limit: int = _MAX_STEPS) -> None:
+        """Step `tid` until its rip is no longer `inside` (at most `limit` steps)."""
+        for _ in range(limit):
             target.getregs(tid, regs)
             if not inside(regs["rip"]):
                 return
             self.step(tid)
-        raise RemoteError(0, f"thread {tid} did not leave the injected code in {_MAX_STEPS} steps")
+        target.getregs(tid, regs)
+        if not inside(regs["rip"]):
+            return
+        raise RemoteError(0, f"thread {tid} did not leave the injected code in {limit} steps")
 
     def resend_held(self) -> None:
         for tid, sig in self.held:

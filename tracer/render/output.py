@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from tracer.errors import UsageError
-from tracer.events import AttachEvent, CallEvent, Event
+from tracer.events import AttachEvent, CallEvent, Event, NoticeEvent
 from tracer.render import jsonl, text
 from tracer.render.hist import LatencyHistograms, hist_json_lines, hist_text
 from tracer.render.perfetto import Names, PerfettoTimeline
@@ -74,7 +74,8 @@ class Output:
         for view in self._views:
             view(e)
         if self.summary:
-            if not isinstance(e, AttachEvent):
+            # -c: the table at the end, the attach line, and what the user should know
+            if not isinstance(e, (AttachEvent, NoticeEvent)):
                 return
             self.lines.append(jsonl.format_event(e) if self.json else text.format_event(e))
             self.flush()

@@ -1,0 +1,96 @@
+"""Where a stopped thread may still go: the words on its stack that will become its pc.
+
+Two kinds of word send a thread back into code once it runs again: a return address (a
+`call` pushed it) and the ip saved in a signal frame (a handler interrupted the thread
+there; rt_sigreturn restores it). The second is the only trace of a thread that a signal
+handler interrupted inside code the tracer wrote: its pc is the handler's, its stack holds
+the rest. The frame lies above the handler's sp, on the thread's stack or on its
+sigaltstack, which is where sp is while the handler runs; so a scan from sp upward finds
+both kinds.
+
+A saved ip is told from any other word by the saved context that follows it
+(arch/x86/include/uapi/asm/sigcontext.h, selectors from arch/x86/include/asm/segment.h):
+  x86_64 struct sigcontext_64: ... sp, ip, flags, cs (u16) = __USER_CS (0x33), ...
+  i386   struct sigcontext_32: ... ip, cs (u16) = __USER32_CS (0x23), __csh, flags, ...
+and eflags has its reserved bit 1 set and nothing above bit 21 (arch/x86/include/uapi/asm/
+processor-flags.h).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tracer.errors import MemoryReadError
+
+__all__ = ["Hit", "scan", "mapping_end", "SCAN_LIMIT"]
+
+SCAN_LIMIT = 256 * 1024       # bytes above sp looked at (stopping early at unmapped memory)
+_MAX_HITS = 64
+_PAGE = 4096
+_USER_CS = {8: 0x33, 4: 0x23}
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    at: int                   # runtime_addr of the word on the stack
+    value: int                # the pc it holds
+    signal: bool              # the ip of a signal frame's saved context (else a return address)
+
+
+def _saved_ip(read: Callable[[int, int], bytes], at: int, word: int) -> bool:
+    """Is the word at `at` the ip of a saved signal context?"""
+    try:
+        if word == 8:
+            rest = read(at + 8, 10)                     # flags (8), cs (2)
+            flags, cs = int.from_bytes(rest[:8], "little"), int.from_bytes(rest[8:], "little")
+        else:
+            rest = read(at + 4, 8)                      # cs (2), __csh (2), flags (4)
+            cs, flags = int.from_bytes(rest[:2], "little"), int.from_bytes(rest[4:], "little")
+    except MemoryReadError:
+        return False
+    return cs == _USER_CS[word] and flags & 2 == 2 and flags >> 22 == 0
+
+
+def mapping_end(ranges: list[tuple[int, int]], sp: int) -> int | None:
+    """The end of the mapping [start, end) that holds sp (the top of that stack: a thread's
+    frames, or a sigaltstack's, do not go past it; what lies beyond is another mapping,
+    where stale words would only mislead)."""
+    for lo, hi in ranges:
+        if lo <= sp < hi:
+            return hi
+    return None
+
+
+def scan(read: Callable[[int, int], bytes], sp: int, word: int,
+         spans: list[tuple[int, int]], is_return: Callable[[int], bool],
+         limit: int = SCAN_LIMIT, end: int | None = None) -> list[Hit]:
+    """The words in [sp, sp + limit), and below `end` (the top of the stack, see
+    mapping_end), up to unmapped memory, whose value lies in one of `spans` and that are
+    either a signal frame's saved ip or, by `is_return`, a return address. At most a few
+    dozen hits."""
+    spans = [(lo, hi) for lo, hi in spans if lo < hi]
+    if not spans:
+        return []
+    top = 3 if word == 8 else 2          # the high bytes a value in a span starts with
+    prefixes = {a.to_bytes(word, "little")[word - top:] for lo, hi in spans for a in (lo, hi - 1)}
+    hits: list[Hit] = []
+    at = sp & ~(word - 1)
+    end = at + limit if end is None else min(at + limit, end)
+    while at < end and len(hits) < _MAX_HITS:
+        n = min(_PAGE - (at & (_PAGE - 1)), end - at)
+        try:
+            chunk = read(at, n)
+        except MemoryReadError:
+            break
+        if any(p in chunk for p in prefixes):
+            for k in range(0, len(chunk) - word + 1, word):
+                if chunk[k + word - top:k + word] not in prefixes:
+                    continue
+                v = int.from_bytes(chunk[k:k + word], "little")
+                if not any(lo <= v < hi for lo, hi in spans):
+                    continue
+                sig = _saved_ip(read, at + k, word)
+                if sig or is_return(v):
+                    hits.append(Hit(at + k, v, sig))
+        at += n
+    return hits
