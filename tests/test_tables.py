@@ -140,7 +140,7 @@ def compiled_syscall_numbers(tmp_path: Path, flag: str) -> dict[int, str]:
     """
     gcc = shutil.which("gcc")
     if gcc is None:
-        pytest.skip("gcc is not installed")
+        pytest.fail("gcc is not installed (scripts/test installs it)")
     listing = subprocess.run(
         [gcc, flag, "-dM", "-E", "-include", "sys/syscall.h", "-"],
         input="",
@@ -148,7 +148,8 @@ def compiled_syscall_numbers(tmp_path: Path, flag: str) -> dict[int, str]:
         text=True,
     )
     if listing.returncode != 0:
-        pytest.skip(f"gcc {flag} cannot preprocess: {listing.stderr.strip()}")
+        pytest.fail(f"gcc {flag} cannot preprocess (scripts/test installs gcc-multilib): "
+                    f"{listing.stderr.strip()}")
     sys_names = sorted(set(re.findall(r"^#define SYS_(\w+) ", listing.stdout, re.M)))
     assert len(sys_names) > 300
 
@@ -163,7 +164,8 @@ def compiled_syscall_numbers(tmp_path: Path, flag: str) -> dict[int, str]:
         [gcc, flag, "-o", str(exe), str(source)], capture_output=True, text=True
     )
     if build.returncode != 0:
-        pytest.skip(f"gcc {flag} cannot build: {build.stderr.strip()}")
+        pytest.fail(f"gcc {flag} cannot build (scripts/test installs gcc-multilib): "
+                    f"{build.stderr.strip()}")
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
     table: dict[int, str] = {}
     for line in out.stdout.splitlines():
