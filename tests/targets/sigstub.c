@@ -86,6 +86,29 @@ static uintptr_t interrupted_ring_reg(void *ucv)
 #endif
 }
 
+/* i386, stop-based engine with marker stops: the stubs make their marker system calls through
+ * the vDSO's own __kernel_vsyscall, so a thread stopped there has its pc in the gateway and a
+ * return address into the padding on top of its stack (under the gateway's three pushes). */
+static int returns_into_padding(void *ucv, uintptr_t pc)
+{
+#ifdef __x86_64__
+    (void)ucv;
+    (void)pc;
+    return 0;
+#else
+    ucontext_t *uc = ucv;
+    const uintptr_t *sp = (const uintptr_t *)uc->uc_mcontext.gregs[REG_ESP];
+    uintptr_t vdso = (uintptr_t)getauxval(AT_SYSINFO_EHDR);
+    int k;
+    if (pc < vdso || pc >= pad_lo)
+        return 0;
+    for (k = 0; k < 4; k++)
+        if (sp[k] >= pad_lo && sp[k] < pad_hi)
+            return 1;
+    return 0;
+#endif
+}
+
 static void put_hex(char *p, uintptr_t v, int *n)
 {
     char tmp[24];
@@ -105,7 +128,8 @@ static void handler(int sig, siginfo_t *si, void *ucv)
     (void)sig;
     (void)si;
     signals++;
-    int ours = (pc >= pad_lo && pc < pad_hi) || (pc >= code_lo && pc < code_hi);
+    int ours = (pc >= pad_lo && pc < pad_hi) || (pc >= code_lo && pc < code_hi)
+               || returns_into_padding(ucv, pc);
     if (want_ring)
         ours = pc >= code_lo && pc < code_hi && ring_lo && interrupted_ring_reg(ucv) == ring_lo;
     if (armed && ours) {
