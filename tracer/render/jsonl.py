@@ -9,7 +9,7 @@ from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, Exe
                            Timespec, Timeval, Timezone, Unreadable, Value)
 from tracer.render.escape import quote_bytes
 
-__all__ = ["to_json_value", "event_dict", "format_event", "format_call"]
+__all__ = ["to_json_value", "event_dict", "format_event", "format_call", "quote", "json_value"]
 
 
 def _hex(v: int) -> str:
@@ -95,8 +95,10 @@ def event_dict(e: Event) -> dict[str, Any]:
 _QUOTED: dict[str, str] = {}
 
 
-def _q(text: str) -> str:
-    """A JSON string literal, cached: names repeat on every event."""
+def quote(text: str | None) -> str:
+    """A JSON string literal (cached: names repeat on every event), or null."""
+    if text is None:
+        return "null"
     r = _QUOTED.get(text)
     if r is None:
         if len(_QUOTED) > 65536:
@@ -105,12 +107,13 @@ def _q(text: str) -> str:
     return r
 
 
-def _jv(v: Value) -> str:
+def json_value(v: Value) -> str:
+    """One decoded value as JSON text (the common shapes formatted directly)."""
     t = type(v)
     if t is int:
         return str(v)
     if t is str:
-        return _q(v)  # type: ignore[arg-type]
+        return quote(v)  # type: ignore[arg-type]
     if t is Timespec:
         return f'{{"tv_sec": {v.tv_sec}, "tv_nsec": {v.tv_nsec}}}'  # type: ignore[union-attr]
     if t is Addr:
@@ -144,9 +147,9 @@ def _item(k: str, v: Value) -> str:
         if r is None:
             if len(_ITEMS) > 65536:
                 _ITEMS.clear()
-            r = _ITEMS[key] = f"{_q(k)}: {_jv(v)}"
+            r = _ITEMS[key] = f"{quote(k)}: {json_value(v)}"
         return r
-    return f"{_q(k)}: {_jv(v)}"
+    return f"{quote(k)}: {json_value(v)}"
 
 
 def format_call(e: CallEvent) -> str:
@@ -161,14 +164,14 @@ def format_call(e: CallEvent) -> str:
     fn = _FUNCS.get(fkey)
     if fn is None:
         fn = _cached(_FUNCS, fkey,
-                     lambda: f', "func": {_q(e.func)}, "symbol": {_q(e.symbol)}, "args": {{')
+                     lambda: f', "func": {quote(e.func)}, "symbol": {quote(e.symbol)}, "args": {{')
     ckey = (e.caller, e.caller_text, e.caller_symbol)
     caller = _CALLERS.get(ckey)
     if caller is None:
         caller = _cached(_CALLERS, ckey,
-                         lambda: f', "caller": {_q(e.caller_text)}, '
+                         lambda: f', "caller": {quote(e.caller_text)}, '
                                  f'"caller_addr": "{e.caller:#x}", "caller_symbol": '
-                                 f'{_q(e.caller_symbol) if e.caller_symbol else "null"}')
+                                 f'{quote(e.caller_symbol) if e.caller_symbol else "null"}')
     akey = (e.func, *e.args.values())
     args = _ARGS.get(akey)
     if args is None:
@@ -177,11 +180,11 @@ def format_call(e: CallEvent) -> str:
         args = _ARGS[akey] = ", ".join([_item(k, v) for k, v in e.args.items()])
     out = ", ".join([_item(k, v) for k, v in e.out.items()])
     line = (f'{head}{e.time!r}{fn}{args}}}, "ret": {e.ret}, '
-            f'"errno": {_q(e.errno) if e.errno else "null"}, "out": {{{out}}}, '
+            f'"errno": {quote(e.errno) if e.errno else "null"}, "out": {{{out}}}, '
             f'"fallback": {"true" if e.fallback else "false"}, '
-            f'"fallback_reason": {_q(e.fallback_reason) if e.fallback_reason else "null"}, '
+            f'"fallback_reason": {quote(e.fallback_reason) if e.fallback_reason else "null"}, '
             f'"duration_ns": {e.duration_ns}{caller}, "site": '
-            f'{_q(e.site) if e.site is not None else "null"}')
+            f'{quote(e.site) if e.site is not None else "null"}')
     if e.stack is not None:
         line += ', "stack": ' + json.dumps(list(e.stack))
     if e.ns_relative:

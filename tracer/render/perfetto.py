@@ -34,10 +34,10 @@ import json
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable
 
-from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
-                           ExitEvent, NoticeEvent, SignalEvent, SigreturnEvent, SyscallEvent,
-                           Timespec, Value)
-from tracer.render.jsonl import to_json_value
+from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
+                           ExitEvent, NoticeEvent, SignalEvent, SigreturnEvent, SyscallEvent)
+from tracer.render.jsonl import json_value as _value
+from tracer.render.jsonl import quote as _q
 
 __all__ = ["PerfettoTimeline", "Names", "HOLD", "HOLD_ALL"]
 
@@ -73,34 +73,6 @@ def _hex(v: int) -> str:
     return f"{v:#x}"
 
 
-_QUOTED: dict[str, str] = {}
-
-
-def _q(text: str | None) -> str:
-    """A JSON string literal (cached: names repeat on every call), or null."""
-    if text is None:
-        return "null"
-    r = _QUOTED.get(text)
-    if r is None:
-        if len(_QUOTED) > 65536:
-            _QUOTED.clear()
-        r = _QUOTED[text] = json.dumps(text)
-    return r
-
-
-def _value(v: Value) -> str:
-    t = type(v)
-    if t is int:
-        return str(v)
-    if t is str:
-        return _q(v)  # type: ignore[arg-type]
-    if t is Timespec:
-        return f'{{"tv_sec":{v.tv_sec},"tv_nsec":{v.tv_nsec}}}'  # type: ignore[union-attr]
-    if t is Addr:
-        return f'"{v.value:#x}"'  # type: ignore[union-attr]
-    if v is None:
-        return "null"
-    return json.dumps(to_json_value(v), separators=(",", ":"))
 
 
 class PerfettoTimeline:
