@@ -311,21 +311,22 @@ class _Counter:
         self.other = [0, 0, 0, 0]      # sites' calls and ns, paths' calls and ns, let go
 
     def add_site(self, site: str, path: tuple[str, ...] | None, dur: int) -> None:
-        row = self.sites.get(site)
-        if row is None:
-            if len(self.sites) >= _MAX_KEYS:
-                _prune(self.sites, self.other, 0)
-            row = self.sites[site] = [0, 0]
-        row[0] += 1
-        row[1] += dur
+        _count(self.sites, site, dur, self.other, 0)
         if path:
-            row = self.paths.get(path)
-            if row is None:
-                if len(self.paths) >= _MAX_KEYS:
-                    _prune(self.paths, self.other, 2)
-                row = self.paths[path] = [0, 0]
-            row[0] += 1
-            row[1] += dur
+            _count(self.paths, path, dur, self.other, 2)
+
+
+def _count(table: dict[Any, list[int]], key: Any, dur: int, other: list[int],
+           slot: int) -> None:
+    """[calls, ns] += [1, dur]; a full table first lets its colder half go (counted in
+    other[slot:slot + 2])."""
+    row = table.get(key)
+    if row is None:
+        if len(table) >= _MAX_KEYS:
+            _prune(table, other, slot)
+        row = table[key] = [0, 0]
+    row[0] += 1
+    row[1] += dur
 
 
 def _prune(table: dict[Any, list[int]], other: list[int], at: int) -> None:
