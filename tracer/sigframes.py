@@ -1,0 +1,71 @@
+"""Signal frames on a stopped thread's stack: where a signal handler interrupted it.
+
+A thread whose pc lies outside the vDSO and vdsotrace's code can only come back into that
+code by returning through a frame that is still live. The vDSO's functions call nothing
+outside the vDSO (their fallbacks are system calls), so a call into them that is still in
+flight while the thread runs elsewhere means a signal handler interrupted it: the kernel
+saved the interrupted context in a signal frame above the handler's stack pointer (on the
+thread's stack, or on its sigaltstack, where sp is while the handler runs). A return
+address into a stub found anywhere else on such a thread's stack is a stale word of an
+earlier call, left in a slot no frame uses any more.
+
+A saved ip is told from any other word by the saved context around it
+(arch/x86/include/uapi/asm/sigcontext.h, selectors from arch/x86/include/asm/segment.h):
+  x86_64 struct sigcontext_64: ... sp, ip, flags, cs (u16) = __USER_CS (0x33), ...
+  i386   struct sigcontext_32: ... ip, cs (u16) = __USER32_CS (0x23), __csh, flags, ...
+and eflags has its reserved bit 1 set and nothing above bit 21 (arch/x86/include/uapi/asm/
+processor-flags.h).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tracer.errors import MemoryReadError
+
+__all__ = ["interrupted_in", "SCAN_LIMIT"]
+
+SCAN_LIMIT = 64 * 1024        # bytes above sp looked at (stopping early at unreadable memory)
+_PAGE = 4096
+_USER_CS = {8: 0x33, 4: 0x23}
+
+
+def _saved_ip(read: Callable[[int, int], bytes], at: int, word: int) -> bool:
+    """Is the word at `at` the ip of a saved signal context?"""
+    try:
+        if word == 8:
+            rest = read(at + 8, 10)                     # flags (8), cs (2)
+            flags, cs = int.from_bytes(rest[:8], "little"), int.from_bytes(rest[8:], "little")
+        else:
+            rest = read(at + 4, 8)                      # cs (2), __csh (2), flags (4)
+            cs, flags = int.from_bytes(rest[:2], "little"), int.from_bytes(rest[4:], "little")
+    except MemoryReadError:
+        return False
+    return cs == _USER_CS[word] and flags & 2 == 2 and flags >> 22 == 0
+
+
+def interrupted_in(read: Callable[[int, int], bytes], sp: int, word: int,
+                   spans: list[tuple[int, int]], limit: int = SCAN_LIMIT) -> bool:
+    """Whether a signal frame in [sp, sp + limit) (up to unreadable memory) saved an ip
+    that lies in one of `spans` [lo, hi)."""
+    spans = [(lo, hi) for lo, hi in spans if lo < hi]
+    if not spans:
+        return False
+    top = 3 if word == 8 else 2          # the high bytes a value in a span starts with
+    prefixes = {a.to_bytes(word, "little")[word - top:] for lo, hi in spans for a in (lo, hi - 1)}
+    at = sp & ~(word - 1)
+    end = at + limit
+    while at < end:
+        n = min(_PAGE - (at & (_PAGE - 1)), end - at)
+        try:
+            chunk = read(at, n)
+        except MemoryReadError:
+            return False
+        if any(p in chunk for p in prefixes):
+            for k in range(0, len(chunk) - word + 1, word):
+                if chunk[k + word - top:k + word] not in prefixes:
+                    continue
+                v = int.from_bytes(chunk[k:k + word], "little")
+                if any(lo <= v < hi for lo, hi in spans) and _saved_ip(read, at + k, word):
+                    return True
+        at += n
+    return False
