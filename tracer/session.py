@@ -1911,23 +1911,28 @@ class Session:
         sp = th.regs.buf[_RSP] & th.space.abi.mask
         rets = patcher.stub_returns
         pc, vdso = th.regs.buf[_RIP], (th.space.base, th.space.base + th.space.size)
-        slot = patcher.gw_return_slot(pc)
-        if not vdso[0] <= pc < vdso[1] or slot is not None:
+
+        def gateway_returns_to_stub(ip: int, at: int) -> bool:
+            """In __kernel_vsyscall at `ip` with sp `at`: its return address (or, past the
+            gateway's own `ret` put there at leaving, the next word) is in the padding."""
+            try:
+                ra = th.space.mem.read(at + (patcher.gw_return_slot(ip) or 0), 2 * word)
+            except MemoryReadError:
+                return True
+            first = int.from_bytes(ra[:word], "little")
+            return patcher.in_padding(first) or (first == patcher.gw_ret and patcher.in_padding(
+                int.from_bytes(ra[word:], "little")))
+
+        if not vdso[0] <= pc < vdso[1] or patcher.gw_return_slot(pc) is not None:
             # Outside the vDSO (whose functions call nothing outside it) a thread gets back
             # into a stub only through a signal frame that interrupted vDSO or stub code
-            # (sigframes.py); in __kernel_vsyscall, through its return address (or, past the
-            # gateway's own `ret` put there at leaving, the next word) or such a frame. Any
-            # other return into a stub on its stack is a stale word of an earlier call.
-            if slot is not None:
-                try:
-                    ra = th.space.mem.read(sp + slot, 2 * word)
-                except MemoryReadError:
-                    return True
-                first = int.from_bytes(ra[:word], "little")
-                if patcher.in_padding(first) or (first == patcher.gw_ret and patcher.in_padding(
-                        int.from_bytes(ra[word:], "little"))):
-                    return True
-            return sigframes.interrupted_in(th.space.mem.read, sp, word, [vdso])
+            # (sigframes.py); in __kernel_vsyscall, through its return address or such a
+            # frame. Any other return into a stub on its stack is a stale word of an earlier
+            # call. (A frame that interrupted __kernel_vsyscall counts as its return does.)
+            if patcher.gw_return_slot(pc) is not None and gateway_returns_to_stub(pc, sp):
+                return True
+            return any(patcher.gw_return_slot(ip) is None or gateway_returns_to_stub(ip, ssp)
+                       for ip, ssp in sigframes.interrupted(th.space.mem.read, sp, word, [vdso]))
         for off in range(0, 65536, 4096):
             start = sp + off if off else sp
             end = (sp + off + 4096) & ~4095 if off == 0 else start + 4096

@@ -22,10 +22,11 @@ from collections.abc import Callable
 
 from tracer.errors import MemoryReadError
 
-__all__ = ["interrupted_in", "SCAN_LIMIT"]
+__all__ = ["interrupted", "SCAN_LIMIT"]
 
 SCAN_LIMIT = 64 * 1024        # bytes above sp looked at (stopping early at unreadable memory)
 _PAGE = 4096
+_MAX_HITS = 64
 _USER_CS = {8: 0x33, 4: 0x23}
 
 
@@ -43,29 +44,38 @@ def _saved_ip(read: Callable[[int, int], bytes], at: int, word: int) -> bool:
     return cs == _USER_CS[word] and flags & 2 == 2 and flags >> 22 == 0
 
 
-def interrupted_in(read: Callable[[int, int], bytes], sp: int, word: int,
-                   spans: list[tuple[int, int]], limit: int = SCAN_LIMIT) -> bool:
-    """Whether a signal frame in [sp, sp + limit) (up to unreadable memory) saved an ip
-    that lies in one of `spans` [lo, hi)."""
+def interrupted(read: Callable[[int, int], bytes], sp: int, word: int,
+                spans: list[tuple[int, int]], limit: int = SCAN_LIMIT) -> list[tuple[int, int]]:
+    """The signal frames in [sp, sp + limit) (up to unreadable memory) that saved an ip in
+    one of `spans` [lo, hi): (saved ip, saved sp) each, innermost first, at most a few
+    dozen. A frame found this way may be stale (left by a handler that returned)."""
     spans = [(lo, hi) for lo, hi in spans if lo < hi]
     if not spans:
-        return False
+        return []
     top = 3 if word == 8 else 2          # the high bytes a value in a span starts with
     prefixes = {a.to_bytes(word, "little")[word - top:] for lo, hi in spans for a in (lo, hi - 1)}
+    # the saved sp: sigcontext_64 has sp just before ip; sigcontext_32 has sp, bx, dx, cx,
+    # ax, trapno and err between them
+    sp_back = 8 if word == 8 else 28
+    hits: list[tuple[int, int]] = []
     at = sp & ~(word - 1)
     end = at + limit
-    while at < end:
+    while at < end and len(hits) < _MAX_HITS:
         n = min(_PAGE - (at & (_PAGE - 1)), end - at)
         try:
             chunk = read(at, n)
         except MemoryReadError:
-            return False
+            break
         if any(p in chunk for p in prefixes):
             for k in range(0, len(chunk) - word + 1, word):
                 if chunk[k + word - top:k + word] not in prefixes:
                     continue
                 v = int.from_bytes(chunk[k:k + word], "little")
                 if any(lo <= v < hi for lo, hi in spans) and _saved_ip(read, at + k, word):
-                    return True
+                    try:
+                        saved_sp = int.from_bytes(read(at + k - sp_back, word), "little")
+                    except MemoryReadError:
+                        saved_sp = 0
+                    hits.append((v, saved_sp))
         at += n
-    return False
+    return hits

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -95,3 +97,50 @@ def test_call_held_by_a_handler_keeps_its_stub(target_bin, tmp_path, m32, altsta
     proc.popen.stdin.close()
     rc, out, err = proc.finish(30)
     assert rc == 0 and "bad=0" in out, f"{held}: tracee rc={rc} out={out!r} err={err!r}"
+
+
+NODE = """
+process.stdout.write("ready\\n");
+let n = 0, stop = false;
+process.stdin.on("data", () => {});
+process.stdin.on("end", () => { stop = true; });
+const t = setInterval(() => {
+  for (let i = 0; i < 200; i++) { process.hrtime.bigint(); performance.now(); n++; }
+  if (stop) { clearInterval(t); console.log("done " + (n > 0)); }
+}, 1);
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_node_left_clean(tmp_path, engine):
+    """A real runtime, node, reading the clock from a timer while vdsotrace comes and goes
+    three times: its stacks hold many stale returns into our code (before, --inject kept its
+    code page mapped in node every time)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    p = subprocess.Popen([node, "-e", NODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        assert p.stdout.readline().strip() == b"ready"
+        clean = T.read_vdso(p.pid)
+        for round_ in range(3):
+            tr = T.run_trace(["-p", str(p.pid), "--duration", "0.8", *engine],
+                             tmp_path / f"ev{round_}.jsonl", attach_timeout=60)
+            tr.wait_ok(60)
+            events = tr.events()
+            notices = [e["message"] for e in events if e["event"] == "notice"]
+            assert any(e["event"] == "call" for e in events), f"round {round_}: no call"
+            assert p.poll() is None, f"node died: {p.stderr.read() if p.stderr else b''!r}"
+            assert T.tracer_pid(p.pid) == 0
+            assert T.read_vdso(p.pid) == clean, f"round {round_}: vDSO changed; {notices}"
+            assert not _ours_left(p.pid), f"round {round_}: {_ours_left(p.pid)}; {notices}"
+        p.stdin.close()
+        p.stdin = None                       # communicate() would flush it
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and out.startswith(b"done true"), (p.returncode, out, err)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

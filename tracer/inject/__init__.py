@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tracer import procfs, seccomp, target
+from tracer import procfs, seccomp, sigframes, target
 from tracer.abi import I386, X86_64, Abi
 from tracer.decoders import Decoder, for_function, out_size
 from tracer.errors import MemoryReadError, MemoryWriteError, ProcessGone, TracerError
@@ -719,6 +719,24 @@ class Recorder:
             if lo <= ip < hi or (w == 8 and vlo <= ip < vhi):
                 return True
             sp = regs["rsp"] & ~(w - 1)
+            if not vlo <= ip < vhi:
+                # outside the vDSO and the code page, a thread gets back into the code page
+                # only through a signal frame that interrupted it there or in a vDSO helper
+                # (sigframes.py): a return address into it elsewhere is a stale word
+                # (i386: a frame that interrupted __kernel_vsyscall counts if the gateway
+                # returns there, into the code page)
+                gw = self._gateway_range()
+                for fip, fsp in sigframes.interrupted(mem.read, sp, w, [(lo, hi), (vlo, vhi)]):
+                    if not gw[0] <= fip < gw[1]:
+                        return True
+                    try:
+                        raw = mem.read(fsp, 16)
+                    except MemoryReadError:
+                        return True
+                    if any(lo <= int.from_bytes(raw[k:k + 4], "little") < hi
+                           for k in range(0, 16, 4)):
+                        return True
+                continue
             n = 0
             while n < _STACK_SCAN:
                 try:
