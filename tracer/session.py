@@ -277,6 +277,10 @@ class _Thread:
     stopped_ticks: int = 0         # TSC ticks spent handling fallback stops of the open call
     vfork_child: int = 0           # in vfork until this child execs or exits (unstoppable)
     marker_stop: bool = False      # in a marker's seccomp stop not handled yet (paused)
+    # a signal may have interrupted it in the vDSO or our code while traced (then a signal
+    # frame on its stack may lead back into a stub); False only where none was delivered
+    # since it was first seen with a fresh stack or before any stub existed
+    sig_in_vdso: bool = True
 
 
 _MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
@@ -394,7 +398,7 @@ class Session:
         try:
             space = self._new_space(pid, tids[0] if pid not in tids else pid, tids=tids)
             for tid in tids:
-                self._add_thread(tid, space)
+                self._add_thread(tid, space).sig_in_vdso = False
             if self.root_pid == pid:
                 self._pin(pid)
         except BaseException:
@@ -467,7 +471,7 @@ class Session:
             target.singlestep(pid)
             target.wait(pid)
             space = self._new_space(pid, pid)
-            self._add_thread(pid, space)
+            self._add_thread(pid, space).sig_in_vdso = False
             self._pin(pid)
         except BaseException:
             try:
@@ -614,9 +618,21 @@ class Session:
     def _emit(self, ev: Event) -> None:
         self.sink(ev)
 
+    def _note_signal(self, th: _Thread) -> None:
+        """A signal is delivered to the stopped thread now: where it interrupts it."""
+        if not th.sig_in_vdso:
+            try:
+                target.getregs(th.tid, th.regs)
+            except ProcessGone:
+                return
+            pc = th.regs.buf[_RIP]
+            th.sig_in_vdso = th.space.base <= pc < th.space.base + th.space.size
+
     def _resume(self, th: _Thread) -> None:
         if self._paused:
             return
+        if th.sig:
+            self._note_signal(th)
         sig, th.sig = th.sig, 0
         th.stopped = False
         th.undo_trap = 0
@@ -1344,6 +1360,7 @@ class Session:
         if sig == signal.SIGSEGV and self._emulate_rdtsc(th):
             return
         th.sig = sig
+        self._note_signal(th)
         if th.space.signals is not None and not self._paused and _caught(th.space.pid, th.tid,
                                                                          sig):
             # Step into the handler: the kernel builds the frame and stops at its first
@@ -1931,8 +1948,9 @@ class Session:
             # call. (A frame that interrupted __kernel_vsyscall counts as its return does.)
             if patcher.gw_return_slot(pc) is not None and gateway_returns_to_stub(pc, sp):
                 return True
-            return any(patcher.gw_return_slot(ip) is None or gateway_returns_to_stub(ip, ssp)
-                       for ip, ssp in sigframes.interrupted(th.space.mem.read, sp, word, [vdso]))
+            return th.sig_in_vdso and any(
+                patcher.gw_return_slot(ip) is None or gateway_returns_to_stub(ip, ssp)
+                for ip, ssp in sigframes.interrupted(th.space.mem.read, sp, word, [vdso]))
         for off in range(0, 65536, 4096):
             start = sp + off if off else sp
             end = (sp + off + 4096) & ~4095 if off == 0 else start + 4096
