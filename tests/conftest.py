@@ -17,6 +17,8 @@ ALL_TARGETS: list[tuple[str, bool]] = [
     ("syscalls32", True),
     ("threads", False),
     ("spin", False), ("spin", True),
+    ("napper", False), ("napper", True),
+    ("holdsig", False), ("holdsig", True),
     ("stamp", False), ("stamp", True),
 ]
 

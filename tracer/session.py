@@ -39,6 +39,7 @@ from tracer.tables.signals import signame
 from tracer import sched, sigtrack, stackscan
 from tracer import seccomp as _seccomp
 from tracer import symload
+from tracer import sigframes
 from tracer.objfile import ModuleMap, is_c_library
 from tracer.target import REG_INDEX, Regs
 from tracer.tsc import TscClock
@@ -290,6 +291,10 @@ class _Thread:
     stopped_ticks: int = 0         # TSC ticks spent handling fallback stops of the open call
     vfork_child: int = 0           # in vfork until this child execs or exits (unstoppable)
     marker_stop: bool = False      # in a marker's seccomp stop not handled yet (paused)
+    # a signal may have interrupted it in the vDSO or our code while traced (then a signal
+    # frame on its stack may lead back into a stub); False only where none was delivered
+    # since it was first seen with a fresh stack or before any stub existed
+    sig_in_vdso: bool = True
 
 
 _MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
@@ -408,7 +413,7 @@ class Session:
         try:
             space = self._new_space(pid, tids[0] if pid not in tids else pid, tids=tids)
             for tid in tids:
-                self._add_thread(tid, space)
+                self._add_thread(tid, space).sig_in_vdso = False
             if self.root_pid == pid:
                 self._pin(pid)
         except BaseException:
@@ -481,7 +486,7 @@ class Session:
             target.singlestep(pid)
             target.wait(pid)
             space = self._new_space(pid, pid)
-            self._add_thread(pid, space)
+            self._add_thread(pid, space).sig_in_vdso = False
             self._pin(pid)
         except BaseException:
             try:
@@ -628,9 +633,21 @@ class Session:
     def _emit(self, ev: Event) -> None:
         self.sink(ev)
 
+    def _note_signal(self, th: _Thread) -> None:
+        """A signal is delivered to the stopped thread now: where it interrupts it."""
+        if not th.sig_in_vdso:
+            try:
+                target.getregs(th.tid, th.regs)
+            except ProcessGone:
+                return
+            pc = th.regs.buf[_RIP]
+            th.sig_in_vdso = th.space.base <= pc < th.space.base + th.space.size
+
     def _resume(self, th: _Thread) -> None:
         if self._paused:
             return
+        if th.sig:
+            self._note_signal(th)
         sig, th.sig = th.sig, 0
         th.stopped = False
         th.undo_trap = 0
@@ -1388,6 +1405,7 @@ class Session:
         if sig == signal.SIGSEGV and self._emulate_rdtsc(th):
             return
         th.sig = sig
+        self._note_signal(th)
         if th.space.signals is not None and not self._paused and _caught(th.space.pid, th.tid,
                                                                          sig):
             # Step into the handler: the kernel builds the frame and stops at its first
@@ -1983,19 +2001,47 @@ class Session:
     def _on_our_code(self, th: _Thread, patcher: Patcher,
                      ranges: list[tuple[int, int]] | None = None) -> bool:
         """Will this thread still run code in the padding: its pc is there (it could not be
-        stepped out), or its stack holds a return into a stub (a call interrupted by a signal
-        handler) or a signal frame whose saved pc is in the padding (a handler interrupted
-        the stub itself)? Scans the stack above sp (stackscan.py)."""
+        stepped out), it is in the vDSO with a return into a stub on its stack, or a signal
+        handler interrupted it in vDSO or stub code (a live signal frame whose saved pc is
+        there: sigframes.py)? A return into a stub elsewhere on the stack of a thread outside
+        the vDSO is a stale word of an earlier call (i386 stacks are full of them)."""
         try:
             target.getregs(th.tid, th.regs)
         except ProcessGone:
             return False
         if patcher.in_padding(th.regs.buf[_RIP]):
             return True
-        lo = patcher.base + patcher.pad_start
-        rets = patcher.stub_returns
+        if not patcher.stub_returns:
+            return False
+        word = th.space.abi.word
         sp = th.regs.buf[_RSP] & th.space.abi.mask
-        return bool(stackscan.scan(th.space.mem.read, sp, th.space.abi.word,
+        rets = patcher.stub_returns
+        pc, vdso = th.regs.buf[_RIP], (th.space.base, th.space.base + th.space.size)
+
+        def gateway_returns_to_stub(ip: int, at: int) -> bool:
+            """In __kernel_vsyscall at `ip` with sp `at`: its return address (or, past the
+            gateway's own `ret` put there at leaving, the next word) is in the padding."""
+            try:
+                ra = th.space.mem.read(at + (patcher.gw_return_slot(ip) or 0), 2 * word)
+            except MemoryReadError:
+                return True
+            first = int.from_bytes(ra[:word], "little")
+            return patcher.in_padding(first) or (first == patcher.gw_ret and patcher.in_padding(
+                int.from_bytes(ra[word:], "little")))
+
+        if not vdso[0] <= pc < vdso[1] or patcher.gw_return_slot(pc) is not None:
+            # Outside the vDSO (whose functions call nothing outside it) a thread gets back
+            # into a stub only through a signal frame that interrupted vDSO or stub code
+            # (sigframes.py); in __kernel_vsyscall, through its return address or such a
+            # frame. Any other return into a stub on its stack is a stale word of an earlier
+            # call. (A frame that interrupted __kernel_vsyscall counts as its return does.)
+            if patcher.gw_return_slot(pc) is not None and gateway_returns_to_stub(pc, sp):
+                return True
+            return th.sig_in_vdso and any(
+                patcher.gw_return_slot(ip) is None or gateway_returns_to_stub(ip, ssp)
+                for ip, ssp in sigframes.interrupted(th.space.mem.read, sp, word, [vdso]))
+        lo = patcher.base + patcher.pad_start
+        return bool(stackscan.scan(th.space.mem.read, sp, word,
                                    [(lo, lo + len(patcher.pad_used))], rets.__contains__,
                                    end=stackscan.mapping_end(ranges or [], sp)))
 

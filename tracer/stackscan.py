@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from tracer.errors import MemoryReadError
 
-__all__ = ["Hit", "scan", "mapping_end", "SCAN_LIMIT"]
+__all__ = ["Hit", "scan", "mapping_end", "saved_ip", "SCAN_LIMIT"]
 
 SCAN_LIMIT = 256 * 1024       # bytes above sp looked at (stopping early at unmapped memory)
 _MAX_HITS = 64
@@ -37,7 +37,7 @@ class Hit:
     signal: bool              # the ip of a signal frame's saved context (else a return address)
 
 
-def _saved_ip(read: Callable[[int, int], bytes], at: int, word: int) -> bool:
+def saved_ip(read: Callable[[int, int], bytes], at: int, word: int) -> bool:
     """Is the word at `at` the ip of a saved signal context?"""
     try:
         if word == 8:
@@ -89,7 +89,7 @@ def scan(read: Callable[[int, int], bytes], sp: int, word: int,
                 v = int.from_bytes(chunk[k:k + word], "little")
                 if not any(lo <= v < hi for lo, hi in spans):
                     continue
-                sig = _saved_ip(read, at + k, word)
+                sig = saved_ip(read, at + k, word)
                 if sig or is_return(v):
                     hits.append(Hit(at + k, v, sig))
         at += n

@@ -323,6 +323,21 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
     unpack = _UNPACK[arch.fmt]
     buf, wbase = reader.window
     wlimit = len(buf) - word
+    switched = False
+
+    def switch_stacks(fp: int | None) -> tuple[int, int | None, int] | None:
+        """A frame whose CFI gives no usable return address, once per walk: a function
+        that moved sp to another stack before its call (Go's runtime calls the vDSO on the
+        thread's system stack, g0, keeping its frame pointer on the goroutine's stack; its
+        CFI describes sp, not the switch). The frame-pointer rule, allowed to change
+        stacks: (caller's sp, caller's fp, return address) or None."""
+        if not fp or fp % word:
+            return None
+        ra_fp = read_word((fp + word) & mask)
+        if not ra_fp or not is_executable(ra_fp):
+            return None
+        return (fp + 2 * word) & mask, read_word(fp), ra_fp
+
     while len(out) < max_depth:
         rule = frame_rule(pc if exact_pc else pc - 1)
         if rule is None:
@@ -336,7 +351,16 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
             if base is None:
                 break
             cfa = (base + row.cfa_offset) & mask  # type: ignore[union-attr]
+            fp_before = state[fp_reg]
+            ra_rule = any(reg == ra_reg for reg, _ in offsets)
             if cfa <= sp:
+                if ra_rule and not switched and (sw := switch_stacks(fp_before)) is not None:
+                    switched = True
+                    sp, state[fp_reg], pc = sw
+                    state[sp_reg], state[ra_reg] = sp, pc
+                    out.append(pc)
+                    exact_pc = False
+                    continue
                 break
             state[ra_reg] = None
             for reg, off in offsets:
@@ -349,6 +373,13 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
                     wlimit = len(buf) - word
             ra_val = state[ra_reg]
             if not ra_val or not is_executable(ra_val):
+                if ra_rule and not switched and (sw := switch_stacks(fp_before)) is not None:
+                    switched = True
+                    sp, state[fp_reg], pc = sw
+                    state[sp_reg], state[ra_reg] = sp, pc
+                    out.append(pc)
+                    exact_pc = False
+                    continue
                 break
             state[sp_reg] = cfa
             sp, pc = cfa, ra_val

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tracer import procfs, seccomp, stackscan, target
+from tracer import procfs, seccomp, sigframes, stackscan, target
 from tracer.abi import I386, X86_64, Abi
 from tracer.decoders import Decoder, for_function, out_size
 from tracer.errors import MemoryReadError, MemoryWriteError, ProcessGone, TracerError
@@ -870,6 +870,29 @@ class Recorder:
             if any(a <= ip < b for a, b in windows):
                 ring = True
             sp = regs["rsp"] & self.abi.mask
+            if not vlo <= ip < vhi:
+                # outside the vDSO (and in the code page), a thread gets back into the code
+                # page only through a signal frame that interrupted it there or in a vDSO
+                # helper (sigframes.py): a return address into it elsewhere is a stale word
+                # (i386: a frame that interrupted __kernel_vsyscall counts if the gateway
+                # returns there, into the code page). Such a frame in a ring-writing window
+                # keeps the ring too.
+                gw = self._gateway_range()
+                for fip, fsp in sigframes.interrupted(mem.read, sp, w, [(lo, hi), (vlo, vhi)]):
+                    if any(a <= fip < b for a, b in windows):
+                        ring = True
+                    if not gw[0] <= fip < gw[1]:
+                        code = True
+                        continue
+                    try:
+                        raw = mem.read(fsp, 16)
+                    except MemoryReadError:
+                        code = True
+                        continue
+                    if any(lo <= int.from_bytes(raw[k:k + 4], "little") < hi
+                           for k in range(0, 16, 4)):
+                        code = True
+                continue
             hits = stackscan.scan(mem.read, sp, w, [(lo, hi)], lambda v: True,
                                   end=stackscan.mapping_end(ranges, sp))
             if hits:
