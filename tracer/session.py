@@ -144,6 +144,7 @@ class TraceOptions:
     signals: bool = False
     stack_depth: int | None = None
     inject: bool = False
+    lossy: bool = False                  # --inject: a full ring drops calls instead of waiting
     pin: bool = True
     duration: float | None = None
     demangle: bool = True                # C++/Rust symbol names as their source spells them
@@ -544,7 +545,8 @@ class Session:
                 # stop-based engine shows them as syscall events)
                 funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL]
                 patcher.funcs = list(funcs)
-                recorder = Recorder(pid, mem, abi, image, vmap.start, funcs)
+                recorder = Recorder(pid, mem, abi, image, vmap.start, funcs,
+                                    lossy=self.options.lossy)
                 recorder.install(regs_tid)
             else:
                 markers, use_tsc, notes = self._stop_mechanism(pid, tids or [regs_tid], mem,
@@ -941,7 +943,9 @@ class Session:
         now = time.time()
         if lost:
             self._emit(NoticeEvent(space.pid, space.pid, now,
-                                   f"{lost} calls were not recorded: the ring was full"))
+                                   f"{lost} calls were not recorded: the ring was full"
+                                   + ("" if rec.lossy else " while the tracer was stopped or "
+                                      "could not run (the tracee stopped waiting for it)")))
         bad = rec.lost_counter_corrupt()
         if bad is not None:
             self._emit(NoticeEvent(space.pid, space.pid, now,
@@ -2220,7 +2224,7 @@ class Session:
                     mine = [th.tid for th in threads if th.space is space]
                     if funcs and mine:
                         rec = Recorder(space.pid, space.mem, space.abi, space.image,
-                                       space.base, funcs)
+                                       space.base, funcs, lossy=self.options.lossy)
                         rec.install(mine[0])
                         space.recorder = rec
                 else:
@@ -2298,7 +2302,7 @@ class Session:
                         raise TracerError("a thread is inside a traced call right now: "
                                           "try again")
                     rec = Recorder(space.pid, space.mem, space.abi, space.image, space.base,
-                                   funcs)
+                                   funcs, lossy=self.options.lossy)
                     try:
                         rec.install(mine[0].tid)
                     except TracerError:
@@ -2520,9 +2524,11 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
     """`vdsotrace trace`: the CLI's entry into the engine."""
     from tracer.render.output import open_output
     opts = TraceOptions(funcs=ns.funcs, follow_forks=ns.follow_forks, signals=ns.signals,
-                        stack_depth=ns.stack, inject=ns.inject, pin=ns.pin,
+                        stack_depth=ns.stack, inject=ns.inject, lossy=ns.lossy, pin=ns.pin,
                         duration=ns.duration, demangle=ns.demangle,
                         string_size=ns.string_size)
+    if ns.lossy and not ns.inject:
+        raise UsageError("--lossy applies to --inject only: add --inject, or drop --lossy")
     if ns.inject and ns.follow_forks:
         raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
                          "drop -f, or trace without --inject")
