@@ -185,3 +185,10 @@ def test_a_tracer_blocked_on_its_output_never_hangs_the_program(target_bin, tmp_
     assert 0 < int(lost[0].split()[0]) <= 3_000_000 - calls, (calls, lost)
     rc, _, stderr = proc.finish(timeout=30)
     assert rc == 0, stderr
+
+
+def test_lossy_without_inject_is_refused():
+    r = T.run_tracer(["trace", "--lossy", "--", "/bin/true"])
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--lossy" in lines[0] and "--inject" in lines[0], r.stderr

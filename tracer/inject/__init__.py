@@ -320,8 +320,9 @@ class Recorder:
                                (secrets.randbits(31), -secrets.randbits(31) - 1),
                                self._ring_addr)
             page = bytearray(self._code.data)
-            page[L.CODE_PATIENCE:L.CODE_PATIENCE + 8] = int(
-                _PATIENCE_S * 1e9 / self._clock.rate).to_bytes(8, "little")
+            # (the i386 stubs compare its low 32 bits: 0.5 s of a TSC below 8 GHz fits)
+            page[L.CODE_PATIENCE:L.CODE_PATIENCE + 8] = min(
+                int(_PATIENCE_S * 1e9 / self._clock.rate), 0xFFFFFFFF).to_bytes(8, "little")
             if not self.lossy:
                 page[L.CODE_HEARTBEAT:L.CODE_HEARTBEAT + 8] = self._clock.read().to_bytes(
                     8, "little")
