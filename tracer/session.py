@@ -944,8 +944,10 @@ class Session:
         if lost:
             self._emit(NoticeEvent(space.pid, space.pid, now,
                                    f"{lost} calls were not recorded: the ring was full"
-                                   + ("" if rec.lossy else " while the tracer was stopped or "
-                                      "could not run (the tracee stopped waiting for it)")))
+                                   + ("" if rec.lossy else
+                                      f" while the tracer was stopped or could not run (it "
+                                      f"was silent for up to {rec.longest_silence:.2f} s; the "
+                                      f"tracee waits {rec.patience_s} s at most)")))
         bad = rec.lost_counter_corrupt()
         if bad is not None:
             self._emit(NoticeEvent(space.pid, space.pid, now,

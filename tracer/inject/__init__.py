@@ -248,6 +248,10 @@ class Recorder:
         # tracer's heartbeat is fresh (never written with lossy: the stubs find it stale)
         self.lossy = lossy
         self._beat_at = 0.0
+        # the longest time between two heartbeats (install counts as one): the stubs stop
+        # waiting only after a silence longer than _PATIENCE_S, which this then shows
+        self.longest_silence = 0.0
+        self.patience_s = _PATIENCE_S
         self.mem = mem
         self.abi = abi
         self.image = image
@@ -609,8 +613,10 @@ class Recorder:
         if self.lossy or not self.installed or self._clock is None:
             return
         now = time.monotonic()
-        if now - self._beat_at < _BEAT_S:
+        gap = now - self._beat_at
+        if gap < _BEAT_S:
             return
+        self.longest_silence = max(self.longest_silence, gap)
         self._beat_at = now
         try:
             os.pwrite(self._code_fd, self._clock.read().to_bytes(8, "little"),
