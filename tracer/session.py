@@ -705,6 +705,10 @@ class Session:
             # never idle while the ring fills: ask to run often and briefly rather than
             # seldom and long, so a stop waits less for our next waitpid (sched.py)
             sched.request_short_slice(_SLICE_S)
+            # waiting for the symbol loader's parse of an object (the first call named from
+            # it) is not silence: keep the stubs waiting for us
+            from tracer import objfile
+            objfile.wait_hook = self._heartbeat
         try:
             while True:
                 if self._tick_due:
@@ -873,6 +877,12 @@ class Session:
             self._entry_hit(th, space, bp.func, buf, sp)
         else:
             self._exit_hit(th, space, bp.func, buf, sp)
+
+    def _heartbeat(self) -> None:
+        if self._engine_ident == threading.get_ident():
+            for space in list(self.spaces.values()):
+                if space.recorder is not None:
+                    space.recorder.heartbeat()
 
     def _drain_recorders(self, limit: int = 65536) -> int:
         """--inject: turn what the stubs recorded into events (or, with -c, counts), at
