@@ -1,7 +1,11 @@
 """--inject loses no call by default (issue 15.1): when the ring is full the stubs wait for
 the tracer (tightloop.c: a fixed number of clock_gettime calls as fast as they go, counted
 by the program itself), and never for a tracer that is gone or stopped: its heartbeat goes
-stale and the stubs count drops instead. --lossy drops and counts at once. Both ABIs."""
+stale and the stubs count drops instead. --lossy drops and counts at once. Both ABIs.
+
+A loss in the lossless runs passes only with the tracer's own account of a silence over the
+stubs' patience (0.5 s) in its notice: this shared machine has kept a runnable tracer off
+every CPU that long; any other loss fails."""
 from __future__ import annotations
 
 import json
