@@ -141,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add each call's stack, symbolized, like strace -k (default depth 16)")
     t.add_argument("--inject", action="store_true",
                    help="record calls inside the tracee (a stub and a shared ring) instead of "
-                   "stopping it at each call: same events, far cheaper")
+                   "stopping it at each call: same events, far cheaper; no call is lost: "
+                   "when the ring is full the tracee waits for the tracer (for at most "
+                   "~100 ms of tracer silence)")
+    t.add_argument("--lossy", action="store_true",
+                   help="with --inject: when the ring is full, drop (and count) calls "
+                   "instead of waiting: the tracee never slows down")
     t.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not move the tracer onto its tracee's CPU")
     t.add_argument("--no-demangle", dest="demangle", action="store_false",

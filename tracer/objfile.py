@@ -575,6 +575,9 @@ _cache_lock = threading.Lock()
 
 
 _building: dict[tuple[Any, ...], threading.Event] = {}
+# Called every few ms by a thread waiting for another's parse (set by the engine: under
+# --inject its heartbeat tells the tracee's stubs the tracer is alive, not stuck).
+wait_hook: Callable[[], None] | None = None
 
 
 def _cached(key: tuple[Any, ...], build: Callable[[], ObjectFile]) -> ObjectFile:
@@ -590,7 +593,10 @@ def _cached(key: tuple[Any, ...], build: Callable[[], ObjectFile]) -> ObjectFile
             if busy is None:
                 mine = _building[key] = threading.Event()
         if busy is not None:
-            busy.wait()
+            while not busy.wait(0.005):
+                hook = wait_hook
+                if hook is not None:
+                    hook()
             continue
         try:
             hit = build()

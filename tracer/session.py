@@ -145,6 +145,7 @@ class TraceOptions:
     signals: bool = False
     stack_depth: int | None = None
     inject: bool = False
+    lossy: bool = False                  # --inject: a full ring drops calls instead of waiting
     pin: bool = True
     duration: float | None = None
     demangle: bool = True                # C++/Rust symbol names as their source spells them
@@ -550,7 +551,8 @@ class Session:
                 # stop-based engine shows them as syscall events)
                 funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL]
                 patcher.funcs = list(funcs)
-                recorder = Recorder(pid, mem, abi, image, vmap.start, funcs)
+                recorder = Recorder(pid, mem, abi, image, vmap.start, funcs,
+                                    lossy=self.options.lossy)
                 recorder.install(regs_tid)
             else:
                 markers, use_tsc, notes = self._stop_mechanism(pid, tids or [regs_tid], mem,
@@ -721,6 +723,10 @@ class Session:
             # never idle while the ring fills: ask to run often and briefly rather than
             # seldom and long, so a stop waits less for our next waitpid (sched.py)
             sched.request_short_slice(_SLICE_S)
+            # waiting for the symbol loader's parse of an object (the first call named from
+            # it) is not silence: keep the stubs waiting for us
+            from tracer import objfile
+            objfile.wait_hook = self._heartbeat
         try:
             while True:
                 if self._tick_due:
@@ -890,6 +896,12 @@ class Session:
         else:
             self._exit_hit(th, space, bp.func, buf, sp)
 
+    def _heartbeat(self) -> None:
+        if self._engine_ident == threading.get_ident():
+            for space in list(self.spaces.values()):
+                if space.recorder is not None:
+                    space.recorder.heartbeat()
+
     def _drain_recorders(self, limit: int = 65536) -> int:
         """--inject: turn what the stubs recorded into events (or, with -c, counts), at
         most `limit` records per ring."""
@@ -959,7 +971,11 @@ class Session:
         now = time.time()
         if lost:
             self._emit(NoticeEvent(space.pid, space.pid, now,
-                                   f"{lost} calls were not recorded: the ring was full"))
+                                   f"{lost} calls were not recorded: the ring was full"
+                                   + ("" if rec.lossy else
+                                      f" while the tracer was stopped or could not run (it "
+                                      f"was silent for up to {rec.longest_silence:.2f} s; the "
+                                      f"tracee waits {rec.patience_s} s at most)")))
         bad = rec.lost_counter_corrupt()
         if bad is not None:
             self._emit(NoticeEvent(space.pid, space.pid, now,
@@ -2267,7 +2283,7 @@ class Session:
                     mine = [th.tid for th in threads if th.space is space]
                     if funcs and mine:
                         rec = Recorder(space.pid, space.mem, space.abi, space.image,
-                                       space.base, funcs)
+                                       space.base, funcs, lossy=self.options.lossy)
                         rec.install(mine[0])
                         space.recorder = rec
                 else:
@@ -2345,7 +2361,7 @@ class Session:
                         raise TracerError("a thread is inside a traced call right now: "
                                           "try again")
                     rec = Recorder(space.pid, space.mem, space.abi, space.image, space.base,
-                                   funcs)
+                                   funcs, lossy=self.options.lossy)
                     try:
                         rec.install(mine[0].tid)
                     except TracerError:
@@ -2567,9 +2583,11 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
     """`vdsotrace trace`: the CLI's entry into the engine."""
     from tracer.render.output import open_output
     opts = TraceOptions(funcs=ns.funcs, follow_forks=ns.follow_forks, signals=ns.signals,
-                        stack_depth=ns.stack, inject=ns.inject, pin=ns.pin,
+                        stack_depth=ns.stack, inject=ns.inject, lossy=ns.lossy, pin=ns.pin,
                         duration=ns.duration, demangle=ns.demangle,
                         string_size=ns.string_size)
+    if ns.lossy and not ns.inject:
+        raise UsageError("--lossy applies to --inject only: add --inject, or drop --lossy")
     if ns.inject and ns.follow_forks:
         raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
                          "drop -f, or trace without --inject")

@@ -18,8 +18,12 @@ records the call into the ring without any ptrace stop; the tracer drains the ri
 The ring is writable by the tracee: every slot is checked before it becomes a RawRecord, and a
 slot that fails is counted (`corrupt()`) and skipped; a HEAD no stub can have written is
 counted (`header_corrupt()`) and followed, and each drain is bounded whatever the header says.
-A full ring is never overwritten: the stub counts the call in the ring's `lost` word instead
-(`lost()`, believed only within what the process can have counted).
+A full ring is never overwritten: the stub waits for the tracer to make room (spinning, then
+yielding its CPU) as long as the tracer's heartbeat in the code page (the TSC when it last
+drained, `heartbeat()`) is younger than _PATIENCE_S, so every call is recorded at the
+tracer's pace; a tracer killed, stopped or blocked stops beating, and the stubs then count
+calls in the ring's `lost` word instead (`lost()`, believed only within what the process can
+have counted), as they always do with `lossy` (the heartbeat is never written).
 
 Leaving (all threads stopped): the code page's ring pointer is cleared (every stub stops
 recording at once, forked children included, since the page is shared), threads in a stub
@@ -93,6 +97,12 @@ _MAP_SHARED, _MAP_FIXED_NOREPLACE = 0x01, 0x100000
 _PAGE = 4096
 _REACH = (1 << 31) - (64 << 20)      # keep the code page well inside rel32 reach of the vDSO
 _PID_MAX_LIMIT = 4 * 1024 * 1024     # include/linux/threads.h
+# A stub facing a full ring waits for room while the tracer's heartbeat is younger than
+# this, then counts the call lost. Not 0.1 s: on a loaded machine a runnable tracer can wait
+# for a CPU that long (runqueue waits of 0.26-0.46 s measured on the project's 2-CPU VM),
+# and a tracer killed or stopped costs its tracee this much once, not per call.
+_PATIENCE_S = 0.5
+_BEAT_S = 0.002                      # the least time between two heartbeats
 _STALL_S = 2.0                       # an uncommitted slot this old, with later ones committed
 _COPY_STEPS = 2000                   # single steps spent taking a thread out of a copied body
 _SLOT = struct.Struct(L.SLOT_FORMAT)
@@ -232,8 +242,16 @@ def _find_gap(pid: int, base: int, size: int) -> int:
 
 class Recorder:
     def __init__(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage, base: int,
-                 funcs: list[VdsoFunction]) -> None:
+                 funcs: list[VdsoFunction], lossy: bool = False) -> None:
         self.pid = pid
+        # lossy: a full ring drops (and counts) calls; else the stubs wait for room while the
+        # tracer's heartbeat is fresh (never written with lossy: the stubs find it stale)
+        self.lossy = lossy
+        self._beat_at = 0.0
+        # the longest time between two heartbeats (install counts as one): the stubs stop
+        # waiting only after a silence longer than _PATIENCE_S, which this then shows
+        self.longest_silence = 0.0
+        self.patience_s = _PATIENCE_S
         self.mem = mem
         self.abi = abi
         self.image = image
@@ -305,7 +323,15 @@ class Recorder:
             self._code = build(plan, self.base, self._code_addr, self.decoders,
                                (secrets.randbits(31), -secrets.randbits(31) - 1),
                                self._ring_addr)
-            os.pwrite(self._code_fd, self._code.data, 0)
+            page = bytearray(self._code.data)
+            # (the i386 stubs compare its low 32 bits: 0.5 s of a TSC below 8 GHz fits)
+            page[L.CODE_PATIENCE:L.CODE_PATIENCE + 8] = min(
+                int(_PATIENCE_S * 1e9 / self._clock.rate), 0xFFFFFFFF).to_bytes(8, "little")
+            if not self.lossy:
+                page[L.CODE_HEARTBEAT:L.CODE_HEARTBEAT + 8] = self._clock.read().to_bytes(
+                    8, "little")
+            os.pwrite(self._code_fd, bytes(page), 0)
+            self._beat_at = time.monotonic()
             self._step_out_of_entries(plan, stepper)
             self._patch_entries(plan)
             self.installed = True
@@ -579,11 +605,31 @@ class Recorder:
     def _is_error(self, fid: int, ret: int) -> bool:
         return not self.decoders[fid].ret_is_value and -4095 <= self.abi.signed(ret) < 0
 
+    def heartbeat(self) -> None:
+        """Tell the stubs the tracer is alive and draining (at most every _BEAT_S): a stub
+        facing a full ring waits only while this is less than _PATIENCE_S old. Called from
+        every drain, which the engine runs at least every few milliseconds while it is not
+        stuck; a tracer killed, stopped, or blocked on its output stops beating."""
+        if self.lossy or not self.installed or self._clock is None:
+            return
+        now = time.monotonic()
+        gap = now - self._beat_at
+        if gap < _BEAT_S:
+            return
+        self.longest_silence = max(self.longest_silence, gap)
+        self._beat_at = now
+        try:
+            os.pwrite(self._code_fd, self._clock.read().to_bytes(8, "little"),
+                      L.CODE_HEARTBEAT)
+        except OSError:
+            pass
+
     def _drain_ring(self, limit: int, out: list[RawRecord] | None,
                     stats: dict[str, CallStats] | None) -> int:
         ring, clock = self._ring, self._clock
         if ring is None or clock is None or self._ring_broken:
             return 0
+        self.heartbeat()
         try:
             return self._drain_ring_at(ring, clock, limit, out, stats)
         except (_RingShort, OSError):

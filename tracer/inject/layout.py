@@ -8,7 +8,7 @@ __all__ = [
     "S_SEQ", "S_TID", "S_FID", "S_FLAGS", "S_ARGS", "S_RET", "S_T0", "S_T1", "S_CALLER",
     "S_OUT", "OUT_MAX", "NOUTS", "MAX_ARGS", "F_FALLBACK", "F_OUT0",
     "FR_ARGS", "FR_KEYA", "FR_KEYB", "FR_FLAG", "FR_T0", "FR_RET", "FRAME",
-    "CODE_RINGPTR", "CODE_START", "CODE_SIZE", "SLOT_FORMAT",
+    "CODE_RINGPTR", "CODE_HEARTBEAT", "CODE_PATIENCE", "WAIT_SPINS", "WAIT_SLEEP_NS", "CODE_START", "CODE_SIZE", "SLOT_FORMAT",
     "FR32_OUTARGS", "FR32_ARGS", "FR32_KEYA", "FR32_KEYB", "FR32_FLAG", "FR32_T0", "FR32_RET",
     "FR32_TID", "FR32_T1", "FR32_SAVE", "FRAME32",
 ]
@@ -68,7 +68,17 @@ FR32_T1 = 76      # u64
 FR32_SAVE = 84    # ebx, esi, edi (callee-saved in cdecl; the ring code uses them)
 FRAME32 = 108
 
-# The code page: a data word the tracer clears to switch every stub's recording off.
+# The code page's data words (the tracer writes them through its descriptor of the memfd).
+# RINGPTR: the ring's address; the tracer clears it to switch every stub's recording off.
+# HEARTBEAT: the TSC when the tracer last showed it was draining (0: never, as with --lossy).
+# PATIENCE: how many TSC ticks of silence (~100 ms) a stub facing a full ring waits for the
+# tracer before it counts the call as lost instead: a stub waits for room only while
+# rdtsc - HEARTBEAT <= PATIENCE (signed), so a tracer killed, stopped or stuck on a
+# terminal slows its tracee for 100 ms at most, never hangs it.
 CODE_RINGPTR = 0
+CODE_HEARTBEAT = 8
+CODE_PATIENCE = 16
+WAIT_SPINS = 128         # `pause` rounds a waiting stub spins between two sleeps
+WAIT_SLEEP_NS = 20000    # and the nanosleep between two spins
 CODE_START = 64
 CODE_SIZE = 4 * 4096

@@ -8,7 +8,9 @@ top of the stack (the callee owns everything below it, so no red zone is in use)
     flag = 0; t0 = rdtsc; call <copy>             -- the body returns into the stub
     ret = rax; unmark the frame; t1 = rdtsc; tid = gettid()
     window: r11 = ring (a word of the code page; 0 once the tracer uninstalls)
-            claim index = head with lock cmpxchg while head - tail < NSLOTS, else lock inc lost
+            claim index = head with lock cmpxchg while head - tail < NSLOTS; when full,
+            wait (spin WAIT_SPINS `pause`s re-reading head and tail, then nanosleep, again)
+            while the tracer's heartbeat is fresh, else (or with --lossy) lock inc lost
             write the slot (tid, function, flags, args, ret, t0, t1, caller, outs), seq last
     rax = ret; zero the scratch registers as the vDSO does; ret
 
@@ -31,13 +33,14 @@ from tracer.inject import layout as L
 from tracer.inject.asm import Asm, rel32
 from tracer.inject.plan import FunctionPlan, Plan, PlanError
 
-__all__ = ["StubInfo", "CodePage", "build_code", "GETTID_NR"]
+__all__ = ["StubInfo", "CodePage", "build_code", "GETTID_NR", "NANOSLEEP_NR"]
 
 GETTID_NR = 186          # arch/x86/entry/syscalls/syscall_64.tbl
+NANOSLEEP_NR = 35
 _SCAN_LIMIT = 2048       # bytes above rsp a fallback stub searches for its frame
 _RDI, _RSI, _RDX, _RCX, _R8, _R9, _R10, _RAX = 7, 6, 2, 1, 8, 9, 10, 0
 _ARG_REGS = (_RDI, _RSI, _RDX, _RCX, _R8, _R9)
-_CC_B, _CC_AE, _CC_E, _CC_NE = 2, 3, 4, 5
+_CC_B, _CC_AE, _CC_E, _CC_NE, _CC_G = 2, 3, 4, 5, 0xF
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +200,42 @@ def _stub(a: Asm, fid: int, copy_at: int, code_base: int, dec: Decoder,
     a.raw(b"\x48\x8d\x48\x01")                               # lea rcx, [rax+1]
     a.raw(b"\x48\x89\x0a")                                   # mov [rdx], rcx   (commit)
     a.jmp("done")
+    # The ring is full: wait for the tracer to make room while its heartbeat is fresh
+    # (rax, rcx, rdx, r10 are free here; the syscall clobbers rcx and r11, keeps r8-r10).
     a.label("full")
+    a.rdtsc64()
+    a.rip_ref(b"\x48\x2b\x05", code_base + L.CODE_HEARTBEAT)  # sub rax, [rip+heartbeat]
+    a.rip_ref(b"\x48\x3b\x05", code_base + L.CODE_PATIENCE)   # cmp rax, [rip+patience]
+    a.jcc(_CC_G, "lost")                                     # the tracer is silent: drop
+    a.raw(b"\x41\xba" + L.WAIT_SPINS.to_bytes(4, "little"))  # mov r10d, SPINS
+    a.label("wait")
+    a.raw(b"\xf3\x90")                                       # pause
+    a.rip_ref(b"\x48\x8b\x0d", code_base + L.CODE_RINGPTR)  # mov rcx, [rip+ringptr]
+    a.raw(b"\x48\x85\xc9")                                   # test rcx, rcx
+    a.jcc(_CC_E, "done")                                     # the tracer is leaving
+    a.raw(b"\x49\x8b\x83" + L.HEAD.to_bytes(4, "little"))    # mov rax, [r11+HEAD]
+    a.raw(b"\x48\x89\xc1")                                   # mov rcx, rax
+    a.raw(b"\x49\x2b\x8b" + L.TAIL.to_bytes(4, "little"))    # sub rcx, [r11+TAIL]
+    a.raw(b"\x48\x81\xf9" + L.NSLOTS.to_bytes(4, "little"))  # cmp rcx, NSLOTS
+    a.jcc(_CC_B, "retry")                                    # room: claim again
+    a.raw(b"\x41\xff\xca")                                   # dec r10d
+    a.jcc(_CC_NE, "wait")
+    # nanosleep, not sched_yield: 4 threads yielding on 2 CPUs kept the tracer off them for
+    # 0.4 s at a time (the heartbeat went stale); a sleep gives the CPU up for real
+    a.raw(b"\x48\x83\xec\x10")                               # sub rsp, 16
+    a.raw(b"\x48\xc7\x04\x24\x00\x00\x00\x00")               # mov qword [rsp], 0
+    a.raw(b"\x48\xc7\x44\x24\x08" + L.WAIT_SLEEP_NS.to_bytes(4, "little"))  # tv_nsec
+    a.raw(b"\x48\x89\xe7")                                   # mov rdi, rsp
+    a.raw(b"\x31\xf6")                                       # xor esi, esi
+    a.mov_eax_imm(NANOSLEEP_NR)
+    a.syscall()                                              # (rdi, rsi: zeroed on the way out)
+    a.raw(b"\x48\x83\xc4\x10")                               # add rsp, 16
+    a.rip_ref(b"\x4c\x8b\x1d", code_base + L.CODE_RINGPTR)   # mov r11, [rip+ringptr]
+    a.raw(b"\x4d\x85\xdb")                                   # test r11, r11
+    a.jcc(_CC_E, "done")
+    a.raw(b"\x49\x8b\x83" + L.HEAD.to_bytes(4, "little"))    # mov rax, [r11+HEAD]
+    a.jmp("retry")
+    a.label("lost")
     a.raw(b"\xf0\x49\xff\x83" + L.LOST.to_bytes(4, "little"))  # lock inc qword [r11+LOST]
     a.label("done")
     win_end = a.here

@@ -10,7 +10,9 @@ top of the stack and the arguments above it (cdecl):
     tid = gettid() through __kernel_vsyscall (sysenter/syscall: `int 0x80` measured 9 us a
     call on this VM's kernel against 0.13 us through the gateway)
     window: esi = ring (a word of the code page; 0 once the tracer uninstalls)
-            claim index = head with lock cmpxchg8b while head - tail < NSLOTS, else count lost
+            claim index = head with lock cmpxchg8b while head - tail < NSLOTS; when full,
+            wait (spin, then nanosleep through the gateway, again) while the tracer's
+            heartbeat is fresh, else (or with --lossy) count the call lost
             write the slot (32-bit words zero-extended), seq last (high half, then low half)
     restore ebx esi edi; eax = ret; zero ecx edx as the vDSO does; ret
 
@@ -31,12 +33,13 @@ from tracer.inject.asm import Asm, mem32
 from tracer.inject.plan import FunctionPlan, Plan, PlanError
 from tracer.inject.stubs import CodePage, StubInfo
 
-__all__ = ["GETTID_NR_I386", "build_code32", "copy_body32"]
+__all__ = ["GETTID_NR_I386", "NANOSLEEP_NR_I386", "build_code32", "copy_body32"]
 
 GETTID_NR_I386 = 224     # arch/x86/entry/syscalls/syscall_32.tbl
+NANOSLEEP_NR_I386 = 162
 _SCAN_LIMIT = 2048       # bytes above esp a fallback stub searches for its frame
 _EAX, _ECX, _EDX, _EBX, _ESP, _EBP, _ESI, _EDI = range(8)
-_CC_B, _CC_AE, _CC_E, _CC_NE = 2, 3, 4, 5
+_CC_B, _CC_AE, _CC_E, _CC_NE, _CC_A, _CC_S = 2, 3, 4, 5, 7, 8
 
 
 def _i32(v: int) -> bytes:
@@ -197,7 +200,52 @@ def _stub(a: Asm, fid: int, copy_at: int, code_base: int, gateway: int, dec: Dec
     _st(a, _EDI, L.S_SEQ + 4, _ECX)                          # commit: seq = index + 1,
     _st(a, _EDI, L.S_SEQ, _EBX)                              # its low half last
     a.jmp("done")
+    # The ring is full: wait for the tracer to make room while its heartbeat is fresh (eax
+    # ebx ecx edx edi are free here; the gateway keeps every register but eax).
     a.label("full")
+    a.raw(b"\x0f\x31")                                       # rdtsc: edx:eax
+    a.raw(b"\x2b\x05" + _i32(code_base + L.CODE_HEARTBEAT))  # sub eax, [heartbeat]
+    a.raw(b"\x1b\x15" + _i32(code_base + L.CODE_HEARTBEAT + 4))  # sbb edx, [heartbeat+4]
+    a.raw(b"\x85\xd2")                                       # test edx, edx
+    a.jcc(_CC_S, "spin")                                     # the heartbeat is ahead: fresh
+    a.jcc(_CC_NE, "lost")                                    # silent for 2^32 ticks and more
+    a.raw(b"\x3b\x05" + _i32(code_base + L.CODE_PATIENCE))   # cmp eax, [patience]
+    a.jcc(_CC_A, "lost")                                     # the tracer is silent: drop
+    a.label("spin")
+    a.raw(b"\xbf" + _i32(L.WAIT_SPINS))                      # mov edi, SPINS
+    a.label("wait")
+    a.raw(b"\xf3\x90")                                       # pause
+    a.raw(b"\xa1" + _i32(code_base + L.CODE_RINGPTR))        # mov eax, [ringptr]
+    a.raw(b"\x85\xc0")                                       # test eax, eax
+    a.jcc(_CC_E, "done")                                     # the tracer is leaving
+    _ld(a, _EAX, _ESI, L.HEAD)
+    _ld(a, _EDX, _ESI, L.HEAD + 4)
+    a.raw(b"\x89\xc3\x89\xd1")                               # mov ebx, eax; mov ecx, edx
+    a.raw(mem32(0x2B, _EBX, _ESI, L.TAIL))                   # sub ebx, [esi+TAIL]
+    a.raw(mem32(0x1B, _ECX, _ESI, L.TAIL + 4))               # sbb ecx, [esi+TAIL+4]
+    a.raw(b"\x85\xc9")                                       # test ecx, ecx
+    a.jcc(_CC_NE, "still")
+    a.raw(b"\x81\xfb" + _i32(L.NSLOTS))                      # cmp ebx, NSLOTS
+    a.jcc(_CC_B, "retry")                                    # room: claim again
+    a.label("still")
+    a.raw(b"\x4f")                                           # dec edi
+    a.jcc(_CC_NE, "wait")
+    # nanosleep, not sched_yield (see stubs.py); ebx and ecx are restored or zeroed later
+    a.raw(b"\x83\xec\x08")                                   # sub esp, 8
+    _st_imm(a, _ESP, 0, 0)                                   # tv_sec
+    _st_imm(a, _ESP, 4, L.WAIT_SLEEP_NS)                     # tv_nsec
+    a.raw(b"\x89\xe3")                                       # mov ebx, esp
+    a.raw(b"\x31\xc9")                                       # xor ecx, ecx
+    a.raw(b"\xb8" + _i32(NANOSLEEP_NR_I386))                 # mov eax, __NR_nanosleep
+    a.call(gateway)
+    a.raw(b"\x83\xc4\x08")                                   # add esp, 8
+    a.raw(b"\x8b\x35" + _i32(code_base + L.CODE_RINGPTR))    # mov esi, [ringptr]
+    a.raw(b"\x85\xf6")                                       # test esi, esi
+    a.jcc(_CC_E, "done")
+    _ld(a, _EAX, _ESI, L.HEAD)
+    _ld(a, _EDX, _ESI, L.HEAD + 4)
+    a.jmp("retry")
+    a.label("lost")
     a.raw(b"\xf0" + mem32(0x83, 0, _ESI, L.LOST) + b"\x01")      # lock add dword [LOST], 1
     a.raw(b"\xf0" + mem32(0x83, 2, _ESI, L.LOST + 4) + b"\x00")  # lock adc dword [LOST+4], 0
     a.label("done")
