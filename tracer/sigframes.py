@@ -16,13 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tracer.errors import MemoryReadError
-from tracer.stackscan import saved_ip
+from tracer.stackscan import scan
 
 __all__ = ["interrupted", "SCAN_LIMIT"]
 
 SCAN_LIMIT = 64 * 1024        # bytes above sp looked at (stopping early at unreadable memory)
-_PAGE = 4096
-_MAX_HITS = 64
 
 
 def interrupted(read: Callable[[int, int], bytes], sp: int, word: int,
@@ -30,33 +28,14 @@ def interrupted(read: Callable[[int, int], bytes], sp: int, word: int,
     """The signal frames in [sp, sp + limit) (up to unreadable memory) that saved an ip in
     one of `spans` [lo, hi): (saved ip, saved sp) each, innermost first, at most a few
     dozen. A frame found this way may be stale (left by a handler that returned)."""
-    spans = [(lo, hi) for lo, hi in spans if lo < hi]
-    if not spans:
-        return []
-    top = 3 if word == 8 else 2          # the high bytes a value in a span starts with
-    prefixes = {a.to_bytes(word, "little")[word - top:] for lo, hi in spans for a in (lo, hi - 1)}
     # the saved sp: sigcontext_64 has sp just before ip; sigcontext_32 has sp, bx, dx, cx,
     # ax, trapno and err between them
     sp_back = 8 if word == 8 else 28
-    hits: list[tuple[int, int]] = []
-    at = sp & ~(word - 1)
-    end = at + limit
-    while at < end and len(hits) < _MAX_HITS:
-        n = min(_PAGE - (at & (_PAGE - 1)), end - at)
+    frames: list[tuple[int, int]] = []
+    for hit in scan(read, sp, word, spans, lambda v: False, limit=limit):
         try:
-            chunk = read(at, n)
+            saved_sp = int.from_bytes(read(hit.at - sp_back, word), "little")
         except MemoryReadError:
-            break
-        if any(p in chunk for p in prefixes):
-            for k in range(0, len(chunk) - word + 1, word):
-                if chunk[k + word - top:k + word] not in prefixes:
-                    continue
-                v = int.from_bytes(chunk[k:k + word], "little")
-                if any(lo <= v < hi for lo, hi in spans) and saved_ip(read, at + k, word):
-                    try:
-                        saved_sp = int.from_bytes(read(at + k - sp_back, word), "little")
-                    except MemoryReadError:
-                        saved_sp = 0
-                    hits.append((v, saved_sp))
-        at += n
-    return hits
+            saved_sp = 0
+        frames.append((hit.value, saved_sp))
+    return frames
