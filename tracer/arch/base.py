@@ -250,6 +250,14 @@ class Arch:
         """System call names and argument counts by number."""
         raise NotImplementedError
 
+    def syscall_number(self, name: str) -> int:
+        """A system call's number by name (KeyError: this arch has none of that name)."""
+        names, _ = self.syscall_table()
+        for nr, n in names.items():
+            if n == name:
+                return nr
+        raise KeyError(f"no system call {name!r} on {self.name}")
+
     def hwcap_names(self) -> tuple[type[IntFlag] | None, type[IntFlag] | None]:
         """The flag enums naming AT_HWCAP and AT_HWCAP2 bits (None: no names)."""
         return None, None

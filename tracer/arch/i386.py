@@ -4,6 +4,37 @@ The registers are x86_64.py's 64-bit `struct user_regs_struct` (PTRACE_GETREGS o
 kernel), the 32-bit ones zero-extended. Functions take their arguments on the stack (cdecl);
 system calls enter the kernel through the vDSO's `__kernel_vsyscall` (sysenter/syscall) or
 `int 0x80`. In 32-bit code a rel32 reaches every address (it wraps modulo 2**32).
+
+Signal frames (arch/x86/include/asm/sigframe.h, built by arch/x86/kernel/signal_64.c and
+signal_32.c):
+
+i386 (IA-32 emulation) `struct rt_sigframe_ia32` (SA_SIGINFO handlers)::
+
+    +0    u32 pretcode              sa_restorer, else the vDSO's __kernel_rt_sigreturn
+    +4    int sig
+    +8    u32 pinfo                 = frame + 16
+    +12   u32 puc                   = frame + 144
+    +16   compat_siginfo_t info     128 bytes (SI_MAX_SIZE, include/uapi/asm-generic/siginfo.h)
+    +144  struct ucontext_ia32 uc   uc_mcontext at +20, its ip at +56
+
+  ia32_setup_rt_frame: eax = sig, edx = &frame->info, ecx = &frame->uc ("make -mregparm=3 work").
+
+i386 `struct sigframe_ia32` (plain handlers)::
+
+    +0    u32 pretcode              sa_restorer, else the vDSO's __kernel_sigreturn
+    +4    int sig
+    +8    struct sigcontext_32 sc   its ip at +56
+
+  ia32_setup_frame: eax = sig, edx = 0, ecx = 0.
+
+The two i386 frames are told apart by the rt frame's self-pointers (pinfo, puc): in a plain
+frame those words are the saved gs and fs selectors, never addresses inside the frame.
+
+Where the kernel finds the frame it restores (the trampoline's `ret` has popped pretcode;
+__kernel_sigreturn also pops sig):
+  x86_64 rt_sigreturn (15):  frame = sp - 8   (signal_64.c: regs->sp - sizeof(long))
+  i386 rt_sigreturn (173):   frame = sp - 4   (signal_32.c: regs->sp - 4)
+  i386 sigreturn (119):      frame = sp - 8   (signal_32.c: regs->sp - 8)
 """
 from __future__ import annotations
 

@@ -4,6 +4,24 @@ Registers are named as in the 64-bit `struct user_regs_struct` (arch/x86/include
 which is what PTRACE_GETREGS returns for both 64-bit and IA-32 tracees of a 64-bit tracer (the
 32-bit registers zero-extended: eax is the low half of rax); i386.py shares this layout.
 Encodings: Intel SDM vol. 2.
+
+Signal frames (arch/x86/include/asm/sigframe.h, built by arch/x86/kernel/signal_64.c and
+signal_32.c):
+
+x86_64 `struct rt_sigframe` (every handler, SA_SIGINFO or not)::
+
+    +0    char *pretcode            sa_restorer (x86_64 refuses a handler without SA_RESTORER)
+    +8    struct ucontext uc        uc_flags 8, uc_link 8, uc_stack 24, uc_mcontext 256,
+                                    uc_sigmask 8 (include/uapi/asm-generic/ucontext.h)
+    +312  struct siginfo info       (copied only for SA_SIGINFO handlers)
+
+  x64_setup_rt_frame: rdi = sig, rsi = &frame->info, rdx = &frame->uc, rax = 0, rsp = frame.
+
+Where the kernel finds the frame it restores (the trampoline's `ret` has popped pretcode;
+__kernel_sigreturn also pops sig):
+  x86_64 rt_sigreturn (15):  frame = sp - 8   (signal_64.c: regs->sp - sizeof(long))
+  i386 rt_sigreturn (173):   frame = sp - 4   (signal_32.c: regs->sp - 4)
+  i386 sigreturn (119):      frame = sp - 8   (signal_32.c: regs->sp - 8)
 """
 from __future__ import annotations
 
