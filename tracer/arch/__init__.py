@@ -14,7 +14,7 @@ from tracer.arch.i386 import I386
 from tracer.arch.x86_64 import X86_64
 
 __all__ = ["Arch", "X86_64", "I386", "ARCHES", "EM_386", "EM_X86_64", "EM_AARCH64", "by_name",
-           "for_elf", "for_header", "for_thread", "native", "register", "UnsupportedArch"]
+           "for_elf", "for_header", "for_thread", "for_audit", "elf_ident", "native", "register", "UnsupportedArch"]
 
 # include/uapi/linux/elf-em.h
 EM_386 = 3
@@ -84,6 +84,14 @@ def for_header(data: bytes) -> Arch:
     except ValueError as e:
         raise UnsupportedArch(f"{e}: cannot tell its architecture") from None
     return for_elf(machine, cls)
+
+
+def for_audit(audit_arch: int) -> Arch | None:
+    """The arch of a system call by its AUDIT_ARCH_* (PTRACE_GET_SYSCALL_INFO's `arch`)."""
+    for a in ARCHES.values():
+        if a.audit_arch == audit_arch:
+            return a
+    return None
 
 
 def for_thread(process: Arch, regs: object) -> Arch:

@@ -216,6 +216,15 @@ class Arch:
         """Make the kernel not restart an interrupted system call when `regs` are set."""
         raise NotImplementedError
 
+    def emulate_cycle_counter(self, regs: Regs, value: int) -> None:
+        """Give a thread stopped at a faulting `cycle_counter` instruction the reading `value`
+        and move its pc past the instruction (it must be in `regs`' pc)."""
+        raise NotImplementedError
+
+    def return_address(self, regs: Regs, read: ReadMem) -> int:
+        """At a function's first instruction: where it returns to (x86: the word at sp)."""
+        raise NotImplementedError
+
     def thread_arch(self, regs: Regs) -> Arch:
         """The ABI a stopped thread of a process of this arch runs in (a 64-bit x86 process
         may run 32-bit code); `self` unless the registers say otherwise."""

@@ -43,7 +43,7 @@ from enum import IntFlag
 
 from tracer import target
 from tracer.arch.base import Arch, DwarfRegs, ReadMem, SigFrameLayout, StubLayout
-from tracer.arch.x86_64 import (INT3, JMP_REL32_LEN, NOP, RDTSC, TSC_OFF, USER32_CS, USER_CS,
+from tracer.arch.x86_64 import (X86Arch, INT3, JMP_REL32_LEN, NOP, RDTSC, TSC_OFF, USER32_CS, USER_CS,
                                 USER_REGS,
                                 call_rel32, jmp_rel32)
 from tracer.errors import MemoryReadError
@@ -153,11 +153,8 @@ def gateway_stack_depth(mnemonics: list[tuple[int, str]], pc: int) -> int | None
     return None
 
 
-class I386Arch(Arch):
+class I386Arch(X86Arch):
     __slots__ = ()
-
-    def no_restart(self, regs: target.Regs) -> None:
-        regs[self.syscall_nr] = -1
 
     def thread_arch(self, regs: target.Regs) -> Arch:
         # a thread of a 32-bit x86 process that switched to the 64-bit code segment

@@ -32,7 +32,7 @@ from tracer import target
 from tracer.arch.base import (Arch, DwarfRegs, ReadMem, RegLayout, SigFrameLayout, StubLayout)
 from tracer.errors import MemoryReadError
 
-__all__ = ["X86_64", "X86_64Arch", "USER_REGS", "INT3", "NOP", "JMP_REL32_LEN", "rel32",
+__all__ = ["X86_64", "X86_64Arch", "X86Arch", "USER_REGS", "INT3", "NOP", "JMP_REL32_LEN", "rel32",
            "rel32_wrap", "jmp_rel32", "call_rel32", "RDTSC", "TSC_OFF", "fill_stub_marker",
            "marker_fallback_head", "MARKER_FALLBACK_SP_ADJ", "stub_x86_64"]
 
@@ -129,13 +129,28 @@ def marker_fallback_head(marker: int) -> bytes:
 _HOST_RDTSC = RDTSC + b"\x48\xc1\xe2\x20\x48\x09\xd0\xc3"
 
 
-class X86_64Arch(Arch):
+class X86Arch(Arch):
+    """What x86_64 and i386 share: the register buffer, rdtsc, the return address at [sp]."""
     __slots__ = ()
 
     def no_restart(self, regs: target.Regs) -> None:
         # orig_rax = -1: arch/x86/kernel/signal.c (arch_do_signal_or_restart) restarts only a
         # stop inside a system call
         regs[self.syscall_nr] = -1
+
+    def emulate_cycle_counter(self, regs: target.Regs, value: int) -> None:
+        # rdtsc: edx:eax = TSC, the upper halves of rax and rdx cleared
+        regs["rax"] = value & 0xFFFFFFFF
+        regs["rdx"] = (value >> 32) & 0xFFFFFFFF
+        regs[self.pc] = regs[self.pc] + len(RDTSC)
+
+    def return_address(self, regs: target.Regs, read: ReadMem) -> int:
+        # `call` pushed it: the word at sp
+        return int.from_bytes(read(regs[self.sp] & self.mask, self.word), "little")
+
+
+class X86_64Arch(X86Arch):
+    __slots__ = ()
 
     def thread_arch(self, regs: target.Regs) -> Arch:
         # a 64-bit process's thread in compat mode runs with the IA-32 code segment
