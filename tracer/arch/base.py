@@ -161,6 +161,7 @@ class Arch:
     SP: int = field(init=False)
     RET: int = field(init=False)
     SYSNR: int = field(init=False)
+    SYSNR_IN: int = field(init=False)
     ARGS: tuple[int, ...] = field(init=False)
     SYSARGS: tuple[int, ...] = field(init=False)
 
@@ -170,6 +171,7 @@ class Arch:
         object.__setattr__(self, "SP", ix[self.sp])
         object.__setattr__(self, "RET", ix[self.retval])
         object.__setattr__(self, "SYSNR", ix[self.syscall_nr])
+        object.__setattr__(self, "SYSNR_IN", ix[self.syscall_nr_in])
         object.__setattr__(self, "ARGS", tuple(ix[r] for r in self.arg_regs))
         object.__setattr__(self, "SYSARGS", tuple(ix[r] for r in self.syscall_arg_regs))
 
