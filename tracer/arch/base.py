@@ -16,6 +16,14 @@ An arch module provides:
   thread's ABI from its registers), `saved_context` (is a stack word a signal frame's saved
   pc), `stub` (the call-through stub of breakpoints.py), `syscall_table`, `hwcap_names`.
 
+A new arch (aarch64.py): subclass `Arch`, override the methods that raise NotImplementedError
+(no_restart, emulate_cycle_counter, return_address, jump, call, stub, syscall_table) and those
+whose default does not fit (thread_arch, saved_context, hwcap_names), build one instance with
+every field set (`regs` = the NT_PRSTATUS layout, `regs_get`/`regs_set` = target's regset
+accessor for it), and name it `AARCH64`: the registry loads tracer.arch.aarch64 on first use
+for EM_AARCH64 (tracer/arch/__init__.py, `_LAZY`). tests/test_arch.py checks the interface is
+filled for every arch the registry knows.
+
 Hot path: `regs_get`/`regs_set` are plain functions stored in the instance and `PC`, `SP`,
 ... are precomputed buffer indexes, so `arch.regs_get(tid, regs); regs.buf[arch.PC]` costs an
 attribute load more than a module-level call, no extra Python frame.
