@@ -304,7 +304,7 @@ class Patcher:
             j -= 1
             prev = insns[j] if j >= 0 else None
             if (prev is None or prev.target is not None or prev.is_ret or prev.is_syscall
-                    or prev.mnemonic.startswith(("j", "call", "loop", "ret"))):
+                    or _x86_64.is_control_transfer(prev.mnemonic)):
                 raise TracerError(f"cannot patch the fallback of {f.symbol}+"
                                   f"{off - f.image_offset:#x}: trace without it (-e)")
         start = insns[j].address

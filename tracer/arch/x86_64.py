@@ -34,7 +34,8 @@ from tracer.errors import MemoryReadError
 
 __all__ = ["X86_64", "X86_64Arch", "X86Arch", "USER_REGS", "INT3", "NOP", "JMP_REL32_LEN", "rel32",
            "rel32_wrap", "jmp_rel32", "call_rel32", "RDTSC", "TSC_OFF", "fill_stub_marker",
-           "marker_fallback_head", "MARKER_FALLBACK_SP_ADJ", "stub_x86_64"]
+           "marker_fallback_head", "MARKER_FALLBACK_SP_ADJ", "stub_x86_64",
+           "is_control_transfer"]
 
 # arch/x86/include/asm/user_64.h: struct user_regs_struct
 USER_REGS = RegLayout(("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
@@ -102,6 +103,12 @@ def stub_x86_64(marker: bool = False, tsc: bool = True) -> tuple[bytes, StubLayo
     # at the int3: t1, ret, t0, r9, r8, rcx, rdx, rsi, rdi, return address
     layout = StubLayout(struct.Struct("<QqQ6QQ"), 72, 0, 1, 2, 9, (8, 7, 6, 5, 4, 3))
     return bytes(c), layout, exit_off, call_off
+
+
+def is_control_transfer(mnemonic: str) -> bool:
+    """A jump, call, loop or return (capstone's mnemonics): such an instruction cannot be
+    displaced into a stub by copying it."""
+    return mnemonic.startswith(("j", "call", "loop", "ret"))
 
 
 def fill_stub_marker(stub: bytearray, exit_off: int, marker: int) -> None:
