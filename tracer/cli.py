@@ -9,6 +9,7 @@ from tracer.errors import TracerError, UsageError
 
 if TYPE_CHECKING:
     from tracer.commands.inspect import VdsoView
+    from tracer.commands.trace import TraceArgs
 
 __all__ = ["main", "build_parser"]
 
@@ -262,20 +263,26 @@ def _trace_specs(specs: list[str] | None) -> list[str] | None:
     return [",".join(out)]
 
 
-def _cmd_trace(ns: argparse.Namespace) -> int:
-    from tracer.commands.trace import TraceArgs, run_trace
+def _trace_args(ns: argparse.Namespace, verb: str = "trace") -> TraceArgs:
+    """`trace`'s options (shared by the commands that run the engine as `trace` does)."""
+    from tracer.commands.trace import TraceArgs
     funcs = _trace_specs(ns.funcs)
     cmd = _split_cmd(ns.cmd)
     if ns.pid and cmd:
         raise UsageError("give either -p PID or -- CMD, not both")
     if not ns.pid and not cmd:
-        raise UsageError("nothing to trace: give -p PID or -- CMD ARGS")
-    return run_trace(TraceArgs(
+        raise UsageError(f"nothing to {verb}: give -p PID or -- CMD ARGS")
+    return TraceArgs(
         pids=tuple(ns.pid or ()), cmd=tuple(cmd), funcs=funcs, follow_forks=ns.follow_forks,
         signals=ns.signals, stack=ns.stack, inject=ns.inject, lossy=ns.lossy, pin=ns.pin,
         duration=ns.duration, demangle=ns.demangle, string_size=ns.string_size,
         output=ns.output, json=ns.json, timing=ns.timing, summary=ns.summary, hist=ns.hist,
-        perfetto=ns.perfetto))
+        perfetto=ns.perfetto)
+
+
+def _cmd_trace(ns: argparse.Namespace) -> int:
+    from tracer.commands.trace import run_trace
+    return run_trace(_trace_args(ns))
 
 
 def _cmd_console(ns: argparse.Namespace) -> int:

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tracer import procfs
 from tracer.engine.control import summarize
 from tracer.errors import UsageError
-from tracer.session import _TICK, _WAKE_SIGNAL, Session, TraceOptions
+from tracer.events import Event
+from tracer.session import _TICK, _WAKE_SIGNAL, Session, Summary, TraceOptions
 
-__all__ = ["TraceArgs", "run_trace"]
+__all__ = ["TraceArgs", "TraceSink", "BoundSink", "run_trace"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,23 @@ class TraceArgs:
     perfetto: str | None
 
 
+class TraceSink(Protocol):
+    """Where the engine's events go (render.output.Output)."""
+    on_broken: Callable[[], None] | None       # called when the reader went away
+
+    @property
+    def needs_events(self) -> bool: ...
+    def write_event(self, ev: Event) -> None: ...
+    def flush(self) -> None: ...
+    def check(self) -> None: ...
+    def finish(self, summary: Callable[[], Summary] | None) -> None: ...
+
+
+class BoundSink(TraceSink, Protocol):
+    """A sink that takes the output's place (`record`'s writer) and looks at the engine."""
+    def bind(self, session: Session) -> None: ...
+
+
 def _install_signal_handlers(session: Session) -> dict[int, Any]:
     """SIGINT/SIGTERM/SIGHUP end the trace cleanly; SIGALRM ticks wake waitpid (a handler
     installed by Python interrupts system calls: no SA_RESTART)."""
@@ -57,9 +76,9 @@ def _restore_signal_handlers(old: dict[int, Any]) -> None:
         signal.signal(s, h)
 
 
-def run_trace(a: TraceArgs) -> int:
+def run_trace(a: TraceArgs, open_sink: Callable[[TraceArgs], BoundSink] | None = None) -> int:
     """Trace until the tracees exit, --duration ends, a signal or a closed pipe; every way
-    out detaches."""
+    out detaches. The events go to the text/JSON output, or to what `open_sink` gives."""
     from tracer.render.output import open_output
     opts = TraceOptions(funcs=a.funcs, follow_forks=a.follow_forks, signals=a.signals,
                         stack_depth=a.stack, inject=a.inject, lossy=a.lossy, pin=a.pin,
@@ -71,9 +90,17 @@ def run_trace(a: TraceArgs) -> int:
         raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
                          "drop -f, or trace without --inject")
     pids: list[int] = list(dict.fromkeys(a.pids))
-    out = open_output(a.output, json=a.json, timing=a.timing, summary=a.summary)
-    out.add_views(hist=a.hist, perfetto=a.perfetto, names=procfs.thread_comm)
+    out: TraceSink
+    bound: BoundSink | None = None
+    if open_sink is None:
+        output = open_output(a.output, json=a.json, timing=a.timing, summary=a.summary)
+        output.add_views(hist=a.hist, perfetto=a.perfetto, names=procfs.thread_comm)
+        out = output
+    else:
+        out = bound = open_sink(a)
     session = Session(opts, out.write_event)
+    if bound is not None:
+        bound.bind(session)
     session.summary_only = a.summary and not out.needs_events   # --hist needs each duration
     old = _install_signal_handlers(session)
     # a reader gone from our output pipe (`| head`) ends the trace as SIGINT does

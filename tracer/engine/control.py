@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tracer import inspect, sigtrack
 from tracer.decoders import for_function
@@ -24,8 +24,8 @@ from tracer.session import (_TICK, _WAKE_SIGNAL, OTHER_SITES, FuncStats, Session
                             _Counter, _fidx_by_name, _Space, resolve_functions)
 from tracer.vdso import GATEWAY_SYMBOL, VdsoImage
 
-__all__ = ["Control", "Snapshot", "Backtrace", "Explanation", "TimeNamespace", "summarize",
-           "snapshot_of"]
+__all__ = ["Control", "Snapshot", "Backtrace", "Explanation", "TimeNamespace", "Counts",
+           "summarize", "snapshot_of"]
 
 T = TypeVar("T")
 
@@ -368,7 +368,15 @@ def explain(s: Session) -> Explanation:
     return Explanation(s.clocksource, s.fast_path, namespaces, summarize(s))
 
 
-def stats(s: Session) -> list[FuncStats]:
+class Counts(Protocol):
+    """What the -c summary is made of: the live engine's counters (or a replay of them)."""
+    counters: dict[str, _Counter]
+    _inject_stats: dict[str, Any]          # --inject -c: the recorder's own per-function counts
+    clocksource: str | None
+    lost_records: int
+
+
+def stats(s: Counts) -> list[FuncStats]:
     extra = s._inject_stats
     return [FuncStats(k, c.calls + (extra[k].calls if k in extra else 0),
                       c.fallbacks + (extra[k].fallbacks if k in extra else 0),
@@ -377,7 +385,7 @@ def stats(s: Session) -> list[FuncStats]:
             for k, c in s.counters.items()]
 
 
-def summarize(s: Session, top: int = 5) -> Summary:
+def summarize(s: Counts, top: int = 5) -> Summary:
     """Everything -c prints: per function totals, fallback reasons, hottest call sites (and
     stack paths), the exports never called, a diagnosis when fallbacks dominate. Runs in the
     engine's thread, or after the engine ended."""
