@@ -284,3 +284,32 @@ def test_reports_escape_the_tracee_names() -> None:
         "pid 9 lives in a time namespace: monotonic 5s 0ns",
         "clock_gettime: 4 of 4 calls fell back: cpu-time-clock 4",
         "diagnosis: 4 of 4 vDSO calls (100%) fell back"]
+
+
+def test_console_switches_engines_while_attached(tmp_path: Path) -> None:
+    """`inject on` / `inject off` on a running tracee, through Control.set_inject: the calls
+    keep coming with each engine, and detach leaves the vDSO as it was."""
+    from test_console import build_clockloop, running
+    lines: list[str] = []
+    c = Console(lines.append, color=False)
+    with running(build_clockloop(tmp_path), "2000") as p:
+        try:
+            before = vdso_bytes(p.pid)
+            c.execute(f"attach {p.pid}")
+            c.execute("break clock_gettime")
+            for mode in ("on", "off"):
+                lines.clear()
+                c.execute(f"inject {mode}")
+                assert len(lines) == 1 and lines[0].startswith(f"inject: {mode} ("), lines
+                attached = c._attached
+                assert attached is not None
+                assert attached.control.snapshot().inject is (mode == "on")
+                c.execute("continue")
+                seen = c.stream.received
+                wait_for(lambda: c.stream.received >= seen + 20, f"calls with inject {mode}")
+                c.execute("pause")
+            c.execute("detach")
+            assert not c.state.attached
+            assert p.poll() is None and vdso_bytes(p.pid) == before
+        finally:
+            c.shutdown()
