@@ -21,7 +21,7 @@ from tracer.decoders import for_function
 from tracer.errors import ProcessGone, TracerError
 from tracer.inspect import AuxvReport
 from tracer.session import (_TICK, _WAKE_SIGNAL, OTHER_SITES, FuncStats, Session, Summary,
-                            _Counter, _fidx_by_name, _Space, resolve_functions)
+                            _Counter, _fidx_by_name, resolve_functions)
 from tracer.vdso import GATEWAY_SYMBOL, VdsoImage
 
 __all__ = ["Control", "Snapshot", "Backtrace", "Explanation", "TimeNamespace", "Counts",
@@ -182,14 +182,11 @@ class Control:
 
     def read_memory(self, addr: int, size: int) -> Future[bytes]:
         """SIZE bytes of the root process's memory at ADDR."""
-        return self._submit(lambda s: _root_space(s).mem.read(addr, size))
+        return self._submit(lambda s: _root(s).mem.read(addr, size))
 
     def read_auxv(self) -> Future[AuxvReport]:
         """The root process's auxiliary vector (its initial stack, checked against procfs)."""
-        def read(s: Session) -> AuxvReport:
-            space = _root_space(s)
-            return inspect.read_auxv(inspect.Stopped(space.pid, space.mem, space.abi))
-        return self._submit(read)
+        return self._submit(lambda s: inspect.read_auxv(_root(s)))
 
     # ------------------------------------------------------------------ plumbing
     def _submit(self, fn: Callable[[Session], T]) -> Future[T]:
@@ -207,11 +204,12 @@ class Control:
 
 # ---------------------------------------------------------------------- in the engine thread
 
-def _root_space(s: Session) -> _Space:
+def _root(s: Session) -> inspect.Stopped:
+    """The root process: its memory (reads through /proc/PID/mem) and ABI."""
     space = s.spaces.get(s.root_pid or -1)
     if space is None:
         raise ProcessGone(f"process {s.root_pid} is not traced any more")
-    return space
+    return inspect.Stopped(space.pid, space.mem, space.abi)
 
 
 def snapshot_of(s: Session) -> Snapshot:
