@@ -74,7 +74,8 @@ def test_attach_break_continue_pause_stats_detach(
             return sum("clock_gettime(CLOCK_MONOTONIC" in ln for ln in shown) >= 5 and \
                 any("clock_gettime(CLOCK_REALTIME" in ln for ln in shown)
         wait_for(some_calls, what="clock_gettime events")
-        c.refresh()
+        # the toolbar's numbers: the engine's snapshot, republished at its next tick
+        wait_for(lambda: c.refresh() or c.state.calls > 0, what="a snapshot with calls")
         assert c.state.run_state == "running" and c.state.threads == 2 and c.state.calls > 0
         lines.clear()
         c.execute("pause")

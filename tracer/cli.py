@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tracer.errors import TracerError, UsageError
+
+if TYPE_CHECKING:
+    from tracer.commands.inspect import VdsoView
+    from tracer.commands.trace import TraceArgs
 
 __all__ = ["main", "build_parser"]
 
@@ -191,88 +195,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_file_image(path: str) -> bytes:
-    from tracer.vdso import MAX_IMAGE
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_IMAGE + 1)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file; give a vDSO image written by `{PROG} dump`")
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory; give a vDSO image file")
-    except OSError as e:
-        raise UsageError(f"{path}: {e.strerror}")
-    if not data:
-        raise UsageError(f"{path}: empty file, not a vDSO image")
-    return data
-
-
 def _cmd_auxv(ns: argparse.Namespace) -> int:
-    from tracer import inspect
-    from tracer.render.inspect import auxv_json, auxv_text
-    with inspect.peek(ns.pid) as p:
-        rep = inspect.read_auxv(p)
-    out = auxv_json(ns.pid, p.abi.name, rep) if ns.json else auxv_text(ns.pid, p.abi.name, rep)
-    print(out)
+    from tracer.commands import inspect
+    abi, rep = inspect.peek_auxv(ns.pid)
+    print(inspect.auxv_output(ns.pid, abi, rep, json=ns.json))
     return 0
 
 
-def _load_image(ns: argparse.Namespace) -> tuple[object, int, int, object]:
-    from tracer import inspect
-    from tracer.vdso import parse_image
-    if ns.file:
-        image = parse_image(_read_file_image(ns.file))
-        return image, 0, len(image.data), None
-    with inspect.peek(ns.pid) as p:
-        rep = inspect.read_auxv(p)
-        mapping = inspect.find_vdso(ns.pid, rep.pairs)
-        image = inspect.read_vdso(p, mapping)
-    return image, mapping.base, mapping.size, mapping
+def _vdso_view(ns: argparse.Namespace) -> VdsoView:
+    from tracer.commands import inspect
+    return inspect.file_vdso(ns.file) if ns.file else inspect.peek_vdso(ns.pid)
 
 
 def _cmd_vdso(ns: argparse.Namespace) -> int:
-    from tracer.disasm import gateway
-    from tracer.render.inspect import vdso_json, vdso_text
-    image, base, size, mapping = _load_image(ns)
-    gw = gateway(image)  # type: ignore[arg-type]
-    if ns.json:
-        print(vdso_json(image, base, size, gw, mapping,  # type: ignore[arg-type]
-                        source=ns.file or f"pid {ns.pid}"))
-    else:
-        print(vdso_text(image, base, size, gw, mapping))  # type: ignore[arg-type]
+    from tracer.commands import inspect
+    print(inspect.vdso_output(_vdso_view(ns), json=ns.json))
     return 0
 
 
 def _cmd_dump(ns: argparse.Namespace) -> int:
-    from tracer import inspect
-    with inspect.peek(ns.pid) as p:
-        rep = inspect.read_auxv(p)
-        mapping = inspect.find_vdso(ns.pid, rep.pairs)
-        data = p.mem.read(mapping.base, mapping.size)
-    from tracer.vdso import parse_image
-    image = parse_image(data)  # refuse to write something that is not a vDSO
-    try:
-        with open(ns.output, "wb") as f:
-            f.write(data)
-    except OSError as e:
-        raise UsageError(f"cannot write {ns.output}: {e.strerror}")
-    print(f"wrote {len(data)} bytes of {image.soname or 'vDSO'} ({image.abi.name}) from "
-          f"{mapping.base:#x} to {ns.output}", file=sys.stderr)
+    from tracer.commands import inspect
+    print(inspect.dump_vdso(ns.pid, ns.output), file=sys.stderr)
     return 0
 
 
 def _cmd_disas(ns: argparse.Namespace) -> int:
-    from tracer.disasm import disassemble
-    from tracer.errors import UnknownFunction
-    from tracer.render.inspect import disas_text
-    from tracer.vdso import VdsoImage
-    image, base, _, _ = _load_image(ns)
-    assert isinstance(image, VdsoImage)
-    func = image.function(ns.symbol)
-    if func is None:
-        names = ", ".join(sorted({n for f in image.functions for n in f.aliases}))
-        raise UnknownFunction(f"no function {ns.symbol!r} in this vDSO; it exports: {names}")
-    print(disas_text(func.symbol, base, disassemble(image, func, base, ns.syntax)))
+    from tracer.commands import inspect
+    print(inspect.disas_output(_vdso_view(ns), ns.symbol, ns.syntax))
     return 0
 
 
@@ -314,15 +263,26 @@ def _trace_specs(specs: list[str] | None) -> list[str] | None:
     return [",".join(out)]
 
 
-def _cmd_trace(ns: argparse.Namespace) -> int:
-    from tracer.session import run_trace
-    ns.funcs = _trace_specs(ns.funcs)
+def _trace_args(ns: argparse.Namespace, verb: str = "trace") -> TraceArgs:
+    """`trace`'s options (shared by the commands that run the engine as `trace` does)."""
+    from tracer.commands.trace import TraceArgs
+    funcs = _trace_specs(ns.funcs)
     cmd = _split_cmd(ns.cmd)
     if ns.pid and cmd:
         raise UsageError("give either -p PID or -- CMD, not both")
     if not ns.pid and not cmd:
-        raise UsageError("nothing to trace: give -p PID or -- CMD ARGS")
-    return run_trace(ns, cmd)
+        raise UsageError(f"nothing to {verb}: give -p PID or -- CMD ARGS")
+    return TraceArgs(
+        pids=tuple(ns.pid or ()), cmd=tuple(cmd), funcs=funcs, follow_forks=ns.follow_forks,
+        signals=ns.signals, stack=ns.stack, inject=ns.inject, lossy=ns.lossy, pin=ns.pin,
+        duration=ns.duration, demangle=ns.demangle, string_size=ns.string_size,
+        output=ns.output, json=ns.json, timing=ns.timing, summary=ns.summary, hist=ns.hist,
+        perfetto=ns.perfetto)
+
+
+def _cmd_trace(ns: argparse.Namespace) -> int:
+    from tracer.commands.trace import run_trace
+    return run_trace(_trace_args(ns))
 
 
 def _cmd_console(ns: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import pytest
 import targets as T
 from tracer import disasm, objfile, target, vdso
 from tracer.events import AttachEvent, Event
+from tracer.engine.control import Control
 from tracer.session import Session, TraceOptions
 
 pytestmark = pytest.mark.live
@@ -72,12 +73,13 @@ def test_no_parse_while_the_tracee_is_held(target_bin, tmp_path, monkeypatch, in
             tracing.set()
 
     s = Session(TraceOptions(inject=inject, stack_depth=stack), sink)
-    engine = s.start_thread(pid=proc.pid)
+    control = Control(s)
+    engine = control.start(pid=proc.pid)
     try:
         assert tracing.wait(10), "no attach event"
         time.sleep(0.5)                 # calls in both threads: the first ones need names
     finally:
-        s.stop()
+        control.stop()
         engine.join(20)
         tracing.clear()
     assert not engine.is_alive()

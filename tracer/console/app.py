@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import Any
+from collections.abc import Callable
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
@@ -62,7 +62,7 @@ class Pump(threading.Thread):
     """Prints new events (through the patched stdout: above the prompt, never inside the line
     being typed) and refreshes the toolbar's numbers."""
 
-    def __init__(self, console: Console, write: Any) -> None:
+    def __init__(self, console: Console, write: Callable[[str], object]) -> None:
         super().__init__(name="vdsotrace-console-pump", daemon=True)
         self.console = console
         self.write = write

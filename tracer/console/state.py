@@ -40,7 +40,7 @@ class ConsoleState:
     inject: bool = False
     filter: Filter = field(default_factory=Filter)
     color: bool = True
-    # written by the pump thread (from Session.state / Session.info())
+    # written by the pump thread (from the engine's snapshot: Control.snapshot())
     run_state: str = "detached"         # running | paused | detached | exited
     threads: int = 0
     calls: int = 0

@@ -11,7 +11,7 @@ import stat
 import time
 import sys
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from tracer.errors import UsageError
 from tracer.events import AttachEvent, CallEvent, Event, NoticeEvent
@@ -19,6 +19,9 @@ from tracer.render import jsonl, text
 from tracer.render.hist import LatencyHistograms, hist_json_lines, hist_text
 from tracer.render.perfetto import Names, PerfettoTimeline
 from tracer.render.summary import summary_dict, summary_text
+
+if TYPE_CHECKING:
+    from tracer.session import Summary
 
 __all__ = ["Output", "open_output", "silence_stream", "FLUSH_INTERVAL"]
 
@@ -135,11 +138,13 @@ class Output:
         if self.on_broken is not None:
             self.on_broken()
 
-    def finish(self, session: Any) -> None:
-        if self.summary and session is not None:
-            s = session.summary()
+    def finish(self, summary: Callable[[], Summary] | None) -> None:
+        """The end of the output: -c's summary (from `summary`; None when nothing was
+        traced), --hist's histograms, the timeline closed."""
+        if self.summary and summary is not None:
+            s = summary()
             self.lines.append(json.dumps(summary_dict(s)) if self.json else summary_text(s))
-        if self.hist is not None and session is not None:
+        if self.hist is not None and summary is not None:
             hists = self.hist.histograms()
             if self.json:
                 pid = self.hist.pid or 0
