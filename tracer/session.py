@@ -2579,8 +2579,9 @@ def _restore_signal_handlers(old: dict[int, Any]) -> None:
         signal.signal(s, h)
 
 
-def run_trace(ns: Any, cmd: list[str]) -> int:
-    """`vdsotrace trace`: the CLI's entry into the engine."""
+def run_trace(ns: Any, cmd: list[str], open_sink: Callable[[Any], Any] | None = None) -> int:
+    """`vdsotrace trace`: the CLI's entry into the engine. `open_sink(ns)` gives what takes
+    the output's place (`record`'s writer: Output's methods, and `bind(session)`)."""
     from tracer.render.output import open_output
     opts = TraceOptions(funcs=ns.funcs, follow_forks=ns.follow_forks, signals=ns.signals,
                         stack_depth=ns.stack, inject=ns.inject, lossy=ns.lossy, pin=ns.pin,
@@ -2592,9 +2593,15 @@ def run_trace(ns: Any, cmd: list[str]) -> int:
         raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
                          "drop -f, or trace without --inject")
     pids: list[int] = list(dict.fromkeys(ns.pid or []))
-    out = open_output(ns.output, json=ns.json, timing=ns.timing, summary=ns.summary)
-    out.add_views(hist=ns.hist, perfetto=ns.perfetto, names=procfs.thread_comm)
+    out: Any
+    if open_sink is None:
+        out = open_output(ns.output, json=ns.json, timing=ns.timing, summary=ns.summary)
+        out.add_views(hist=ns.hist, perfetto=ns.perfetto, names=procfs.thread_comm)
+    else:
+        out = open_sink(ns)
     session = Session(opts, out.write_event)
+    if open_sink is not None:
+        out.bind(session)
     session.summary_only = ns.summary and not out.needs_events   # --hist needs each duration
     old = _install_signal_handlers(session)
     # a reader gone from our output pipe (`| head`) ends the trace as SIGINT does
