@@ -9,7 +9,7 @@ from typing import Any
 
 from tracer.errors import UsageError
 from tracer.events import AttachEvent, CallEvent, Event
-from tracer.recording.format import Process, Reader, Trailer
+from tracer.recording.format import Name, Process, Reader, Trailer
 from tracer.recording.replay import ReplayStats, Selection
 
 __all__ = ["run_report"]
@@ -83,10 +83,9 @@ def run_report(ns: argparse.Namespace) -> int:
                         e = e._replace(stack=st[:depth])  # type: ignore[union-attr]
                 add(e)
                 write(e)
-            elif t is tuple:
-                pid, tid, comm = item
-                if comm is not None or (pid, tid) not in names:
-                    names[(pid, tid)] = comm
+            elif t is Name:
+                if item.comm is not None or (item.pid, item.tid) not in names:
+                    names[(item.pid, item.tid)] = item.comm
             elif t is Process or t is Trailer:
                 continue
             else:

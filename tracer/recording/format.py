@@ -31,8 +31,8 @@ from tracer import events as _events
 from tracer.errors import TracerError
 from tracer.events import Addr, CallEvent, Timespec, Timeval, Timezone, Unreadable
 
-__all__ = ["MAGIC", "VERSION", "RecordingError", "Writer", "Reader", "Process", "Trailer",
-           "Damage"]
+__all__ = ["MAGIC", "VERSION", "RecordingError", "Writer", "Reader", "Process", "Name",
+           "Trailer", "Damage"]
 
 MAGIC = b"VDSOREC\n"
 VERSION = 1
@@ -52,6 +52,7 @@ T_CALL, T_EVENT, T_END = 16, 17, 18
 # caller, site, stack, number of `out` items (each: u32 key, a value)
 _CALL = struct.Struct("<BIIdIIqIBIqIIIB")
 _F_FALLBACK, _F_NS_RELATIVE = 1, 2
+_CALL_FIELDS = len(CallEvent._fields)
 _DEF2 = struct.Struct("<BII")           # STR: tag, id, length (then the UTF-8 bytes)
 _FUNC = struct.Struct("<BIII")          # tag, id, func, symbol
 _CALLER = struct.Struct("<BIQII")       # tag, id, address, text, symbol
@@ -97,10 +98,10 @@ class Writer:
         self.calls = 0
         self.bytes_written = 0
         self._strs: dict[str, int] = {}
-        self._funcs: dict[tuple[str, str], int] = {}
+        self._funcs: dict[str, tuple[int, str]] = {}          # symbol -> (id, func)
         self._args: dict[int, tuple[dict[str, Any], int]] = {}   # id(dict) -> (dict, id)
         self._args_by_value: dict[tuple[Any, ...], int] = {}
-        self._callers: dict[tuple[int, str, str | None], int] = {}
+        self._callers: dict[int, tuple[int, str, str | None]] = {}  # address -> (id, names)
         self._stacks: dict[tuple[str, ...], int] = {}
         self._classes: dict[type, tuple[int, tuple[str, ...]]] = {}
         self._next = 1
@@ -119,16 +120,19 @@ class Writer:
             return 0
         n = self._strs.get(s)
         if n is None:
+            if len(self._strs) > 1 << 18:
+                self._strs.clear()  # ids already written stay valid in the reader
             n = self._strs[s] = self._id()
             b = _enc_str(s)
             self.buf += _DEF2.pack(T_STR, n, len(b))
             self.buf += b
         return n
 
-    def _func(self, func: str, symbol: str) -> int:
-        n = self._funcs[(func, symbol)] = self._id()
+    def _func(self, func: str, symbol: str) -> tuple[int, str]:
+        n = self._id()
         self.buf += _FUNC.pack(T_FUNC, n, self.sid(func), self.sid(symbol))
-        return n
+        r = self._funcs[symbol] = (n, func)
+        return r
 
     def _argmap(self, args: dict[str, Any]) -> int:
         # the engine hands the same dict for the same raw arguments (its cache): by identity
@@ -152,14 +156,19 @@ class Writer:
         self._args[id(args)] = (args, n)
         return n
 
-    def _caller(self, key: tuple[int, str, str | None]) -> int:
+    def _caller(self, key: tuple[int, str, str | None]) -> tuple[int, str, str | None]:
         text, sym = self.sid(key[1]), self.sid(key[2])
-        n = self._callers[key] = self._id()
+        n = self._id()
         self.buf += _CALLER.pack(T_CALLER, n, key[0] & 0xFFFFFFFFFFFFFFFF, text, sym)
-        return n
+        if len(self._callers) > 65536:
+            self._callers.clear()
+        r = self._callers[key[0]] = (n, key[1], key[2])
+        return r
 
     def _stack(self, stack: tuple[str, ...]) -> int:
         ids = [self.sid(s) for s in stack]
+        if len(self._stacks) > 65536:
+            self._stacks.clear()
         n = self._stacks[stack] = self._id()
         self.buf += _HEAD_N.pack(T_STACK, n, len(ids))
         self.buf += struct.pack(f"<{len(ids)}I", *ids)
@@ -222,25 +231,29 @@ class Writer:
 
     # ---------------------------------------------------------------- records
     def call(self, e: CallEvent) -> None:
-        fk = (e.func, e.symbol)
-        fid = self._funcs.get(fk) or self._func(*fk)
-        hit = self._args.get(id(e.args))
-        aid = hit[1] if hit is not None and hit[0] is e.args else self._argmap(e.args)
-        ck = (e.caller, e.caller_text, e.caller_symbol)
-        cid = self._callers.get(ck) or self._caller(ck)
-        st = e.stack
-        stid = 0 if st is None else (self._stacks.get(st) or self._stack(st))
+        if len(e) != _CALL_FIELDS:  # a CallEvent with fields this layout does not know
+            self.event(e)
+            return
+        (pid, tid, t, func, symbol, args, ret, errno, out, fallback, reason, dur, caller,
+         ctext, csym, stack, ns_rel, site) = e
+        fid = self._funcs.get(symbol)
+        if fid is None or fid[1] != func:
+            fid = self._func(func, symbol)
+        hit = self._args.get(id(args))
+        aid = hit[1] if hit is not None and hit[0] is args else self._argmap(args)
+        cid = self._callers.get(caller)
+        if cid is None or cid[1] != ctext or cid[2] != csym:
+            cid = self._caller((caller, ctext, csym))
         strs = self._strs
-        errno = 0 if e.errno is None else (strs.get(e.errno) or self.sid(e.errno))
-        reason = (0 if e.fallback_reason is None
-                  else strs.get(e.fallback_reason) or self.sid(e.fallback_reason))
-        site = 0 if e.site is None else (strs.get(e.site) or self.sid(e.site))
-        out = e.out
         try:
-            head = _CALL.pack(T_CALL, e.pid, e.tid, e.time, fid, aid, e.ret, errno,
-                              (_F_FALLBACK if e.fallback else 0)
-                              | (_F_NS_RELATIVE if e.ns_relative else 0),
-                              reason, e.duration_ns, cid, site, stid, len(out))
+            head = _CALL.pack(
+                T_CALL, pid, tid, t, fid[0], aid, ret,
+                0 if errno is None else (strs.get(errno) or self.sid(errno)),
+                (_F_FALLBACK if fallback else 0) | (_F_NS_RELATIVE if ns_rel else 0),
+                0 if reason is None else (strs.get(reason) or self.sid(reason)),
+                dur, cid[0], 0 if site is None else (strs.get(site) or self.sid(site)),
+                0 if stack is None else (self._stacks.get(stack) or self._stack(stack)),
+                len(out))
         except struct.error:        # a field outside its width: the generic layout
             self.event(e)
             return
@@ -249,14 +262,14 @@ class Writer:
         v: Any
         for k, v in out.items():
             ks = strs.get(k) or self.sid(k)
-            t = type(v)
-            if t is Timespec:
+            ty = type(v)
+            if ty is Timespec:
                 try:
                     buf += _KEY_TS.pack(ks, V_TIMESPEC, v.tv_sec, v.tv_nsec)
                     continue
                 except struct.error:
                     pass
-            elif t is int and -(1 << 63) <= v < (1 << 63):
+            elif ty is int and -(1 << 63) <= v < (1 << 63):
                 buf += _KEY_INT.pack(ks, V_INT, v)
                 continue
             val = self.value(v)
@@ -314,6 +327,14 @@ class Process:
     abi: str
     vdso_base: int
     image: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    """A thread's comm as read at this point of the trace (None: it was gone)."""
+    pid: int
+    tid: int
+    comm: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,7 +537,7 @@ class Reader:
             return Process(pid, self._str(abi) or "?", base, d[p:p + ln]), p + ln
         if tag == T_NAME:
             _, pid, tid, comm = _NAME.unpack_from(d, p)
-            return (pid, tid, self._str(comm)), p + _NAME.size
+            return Name(pid, tid, self._str(comm)), p + _NAME.size
         if tag == T_END:
             v, p = self._value(d, p + 1)
             if not isinstance(v, dict):
