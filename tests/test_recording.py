@@ -239,3 +239,16 @@ def test_report_filters_and_refuses(tmp_path: Path) -> None:
 
 if __name__ == "__main__":        # regenerate the fixture (only with a VERSION change)
     FIXTURE.write_bytes(_write(_events()))
+
+
+def test_report_of_a_forged_file(tmp_path: Path) -> None:
+    """Valid checksums around fields of the wrong type: one line, not a traceback."""
+    evs = _events()
+    forged = AttachEvent(100, 100, T0, 0x1000, "x86_64", "tsc", True, None, 1,
+                         123, None, True)  # type: ignore[arg-type]
+    p = tmp_path / "forged.rec"
+    p.write_bytes(_write(evs[1:5] + [forged] + evs[5:]))
+    r = _report(p)
+    assert r.returncode == 1
+    assert len(r.stderr.splitlines()) == 1 and "cannot be rendered" in r.stderr, r.stderr
+    assert len(r.stdout.splitlines()) == 4

@@ -219,3 +219,40 @@ def test_record_spawned_and_refusals(target_bin, tmp_path):
         assert r2.returncode != 0 and len(r2.stderr.splitlines()) == 1, r2.stderr
         assert what in r2.stderr and "Traceback" not in r2.stderr
     assert not (tmp_path / "x.rec").exists() and not (tmp_path / "y.rec").exists()
+
+
+def test_recorder_killed_leaves_a_readable_file(target_bin, tmp_path):
+    """SIGKILL of `record` mid-run: the chunks written so far (one per engine tick) are read,
+    and report says in one line that the recording was cut short."""
+    rec = tmp_path / "k.rec"
+    trec = tmp_path / "k.jsonl"
+    proc = T.start(target_bin("tightloop"), trec, "--calls", "100000000")
+    err = tmp_path / "k.stderr"
+    with open(err, "wb") as se:
+        p = subprocess.Popen(T._tracer_argv(["record", "-p", str(proc.pid), "-o", str(rec),
+                                             "--inject"]),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=se,
+                             cwd=T.REPO, env=T.tracer_env())
+    T._track(p)
+    deadline = time.monotonic() + T.ATTACH_TIMEOUT
+    while "--- vdsotrace attached" not in err.read_text(errors="replace"):
+        assert p.poll() is None and time.monotonic() < deadline, err.read_text()
+        time.sleep(0.02)
+    T.go(proc)
+    deadline = time.monotonic() + 20
+    while rec.stat().st_size < 200_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.kill()
+    p.wait(10)
+    r = T.run_tracer(["report", str(rec), "--json"], timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "cut short" in r.stderr or "truncated" in r.stderr, r.stderr
+    calls = [json.loads(x) for x in r.stdout.splitlines()]
+    assert calls[0]["event"] == "attach"
+    calls = [e for e in calls if e["event"] == "call"]
+    assert len(calls) > 1000
+    # in order, one thread, each a valid clock_gettime
+    assert all(c["func"] == "clock_gettime" and c["ret"] == 0 for c in calls)
+    assert [c["out"]["tp"] for c in calls] == sorted(
+        (c["out"]["tp"] for c in calls), key=lambda tp: (tp["tv_sec"], tp["tv_nsec"]))

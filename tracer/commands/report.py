@@ -34,18 +34,21 @@ def _prescan(path: str) -> tuple[list[bytes], list[str], dict[str, Any] | None]:
     funcs: list[str] = []
     with _open(path) as f:
         r = Reader(f, path)
-        for item in r.items():
-            if isinstance(item, Process):
-                if item.image and item.image not in images:
-                    images.append(item.image)
-            elif isinstance(item, AttachEvent):
-                funcs.extend(x for x in item.functions if x not in funcs)
-            elif isinstance(item, CallEvent) and item.func not in funcs:
-                funcs.append(item.func)
+        try:
+            for item in r.items():
+                if isinstance(item, Process):
+                    if item.image and item.image not in images:
+                        images.append(item.image)
+                elif isinstance(item, AttachEvent):
+                    funcs.extend(str(x) for x in item.functions if x not in funcs)
+                elif isinstance(item, CallEvent) and item.func not in funcs:
+                    funcs.append(str(item.func))
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+            pass                    # a forged event: the rendering pass says where
         trailer = r.trailer.values if r.trailer is not None else None
-    if trailer is not None:
-        funcs = [str(x) for x in trailer.get("functions") or []] + [
-            x for x in funcs if x not in (trailer.get("functions") or [])]
+    listed = trailer.get("functions") if trailer is not None else None
+    if isinstance(listed, list):
+        funcs = [str(x) for x in listed] + [x for x in funcs if x not in listed]
     return images, funcs, trailer
 
 
@@ -61,11 +64,12 @@ def run_report(ns: argparse.Namespace) -> int:
     names: dict[tuple[int, int], str | None] = {}
     out.add_views(hist=ns.hist, perfetto=ns.perfetto,
                   names=lambda pid, tid: names.get((pid, tid)))
-    stats = ReplayStats(sel.order, header.get("clocksource"),
-                        int(trailer.get("lost", 0)) if trailer else 0)
+    lost = trailer.get("lost", 0) if trailer else 0
+    stats = ReplayStats(sel.order, header.get("clocksource"), lost if type(lost) is int else 0)
     depth = ns.stack
     had_stacks = False
     write, add = out.write_event, stats.add
+    bad: str | None = None
     try:
         for item in reader.items():
             t = type(item)
@@ -94,11 +98,19 @@ def run_report(ns: argparse.Namespace) -> int:
                     continue
                 add(e)
                 write(e)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        # fields of the wrong type in records whose checksums hold: not written by vdsotrace
+        bad = f"an event that cannot be rendered ({type(e).__name__}): a foreign or forged file"
     finally:
         f.close()
         if reader.trailer is not None:
-            out.end_time = reader.trailer.values.get("end_time")
+            end = reader.trailer.values.get("end_time")
+            out.end_time = end if isinstance(end, float) else None
         out.finish(stats)
+    if bad is not None:
+        sys.stderr.write(f"vdsotrace: {path}: {bad}, at byte {reader.offset}: the events "
+                         "before it are shown\n")
+        return 1
     if depth and not had_stacks and not reader.damage:
         sys.stderr.write("vdsotrace: this recording has no stacks (record with --stack to "
                          "have them)\n")

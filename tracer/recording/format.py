@@ -380,6 +380,7 @@ class Reader:
     _stacks: dict[int, tuple[str, ...]] = field(default_factory=dict)
     _classes: dict[int, tuple[type | None, tuple[str, ...]]] = field(default_factory=dict)
     _offset: int = 0
+    _chunk_at: int = 0
 
     def __post_init__(self) -> None:
         pre = self.f.read(_PRELUDE.size)
@@ -409,10 +410,15 @@ class Reader:
         self.header = hdr
         self._offset = _PRELUDE.size + n + 4
 
+    @property
+    def offset(self) -> int:
+        """Where the chunk being read starts (or the end of what was read)."""
+        return self._chunk_at
+
     # ---------------------------------------------------------------- chunks
     def items(self) -> Iterator[Any]:
         while True:
-            at = self._offset
+            at = self._chunk_at = self._offset
             head = self.f.read(_CHUNK.size)
             if not head:
                 if self.trailer is None:
