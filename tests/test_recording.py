@@ -111,6 +111,18 @@ def test_round_trip_every_event_type() -> None:
     assert r.trailer.values["functions"] == ["clock_gettime", "gettimeofday", "time"]
 
 
+def test_an_image_is_written_once() -> None:
+    f = io.BytesIO()
+    w = Writer(f, HEADER)
+    for pid in range(100, 110):
+        w.process(pid, "x86_64", 0x7F0000000000, b"I" * 8192)
+    w.end({})
+    assert len(f.getvalue()) < 8192 + 1000
+    r, items = _read(f.getvalue())
+    assert [i for i in items if isinstance(i, Process)] == [
+        Process(pid, "x86_64", 0x7F0000000000, b"I" * 8192) for pid in range(100, 110)]
+
+
 def test_strings_are_interned() -> None:
     """A repeated call costs its fixed record and its out value only."""
     one = _write(_events()[:3])

@@ -45,7 +45,8 @@ MAX_CHUNK = 64 << 20            # larger lengths are damage, not data
 MAX_HEADER = 16 << 20
 
 # record tags
-T_STR, T_FUNC, T_ARGS, T_CALLER, T_STACK, T_CLASS, T_PROCESS, T_NAME = 1, 2, 3, 4, 5, 6, 7, 8
+T_STR, T_FUNC, T_ARGS, T_CALLER, T_STACK, T_CLASS, T_PROCESS, T_NAME, T_IMAGE = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9)
 T_CALL, T_EVENT, T_END = 16, 17, 18
 
 # CALL: tag, pid, tid, time, func, args, ret, errno, flags, fallback_reason, duration_ns,
@@ -58,7 +59,8 @@ _FUNC = struct.Struct("<BIII")          # tag, id, func, symbol
 _CALLER = struct.Struct("<BIQII")       # tag, id, address, text, symbol
 _HEAD_N = struct.Struct("<BIH")         # ARGS / STACK: tag, id, count
 _CLASS = struct.Struct("<BIIH")         # tag, id, name, count (then count field-name ids)
-_PROCESS = struct.Struct("<BIIQI")      # tag, pid, abi, vdso base, image length (then image)
+_PROCESS = struct.Struct("<BIIQI")      # tag, pid, abi, vdso base, IMAGE id
+_IMAGE = struct.Struct("<BII")          # tag, id, length (then the image)
 _NAME = struct.Struct("<BIII")          # tag, pid, tid, comm
 _EVENT = struct.Struct("<BI")           # tag, class id (then one value per field)
 
@@ -104,6 +106,7 @@ class Writer:
         self._callers: dict[int, tuple[int, str, str | None]] = {}  # address -> (id, names)
         self._stacks: dict[tuple[str, ...], int] = {}
         self._classes: dict[type, tuple[int, tuple[str, ...]]] = {}
+        self._images: dict[bytes, int] = {}
         self._next = 1
         head = json.dumps(header, sort_keys=True).encode()
         self._write(_PRELUDE.pack(MAGIC, VERSION, 0, len(head)) + head
@@ -294,9 +297,14 @@ class Writer:
             self.flush()
 
     def process(self, pid: int, abi: str, base: int, image: bytes) -> None:
-        """The vDSO image of a process (at its attach or exec), before that event."""
-        self.buf += _PROCESS.pack(T_PROCESS, pid, self.sid(abi), base, len(image))
-        self.buf += image
+        """The vDSO image of a process (at its attach or exec), before that event; each
+        distinct image is written once."""
+        n = self._images.get(image, 0) if image else 0
+        if image and not n:
+            n = self._images[image] = self._id()
+            self.buf += _IMAGE.pack(T_IMAGE, n, len(image))
+            self.buf += image
+        self.buf += _PROCESS.pack(T_PROCESS, pid, self.sid(abi), base, n)
 
     def name(self, pid: int, tid: int, comm: str | None) -> None:
         """A thread's comm as it was read at this point of the trace."""
@@ -379,6 +387,7 @@ class Reader:
     _callers: dict[int, tuple[int, str, str | None]] = field(default_factory=dict)
     _stacks: dict[int, tuple[str, ...]] = field(default_factory=dict)
     _classes: dict[int, tuple[type | None, tuple[str, ...]]] = field(default_factory=dict)
+    _images: dict[int, bytes] = field(default_factory=dict)
     _offset: int = 0
     _chunk_at: int = 0
 
@@ -536,11 +545,16 @@ class Reader:
                      else set(getattr(cls, "_fields")))
             return cls(**{k: v for k, v in vals.items() if k in known}), p
         if tag == T_PROCESS:
-            _, pid, abi, base, ln = _PROCESS.unpack_from(d, p)
-            p += _PROCESS.size
+            _, pid, abi, base, n = _PROCESS.unpack_from(d, p)
+            image = self._images[n] if n else b""
+            return Process(pid, self._str(abi) or "?", base, image), p + _PROCESS.size
+        if tag == T_IMAGE:
+            _, n, ln = _IMAGE.unpack_from(d, p)
+            p += _IMAGE.size
             if p + ln > len(d):
                 raise _Short()
-            return Process(pid, self._str(abi) or "?", base, d[p:p + ln]), p + ln
+            self._images[n] = d[p:p + ln]
+            return None, p + ln
         if tag == T_NAME:
             _, pid, tid, comm = _NAME.unpack_from(d, p)
             return Name(pid, tid, self._str(comm)), p + _NAME.size
