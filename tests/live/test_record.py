@@ -256,3 +256,18 @@ def test_recorder_killed_leaves_a_readable_file(target_bin, tmp_path):
     assert all(c["func"] == "clock_gettime" and c["ret"] == 0 for c in calls)
     assert [c["out"]["tp"] for c in calls] == sorted(
         (c["out"]["tp"] for c in calls), key=lambda tp: (tp["tv_sec"], tp["tv_nsec"]))
+
+
+def test_report_summary_of_inject_recording(target_bin, tmp_path):
+    """--inject: report -c has the rows (calls, fallbacks, errors per function) of a live
+    `trace --inject -c` of the same program (which, counting ring records without events,
+    names no sites or reasons; the report does, from the recorded calls)."""
+    binary = target_bin("vcalls")
+    _, rec, record = _record(binary, tmp_path, [], ["--inject"], "irec")
+    live_c = _live_trace(binary, tmp_path, ["--inject", "-c"], "ic")
+    rep_c = _report(rec, "-c")
+    a, b = _summary_shape(rep_c), _summary_shape(live_c)
+    assert a["rows"] and a["rows"] == b["rows"], f"report -c:\n{rep_c}\nlive -c:\n{live_c}"
+    calls = Counter(r["func"] for r in record)
+    assert {f: int(v[0]) for f, v in a["rows"].items() if f != "total"} == dict(calls)
+    assert sum(a["sites"].values()) > 0
