@@ -70,8 +70,12 @@ def run_report(ns: argparse.Namespace) -> int:
     had_stacks = False
     write, add = out.write_event, stats.add
     bad: str | None = None
+    gone: list[bool] = []
+    out.on_broken = lambda: gone.append(True)     # `report FILE | head`: stop reading
     try:
         for item in reader.items():
+            if gone:
+                break
             t = type(item)
             if t is CallEvent:
                 e: Event | None = sel.keep(item)

@@ -1,5 +1,6 @@
 """The recording format (`vdsotrace record` writes it, `vdsotrace report` reads it): the events
-the engine hands to its sink, serialized compactly. README.md, "Recordings", documents it.
+the engine hands to its sink, serialized compactly. README.md ("The recording format")
+documents it.
 
     prelude   8s magic b"VDSOREC\\n", u16 version, u16 flags (0), u32 n
     header    n bytes of UTF-8 JSON (tool version, host arch, command or pids, options,
