@@ -89,6 +89,16 @@ def _add_pid(p: argparse.ArgumentParser | Any, required: bool = False,
     p.add_argument("-p", "--pid", type=_pid, required=required, metavar="PID", help=what)
 
 
+def _reuse_options(src: argparse.ArgumentParser, dst: argparse.ArgumentParser,
+                   names: set[str], keep: bool = False) -> None:
+    """`record` and `report` take `trace`'s own option definitions: those named (keep=True),
+    or all but those."""
+    for action in src._actions:
+        if action.dest == "help" or (action.dest in names) != keep:
+            continue
+        dst._add_action(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tracer import __version__
     p = _Parser(prog=PROG, description="Trace the virtual system calls a process makes through "
@@ -160,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "default 32, as strace)")
     t.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
                    help="start CMD ARGS... and trace it from its first instruction")
+
+    r = sub.add_parser("record", help="record vDSO calls into a binary file, for `report`",
+                       description="Trace as `trace` does (the same engines and options), "
+                       "writing every event into a compact binary recording instead of text; "
+                       "`vdsotrace report FILE` renders it later.")
+    r.add_argument("-o", dest="output", metavar="FILE", required=True,
+                   help="the recording to write")
+    _reuse_options(t, r, {"output", "json", "summary", "timing", "hist", "perfetto"})
+
+    rp = sub.add_parser("report", help="render a recording as `trace` would have printed it",
+                        description="Render a recording made by `vdsotrace record`: the "
+                        "events a live `trace` with these options would have printed (text, "
+                        "--json, -c, --hist, --perfetto), selected by -e at report time.")
+    rp.add_argument("file", metavar="FILE", help="a recording written by `record -o FILE`")
+    rp.add_argument("-o", dest="output", metavar="OUT",
+                    help="write to OUT instead of stdout")
+    _reuse_options(t, rp, {"funcs", "json", "summary", "timing", "hist", "perfetto", "stack"},
+                   keep=True)
 
     a = sub.add_parser("auxv", help="the tracee's auxiliary vector, decoded",
                        description="The process's auxiliary vector, decoded, in the kernel's "
@@ -293,8 +321,23 @@ def _cmd_console(ns: argparse.Namespace) -> int:
     return run_console(pid=ns.pid, cmd=cmd)
 
 
+def _cmd_record(ns: argparse.Namespace) -> int:
+    from tracer.commands.record import run_record
+    # the rendering options are `report`'s: a recording holds every event
+    ns.json = ns.timing = ns.summary = ns.hist = False
+    ns.perfetto = None
+    return run_record(_trace_args(ns, "record"))
+
+
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from tracer.commands.report import run_report
+    ns.funcs = _trace_specs(ns.funcs)
+    return run_report(ns)
+
+
 _COMMANDS = {"auxv": _cmd_auxv, "vdso": _cmd_vdso, "dump": _cmd_dump, "disas": _cmd_disas,
-             "trace": _cmd_trace, "console": _cmd_console}
+             "trace": _cmd_trace, "console": _cmd_console, "record": _cmd_record,
+             "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ class Output:
         self.broken = False
         self.flushed = 0.0
         self.on_broken: Callable[[], None] | None = None   # the reader is gone: end the trace
+        self.end_time: float | None = None      # `report`: the recording's end, for --hist
         self._poll: select.poll | None = None
         try:
             if stat.S_ISFIFO(os.fstat(f.fileno()).st_mode):
@@ -148,7 +149,7 @@ class Output:
             hists = self.hist.histograms()
             if self.json:
                 pid = self.hist.pid or 0
-                self.lines.extend(hist_json_lines(hists, pid, pid, time.time()))
+                self.lines.extend(hist_json_lines(hists, pid, pid, self.end_time or time.time()))
             else:
                 if self.summary:
                     self.lines.append("")
