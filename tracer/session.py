@@ -30,6 +30,7 @@ from tracer.decoders.syscalls import (STRING_ARGS, clip_strings, read_entry_stri
                                       read_exit_strings)
 from tracer.disasm import gateway as find_gateway
 from tracer.guardian import Guardian
+from tracer.inject.layout import NSLOTS as _RING_SLOTS
 from tracer.errors import (AuxvError, ElfError, MemoryReadError, MemoryWriteError,
                            ProcessGone, TracerError, UnknownFunction, UsageError, VdsoError)
 from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
@@ -62,10 +63,9 @@ _FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
 # --inject: records drained between two looks at waitpid (about 0.5 ms of work each: ~10 us
-# per event built, ~1 us per record counted with -c), and the time a way out spends draining
+# per event built, ~1 us per record counted with -c)
 _DRAIN_BATCH = 64
 _DRAIN_BATCH_STATS = 512
-_DRAIN_LEAVE_S = 1.0
 _NAP_EMPTY = 0.0005     # --inject: the longest sleep when the ring is empty
 _SLICE_S = 0.0002       # --inject: the engine thread's time slice (sched.py)
 
@@ -935,7 +935,7 @@ class Session:
         rec = space.recorder
         if rec is None or not rec.installed:
             return
-        self._drain_for(_DRAIN_LEAVE_S)
+        self._drain_out()
         tids = [th.tid for th in threads if th.space is space and th.stopped]
         if not tids:
             self._emit(NoticeEvent(space.pid, space.pid, time.time(),
@@ -943,7 +943,7 @@ class Session:
                                    "a vfork child?): the recorder stays in it"))
             return
         rec.uninstall(tids)
-        self._drain_for(_DRAIN_LEAVE_S)
+        self._drain_out()
         for th in threads:
             if th.space is space and th.tid == tids[0]:
                 th.stopped = True
@@ -952,17 +952,25 @@ class Session:
     def _finish_recorder(self, space: _Space) -> None:
         """The process exited or exec'd: everything still in its ring, then the losses."""
         space.recorder.producers_stopped()
-        self._drain_for(_DRAIN_LEAVE_S)
+        self._drain_out()
         self._report_losses(space)
         space.recorder.abandon()
 
-    def _drain_for(self, seconds: float) -> None:
-        """Drain until the rings are empty, for at most `seconds`: on a way out the work must
-        end whatever the rings say (a producer we do not stop, a forked child sharing a
-        ring, may never let one run empty)."""
-        deadline = time.monotonic() + seconds
-        while self._drain_recorders(_DRAIN_BATCH_STATS) and time.monotonic() < deadline:
-            pass
+    def _drain_out(self) -> None:
+        """Drain until the rings are empty: on a way out every record a stub committed
+        becomes an event (or a count), since one left behind would be a call neither shown
+        nor counted as lost. Bounded by what the rings can hold, not by time (a full ring
+        takes seconds to drain when the tracer gets little CPU): a ring holds at most
+        _RING_SLOTS records and uninstall's pending list as many again; one round drains up
+        to a batch from every ring, so the rings' share of a producer we do not stop (a forked
+        child sharing a ring may never let one run empty) stays within the same bound."""
+        rings = sum(1 for s in self.spaces.values() if s.recorder is not None)
+        budget = rings * 2 * _RING_SLOTS
+        while budget > 0:
+            n = self._drain_recorders(_DRAIN_BATCH_STATS)
+            if not n:
+                break
+            budget -= n
 
     def _report_losses(self, space: _Space) -> None:
         rec = space.recorder
