@@ -941,6 +941,7 @@ class Session:
             self._emit(NoticeEvent(space.pid, space.pid, time.time(),
                                    "no thread of the process could be stopped (waiting for "
                                    "a vfork child?): the recorder stays in it"))
+            self._report_losses(space)
             return
         rec.uninstall(tids)
         self._drain_out()
@@ -2177,6 +2178,10 @@ class Session:
                 self._unpatch_space(space, threads)
                 return
             except ProcessGone:
+                # gone while we left: what its stubs committed is still in the ring (read
+                # through the tracer's own descriptor), and its losses are still to be told
+                if space.recorder is not None and space.recorder.installed:
+                    self._finish_recorder(space)
                 return
             except (MemoryWriteError, OSError) as e:
                 problem = str(e)
