@@ -1,0 +1,1 @@
+"""Per-architecture facts and code (tracer.arch.aarch64 so far)."""
