@@ -250,6 +250,7 @@ def test_branch_encoding_round_trips_on_the_image():
 
 
 def test_strip_pac():
-    mask = 0x007F000000000000                    # 48-bit VA, no tagging: bits 48-54
-    assert A.strip_pac(0x0023AAAAE5990040, mask) == 0x0000AAAAE5990040
+    mask = A.PAC_MASK_CHECKED                    # the machine's NT_ARM_PAC_MASK: bits 52-54
+    assert A.strip_pac(0x0050AAAAE5990040, mask) == 0x0000AAAAE5990040
     assert A.strip_pac(0xFFFF96E7C340, mask) == 0xFFFF96E7C340
+    assert A.strip_pac(0x0023AAAAE5990040, 0x007F000000000000) == 0x0000AAAAE5990040  # 48-bit VA

@@ -17,7 +17,8 @@ __all__ = [
     "AARCH64", "EM_AARCH64", "REG_NAMES", "NT_PRSTATUS", "NT_ARM_SYSTEM_CALL", "NT_ARM_PAC_MASK",
     "BRK_0", "SVC_0", "NOP", "INSN_SIZE", "PACIASP", "AUTIASP", "BTI_C", "B_RANGE",
     "NR_RT_SIGRETURN", "RT_SIGRETURN_CODE", "VDSO_VERSION", "VDSO_FUNCTIONS",
-    "UC_MCONTEXT", "SIGCONTEXT_PC", "SIGCONTEXT_SP", "encode_b", "decode_b", "strip_pac",
+    "UC_MCONTEXT", "SIGCONTEXT_PC", "SIGCONTEXT_SP", "PAC_MASK_CHECKED", "encode_b", "decode_b",
+    "strip_pac",
 ]
 
 EM_AARCH64 = 183                     # include/uapi/linux/elf-em.h
@@ -71,6 +72,27 @@ AARCH64 = Abi(
     # DWARF for the Arm 64-bit Architecture (AADWARF64): 0-30 are x0-x30, 31 is sp
     dwarf_regs=(*(f"r{i}" for i in range(31)), "sp"),
 )
+
+
+# ptrace on arm64, checked in the machine (tests/vm/test_ptrace_aarch64.py):
+# - NT_PRSTATUS fills 272 bytes (34 words). A thread interrupted in a blocking system call has
+#   pc rewound to its `svc #0` (the kernel restarts it) and x8 still holding its number.
+# - `brk #0` raises SIGTRAP with pc AT the brk (x86's int3 reports the byte after it): after
+#   writing the original instruction back, the thread resumes at pc as it is, nothing to rewind.
+#   At a function's entry the stop shows the call's arguments in x0-x7 and its return address
+#   in x30 (unsigned: a PAC-enabled callee signs x30 in its own prologue, after the entry).
+# - Writes to the tracee's code through /proc/PID/mem (or POKETEXT) reach its instruction
+#   fetch: the kernel's ptrace write path (access_remote_vm -> copy_to_user_page ->
+#   flush_ptrace_access, arch/arm64/mm/flush.c) makes the instruction cache coherent for an
+#   executable mapping. A brk planted over code called 20000 times just before is hit, and the
+#   original instruction written back runs 20000 more calls without a stale brk. (Under qemu's
+#   TCG any write invalidates translated code anyway; on hardware the kernel's flush does it.)
+# - PTRACE_SETREGSET(NT_PRSTATUS) writes the whole struct; a changed x0 at the entry stop is
+#   what the function runs with.
+# - NT_ARM_PAC_MASK gives data_mask == insn_mask == 0x0070000000000000 there (bits 52-54: the
+#   kernel's 52-bit user VA on -cpu max; 48-bit VA kernels give bits 48-54). Bit 55 selects
+#   the address half and is never part of the mask.
+PAC_MASK_CHECKED = 0x0070000000000000
 
 
 def encode_b(at: int, to: int, link: bool = False) -> bytes:
