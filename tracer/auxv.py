@@ -55,16 +55,17 @@ def parse_auxv(data: bytes, word: int) -> list[tuple[int, int]]:
     raise AuxvError("the auxiliary vector has no AT_NULL terminator: truncated or corrupt")
 
 
-def _hwcap_tables(abi: Abi | None) -> tuple[type[IntFlag], type[IntFlag]]:
-    """AT_HWCAP and AT_HWCAP2 flag tables of the traced process's machine (its ABI, from its
-    registers or its ELF header), never the tracer's: each architecture numbers its own bits."""
-    if abi is not None and abi.elf_machine == "EM_AARCH64":
-        from tracer.tables.hwcap_aarch64 import Hwcap2Aarch64, HwcapAarch64
-        return HwcapAarch64, Hwcap2Aarch64
-    return HwcapX86, Hwcap2X86           # x86_64 and i386 (AT_HWCAP is CPUID.1:EDX on both)
+def _hwcap_tables(abi: Abi | None) -> tuple[type[IntFlag] | None, type[IntFlag] | None]:
+    """AT_HWCAP and AT_HWCAP2 flag tables of the traced process's machine (its arch, from its
+    ELF header or registers), never the tracer's: each architecture numbers its own bits."""
+    if abi is None:
+        return HwcapX86, Hwcap2X86       # x86_64 and i386 (AT_HWCAP is CPUID.1:EDX on both)
+    return abi.hwcap_names()
 
 
-def _flags(value: int, flag_enum: type[IntFlag]) -> str:
+def _flags(value: int, flag_enum: type[IntFlag] | None) -> str:
+    if flag_enum is None:
+        return f"{value:#x}"
     names = [f.name or "" for f in flag_enum if value & f.value]
     rest = value & ~sum(f.value for f in flag_enum)
     if rest:

@@ -39,13 +39,14 @@ The stop's orig_rax (MARKER_BASE + index into `markers`) tells which site it is.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from tracer.abi import Abi
-from tracer.disasm import (JMP_REL32_LEN, branch_targets, disassemble, insn_length, relocate,
-                           sites)
+from tracer.arch import i386 as _i386
+from tracer.arch import x86_64 as _x86_64
+from tracer.arch.base import StubLayout
+from tracer.disasm import branch_targets, disassemble, insn_length, relocate, sites
 from tracer.errors import TracerError
 from tracer.seccomp import MARKER_BASE, MARKER_SPAN
 from tracer.target import Memory
@@ -54,25 +55,8 @@ from tracer.vdso import GATEWAY_SYMBOL, VdsoFunction, VdsoImage
 __all__ = ["ENTRY", "RET", "FALL", "EXIT", "Bp", "Patcher", "INT3", "StubLayout"]
 
 ENTRY, RET, FALL, EXIT = 0, 1, 2, 3
-INT3 = b"\xcc"
-NOP = b"\x90"
+INT3 = _x86_64.INT3          # kept for importers; the patcher uses its image's arch.trap
 _MAX_INSN = 15
-
-
-@dataclass(frozen=True, slots=True)
-class StubLayout:
-    """What the stub left on the stack at its int3: one struct unpacked from sp."""
-    struct: struct.Struct
-    retaddr: int                 # byte offset of the caller's return address (= sp at entry)
-    i_t1: int                    # indexes into the unpacked tuple
-    i_ret: int
-    i_t0: int
-    i_retaddr: int
-    i_args: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return self.struct.size
 
 
 @dataclass(slots=True)
@@ -161,7 +145,8 @@ class Patcher:
         self.markers, self.gw_real_ret, self.gw_range, self.gw_ret = [], 0, (0, 0), 0
         self.tsc = tsc
         gwf = self.image.function(GATEWAY_SYMBOL)
-        if self.abi.word == 4 and gwf is None:
+        gateway = self.abi is _i386.I386      # system calls go through __kernel_vsyscall
+        if gateway and gwf is None:
             markers = False
         self.marker_mode = markers
         data, base = self.image.data, self.base
@@ -180,8 +165,8 @@ class Patcher:
         def add(code: bytes, bounds: list[tuple[int, int]] | None = None) -> int:
             addr = here()
             blob.extend(code)
-            while len(blob) % 4:
-                blob.append(0xCC)           # never executed; keeps slots apart
+            if len(blob) % 4:
+                blob.extend(self.abi.fill(-len(blob) % 4))  # never executed; keeps slots apart
             if bounds is not None:
                 self.slots.append((addr, addr + len(code), bounds))
             return addr
@@ -206,10 +191,10 @@ class Patcher:
                                       f"{off - self.funcs[idx].image_offset:#x}: {e}") from e
                 slot = add(raw, bounds)
             self.bps[addr] = Bp(addr, kind, idx, slot, data[off])
-            self.patches.append((addr, INT3, data[off:off + 1]))
+            self.patches.append((addr, self.abi.trap, data[off:off + len(self.abi.trap)]))
 
         gwt = 0
-        if markers and self.abi.word == 4:
+        if markers and gateway:
             assert gwf is not None
             gwt, covered = self._trampoline(gwf, add)
             self.gw_range = (base + gwf.image_offset, base + gwf.image_offset + gwf.size)
@@ -232,20 +217,16 @@ class Patcher:
                 continue
             if markers:
                 for o in s.fallbacks:
-                    if self.abi.word == 4:
+                    if gateway:
                         if idx not in fb32:
-                            m = self._marker(FALL, idx, 24)
-                            code = (b"\x50\xb8" + m.to_bytes(4, "little") + b"\xe8\0\0\0\0"
-                                    + b"\x58\xe9\0\0\0\0")
+                            m = self._marker(FALL, idx, _i386.FALLBACK_SP_ADJ)
                             at = here()
-                            stub = bytearray(code)
-                            stub[7:11] = _rel(gwt, at + 11)
-                            stub[13:17] = _rel(self.gw_range[0], at + 17)
-                            add(bytes(stub))
-                            self.stub_returns.add(at + 11)
+                            code, ret = _i386.marker_fallback_stub(m, at, gwt, self.gw_range[0])
+                            add(code)
+                            self.stub_returns.add(ret)
                             fb32[idx] = at
-                        call = b"\xe8" + _rel(fb32[idx], base + o + 5)
-                        self.patches.append((base + o, call, data[o:o + 5]))
+                        call = self.abi.call(base + o, fb32[idx])
+                        self.patches.append((base + o, call, data[o:o + len(call)]))
                     else:
                         self._plan_fallback64(f, idx, o, targets, add, here)
             if layout is None:
@@ -275,7 +256,7 @@ class Patcher:
         the rest: `call` it to enter the kernel through the gateway whatever its entry holds."""
         data, base, abi = self.image.data, self.base, self.abi
         covered, lengths = 0, []
-        while covered < JMP_REL32_LEN:
+        while covered < abi.jump_len:
             n = insn_length(abi, data[gw.image_offset + covered:], base + gw.image_offset
                             + covered)
             lengths.append(n)
@@ -297,28 +278,18 @@ class Patcher:
         """i386 marker mode: __kernel_vsyscall enters gw_stub (see the module's docstring)."""
         data, base = self.image.data, self.base
         entry = base + gw.image_offset
+        abi = self.abi
         covered = 0
-        while covered < JMP_REL32_LEN:
-            covered += insn_length(self.abi, data[gw.image_offset + covered:], entry + covered)
+        while covered < abi.jump_len:
+            covered += insn_length(abi, data[gw.image_offset + covered:], entry + covered)
         at = here()
-        m_in = self._marker(ENTRY, idx, 16)
-        m_out = self._marker(RET, idx, 16)
-        c = bytearray()
-        c += b"\x50\xb8" + m_in.to_bytes(4, "little")        # push eax ; mov eax, M_ENTRY
-        c += b"\xe8" + _rel(gwt, at + len(c) + 5)             # call gwt (the entry stop)
-        self.stub_returns.add(at + len(c))
-        c += b"\x58"                                          # pop eax (the system call's nr)
-        c += b"\xe8" + _rel(gwt, at + len(c) + 5)             # call gwt (the system call)
-        self.gw_real_ret = at + len(c)
-        self.stub_returns.add(at + len(c))
-        c += b"\x50\xb8" + m_out.to_bytes(4, "little")       # push eax ; mov eax, M_RET
-        c += b"\xe8" + _rel(gwt, at + len(c) + 5)             # call gwt (the exit stop)
-        self.stub_returns.add(at + len(c))
-        c += b"\x58\xc3"                                      # pop eax ; ret
-        got = add(bytes(c))
+        m_in = self._marker(ENTRY, idx, _i386.GATEWAY_SP_ADJ)
+        m_out = self._marker(RET, idx, _i386.GATEWAY_SP_ADJ)
+        code, returns, self.gw_real_ret = _i386.gateway_stub(at, m_in, m_out, gwt)
+        self.stub_returns.update(returns)
+        got = add(code)
         assert got == at
-        jmp = b"\xe9" + _rel(at, entry + 5)
-        self.patches.append((entry, jmp + INT3 * (covered - JMP_REL32_LEN),
+        self.patches.append((entry, abi.jump(entry, at) + abi.fill(covered - abi.jump_len),
                              data[gw.image_offset:gw.image_offset + covered]))
         self.detour_ranges.append((entry, entry + covered))
 
@@ -329,7 +300,7 @@ class Patcher:
         insns = disassemble(self.image, f)
         k = next(i for i, x in enumerate(insns) if x.address == off)
         j = k
-        while off - insns[j].address < JMP_REL32_LEN:
+        while off - insns[j].address < abi.jump_len:
             j -= 1
             prev = insns[j] if j >= 0 else None
             if (prev is None or prev.target is not None or prev.is_ret or prev.is_syscall
@@ -341,28 +312,23 @@ class Patcher:
             raise TracerError(f"cannot patch the fallback of {f.symbol}+"
                               f"{off - f.image_offset:#x}: a branch lands before it")
         at = here()
-        m = self._marker(FALL, idx, 128 + 24)
-        c = bytearray()
-        c += b"\x48\x8d\x64\x24\x80"                       # lea rsp,[rsp-128] (red zone)
-        c += b"\x50\x51\x41\x53"                             # push rax, rcx, r11
-        c += b"\xb8" + m.to_bytes(4, "little") + b"\x0f\x05"  # mov eax, M ; syscall
-        c += b"\x41\x5b\x59\x58"                             # pop r11, rcx, rax
-        c += b"\x48\x8d\xa4\x24\x80\0\0\0"                 # lea rsp,[rsp+128]
+        m = self._marker(FALL, idx, _x86_64.MARKER_FALLBACK_SP_ADJ)
+        c = bytearray(_x86_64.marker_fallback_head(m))
         bounds = [(0, base + start)]
         for x in insns[j:k]:
             bounds.append((len(c), base + x.address))
             raw, _ = relocate(abi, x.raw, base + x.address, at + len(c), tail=False)
             c += raw
         bounds.append((len(c), base + off))
-        c += b"\x0f\x05"                                       # the syscall
+        c += abi.syscall_insn                                  # the syscall
         end = off + insns[k].size
         bounds.append((len(c), base + end))
-        c += b"\xe9" + _rel(base + end, at + len(c) + 5)
+        c += abi.jump(at + len(c), base + end)
         got = add(bytes(c), bounds)
         assert got == at
         self.markers[-1].addr = at
-        self.patches.append((base + start, b"\xe9" + _rel(at, base + start + 5)
-                             + data[start + 5:off], data[start:off]))
+        jmp = abi.jump(base + start, at)
+        self.patches.append((base + start, jmp + data[start + len(jmp):off], data[start:off]))
         self.detour_ranges.append((base + start, base + off))
 
     def _plan_stub(self, f: VdsoFunction, idx: int, nargs: int, targets: set[int],
@@ -372,7 +338,7 @@ class Patcher:
         # The instructions the 5-byte jmp covers; no branch may land inside them.
         covered = 0
         lengths = []
-        while covered < JMP_REL32_LEN:
+        while covered < abi.jump_len:
             try:
                 n = insn_length(abi, data[f.image_offset + covered:], base + f.image_offset
                                 + covered)
@@ -386,22 +352,19 @@ class Patcher:
         entry = base + f.image_offset
         stub_addr = here()  # type: ignore[operator]
         marker = self.marker_mode
-        if abi.word == 8:
-            code, layout, exit_off, call_off = _stub_x86_64(marker, self.tsc)
-        else:
-            code, layout, exit_off, call_off = _stub_i386(nargs, marker, self.tsc)
+        code, layout, exit_off, call_off = abi.stub(nargs, marker, self.tsc)
         body_addr = stub_addr + ((len(code) + 3) & ~3)   # add() pads to 4
         # call rel32 to the body, at call_off
         stub = bytearray(code)
         if marker:
-            m = self._marker(EXIT, idx, 0 if abi.word == 8 else 16)
-            stub[exit_off + 1:exit_off + 5] = m.to_bytes(4, "little")
-            if abi.word == 4:
-                stub[exit_off + 6:exit_off + 10] = _rel(gwt, stub_addr + exit_off + 10)
-                self.stub_returns.add(stub_addr + exit_off + 10)
+            if abi is _i386.I386:
+                m = self._marker(EXIT, idx, _i386.STUB_SP_ADJ)
+                self.stub_returns.add(_i386.fill_stub_marker(stub, exit_off, m, stub_addr, gwt))
+            else:
+                m = self._marker(EXIT, idx, 0)
+                _x86_64.fill_stub_marker(stub, exit_off, m)
             self.markers[-1].addr = stub_addr + exit_off
-        stub[call_off + 1:call_off + 5] = (body_addr - (stub_addr + call_off + 5)
-                                           & 0xFFFFFFFF).to_bytes(4, "little")
+        stub[call_off:call_off + 5] = abi.call(stub_addr + call_off, body_addr)
         body = bytearray()
         pos = 0
         for i, n in enumerate(lengths):
@@ -420,10 +383,9 @@ class Patcher:
         assert slot == body_addr
         exit_addr = stub_addr + exit_off
         if not marker:
-            self.bps[exit_addr] = Bp(exit_addr, EXIT, idx, 0, 0xCC)
+            self.bps[exit_addr] = Bp(exit_addr, EXIT, idx, 0, abi.trap[0])
         self.stub_returns.add(stub_addr + call_off + 5)
-        jmp = b"\xe9" + ((stub_addr - (entry + 5)) & 0xFFFFFFFF).to_bytes(4, "little")
-        new = jmp + INT3 * (covered - JMP_REL32_LEN)
+        new = abi.jump(entry, stub_addr) + abi.fill(covered - abi.jump_len)
         self.patches.append((entry, new, data[f.image_offset:f.image_offset + covered]))
         self.detour_ranges.append((entry, entry + covered))
         return layout
@@ -449,7 +411,8 @@ class Patcher:
         """Writes that leave no int3 a thread could still reach, whatever it is doing: the
         original code back, and a nop over each stub's exit int3 (for guardian.py)."""
         out = [(addr, orig) for addr, _, orig in self.patches]
-        out += [(bp.addr, b"\x90") for bp in self.bps.values() if bp.kind == EXIT]
+        nop = self.abi.nop
+        out += [(bp.addr, nop) for bp in self.bps.values() if bp.kind == EXIT]
         return out
 
     def clear_padding(self, mem: Memory) -> None:
@@ -461,7 +424,7 @@ class Patcher:
         place after the tracer is gone: a trap there would be a SIGTRAP nobody handles."""
         for bp in self.bps.values():
             if bp.kind == EXIT:
-                mem.write(bp.addr, NOP)
+                mem.write(bp.addr, self.abi.nop)
 
     def unplant(self, mem: Memory) -> None:
         """Put back every original byte, the padding included."""
@@ -493,15 +456,8 @@ class Patcher:
         gw = self.image.function(GATEWAY_SYMBOL)
         if gw is None:
             return None
-        depth = 0
-        for i in disassemble(self.image, gw, self.base):
-            if i.address == pc:
-                return depth
-            if i.mnemonic == "push":
-                depth += 4
-            elif i.mnemonic == "pop":
-                depth -= 4
-        return None
+        return _i386.gateway_stack_depth(
+            [(i.address, i.mnemonic) for i in disassemble(self.image, gw, self.base)], pc)
 
     def pc_back(self, pc: int) -> int | None:
         """The original address equivalent to a pc at an instruction boundary inside an
@@ -515,74 +471,6 @@ class Patcher:
         return None
 
 
-def _rel(dest: int, after: int) -> bytes:
-    """rel32 from the end of an instruction at `after` to `dest` (wrapping: i386 reaches all)."""
-    return ((dest - after) & 0xFFFFFFFF).to_bytes(4, "little")
-
-
-# rdtsc, or (the TSC disabled: prctl PR_SET_TSC, seccomp strict mode) `xor eax,eax; cdq`
-_RDTSC = {True: b"\x0f\x31", False: b"\x31\xc0\x99"}
-# the stop: an int3, or a marker (the number is filled in): x86_64 `mov eax, M; syscall`,
-# i386 `mov eax, M; call <gateway trampoline>` (rel32 filled in)
-_STOP64 = {False: INT3, True: b"\xb8\0\0\0\0\x0f\x05"}
-_STOP32 = {False: INT3, True: b"\xb8\0\0\0\0\xe8\0\0\0\0"}
-
-
-def _stub_x86_64(marker: bool = False, tsc: bool = True) -> tuple[bytes, StubLayout, int, int]:
-    """The call-through stub (System V AMD64: arguments in rdi rsi rdx rcx r8 r9; at a
-    function's entry rsp = 8 mod 16; rax, rdx and the flags are free to clobber at entry;
-    after the call rcx and r11, which a marker's syscall clobbers, are scratch too)."""
-    rdtsc = _RDTSC[tsc]
-    c = bytearray()
-    c += b"\x57\x56\x52\x51\x41\x50\x41\x51"      # push rdi, rsi, rdx, rcx, r8, r9
-    c += rdtsc                                    # rdtsc
-    c += b"\x48\xc1\xe2\x20\x48\x09\xd0"          # shl rdx,32 ; or rax,rdx
-    c += b"\x50"                                  # push rax (t0): 56 bytes pushed, rsp = 0 mod 16
-    c += b"\x48\x8b\x54\x24\x20"                  # mov rdx,[rsp+32] (the third argument again)
-    call_off = len(c)
-    c += b"\xe8\0\0\0\0"                          # call body
-    c += b"\x50"                                  # push rax (the return value)
-    c += rdtsc + b"\x48\xc1\xe2\x20\x48\x09\xd0"    # rdtsc ; shl ; or
-    c += b"\x50"                                  # push rax (t1)
-    exit_off = len(c)
-    c += _STOP64[marker]                          # the one stop
-    c += b"\x48\x8d\x64\x24\x08"                  # lea rsp,[rsp+8]   (drop t1)
-    c += b"\x58"                                  # pop rax           (the return value)
-    c += b"\x48\x8d\x64\x24\x38"                  # lea rsp,[rsp+56]  (t0, saved arguments)
-    c += b"\xc3"                                  # ret to the caller
-    # at the int3: t1, ret, t0, r9, r8, rcx, rdx, rsi, rdi, return address
-    layout = StubLayout(struct.Struct("<QqQ6QQ"), 72, 0, 1, 2, 9, (8, 7, 6, 5, 4, 3))
-    return bytes(c), layout, exit_off, call_off
-
-
-def _stub_i386(nargs: int, marker: bool = False,
-               tsc: bool = True) -> tuple[bytes, StubLayout, int, int]:
-    """cdecl: the arguments are on the stack above the return address; the stub copies them
-    so the body finds them where it expects, keeping 16-byte alignment (i386 psABI as
-    glibc uses it: esp = 12 mod 16 at a function's entry). eax and edx are free at entry."""
-    nargs = min(nargs, 6)
-    pad = (4 - 4 * nargs) % 16
-    rdtsc = _RDTSC[tsc]
-    c = bytearray()
-    c += rdtsc + b"\x52\x50"                      # rdtsc ; push edx ; push eax  (t0)
-    if pad:
-        c += b"\x8d\x64\x24" + bytes(((-pad) & 0xFF,))          # lea esp,[esp-pad]
-    disp = 8 + pad + 4 * nargs
-    for _ in range(nargs):
-        c += b"\xff\x74\x24" + bytes((disp,))     # push dword [esp+disp] (args, last first)
-    call_off = len(c)
-    c += b"\xe8\0\0\0\0"                          # call body
-    if nargs:
-        c += b"\x8d\x64\x24" + bytes((4 * nargs,))              # lea esp,[esp+4n]
-    c += b"\x50"                                  # push eax (the return value)
-    c += rdtsc + b"\x52\x50"                      # rdtsc ; push edx ; push eax  (t1)
-    exit_off = len(c)
-    c += _STOP32[marker]                          # the one stop (a marker keeps ecx edx)
-    c += b"\x8d\x64\x24\x08"                      # lea esp,[esp+8]
-    c += b"\x58"                                  # pop eax
-    c += b"\x8d\x64\x24" + bytes((8 + pad,))      # lea esp,[esp+8+pad]
-    c += b"\xc3"                                  # ret
-    # at the int3: t1 (8), ret (4), pad, t0 (8), return address, the arguments
-    layout = StubLayout(struct.Struct(f"<Qi{pad}xQI{nargs}I"), 12 + pad + 8, 0, 1, 2, 3,
-                        tuple(4 + i for i in range(nargs)))
-    return bytes(c), layout, exit_off, call_off
+# the call-through stubs, kept under their old names (tracer.arch builds them)
+_stub_x86_64 = _x86_64.stub_x86_64
+_stub_i386 = _i386.stub_i386

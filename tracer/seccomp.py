@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass
 
 from tracer import procfs, target
-from tracer.abi import Abi
+from tracer.abi import I386, X86_64, Abi
 from tracer.errors import MemoryWriteError, ProcessGone
 from tracer.vdso import GATEWAY_SYMBOL, VdsoImage
 
@@ -41,8 +41,8 @@ __all__ = ["MARKER_BASE", "MARKER_SPAN", "AUDIT_ARCH", "program", "run_filter", 
 
 MARKER_BASE = 0x3D5D0000
 MARKER_SPAN = 0x1000
-# include/uapi/linux/audit.h
-AUDIT_ARCH = {8: 0xC000003E, 4: 0x40000003}
+# include/uapi/linux/audit.h (each arch's audit_arch), by word size for old importers
+AUDIT_ARCH = {8: X86_64.audit_arch, 4: I386.audit_arch}
 # include/uapi/linux/seccomp.h
 _RET_ACTION_FULL = 0xFFFF0000
 ACTION_ALLOW = 0x7FFF0000
@@ -50,8 +50,6 @@ ACTION_LOG = 0x7FFC0000
 ACTION_TRACE = 0x7FF00000
 _SET_MODE_FILTER = 1
 _FILTER_FLAG_TSYNC = 1
-# arch/x86/entry/syscalls/syscall_64.tbl, syscall_32.tbl
-_NR_SECCOMP = {8: 317, 4: 354}
 _INSN = struct.Struct("<HBBI")      # struct sock_filter (include/uapi/linux/filter.h)
 _DATA_LEN = 64                      # sizeof(struct seccomp_data)
 
@@ -64,8 +62,8 @@ def _i(code: int, jt: int, jf: int, k: int) -> bytes:
 # BPF_RET|BPF_K 0x06 (include/uapi/linux/bpf_common.h)
 _PROGRAM = b"".join((
     _i(0x20, 0, 0, 4),                                   # A = arch
-    _i(0x15, 2, 0, AUDIT_ARCH[8]),                       # x86_64 -> nr check
-    _i(0x15, 1, 0, AUDIT_ARCH[4]),                       # i386 -> nr check
+    _i(0x15, 2, 0, X86_64.audit_arch),                   # x86_64 -> nr check
+    _i(0x15, 1, 0, I386.audit_arch),                     # i386 -> nr check
     _i(0x06, 0, 0, ACTION_ALLOW),
     _i(0x20, 0, 0, 0),                                   # A = nr
     _i(0x35, 0, 2, MARKER_BASE),
@@ -182,7 +180,7 @@ def _lets_through(prog: bytes, data: dict[int, int | None], allowed: tuple[int, 
 
 
 def _data(abi: Abi, nr: int, args: tuple[int, ...] | None) -> dict[int, int | None]:
-    d: dict[int, int | None] = {0: nr & 0xFFFFFFFF, 4: AUDIT_ARCH[abi.word]}
+    d: dict[int, int | None] = {0: nr & 0xFFFFFFFF, 4: abi.audit_arch}
     if args is not None:
         for i, v in enumerate(args[:6]):
             d[16 + 8 * i] = v & 0xFFFFFFFF
@@ -237,7 +235,7 @@ def check(pid: int, tids: list[int], abi: Abi, markers: int) -> Verdict:
                 return Verdict(False, False, "its own seccomp filter would not let vdsotrace's "
                                              "marker system calls through")
         if not have_all and not _lets_through(
-                p, _data(abi, _NR_SECCOMP[abi.word], (_SET_MODE_FILTER, _FILTER_FLAG_TSYNC)),
+                p, _data(abi, abi.syscall_number("seccomp"), (_SET_MODE_FILTER, _FILTER_FLAG_TSYNC)),
                 (ACTION_ALLOW,)):
             return Verdict(False, False, "its own seccomp filter forbids adding a filter")
     return Verdict(True, have_all, None)
@@ -276,9 +274,9 @@ def install(tid: int, mem: target.Memory, abi: Abi, scratch: int, site: int) -> 
     except MemoryWriteError as e:
         return f"cannot write the filter into it ({e})"
     try:
-        call = RemoteCaller(stepper, tid, site, abi.word)
+        call = RemoteCaller(stepper, tid, site, abi)
         try:
-            rv = call(_NR_SECCOMP[abi.word], _SET_MODE_FILTER, _FILTER_FLAG_TSYNC, fprog_at)
+            rv = call(abi.syscall_number("seccomp"), _SET_MODE_FILTER, _FILTER_FLAG_TSYNC, fprog_at)
         finally:
             call.restore()
     except (RemoteError, OSError) as e:
@@ -314,13 +312,15 @@ def ensure(pid: int, tids: list[int], mem: target.Memory, abi: Abi, scratch: int
 
 
 def syscall_site(image: VdsoImage, base: int) -> int | None:
-    """A system call instruction of the vDSO to run the installing call from: x86_64's first
-    `syscall`, i386's `int 0x80` in __kernel_vsyscall (remote.py needs a 2-byte one)."""
+    """A system call instruction of the vDSO (the arch's `syscall_insn`) to run the installing
+    call from: x86_64's first `syscall`, i386's `int 0x80` in __kernel_vsyscall (its only
+    entry to the kernel from which a thread returns where remote.py expects)."""
     from tracer.disasm import disassemble
+    insn = image.abi.syscall_insn
     for f in image.functions:
-        if image.abi.word == 4 and f.symbol != GATEWAY_SYMBOL:
+        if image.abi is I386 and f.symbol != GATEWAY_SYMBOL:
             continue
         for i in disassemble(image, f):
-            if i.raw in (b"\x0f\x05", b"\xcd\x80") and (image.abi.word == 8) == (i.raw == b"\x0f\x05"):
+            if i.raw == insn:
                 return base + i.address
     return None

@@ -10,29 +10,30 @@ address into a stub found anywhere else on such a thread's stack is a stale word
 earlier call, left in a slot no frame uses any more.
 
 A saved ip is told from any other word by the saved context around it (stackscan.saved_ip).
+`word`: the stack's arch (tracer.arch.Arch), or its word size for old callers.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from tracer.arch import Arch
 from tracer.errors import MemoryReadError
-from tracer.stackscan import scan
+from tracer.stackscan import arch_of, scan
 
 __all__ = ["interrupted", "SCAN_LIMIT"]
 
 SCAN_LIMIT = 64 * 1024        # bytes above sp looked at (stopping early at unreadable memory)
 
 
-def interrupted(read: Callable[[int, int], bytes], sp: int, word: int,
+def interrupted(read: Callable[[int, int], bytes], sp: int, word: int | Arch,
                 spans: list[tuple[int, int]], limit: int = SCAN_LIMIT) -> list[tuple[int, int]]:
     """The signal frames in [sp, sp + limit) (up to unreadable memory) that saved an ip in
     one of `spans` [lo, hi): (saved ip, saved sp) each, innermost first, at most a few
     dozen. A frame found this way may be stale (left by a handler that returned)."""
-    # the saved sp: sigcontext_64 has sp just before ip; sigcontext_32 has sp, bx, dx, cx,
-    # ax, trapno and err between them
-    sp_back = 8 if word == 8 else 28
+    arch = arch_of(word)
+    sp_back, word = arch.sigcontext_sp_back, arch.word       # the saved sp, before the ip
     frames: list[tuple[int, int]] = []
-    for hit in scan(read, sp, word, spans, lambda v: False, limit=limit):
+    for hit in scan(read, sp, arch, spans, lambda v: False, limit=limit):
         try:
             saved_sp = int.from_bytes(read(hit.at - sp_back, word), "little")
         except MemoryReadError:

@@ -11,45 +11,10 @@ Pure logic on registers and a memory reader; the engine does the ptrace dance:
   `SignalTracker.on_sigreturn` reads the context the kernel is about to restore and closes the
   matching delivery (LIFO per thread), or reports the anomaly.
 
-Frame layouts (arch/x86/include/asm/sigframe.h, built by arch/x86/kernel/signal_64.c and
-signal_32.c):
-
-x86_64 `struct rt_sigframe` (every handler, SA_SIGINFO or not)::
-
-    +0    char *pretcode            sa_restorer (x86_64 refuses a handler without SA_RESTORER)
-    +8    struct ucontext uc        uc_flags 8, uc_link 8, uc_stack 24, uc_mcontext 256,
-                                    uc_sigmask 8 (include/uapi/asm-generic/ucontext.h)
-    +312  struct siginfo info       (copied only for SA_SIGINFO handlers)
-
-  x64_setup_rt_frame: rdi = sig, rsi = &frame->info, rdx = &frame->uc, rax = 0, rsp = frame.
-
-i386 (IA-32 emulation) `struct rt_sigframe_ia32` (SA_SIGINFO handlers)::
-
-    +0    u32 pretcode              sa_restorer, else the vDSO's __kernel_rt_sigreturn
-    +4    int sig
-    +8    u32 pinfo                 = frame + 16
-    +12   u32 puc                   = frame + 144
-    +16   compat_siginfo_t info     128 bytes (SI_MAX_SIZE, include/uapi/asm-generic/siginfo.h)
-    +144  struct ucontext_ia32 uc   uc_mcontext at +20, its ip at +56
-
-  ia32_setup_rt_frame: eax = sig, edx = &frame->info, ecx = &frame->uc ("make -mregparm=3 work").
-
-i386 `struct sigframe_ia32` (plain handlers)::
-
-    +0    u32 pretcode              sa_restorer, else the vDSO's __kernel_sigreturn
-    +4    int sig
-    +8    struct sigcontext_32 sc   its ip at +56
-
-  ia32_setup_frame: eax = sig, edx = 0, ecx = 0.
-
-The two i386 frames are told apart by the rt frame's self-pointers (pinfo, puc): in a plain
-frame those words are the saved gs and fs selectors, never addresses inside the frame.
-
-Where the kernel finds the frame it restores (the trampoline's `ret` has popped pretcode;
-__kernel_sigreturn also pops sig):
-  x86_64 rt_sigreturn (15):  frame = sp - 8   (signal_64.c: regs->sp - sizeof(long))
-  i386 rt_sigreturn (173):   frame = sp - 4   (signal_32.c: regs->sp - 4)
-  i386 sigreturn (119):      frame = sp - 8   (signal_32.c: regs->sp - 8)
+Frame layouts: each arch's `sigframe` (tracer/arch/: x86_64.py, i386.py), with the kernel's
+frame structures they come from. Two kinds of handler entry: the handler's arguments only in
+registers (x86_64, arm64: always an rt frame), or also in the frame (i386: signo, and for an rt
+frame &info and &uc, told from a plain frame's saved selectors by being self-pointers).
 """
 from __future__ import annotations
 
@@ -59,6 +24,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from tracer.abi import I386, X86_64, Abi
+from tracer.arch.base import SigFrameLayout
 from tracer.errors import MemoryReadError
 from tracer.events import SignalEvent, SigreturnEvent
 from tracer.tables.signals import signame
@@ -82,54 +48,17 @@ class Anomaly(StrEnum):
     UNREADABLE_FRAME = "unreadable-frame"  # the context to restore cannot be read
 
 
-@dataclass(frozen=True, slots=True)
-class FrameLayout:
-    """One ABI's signal frames: offsets from the frame's start (the handler's sp at entry)."""
-    abi: str
-    word: int
-    # rt frame
-    rt_ip: int                   # saved ip: uc + uc_mcontext + sigcontext ip
-    rt_sigreturn_nr: int
-    rt_sigreturn_sp_adjust: int  # frame = sp - this at the entry of rt_sigreturn
-    # non-rt frame (i386 only)
-    plain_ip: int | None
-    sigreturn_nr: int | None
-    sigreturn_sp_adjust: int | None
-    # i386 rt frame's self-pointers, x86_64's handler argument registers: offsets of
-    # &info and &uc from the frame
-    rt_info: int
-    rt_uc: int
+FrameLayout = SigFrameLayout
 
-
-# x86_64: uc at +8 (after pretcode), uc_mcontext_ip = 40 + 128; info after the 304-byte
-# struct ucontext.
-_X86_64_UCONTEXT = 8 + 8 + 24 + 256 + 8
-# i386: compat_siginfo_t is SI_MAX_SIZE (128) bytes.
-_COMPAT_SIGINFO = 128
-
-
-LAYOUTS: dict[str, FrameLayout] = {
-    X86_64.name: FrameLayout(
-        abi=X86_64.name, word=8,
-        rt_ip=8 + X86_64.uc_mcontext_ip,
-        rt_sigreturn_nr=X86_64.rt_sigreturn_nr, rt_sigreturn_sp_adjust=8,
-        plain_ip=None, sigreturn_nr=None, sigreturn_sp_adjust=None,
-        rt_info=8 + _X86_64_UCONTEXT, rt_uc=8),
-    I386.name: FrameLayout(
-        abi=I386.name, word=4,
-        rt_ip=16 + _COMPAT_SIGINFO + I386.uc_mcontext_ip,
-        rt_sigreturn_nr=I386.rt_sigreturn_nr, rt_sigreturn_sp_adjust=4,
-        plain_ip=8 + I386.sigcontext_ip,
-        sigreturn_nr=I386.sigreturn_nr, sigreturn_sp_adjust=8,
-        rt_info=16, rt_uc=16 + _COMPAT_SIGINFO),
-}
+# each arch's frames (tracer.arch: Arch.sigframe)
+LAYOUTS: dict[str, FrameLayout] = {a.name: a.sigframe for a in (X86_64, I386)}
 
 
 def _layout(abi: Abi) -> FrameLayout:
-    try:
-        return LAYOUTS[abi.name]
-    except KeyError:
-        raise ValueError(f"no signal frame layout for ABI {abi.name}") from None
+    lay: FrameLayout | None = getattr(abi, "sigframe", None)
+    if lay is None or lay.abi != abi.name:
+        raise ValueError(f"no signal frame layout for ABI {abi.name}")
+    return lay
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,21 +94,22 @@ class Sigreturn:
 
 def is_sigreturn(abi: Abi, nr: int) -> bool:
     """Whether system call `nr` of `abi` restores a signal frame."""
-    lay = LAYOUTS.get(abi.name)
-    return lay is not None and (nr == lay.rt_sigreturn_nr or nr == lay.sigreturn_nr)
+    lay = abi.sigframe
+    return lay.abi == abi.name and (nr == lay.rt_sigreturn_nr or nr == lay.sigreturn_nr)
 
 
 def _word(data: bytes, off: int, word: int) -> int:
     return int.from_bytes(data[off:off + word], "little")
 
 
-def _entry_x86_64(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike,
-                  read: ReadMem) -> Delivery | None:
+def _entry_regs(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike,
+                read: ReadMem) -> Delivery | None:
+    """Frames whose handler arguments are only in registers (x86_64, arm64): always rt."""
     mask, w = abi.mask, lay.word
     sp, ip = regs[abi.sp] & mask, regs[abi.pc] & mask
-    # x64_setup_rt_frame: rdi = sig, rsi = &frame->info, rdx = &frame->uc
-    if ((regs["rdi"] & 0xFFFFFFFF) != signo or regs["rsi"] & mask != sp + lay.rt_info
-            or regs["rdx"] & mask != sp + lay.rt_uc):
+    r_sig, r_info, r_uc = lay.handler_regs
+    if ((regs[r_sig] & 0xFFFFFFFF) != signo or regs[r_info] & mask != sp + lay.rt_info
+            or regs[r_uc] & mask != sp + lay.rt_uc):
         return None
     try:
         restorer = _word(read(sp, w), 0, w)
@@ -189,12 +119,14 @@ def _entry_x86_64(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLi
     return Delivery(tid, signo, ip, restorer, resume, sp, True, abi.name)
 
 
-def _entry_i386(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike,
-                read: ReadMem) -> Delivery | None:
+def _entry_stack(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike,
+                 read: ReadMem) -> Delivery | None:
+    """Frames that hold signo and (rt) the &info/&uc pointers themselves (i386), the
+    registers too (rt) or zeros there (plain)."""
     mask, w = abi.mask, lay.word
     sp, ip = regs[abi.sp] & mask, regs[abi.pc] & mask
-    # ia32_setup_frame / ia32_setup_rt_frame: eax = sig ("make -mregparm=3 work")
-    if regs["rax"] & 0xFFFFFFFF != signo:
+    r_sig, r_info, r_uc = lay.handler_regs
+    if regs[r_sig] & 0xFFFFFFFF != signo:
         return None
     try:
         head = read(sp, 4 * w)               # pretcode, sig, pinfo, puc (rt) / gs, fs (plain)
@@ -205,13 +137,12 @@ def _entry_i386(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike
         return None
     rt = pinfo == sp + lay.rt_info and puc == sp + lay.rt_uc
     if rt:
-        # edx = &frame->info, ecx = &frame->uc
-        if regs["rdx"] & mask != pinfo or regs["rcx"] & mask != puc:
+        if regs[r_info] & mask != pinfo or regs[r_uc] & mask != puc:
             return None
         ip_off = lay.rt_ip
     else:
-        # edx = ecx = 0
-        if lay.plain_ip is None or regs["rdx"] & mask or regs["rcx"] & mask:
+        # a plain frame: both registers 0
+        if lay.plain_ip is None or regs[r_info] & mask or regs[r_uc] & mask:
             return None
         ip_off = lay.plain_ip
     try:
@@ -221,8 +152,6 @@ def _entry_i386(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike
     return Delivery(tid, signo, ip, restorer, resume, sp, rt, abi.name)
 
 
-_EntryParser = Callable[[FrameLayout, Abi, int, int, RegsLike, ReadMem], "Delivery | None"]
-_ENTRY: dict[str, _EntryParser] = {X86_64.name: _entry_x86_64, I386.name: _entry_i386}
 
 
 def parse_handler_frame(abi: Abi, tid: int, signo: int, regs: RegsLike,
@@ -233,7 +162,8 @@ def parse_handler_frame(abi: Abi, tid: int, signo: int, regs: RegsLike,
     `signo` (the step did not enter a handler: an ignored or default signal, a failed frame
     setup) or when the frame cannot be read.
     """
-    return _ENTRY[abi.name](_layout(abi), abi, tid, signo, regs, read)
+    lay = _layout(abi)
+    return (_entry_stack if lay.args_in_frame else _entry_regs)(lay, abi, tid, signo, regs, read)
 
 
 def sigreturn_frame(abi: Abi, nr: int, sp: int) -> tuple[int, int]:

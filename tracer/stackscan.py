@@ -8,26 +8,32 @@ the rest. The frame lies above the handler's sp, on the thread's stack or on its
 sigaltstack, which is where sp is while the handler runs; so a scan from sp upward finds
 both kinds.
 
-A saved ip is told from any other word by the saved context that follows it
-(arch/x86/include/uapi/asm/sigcontext.h, selectors from arch/x86/include/asm/segment.h):
-  x86_64 struct sigcontext_64: ... sp, ip, flags, cs (u16) = __USER_CS (0x33), ...
-  i386   struct sigcontext_32: ... ip, cs (u16) = __USER32_CS (0x23), __csh, flags, ...
-and eflags has its reserved bit 1 set and nothing above bit 21 (arch/x86/include/uapi/asm/
-processor-flags.h).
+A saved ip is told from any other word by the saved context around it: each arch's
+`saved_context` (tracer/arch/), e.g. on x86 the user code segment selector and the flags'
+reserved bits next to it.
+
+`word` is the stack's arch (tracer.arch.Arch) or, for old callers, its word size (8: x86_64,
+4: i386).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tracer.arch import I386, X86_64, Arch
 from tracer.errors import MemoryReadError
 
-__all__ = ["Hit", "scan", "mapping_end", "saved_ip", "SCAN_LIMIT"]
+__all__ = ["Hit", "scan", "mapping_end", "saved_ip", "arch_of", "SCAN_LIMIT"]
 
 SCAN_LIMIT = 256 * 1024       # bytes above sp looked at (stopping early at unmapped memory)
 _MAX_HITS = 64
 _PAGE = 4096
-_USER_CS = {8: 0x33, 4: 0x23}
+_BY_WORD = {8: X86_64, 4: I386}
+
+
+def arch_of(word: int | Arch) -> Arch:
+    """An arch given as itself or by word size (the two x86 ABIs)."""
+    return word if isinstance(word, Arch) else _BY_WORD[word]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,18 +43,9 @@ class Hit:
     signal: bool              # the ip of a signal frame's saved context (else a return address)
 
 
-def saved_ip(read: Callable[[int, int], bytes], at: int, word: int) -> bool:
+def saved_ip(read: Callable[[int, int], bytes], at: int, word: int | Arch) -> bool:
     """Is the word at `at` the ip of a saved signal context?"""
-    try:
-        if word == 8:
-            rest = read(at + 8, 10)                     # flags (8), cs (2)
-            flags, cs = int.from_bytes(rest[:8], "little"), int.from_bytes(rest[8:], "little")
-        else:
-            rest = read(at + 4, 8)                      # cs (2), __csh (2), flags (4)
-            cs, flags = int.from_bytes(rest[:2], "little"), int.from_bytes(rest[4:], "little")
-    except MemoryReadError:
-        return False
-    return cs == _USER_CS[word] and flags & 2 == 2 and flags >> 22 == 0
+    return arch_of(word).saved_context(read, at)
 
 
 def mapping_end(ranges: list[tuple[int, int]], sp: int) -> int | None:
@@ -61,7 +58,7 @@ def mapping_end(ranges: list[tuple[int, int]], sp: int) -> int | None:
     return None
 
 
-def scan(read: Callable[[int, int], bytes], sp: int, word: int,
+def scan(read: Callable[[int, int], bytes], sp: int, word: int | Arch,
          spans: list[tuple[int, int]], is_return: Callable[[int], bool],
          limit: int = SCAN_LIMIT, end: int | None = None) -> list[Hit]:
     """The words in [sp, sp + limit), and below `end` (the top of the stack, see
@@ -71,6 +68,8 @@ def scan(read: Callable[[int, int], bytes], sp: int, word: int,
     spans = [(lo, hi) for lo, hi in spans if lo < hi]
     if not spans:
         return []
+    arch = arch_of(word)
+    saved_context, word = arch.saved_context, arch.word
     top = 3 if word == 8 else 2          # the high bytes a value in a span starts with
     prefixes = {a.to_bytes(word, "little")[word - top:] for lo, hi in spans for a in (lo, hi - 1)}
     hits: list[Hit] = []
@@ -89,7 +88,7 @@ def scan(read: Callable[[int, int], bytes], sp: int, word: int,
                 v = int.from_bytes(chunk[k:k + word], "little")
                 if not any(lo <= v < hi for lo, hi in spans):
                     continue
-                sig = saved_ip(read, at + k, word)
+                sig = saved_context(read, at + k)
                 if sig or is_return(v):
                     hits.append(Hit(at + k, v, sig))
         at += n

@@ -13,18 +13,21 @@ import os
 import signal
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING, Any
+
 from ptrace.binding import func as _pfunc
-from ptrace.binding.linux_struct import user_regs_struct as _UserRegs
 from ptrace.ctypes_libc import libc as _libc
 
 from tracer import procfs
-from tracer.abi import I386, X86_64, Abi
 from tracer.errors import (AlreadyTraced, AttachError, KernelThread, MemoryReadError,
                            MemoryWriteError, NoSuchProcess, PermissionDenied, ProcessGone,
                            UsageError, ZombieProcess)
 
+if TYPE_CHECKING:
+    from tracer.arch.base import Arch, RegLayout
+
 __all__ = [
-    "Regs", "REG_INDEX", "REG_NAMES", "Memory", "seize", "interrupt", "cont", "syscall",
+    "Regs", "Memory", "seize", "interrupt", "cont", "syscall",
     "singlestep", "detach", "getregs", "setregs", "geteventmsg", "wait",
     "wait_nohang", "attach_process", "spawn", "abi_of", "stop_event", "PTRACE_EVENT_STOP",
     "EVENT_CLONE", "EVENT_FORK", "EVENT_VFORK", "EVENT_EXEC", "EVENT_EXIT", "tgkill",
@@ -67,27 +70,49 @@ _get_errno = ctypes.get_errno
 _VOID = ctypes.c_void_p
 _ULONG = ctypes.c_ulong
 
-REG_NAMES: tuple[str, ...] = tuple(name for name, _ in _UserRegs._fields_)
-REG_INDEX: dict[str, int] = {name: i for i, name in enumerate(REG_NAMES)}
-_RegsArray = ctypes.c_uint64 * len(REG_NAMES)
 
 
 class Regs:
-    """One thread's registers: a ctypes buffer indexed by REG_INDEX (no per-stop allocation)."""
-    __slots__ = ("buf", "ref")
+    """One thread's registers: a ctypes buffer laid out as its arch's register set says
+    (tracer.arch: `Arch.regs`), read and written in one ptrace call, indexed by the layout's
+    names (no per-stop allocation). Regs() is the tracer's own arch's layout."""
+    __slots__ = ("buf", "ref", "index")
 
-    def __init__(self) -> None:
-        self.buf = _RegsArray()
+    def __init__(self, layout: RegLayout | None = None) -> None:
+        if layout is None:
+            layout = _native_layout()
+        self.index = layout.index
+        self.buf = layout.array()
         self.ref = ctypes.byref(self.buf)
 
     def __getitem__(self, name: str) -> int:
-        return int(self.buf[REG_INDEX[name]])
+        return int(self.buf[self.index[name]])
 
     def __setitem__(self, name: str, value: int) -> None:
-        self.buf[REG_INDEX[name]] = value & 0xFFFFFFFFFFFFFFFF
+        self.buf[self.index[name]] = value & 0xFFFFFFFFFFFFFFFF
 
     def as_dict(self) -> dict[str, int]:
-        return {name: int(v) for name, v in zip(REG_NAMES, self.buf)}
+        return {name: int(self.buf[i]) for name, i in self.index.items()}
+
+
+_NATIVE_LAYOUT: RegLayout | None = None
+
+
+def _native_layout() -> RegLayout:
+    global _NATIVE_LAYOUT
+    if _NATIVE_LAYOUT is None:
+        from tracer.arch import native
+        _NATIVE_LAYOUT = native().regs
+    return _NATIVE_LAYOUT
+
+
+def __getattr__(name: str) -> Any:
+    # REG_NAMES / REG_INDEX: the tracer's own arch's register names (kept for old importers)
+    if name == "REG_NAMES":
+        return _native_layout().names
+    if name == "REG_INDEX":
+        return _native_layout().index
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fail(what: str, tid: int) -> None:
@@ -106,6 +131,8 @@ def _call(req: int, tid: int, addr: object, data: object, what: str) -> int:
 
 
 def getregs(tid: int, regs: Regs) -> None:
+    """PTRACE_GETREGS: the whole general register set (x86; the arch module says which
+    request fills its layout)."""
     if _ptrace(_GETREGS, tid, None, regs.ref) == -1:
         _fail("PTRACE_GETREGS", tid)
 
@@ -213,11 +240,23 @@ def seccomp_filters(tid: int) -> list[bytes] | None:
 
 
 def tgkill(pid: int, tid: int, sig: int) -> None:
-    if _libc.syscall(234, pid, tid, sig) == -1:  # __NR_tgkill, x86_64
+    if _libc.syscall(_tgkill_nr(), pid, tid, sig) == -1:
         err = _get_errno()
         if err == _errno.ESRCH:
             raise ProcessGone(f"tgkill: thread {tid} is gone")
         raise OSError(err, os.strerror(err))
+
+
+_TGKILL_NR = 0
+
+
+def _tgkill_nr() -> int:
+    """__NR_tgkill of the tracer's own arch."""
+    global _TGKILL_NR
+    if not _TGKILL_NR:
+        from tracer.arch import native
+        _TGKILL_NR = native().tgkill_nr
+    return _TGKILL_NR
 
 
 def wait(pid: int = -1) -> tuple[int, int]:
@@ -290,13 +329,21 @@ class Memory:
             raise MemoryWriteError(addr, len(data), f"only {n} bytes written")
 
 
-def abi_of(pid: int, regs: Regs | None = None) -> Abi:
-    """x86_64 or i386: from the CS selector of a stopped thread (0x23 is the IA-32 user code
-    segment, arch/x86/include/asm/segment.h), else from the ELF class of /proc/PID/exe."""
-    if regs is not None:
-        return I386 if regs["cs"] == 0x23 else X86_64
-    cls = procfs.exe_elf_class(pid)
-    return I386 if cls == 1 else X86_64
+def abi_of(pid: int, regs: Regs | None = None) -> Arch:
+    """The arch a process runs: from its executable's ELF header, refined by a stopped
+    thread's registers when given (tracer.arch.for_thread: an x86_64 process's thread may run
+    IA-32 code)."""
+    from tracer import arch
+    try:
+        with open(f"/proc/{pid}/exe", "rb") as f:
+            head = f.read(64)
+        process = arch.for_header(head)
+    except (OSError, arch.UnsupportedArch):
+        if regs is None:
+            cls = procfs.exe_elf_class(pid)
+            return arch.I386 if cls == 1 else arch.native()
+        process = arch.native()
+    return process if regs is None else process.thread_arch(regs)
 
 
 def diagnose(pid: int, err: int | None = None) -> AttachError | None:
@@ -497,27 +544,11 @@ def read_regset(tid: int, note: int, size: int) -> bytes:
 
 
 if _GETREGS is None:
-    # A host without PTRACE_GETREGS: arm64. Regs is the same buffer (python-ptrace's
-    # user_regs_struct there is struct user_pt_regs: x0-x30, sp, pc, pstate), filled through
-    # NT_PRSTATUS. A 64-bit arm64 tracer sees its 32-bit (compat) tracees' registers through
-    # other regsets, and the vDSO of those processes is not arm64's: refused in abi_of.
+    # A host without PTRACE_GETREGS: arm64. Regs() there is laid out as struct user_pt_regs
+    # (tracer.arch.aarch64, the native arch's layout) and filled through NT_PRSTATUS, so the
+    # callers of getregs/setregs (inspect.peek) work unchanged.
     def getregs(tid: int, regs: Regs) -> None:
         getregset(tid, NT_PRSTATUS, regs.buf)
 
     def setregs(tid: int, regs: Regs) -> None:
         setregset(tid, NT_PRSTATUS, regs.buf)
-
-    def abi_of(pid: int, regs: Regs | None = None) -> Abi:
-        """The process's ABI from the ELF machine of /proc/PID/exe (NT_PRSTATUS of a 32-bit
-        compat thread is a shorter struct and tells nothing at a fixed place)."""
-        from tracer.arch.aarch64 import AARCH64, EM_AARCH64
-        try:
-            with open(f"/proc/{pid}/exe", "rb") as f:
-                head = f.read(20)
-        except OSError:
-            return AARCH64
-        machine = int.from_bytes(head[18:20], "little") if len(head) == 20 else EM_AARCH64
-        if machine != EM_AARCH64:
-            raise UsageError(f"process {pid} is not an arm64 program (ELF machine {machine}): "
-                             "vdsotrace traces 64-bit arm64 processes on this machine")
-        return AARCH64

@@ -1,23 +1,22 @@
-"""Time-stamp counter ticks -> nanoseconds, for the timestamps the stubs take with `rdtsc`
-inside the tracee (the call-through stubs of breakpoints.py and the recorder's of inject/).
+"""Cycle counter ticks -> nanoseconds, for the timestamps the stubs take with the arch's
+counter read (`Arch.cycle_counter`: x86's rdtsc) inside the tracee (the call-through stubs of breakpoints.py and the recorder's of inject/).
 
 Linux gives every process on a machine the same TSC (invariant and synchronized across CPUs
 when the kernel's clocksource is `tsc`, which is when the vDSO itself reads it; a time
 namespace offsets CLOCK_MONOTONIC, not the TSC), so the tracer reads the counter itself,
-through a few bytes of machine code mapped executable in its own process, next to
-CLOCK_MONOTONIC: the first pair anchors the line, later pairs set the rate.
+through a few bytes of machine code mapped executable in its own process (the tracer's arch's
+`host_counter_fn`), next to CLOCK_MONOTONIC: the first pair anchors the line, later pairs set the rate.
 """
 from __future__ import annotations
 
 import ctypes
 import mmap
-import platform
 import time
 from typing import Any
 
-__all__ = ["TscClock", "tsc_usable"]
+from tracer import arch as _arch
 
-_RDTSC = b"\x0f\x31\x48\xc1\xe2\x20\x48\x09\xd0\xc3"   # rdtsc ; shl rdx,32 ; or rax,rdx ; ret
+__all__ = ["TscClock", "tsc_usable"]
 
 
 class TscClock:
@@ -25,11 +24,15 @@ class TscClock:
         self.ns_per_tick: float | None = None
         self._fn = None
         self._buf: mmap.mmap | None = None
-        if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            code = _arch.native().host_counter_fn
+        except _arch.UnsupportedArch:
+            code = b""
+        if code:
             try:
                 buf = mmap.mmap(-1, mmap.PAGESIZE,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-                buf.write(_RDTSC)
+                buf.write(code)
                 addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
                 self._fn = ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)
                 self._buf = buf
@@ -118,29 +121,34 @@ class TscClock:
         return self.ns0 + int((tsc - self.tsc0) * self.rate)
 
 
-def tsc_usable(tids: list[int], mem: Any, scratch: int) -> bool:
-    """Whether every thread may execute rdtsc: prctl(PR_SET_TSC, PR_TSC_SIGSEGV) and seccomp
-    strict mode make it fault (CR4.TSD, per thread: arch/x86/kernel/process.c), and no
-    system call tells without running in the tracee. So each stopped thread single-steps one
-    rdtsc written at `scratch` (a zeroed, writable spot of its vDSO, zeroed again after):
-    SIGTRAP, it ran; SIGSEGV, it faulted (the signal is discarded with the registers put
-    back). orig_rax = -1 keeps the kernel from restarting an interrupted system call there."""
+def tsc_usable(tids: list[int], mem: Any, scratch: int,
+               arch: _arch.Arch = _arch.X86_64) -> bool:
+    """Whether every thread may read the cycle counter: on x86 prctl(PR_SET_TSC,
+    PR_TSC_SIGSEGV) and seccomp strict mode make rdtsc fault (CR4.TSD, per thread:
+    arch/x86/kernel/process.c), and no system call tells without running in the tracee. So
+    each stopped thread single-steps one counter read (`arch.cycle_counter`) written at
+    `scratch` (a zeroed, writable spot of its vDSO, zeroed again after): SIGTRAP, it ran;
+    SIGSEGV, it faulted (the signal is discarded with the registers put back).
+    `arch.no_restart` keeps the kernel from restarting an interrupted system call there."""
     from tracer import target
     from tracer.errors import ProcessGone
     ok = True
-    mem.write(scratch, b"\x0f\x31")
+    insn = arch.cycle_counter
+    if not insn:
+        return False
+    mem.write(scratch, insn)
     try:
         for tid in tids:
-            saved = target.Regs()
+            saved = arch.new_regs()
             try:
-                target.getregs(tid, saved)
+                arch.regs_get(tid, saved)
             except ProcessGone:
                 continue
-            work = target.Regs()
+            work = arch.new_regs()
             ctypes.memmove(work.buf, saved.buf, ctypes.sizeof(work.buf))
-            work["rip"] = scratch
-            work["orig_rax"] = -1
-            target.setregs(tid, work)
+            work[arch.pc] = scratch
+            arch.no_restart(work)
+            arch.regs_set(tid, work)
             held = []
             try:
                 for _ in range(16):
@@ -158,9 +166,9 @@ def tsc_usable(tids: list[int], mem: Any, scratch: int) -> bool:
                         break
                     held.append(sig)               # another signal: send it again below
             finally:
-                target.setregs(tid, saved)
+                arch.regs_set(tid, saved)
                 for sig in held:
                     target.tgkill(mem.pid, tid, sig)
     finally:
-        mem.write(scratch, b"\0\0")
+        mem.write(scratch, bytes(len(insn)))
     return ok

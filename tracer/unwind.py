@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from tracer import arch as _arch
 from tracer.errors import MemoryReadError
 from tracer.objfile import FrameRule, RuleKind
 
@@ -30,13 +31,7 @@ class FrameRules(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Arch:
-    """DWARF register numbers of one ABI.
-
-    x86_64: System V AMD64 psABI, figure 3.36 "DWARF Register Number Mapping": rax 0,
-    rdx 1, rcx 2, rbx 3, rsi 4, rdi 5, rbp 6, rsp 7, r8-r15 8-15, return address (rip) 16.
-    i386: System V i386 psABI, table 2.14: eax 0, ecx 1, edx 2, ebx 3, esp 4, ebp 5,
-    esi 6, edi 7, return address (eip) 8.
-    """
+    """DWARF register numbers of one ABI (from its tracer.arch module's `dwarf`)."""
     name: str
     word: int
     nregs: int   # registers tracked: the general ones and the return address column
@@ -50,10 +45,13 @@ class Arch:
         return (1 << (8 * self.word)) - 1
 
 
-ARCHES: Final[Mapping[str, Arch]] = {
-    "x86_64": Arch("x86_64", 8, 17, sp=7, fp=6, ra=16, fmt="<Q"),
-    "i386": Arch("i386", 4, 9, sp=4, fp=5, ra=8, fmt="<I"),
-}
+def _from(a: _arch.Arch) -> Arch:
+    d = a.dwarf
+    return Arch(a.name, a.word, d.nregs, sp=d.sp, fp=d.fp, ra=d.ra,
+                fmt="<Q" if a.word == 8 else "<I")
+
+
+ARCHES: Final[Mapping[str, Arch]] = {a.name: _from(a) for a in (_arch.X86_64, _arch.I386)}
 
 PAGE_SIZE: Final = 4096
 _UNPACK: Final = {arch.fmt: struct.Struct(arch.fmt).unpack_from for arch in ARCHES.values()}
@@ -420,8 +418,8 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
             ra_val = new[ra_reg] if row.ra_reg == ra_reg else (new[row.ra_reg] if row.ra_reg < n else None)
             signal_frame = row.signal_frame
         else:
-            # No CFI: the frame-pointer convention, `push %rbp; mov %rsp,%rbp` (x86_64 psABI
-            # 3.2.2, i386 psABI 2.2.2): saved fp at [fp], return address at [fp + word].
+            # No CFI: the frame-pointer convention (x86_64 psABI 3.2.2, i386 psABI 2.2.2; the
+            # AAPCS64 frame record): saved fp at [fp], return address at [fp + word].
             fp = state[fp_reg]
             if fp is None or fp < sp or fp % word:
                 break
@@ -430,8 +428,8 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
             new[fp_reg] = read_word(fp)
             ra_val = read_word((fp + word) & mask)
             signal_frame = False
-        # The CFA is the caller's stack pointer (x86 psABIs: the value of rsp/esp at the
-        # call site); a stack that does not grow is a loop or garbage.
+        # The CFA is the caller's stack pointer (its value at the call site); a stack that
+        # does not grow is a loop or garbage.
         if cfa <= sp or not ra_val or not is_executable(ra_val):
             break
         new[sp_reg] = cfa

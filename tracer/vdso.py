@@ -20,8 +20,8 @@ from elftools.elf.gnuversions import GNUVerDefSection, GNUVerSymSection
 from elftools.elf.sections import SymbolTableSection
 from elftools.elf.segments import NoteSegment
 
-from tracer.abi import I386, X86_64, Abi
-from tracer.arch.aarch64 import AARCH64
+from tracer import arch
+from tracer.abi import Abi
 from tracer.errors import VdsoError
 
 __all__ = ["VdsoSymbol", "VdsoFunction", "VdsoImage", "parse_image", "plain_name",
@@ -163,21 +163,13 @@ def _validate_headers(data: bytes) -> Abi:
     if endian != 1:
         raise VdsoError("a big-endian ELF image: vdsotrace reads little-endian vDSOs only "
                         "(x86_64, i386, aarch64)")
-    # e_machine decides the architecture; the class must agree with it (an aarch64 image is
-    # 64-bit like an x86_64 one: the class alone would parse it as x86).
-    machine = int.from_bytes(data[18:20], "little")
-    abi = _BY_MACHINE.get(machine)
-    if abi is None:
-        raise VdsoError(f"ELF machine {machine} is not supported: vdsotrace reads the vDSO of "
-                        "x86_64, i386 and aarch64 processes")
-    if abi.elf_class != cls:
-        raise VdsoError(f"a {'32' if cls == 1 else '64'}-bit ELF image for {abi.name}, which "
-                        "has no such vDSO: corrupt image")
+    # e_machine decides the architecture, with the class (tracer.arch's registry): an aarch64
+    # image is 64-bit like an x86_64 one, the class alone would parse it as x86.
+    try:
+        abi = arch.for_elf(int.from_bytes(data[18:20], "little"), cls)
+    except arch.UnsupportedArch as e:
+        raise VdsoError(f"{e}: not a vDSO vdsotrace can read") from None
     return abi
-
-
-# include/uapi/linux/elf-em.h
-_BY_MACHINE: dict[int, Abi] = {3: I386, 62: X86_64, 183: AARCH64}
 
 
 def _check_bounds(elf: ELFFile, size: int) -> None:

@@ -40,7 +40,7 @@ def main() -> int:
         regs = target.Regs()
         mem = target.Memory(pid)
         out["prstatus_bytes"] = target.getregset(pid, A.NT_PRSTATUS, regs.buf)
-        out["attach"] = {"pc": regs["pc"], "x8": regs["r8"], "sp": regs["sp"],
+        out["attach"] = {"pc": regs["pc"], "x8": regs["x8"], "sp": regs["sp"],
                          "insn_at_pc": mem.read(regs["pc"], 4).hex()}
         pac = target.read_regset(pid, A.NT_ARM_PAC_MASK, 16)
         out["pac_mask"] = [int.from_bytes(pac[:8], "little"), int.from_bytes(pac[8:16], "little")]
@@ -59,16 +59,16 @@ def main() -> int:
                        "sig": os.WSTOPSIG(status) if os.WIFSTOPPED(status) else None,
                        "event": target.stop_event(status)}
         target.getregs(pid, regs)
-        out["at_brk"] = {"pc": regs["pc"], "x0": regs["r0"], "x1": regs["r1"], "x30": regs["r30"],
+        out["at_brk"] = {"pc": regs["pc"], "x0": regs["x0"], "x1": regs["x1"], "x30": regs["x30"],
                          "sp": regs["sp"], "insn_at_pc": mem.read(regs["pc"], 4).hex()}
         mem.write(entry, orig)
         out["restored"] = mem.read(entry, 4) == orig
         out["image_restored"] = mem.read(lo, hi - lo) == image_before
-        regs["r0"] = 1                                  # CLOCK_MONOTONIC instead of REALTIME
+        regs["x0"] = 1                                  # CLOCK_MONOTONIC instead of REALTIME
         target.setregs(pid, regs)
         check = target.Regs()
         target.getregs(pid, check)
-        out["after_setregs"] = {"pc": check["pc"], "x0": check["r0"],
+        out["after_setregs"] = {"pc": check["pc"], "x0": check["x0"],
                                 "same_otherwise": all(check[n] == regs[n] for n in A.REG_NAMES)}
         mem.close()
         target.detach(pid)                              # the SIGTRAP is not delivered

@@ -1,11 +1,11 @@
 """Making a stopped tracee thread run one system call, and stepping threads out of a range.
 
-A remote system call: the thread's registers are saved, rip is set to a `syscall` instruction
-the vDSO already contains (an i386 tracee: the `int 0x80` of __kernel_vsyscall, arguments in
-ebx ecx edx esi edi ebp, a 32-bit result), orig_rax to -1 (so the kernel does not restart a system call the
-thread was interrupted in: arch/x86/kernel/signal.c, arch_do_signal_or_restart), one
-PTRACE_SINGLESTEP runs it, rax is the result, and the saved registers go back exactly (with
-them the pending restart, if any). A signal that arrives while we step is held back and sent
+A remote system call: the thread's registers are saved, pc is set to a system call instruction
+the vDSO already contains (the arch's `syscall_insn`: x86_64's `syscall`; an i386 tracee: the
+`int 0x80` of __kernel_vsyscall, a 32-bit result), number and arguments go in the arch's
+system call registers, `Arch.no_restart` keeps the kernel from restarting a system call the
+thread was interrupted in, one PTRACE_SINGLESTEP runs it, the arch's `syscall_ret` register is
+the result, and the saved registers go back exactly (with them the pending restart, if any). A signal that arrives while we step is held back and sent
 again with tgkill once the thread's registers are restored.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import signal
 from collections.abc import Callable
 
 from tracer import target
+from tracer.arch import I386, X86_64, Arch
 from tracer.errors import ProcessGone
 
 __all__ = ["Stepper", "RemoteError"]
@@ -32,8 +33,9 @@ class RemoteError(OSError):
 class Stepper:
     """Single-steps threads of one stopped process, holding back signals that arrive."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, arch: Arch = X86_64) -> None:
         self.pid = pid
+        self.arch = arch                          # whose registers step_while reads
         self.held: list[tuple[int, int]] = []     # (tid, signo) to send again
 
     def step(self, tid: int) -> None:
@@ -65,14 +67,15 @@ class Stepper:
 
     def step_while(self, tid: int, regs: target.Regs, inside: Callable[[int], bool],
                    limit: int = _MAX_STEPS) -> None:
-        """Step `tid` until its rip is no longer `inside` (at most `limit` steps)."""
+        """Step `tid` until its pc is no longer `inside` (at most `limit` steps)."""
+        pc = self.arch.pc
         for _ in range(limit):
-            target.getregs(tid, regs)
-            if not inside(regs["rip"]):
+            self.arch.regs_get(tid, regs)
+            if not inside(regs[pc]):
                 return
             self.step(tid)
-        target.getregs(tid, regs)
-        if not inside(regs["rip"]):
+        self.arch.regs_get(tid, regs)
+        if not inside(regs[pc]):
             return
         raise RemoteError(0, f"thread {tid} did not leave the injected code in {limit} steps")
 
@@ -85,38 +88,39 @@ class Stepper:
         self.held.clear()
 
 
-_ARGS64 = ("rdi", "rsi", "rdx", "r10", "r8", "r9")   # arch/x86/entry/entry_64.S
-_ARGS32 = ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp")  # arch/x86/entry/entry_64_compat.S
-
-
 class RemoteCaller:
     """Runs system calls in one stopped thread; `restore()` puts its registers back."""
 
-    def __init__(self, stepper: Stepper, tid: int, site: int, word: int = 8) -> None:
+    def __init__(self, stepper: Stepper, tid: int, site: int, word: int | Arch = 8) -> None:
+        """`word`: the arch whose system call the thread makes at `site` (or its word size,
+        8 or 4, for the two x86 ABIs)."""
         self.stepper = stepper
         self.tid = tid
         self.site = site
-        self.word = word
-        self.arg_regs = _ARGS64 if word == 8 else _ARGS32
-        self.saved = target.Regs()
-        target.getregs(tid, self.saved)
-        self.work = target.Regs()
+        arch = word if isinstance(word, Arch) else (X86_64 if word == 8 else I386)
+        self.arch = arch
+        self.word = arch.word
+        self.arg_regs = arch.syscall_arg_regs
+        self.saved = arch.new_regs()
+        arch.regs_get(tid, self.saved)
+        self.work = arch.new_regs()
 
     def __call__(self, nr: int, *args: int) -> int:
+        a = self.arch
         ctypes.memmove(self.work.buf, self.saved.buf, ctypes.sizeof(self.work.buf))
         w = self.work
-        w["rax"] = nr
+        w[a.syscall_nr_in] = nr
         for name, value in zip(self.arg_regs, args):
             w[name] = value
-        w["rip"] = self.site
-        w["orig_rax"] = -1
-        target.setregs(self.tid, w)
+        w[a.pc] = self.site
+        a.no_restart(w)
+        a.regs_set(self.tid, w)
         self.stepper.step(self.tid)
-        target.getregs(self.tid, w)
-        if w["rip"] != self.site + 2:
+        a.regs_get(self.tid, w)
+        if w[a.pc] != self.site + len(a.syscall_insn):
             raise RemoteError(0, f"remote system call {nr} in thread {self.tid} ended at "
-                                 f"{w['rip']:#x}, not after the syscall instruction")
-        rv = w["rax"]
+                                 f"{w[a.pc]:#x}, not after the system call instruction")
+        rv = w[a.syscall_ret]
         if self.word == 4:
             # a 32-bit result: -4095..-1 are errors, anything else (an address up to 4 GiB
             # included) is a value
@@ -131,4 +135,4 @@ class RemoteCaller:
         return rv
 
     def restore(self) -> None:
-        target.setregs(self.tid, self.saved)
+        self.arch.regs_set(self.tid, self.saved)
