@@ -519,8 +519,7 @@ class _Iovec(ctypes.Structure):
     _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
 
 
-def getregset(tid: int, note: int, buf: ctypes.Array[ctypes.c_uint64] | ctypes.Array[ctypes.c_uint8]
-              | ctypes.Array[ctypes.c_uint32]) -> int:
+def getregset(tid: int, note: int, buf: ctypes.Array[Any]) -> int:
     """Fill `buf` (any ctypes array) with the thread's register set `note`; returns the number
     of bytes the kernel filled (a regset shorter than `buf` leaves the rest untouched)."""
     iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), ctypes.sizeof(buf))
@@ -528,8 +527,7 @@ def getregset(tid: int, note: int, buf: ctypes.Array[ctypes.c_uint64] | ctypes.A
     return int(iov.iov_len)
 
 
-def setregset(tid: int, note: int, buf: ctypes.Array[ctypes.c_uint64] | ctypes.Array[ctypes.c_uint8]
-              | ctypes.Array[ctypes.c_uint32]) -> None:
+def setregset(tid: int, note: int, buf: ctypes.Array[Any]) -> None:
     """Write the thread's register set `note` from `buf` (the whole set: the kernel refuses a
     partial NT_PRSTATUS with EINVAL on arm64)."""
     iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), ctypes.sizeof(buf))

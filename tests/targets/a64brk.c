@@ -6,8 +6,10 @@
  * its code is hot in the instruction cache and translated, prints "ready <pid> <entry>"
  * (entry: the function's address, hex) and waits for the go byte; then makes ONE call with
  * CLOCK_REALTIME (the call the tracer stops at), then N calls with CLOCK_MONOTONIC again, each
- * checked to be monotonic. Record (one JSON line): {"entry", "probe": {ret, sec, nsec},
- * "after": {"calls", "failed", "backwards"}}, and exit 0.
+ * checked to be monotonic, then two getppid system calls (syscall(SYS_getppid): the tracer
+ * changes the first one's x8 and the second one's NT_ARM_SYSTEM_CALL to getpid). Record (one
+ * JSON line): {"entry", "probe": {ret, sec, nsec}, "after"/"before": {"calls", "failed",
+ * "backwards"}, "pid", "ppid" (both read before "ready"), "getppid": [first, second]}, exit 0.
  */
 #include "common.h"
 
@@ -35,7 +37,7 @@ int main(int argc, char **argv)
 {
     gettime_fn f;
     struct timespec ts = {-1, -1};
-    long n, failed = 0, backwards = 0, f0 = 0, b0 = 0;
+    long n, failed = 0, backwards = 0, f0 = 0, b0 = 0, pid, ppid, got1, got2;
     int ret;
     FILE *rec;
 
@@ -45,6 +47,8 @@ int main(int argc, char **argv)
     record_truncate(argv[1]);
     f = (gettime_fn)vdso_sym_required("__kernel_clock_gettime");
     warm(f, n, &f0, &b0);
+    pid = getpid();
+    ppid = getppid();
     printf("ready %d %lx\n", (int)getpid(), (unsigned long)f);
     fflush(stdout);
     {
@@ -58,12 +62,15 @@ int main(int argc, char **argv)
     }
     ret = f(CLOCK_REALTIME, &ts);
     warm(f, n, &failed, &backwards);
+    got1 = syscall(SYS_getppid);
+    got2 = syscall(SYS_getppid);
     rec = record_open_append(argv[1]);
     fprintf(rec, "{\"entry\": %lu, \"probe\": {\"ret\": %d, \"sec\": %lld, \"nsec\": %lld}, "
             "\"after\": {\"calls\": %ld, \"failed\": %ld, \"backwards\": %ld}, "
-            "\"before\": {\"calls\": %ld, \"failed\": %ld, \"backwards\": %ld}}\n",
+            "\"before\": {\"calls\": %ld, \"failed\": %ld, \"backwards\": %ld}, "
+            "\"pid\": %ld, \"ppid\": %ld, \"getppid\": [%ld, %ld]}\n",
             (unsigned long)f, ret, (long long)ts.tv_sec, (long long)ts.tv_nsec, n, failed,
-            backwards, n, f0, b0);
+            backwards, n, f0, b0, pid, ppid, got1, got2);
     fclose(rec);
     return 0;
 }

@@ -8,12 +8,15 @@ attach (PTRACE_SEIZE + INTERRUPT), registers through PTRACE_GETREGSET(NT_PRSTATU
 mask (NT_ARM_PAC_MASK); a `brk #0` written over the function's first instruction through
 /proc/PID/mem; continue, go byte, the SIGTRAP stop; the original instruction written back, x0
 changed through PTRACE_SETREGSET (CLOCK_REALTIME -> CLOCK_MONOTONIC: the program's record
-shows which clock it got), detach. Prints one JSON object of what it saw; asserts nothing.
+shows which clock it got); then PTRACE_SYSCALL to its two getppid calls, changing the first's
+x8 and the second's NT_ARM_SYSTEM_CALL to getpid (syscall_phase); detach. Prints one JSON object of what it saw; asserts nothing.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +25,49 @@ from typing import Any
 
 from tracer import target
 from tracer.arch import aarch64 as A
+
+
+NR_GETPPID, NR_GETPID = 173, 172     # include/uapi/asm-generic/unistd.h
+
+
+def syscall_phase(pid: int) -> list[dict[str, Any]]:
+    """From the brk stop (its SIGTRAP not delivered) on with PTRACE_SYSCALL, up to the exit of
+    the program's second getppid: at the first getppid's entry change only x8 to getpid, at the
+    second's NT_ARM_SYSTEM_CALL. Every syscall stop seen: entry/exit, x7, x8, the regset."""
+    seen: list[dict[str, Any]] = []
+    regs = target.Regs()
+    sysno = (ctypes.c_int32 * 1)()
+    getppid_entries = 0
+    target.syscall(pid, 0)
+    while True:
+        tid, status = target.wait(pid)
+        if not os.WIFSTOPPED(status):
+            raise RuntimeError(f"the program ended during the syscall phase: {status:#x}")
+        if os.WSTOPSIG(status) != signal.SIGTRAP | 0x80:
+            raise RuntimeError(f"unexpected stop {status:#x}")
+        info = target.get_syscall_info(pid)
+        target.getregs(pid, regs)
+        target.getregset(pid, A.NT_ARM_SYSTEM_CALL, sysno)
+        stop: dict[str, Any] = {"op": info.op, "nr": info.nr, "x7": regs["x7"], "x8": regs["x8"],
+                "system_call": sysno[0], "x0": regs["x0"]}
+        if info.op == 1 and info.nr == NR_GETPPID:
+            getppid_entries += 1
+            if getppid_entries == 1:
+                regs["x8"] = NR_GETPID
+                target.setregs(pid, regs)
+                stop["changed"] = "x8"
+            else:
+                sysno[0] = NR_GETPID
+                target.setregset(pid, A.NT_ARM_SYSTEM_CALL, sysno)
+                stop["changed"] = "NT_ARM_SYSTEM_CALL"
+            target.getregset(pid, A.NT_ARM_SYSTEM_CALL, sysno)
+            stop["system_call_after"] = sysno[0]
+        seen.append(stop)
+        if info.op == 2 and getppid_entries == 2:
+            return seen
+        if len(seen) > 200:
+            raise RuntimeError("no getppid in 200 system call stops")
+        target.syscall(pid, 0)
 
 
 def main() -> int:
@@ -71,7 +117,8 @@ def main() -> int:
         out["after_setregs"] = {"pc": check["pc"], "x0": check["x0"],
                                 "same_otherwise": all(check[n] == regs[n] for n in A.REG_NAMES)}
         mem.close()
-        target.detach(pid)                              # the SIGTRAP is not delivered
+        out["syscalls"] = syscall_phase(pid)
+        target.detach(pid)
         out["detached"] = True
     except Exception as e:                              # reported, judged on the host
         out["error"] = f"{type(e).__name__}: {e}"

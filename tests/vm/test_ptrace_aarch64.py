@@ -4,8 +4,10 @@ __kernel_clock_gettime is hot (20000 calls), reads its registers through
 PTRACE_GETREGSET(NT_PRSTATUS) and its PAC mask (NT_ARM_PAC_MASK), plants `brk #0` on the
 function's entry through /proc/PID/mem, and at the SIGTRAP stop finds pc AT the brk with the
 call's arguments in x0/x1 and the return address in x30; writes the instruction back, changes
-x0 through PTRACE_SETREGSET, detaches. The program's record shows the call ran with the changed
-argument, the 20000 calls after it ran normally, and it exited 0.
+x0 through PTRACE_SETREGSET; then, through PTRACE_SYSCALL, changes a system call's number with
+NT_ARM_SYSTEM_CALL (a changed x8 does nothing); detaches. The program's record shows the call
+ran with the changed argument, the 20000 calls after it ran normally, the system calls it
+really got, and that it exited 0.
 
 One boot for the module (tests/vm/inside_ptrace.py); deselected unless VDSOTRACE_VM=1."""
 from __future__ import annotations
@@ -103,3 +105,30 @@ def test_the_program_ran_on_with_what_we_wrote(run: dict[str, Any]) -> None:
     # have killed it with SIGTRAP once detached): 20000 more calls, all fine.
     assert rec["after"] == {"calls": 20000, "failed": 0, "backwards": 0}
     assert rec["before"] == {"calls": 20000, "failed": 0, "backwards": 0}
+
+
+NR_GETPPID, NR_GETPID = 173, 172     # include/uapi/asm-generic/unistd.h
+
+
+def test_syscall_number_changes_only_through_nt_arm_system_call(run: dict[str, Any]) -> None:
+    """At a syscall-entry stop the kernel runs regs->syscallno, which NT_ARM_SYSTEM_CALL
+    reads and writes; x8 is only what the program passed (a changed x8 changes nothing).
+    x7 reads 0 at entry stops and 1 at exit stops (the kernel's marker; the program's x7 is
+    put back)."""
+    stops = run["syscalls"]
+    entries = [s for s in stops if s["op"] == 1]
+    exits = [s for s in stops if s["op"] == 2]
+    assert entries and exits and all(s["op"] in (1, 2) for s in stops)
+    for s in entries:
+        assert s["x7"] == 0 and s["system_call"] == s["nr"] == s["x8"], s
+    for s in exits:
+        assert s["x7"] == 1, s
+    first, second = [s for s in entries if s["nr"] == NR_GETPPID]
+    assert first["changed"] == "x8" and first["system_call_after"] == NR_GETPPID
+    assert second["changed"] == "NT_ARM_SYSTEM_CALL" and second["system_call_after"] == NR_GETPID
+    rec = run["record"]
+    assert rec["pid"] == run["pid"] and rec["ppid"] != rec["pid"]
+    # the first call still ran getppid; the second ran getpid
+    assert rec["getppid"] == [rec["ppid"], rec["pid"]]
+    # each exit stop shows the result the program recorded
+    assert [s["x0"] for s in exits][-2:] == [rec["ppid"], rec["pid"]]

@@ -91,6 +91,11 @@ _SIGINFO = 128
 #   TCG any write invalidates translated code anyway; on hardware the kernel's flush does it.)
 # - PTRACE_SETREGSET(NT_PRSTATUS) writes the whole struct; a changed x0 at the entry stop is
 #   what the function runs with.
+# - At a syscall-entry stop the kernel runs regs->syscallno, read and written through
+#   NT_ARM_SYSTEM_CALL (an int); x8 is only what the program passed: changing x8 there changes
+#   nothing (getppid still ran), changing NT_ARM_SYSTEM_CALL does (getpid ran instead). x7
+#   reads 0 at entry stops and 1 at exit stops (ptrace_report_syscall's marker; the program's
+#   x7 is put back when it resumes).
 # - NT_ARM_PAC_MASK gives data_mask == insn_mask == 0x0070000000000000 there (bits 52-54: the
 #   kernel's 52-bit user VA on -cpu max; 48-bit VA kernels give bits 48-54). Bit 55 selects
 #   the address half and is never part of the mask.
