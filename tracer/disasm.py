@@ -65,14 +65,13 @@ def _cs(abi: Abi, syntax: str = "intel") -> capstone.Cs:
     return md
 
 
-def _branch_target(i: capstone.CsInsn) -> int | None:
+def _branch_target(i: capstone.CsInsn, a64: bool = False) -> int | None:
     """The target of a pc-relative branch or call: x86's only operand; arm64's last one
     (`b.cond L`, `cbz x0, L`, `tbz x0, #bit, L`)."""
     if not i.group(_GRP_REL) or not i.operands:
         return None
     op = i.operands[-1]
-    imm_type = _arm64.ARM64_OP_IMM if i._cs.arch == capstone.CS_ARCH_ARM64 else _x86.X86_OP_IMM
-    return int(op.imm) if op.type == imm_type else None
+    return int(op.imm) if op.type == (_arm64.ARM64_OP_IMM if a64 else _x86.X86_OP_IMM) else None
 
 
 def _is_syscall(i: capstone.CsInsn) -> bool:
@@ -103,11 +102,12 @@ def disassemble(image: VdsoImage, func: VdsoFunction, base: int = 0,
 def _disassemble(image: VdsoImage, func: VdsoFunction, base: int,
                  syntax: str) -> list[Insn]:
     md = _cs(image.abi, syntax)
+    a64 = _is_a64(image.abi)
     start = func.image_offset
     code = image.data[start:start + func.size]
     out = []
     for i in md.disasm(code, base + start):
-        target = _branch_target(i)
+        target = _branch_target(i, a64)
         tsym = None
         if target is not None:
             hit = image.symbolize(target - base)
@@ -270,11 +270,12 @@ def branch_targets(image: VdsoImage) -> set[int]:
 
 def _branch_targets(image: VdsoImage) -> set[int]:
     md = _cs(image.abi)
+    a64 = _is_a64(image.abi)
     md.skipdata = True
     lo, hi = image.text
     out = set()
     for i in md.disasm(image.data[lo:hi], lo):
-        t = _branch_target(i)
+        t = _branch_target(i, a64)
         if t is not None:
             out.add(t)
     return out
