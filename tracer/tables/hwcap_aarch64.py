@@ -1,10 +1,11 @@
 """arm64 hardware capability flags of AT_HWCAP and AT_HWCAP2, from the kernel's
-arch/arm64/include/uapi/asm/hwcap.h (Linux 6.15: AT_HWCAP bits 0-47, AT_HWCAP2 bits 0-63;
-bits 62 and 63 of AT_HWCAP are reserved for libc). Names without the HWCAP_/HWCAP2_ prefix;
-/proc/cpuinfo's "Features" line names the same bits in lower case without underscores
-(arch/arm64/kernel/cpuinfo.c).
+arch/arm64/include/uapi/asm/hwcap.h as of Linux 6.15 (its AT_HWCAP3 section still empty):
+AT_HWCAP bits 0-47 (62 and 63 are reserved for libc), AT_HWCAP2 bits 0-63. Names without the
+HWCAP_/HWCAP2_ prefix; /proc/cpuinfo's "Features" line names the same bits in lower case
+without underscores (arch/arm64/kernel/cpuinfo.c).
 
-Only for aarch64 processes: tracer.auxv picks this table by the traced process's machine.
+Only for aarch64 processes: tracer.arch.aarch64 gives this table (Arch.hwcap_names), and
+tracer.auxv asks the traced process's arch, never the host's.
 """
 from __future__ import annotations
 
