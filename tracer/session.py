@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -30,8 +31,7 @@ from tracer.decoders.syscalls import (STRING_ARGS, clip_strings, read_entry_stri
                                       read_exit_strings)
 from tracer.disasm import gateway as find_gateway
 from tracer.guardian import Guardian
-from tracer.errors import (AuxvError, ElfError, MemoryReadError, MemoryWriteError,
-                           ProcessGone, TracerError, UnknownFunction, UsageError, VdsoError)
+from tracer.errors import (AuxvError, ElfError, MemoryReadError, ProcessGone, TracerError, UnknownFunction, UsageError, VdsoError)
 from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExecEvent,
                            ExitEvent, NoticeEvent, SyscallEvent, Unreadable)
 from tracer.tables import syscalls_i386
@@ -1638,7 +1638,7 @@ class Session:
                 break
             except ProcessGone:
                 return
-            except (MemoryWriteError, OSError) as e:
+            except (TracerError, OSError) as e:     # a write, a remote system call
                 problem = str(e)
             finally:
                 mem.close()
@@ -2168,7 +2168,7 @@ class Session:
                 return
             except ProcessGone:
                 return
-            except (MemoryWriteError, OSError) as e:
+            except (TracerError, OSError) as e:     # a write, a remote system call, a step
                 problem = str(e)
         self._emit(NoticeEvent(space.pid, space.pid, time.time(),
                                f"cannot restore the vDSO of {space.pid} ({problem}): "
@@ -2214,26 +2214,42 @@ class Session:
             pass
 
     def detach_all(self, reason: str = "detach") -> None:
-        """Remove every breakpoint, put every thread back on original code, let go."""
+        """Remove every breakpoint, put every thread back on original code, let go. Every
+        thread is let go whatever a step before raises: an error of ours (a failed write or
+        remote system call) becomes a notice; any other (a bug) is raised once all are let go."""
         if not self.threads and not self.spaces:
             self.state = "exited" if reason == "exit" else "detached"
             return
-        try:
-            self._settle_vforks()
-        except (TracerError, OSError):
-            pass                        # whatever happened there, the restore below is due
-        self._quiesce_recorders()
+        bug: list[BaseException] = []
+
+        def attempt(what: str, pid: int, fn: Callable[[], object]) -> bool:
+            try:
+                fn()
+                return True
+            except ProcessGone:
+                return True
+            except (TracerError, OSError) as e:
+                self._emit(NoticeEvent(pid, pid, time.time(),
+                                       f"while detaching, {what} failed ({e}); "
+                                       "the threads are let go all the same"))
+            except Exception as e:      # raised below, once every thread is let go
+                bug.append(e)
+            return False
+
+        root = self.root_pid or 0
+        attempt("waiting for vfork children", root, self._settle_vforks)
+        attempt("stopping the recorders", root, self._quiesce_recorders)
         self._paused = True
-        try:
-            threads = self._stop_all()
-        except ProcessGone:
-            threads = list(self.threads.values())
+        got: list[list[_Thread]] = []
+        attempt("stopping every thread", root, lambda: got.append(self._stop_all()))
+        threads = got[0] if got else list(self.threads.values())
         for space in list(self.spaces.values()):
-            self._restore_space(space, threads)
+            attempt(f"restoring the vDSO of {space.pid}", space.pid,
+                    functools.partial(self._restore_space, space, threads))
         for th in threads:
             try:
                 target.detach(th.tid, th.sig)
-            except (ProcessGone, OSError):
+            except (TracerError, OSError):
                 pass
         for space in list(self.spaces.values()):
             if space.traced:
@@ -2241,7 +2257,13 @@ class Session:
                                        space.abi.name, reason))
             space.mem.close()
         for child in list(self.release_forks):
-            self._release_child(child, wait=True)
+            if not attempt(f"cleaning fork child {child}", child,
+                           functools.partial(self._release_child, child, wait=True)):
+                self.release_forks.pop(child, None)
+                try:
+                    target.detach(child)
+                except (TracerError, OSError):
+                    pass
         self.threads.clear()
         self.spaces.clear()
         self._paused = False
@@ -2249,6 +2271,8 @@ class Session:
         if self._guardian is not None:
             self._guardian.close()
             self._guardian = None
+        if bug:
+            raise bug[0]
 
     # ---------------------------------------------------------------- console API
     def _set_functions_now(self, specs: list[str] | None) -> list[str]:

@@ -16,7 +16,7 @@ import signal
 from collections.abc import Callable
 
 from tracer import target
-from tracer.errors import ProcessGone
+from tracer.errors import ProcessGone, TracerError
 
 __all__ = ["Stepper", "RemoteError"]
 
@@ -25,8 +25,13 @@ _MAX_HELD = 1000         # stops (signals, events) taken while one step is due
 _FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 
 
-class RemoteError(OSError):
-    pass
+class RemoteError(TracerError):
+    """A system call or single step made in the tracee on our behalf failed (errno: the
+    call's error number, 0 when it is not one)."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class Stepper:
