@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 from typing import Any
 
-from tracer import procfs, target
+from tracer import procfs, stops, target
+from tracer.stops import Kind, Stop
 from tracer.abi import I386, X86_64, Abi
 from tracer.auxv import auxv_from_stack, find, parse_auxv
 from tracer.breakpoints import ENTRY, EXIT, FALL, RET, Patcher
@@ -51,14 +52,10 @@ __all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "Summary", "re
 
 _RIP, _RSP, _RAX = REG_INDEX["rip"], REG_INDEX["rsp"], REG_INDEX["rax"]
 _ORIG_RAX = REG_INDEX["orig_rax"]
-_MARKER_STOP = 0x7057F      # a stop status: SIGTRAP | PTRACE_EVENT_SECCOMP << 8
 _ENOSYS = 38
 _ARG64 = tuple(REG_INDEX[r] for r in ("rdi", "rsi", "rdx", "rcx", "r8", "r9"))
 _SYSARG32 = tuple(REG_INDEX[r] for r in ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp"))
 _SIGTRAP = signal.SIGTRAP
-_SYSCALL_TRAP = signal.SIGTRAP | 0x80
-_GROUP_STOP_SIGS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
-_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
 # --inject: records drained between two looks at waitpid (about 0.5 ms of work each: ~10 us
@@ -68,6 +65,10 @@ _DRAIN_BATCH_STATS = 512
 _DRAIN_LEAVE_S = 1.0
 _NAP_EMPTY = 0.0005     # --inject: the longest sleep when the ring is empty
 _SLICE_S = 0.0002       # --inject: the engine thread's time slice (sched.py)
+
+
+def _pc_of(regs: Regs) -> int:
+    return int(regs.buf[_RIP])
 
 
 def _nap(seconds: float) -> None:
@@ -88,10 +89,6 @@ _SITE_FRAMES = 4        # C library frames crossed to find the site (musl: time 
 _NS_READS = frozenset({"clock_gettime", "clock_gettime64"})   # a resolution is not offset
 _NS_CLOCKS = frozenset({"CLOCK_MONOTONIC", "CLOCK_MONOTONIC_RAW", "CLOCK_MONOTONIC_COARSE",
                         "CLOCK_BOOTTIME", "CLOCK_BOOTTIME_ALARM"})
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_waitpid = _libc["waitpid"]
-_waitpid.restype = ctypes.c_int
 
 
 # Clock sources with a vDSO read mode (arch/x86: vclock_mode VDSO_CLOCKMODE_TSC, PVCLOCK,
@@ -365,8 +362,7 @@ class Session:
         self.fallbacks = 0
         self._queue: SimpleQueue[tuple[Callable[[Session], Any], Future[Any]]] = SimpleQueue()
         self._engine_ident: int | None = None
-        self._status = ctypes.c_int()
-        self._status_ref = ctypes.byref(self._status)
+        self._waiter = stops.Waiter()
         self._mono_to_epoch = time.time() - time.monotonic()
         self._paused = False
         self.clocksource, self.fast_path = clocksource_info()
@@ -710,7 +706,9 @@ class Session:
         self.state = "paused" if self._paused else "running"
         deadline = (time.monotonic() + self.options.duration
                     if self.options.duration is not None else None)
-        waitpid, status, ref = _waitpid, self._status, self._status_ref
+        waiter = self._waiter
+        waitpid, status, ref = waiter.waitpid, waiter.cell, waiter.ref
+        trap_status, seccomp_status = stops.TRAP_STATUS, stops.SECCOMP_STATUS
         dispatch = self._dispatch
         trap = self._trap
         marker = self._marker
@@ -745,11 +743,11 @@ class Session:
                     reason = "exit"
                     break
                 if options.inject:
-                    tid = waitpid(-1, ref, target.WALL | os.WNOHANG)
+                    tid = waiter.wait(nohang=True)
                     if tid > 0:
                         dispatch(tid, status.value)
                         continue
-                    if tid < 0 and ctypes.get_errno() == 10:
+                    if tid == waiter.NOTHING_LEFT:
                         reason = "exit"
                         break
                     # a bounded batch, then waitpid again: stops (a thread being created, a
@@ -761,11 +759,11 @@ class Session:
                 tid = waitpid(-1, ref, target.WALL)
                 if tid > 0:
                     st = status.value
-                    th = threads.get(tid) if st == 0x57F or st == _MARKER_STOP else None
+                    th = threads.get(tid) if st == trap_status or st == seccomp_status else None
                     if th is not None:          # the hot case: a stop of a known thread
                         th.stopped = True
                         try:
-                            if st == _MARKER_STOP:
+                            if st == seccomp_status:
                                 marker(th)
                             else:
                                 trap(th)
@@ -775,7 +773,7 @@ class Session:
                         continue
                     dispatch(tid, st)
                     continue
-                if ctypes.get_errno() == 10:  # ECHILD: nothing left to wait for
+                if ctypes.get_errno() == 10:  # ECHILD: nothing left to wait for (stops.Waiter)
                     reason = "exit"
                     break
                 self._tick_due = True         # EINTR: a tick or a wake-up
@@ -797,25 +795,23 @@ class Session:
         if th is None:
             self._unknown(tid, status)
             return
+        stop = stops.classify(status)
+        kind = stop.kind
         try:
-            if status & 0x7F == 0x7F:                      # WIFSTOPPED
-                th.stopped = True
-                if status == 0x57F:                        # SIGTRAP, no event: an int3
-                    self._trap(th)
-                    return
-                if status == _MARKER_STOP:
-                    self._marker(th)
-                    return
-                sig = (status >> 8) & 0xFF
-                ev = status >> 16
-                if ev:
-                    self._event(th, ev, sig)
-                elif sig == _SYSCALL_TRAP:
-                    self._syscall_stop(th)
-                else:
-                    self._signal(th, sig)
+            if not stop.stopped:
+                self._gone(th, stop)
+                return
+            th.stopped = True
+            if kind is Kind.TRAP:                          # an int3 (or a step)
+                self._trap(th)
+            elif kind is Kind.SECCOMP:
+                self._marker(th)
+            elif kind is Kind.SYSCALL:
+                self._syscall_stop(th)
+            elif kind is Kind.SIGNAL:
+                self._signal(th, stop.sig)
             else:
-                self._gone(th, status)
+                self._event(th, stop)
         except ProcessGone:
             # Killed under us (SIGKILL, or exit of the whole group): its exit status follows.
             th.stopped = False
@@ -1514,21 +1510,22 @@ class Session:
             return f"{addr:#x}"
         return loc.caller if loc is not None else None
 
-    def _event(self, th: _Thread, ev: int, sig: int) -> None:
+    def _event(self, th: _Thread, stop: Stop) -> None:
         tid = th.tid
-        if ev == target.PTRACE_EVENT_STOP:
-            if sig in _GROUP_STOP_SIGS:
-                th.listening = True
-                try:
-                    target.listen(tid)
-                except ProcessGone:
-                    pass
-                th.stopped = False
-                return
+        kind = stop.kind
+        if kind is Kind.GROUP_STOP:
+            th.listening = True
+            try:
+                target.listen(tid)
+            except ProcessGone:
+                pass
+            th.stopped = False
+            return
+        if kind is Kind.INTERRUPT:
             th.listening = False
             self._resume(th)
             return
-        if ev == target.EVENT_CLONE:
+        if kind is Kind.CLONE:
             new = target.geteventmsg(tid)
             if new not in self.threads:
                 nt = self._add_thread(new, th.space)
@@ -1539,12 +1536,12 @@ class Session:
                     nt.stopped = False   # its first stop will arrive
             self._resume(th)
             return
-        if ev in (target.EVENT_FORK, target.EVENT_VFORK):
+        if kind is Kind.FORK or kind is Kind.VFORK:
             child = target.geteventmsg(tid)
-            self._new_child(th, child, vfork=ev == target.EVENT_VFORK)
+            self._new_child(th, child, vfork=kind is Kind.VFORK)
             self._resume(th)
             return
-        if ev == target.EVENT_EXEC:
+        if kind is Kind.EXEC:
             self._exec(th)
             return
         self._resume(th)
@@ -1583,13 +1580,14 @@ class Session:
             self._dispatch(child, early)
 
     def _unknown(self, tid: int, status: int) -> None:
+        stopped = stops.classify(status).stopped
         if tid in self.release_forks:
-            if status & 0x7F == 0x7F:
+            if stopped:
                 self._release_child(tid)
             else:
                 self.release_forks.pop(tid, None)
             return
-        if status & 0x7F != 0x7F:
+        if not stopped:
             self.early.pop(tid, None)
             return
         # A new thread whose first stop beat its parent's clone event.
@@ -1657,7 +1655,7 @@ class Session:
         while True:
             got, status = target.wait_nohang(child)
             if got == child:
-                return bool(os.WIFSTOPPED(status))
+                return stops.classify(status).stopped
             if time.monotonic() > deadline:
                 self._emit(NoticeEvent(child, child, time.time(),
                                        f"fork child {child} never stopped: it could not be "
@@ -1743,15 +1741,13 @@ class Session:
         held: list[int] = []
         try:
             for _ in range(16):
-                target.singlestep(th.tid, 0)
-                _, status = target.wait(th.tid)
-                if status & 0x7F != 0x7F:
+                stop = stops.step(th.tid)
+                if not stop.stopped:
                     raise ProcessGone(f"process {th.tid} exited right after its exec")
-                sig = (status >> 8) & 0xFF
-                if sig == _SIGTRAP and not status >> 16:
+                if stop.kind is Kind.TRAP:
                     return
-                if not status >> 16:
-                    held.append(sig)        # a signal-delivery stop: the step is still due
+                if stop.kind is Kind.SIGNAL:
+                    held.append(stop.sig)   # a signal-delivery stop: the step is still due
         finally:
             if held:
                 th.sig = held[0]
@@ -1769,7 +1765,7 @@ class Session:
         except ProcessGone:
             pass
 
-    def _gone(self, th: _Thread, status: int) -> None:
+    def _gone(self, th: _Thread, stop: Stop) -> None:
         tid = th.tid
         space = th.space
         if tid == space.pid:
@@ -1787,8 +1783,8 @@ class Session:
             space.signals.forget(tid)
         if tid == space.pid or not space.threads:
             if tid == space.pid:
-                code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-                sig = signame(os.WTERMSIG(status)) if os.WIFSIGNALED(status) else None
+                code = stop.sig if stop.kind is Kind.EXITED else None
+                sig = signame(stop.sig) if stop.kind is Kind.KILLED else None
                 if space.traced:
                     self._emit(ExitEvent(space.pid, tid, time.time(), code, sig))
             if not space.threads:
@@ -1807,38 +1803,39 @@ class Session:
                     target.interrupt(th.tid)
                 except ProcessGone:
                     pass
+        waiter = self._waiter
         while True:
             # a thread in vfork stops only once its child execs or exits: not waited for
             waiting = [t for t in self.threads.values() if not t.stopped and not t.vfork_child]
             if not waiting:
                 break
-            tid = _waitpid(-1, self._status_ref, target.WALL)
+            tid = waiter.wait()
             if tid <= 0:
-                if ctypes.get_errno() == 10:
+                if tid == waiter.NOTHING_LEFT:
                     break
                 continue
-            status = self._status.value
+            status = waiter.status
             found = self.threads.get(tid)
             if found is None:
                 self._unknown(tid, status)
                 continue
             th = found
-            if status & 0x7F != 0x7F:
-                self._gone(th, status)
+            stop = stops.classify(status)
+            kind = stop.kind
+            if not stop.stopped:
+                self._gone(th, stop)
                 continue
             th.stopped = True
-            sig = (status >> 8) & 0xFF
-            ev = status >> 16
-            if ev == target.PTRACE_EVENT_STOP:
-                th.listening = sig in _GROUP_STOP_SIGS
+            if kind is Kind.GROUP_STOP or kind is Kind.INTERRUPT:
+                th.listening = kind is Kind.GROUP_STOP
                 continue
-            if ev == target.EVENT_SECCOMP:
+            if kind is Kind.SECCOMP:
                 th.marker_stop = True   # handled on resume; harmless if we detach now
                 continue
-            if ev:
+            if stop.is_event:
                 # clone/fork/exec while stopping: handle it fully, then stop again
                 self._paused = False
-                self._event(th, ev, sig)
+                self._event(th, stop)
                 self._paused = True
                 if not th.stopped:
                     try:
@@ -1846,7 +1843,7 @@ class Session:
                     except ProcessGone:
                         pass
                 continue
-            if sig == _SIGTRAP:
+            if kind is Kind.TRAP:
                 target.getregs(tid, th.regs)
                 if th.expect_handler:
                     signo, th.expect_handler = th.expect_handler, 0
@@ -1860,11 +1857,11 @@ class Session:
                 if pc in th.space.patcher.bps:
                     th.undo_trap = pc   # a hit not yet handled: on resume, or undone on detach
                     continue
-            if sig == _SYSCALL_TRAP:
+            if kind is Kind.SYSCALL:
                 continue
-            if sig == signal.SIGSEGV and self._emulate_rdtsc(th, resume=False):
+            if stop.sig == signal.SIGSEGV and self._emulate_rdtsc(th, resume=False):
                 continue
-            th.sig = sig                # a real signal: deliver it when we let go
+            th.sig = stop.sig           # a real signal: deliver it when we let go
         return list(self.threads.values())
 
     def _pause_now(self) -> None:
@@ -1911,49 +1908,26 @@ class Session:
 
     def _step_loop(self, tid: int, inside: Callable[[int], bool], limit: int,
                    deadline: float, regs: Regs, held: list[int]) -> bool:
-        for _ in range(limit):
-            target.singlestep(tid)
-            while True:
-                got, status = target.wait_nohang(tid)
-                if got:
-                    break
-                if time.monotonic() > deadline:
-                    target.interrupt(tid)
-                    target.wait(tid)
-                    return False
-                time.sleep(0.0002)
-            if status & 0x7F != 0x7F:
-                raise ProcessGone(f"thread {tid} exited")
-            if status >> 16 in (target.PTRACE_EVENT_STOP, target.EVENT_SECCOMP):
-                continue                # an interrupt we sent earlier, or a marker: step again
-            if status == (signal.SIGSEGV << 8) | 0x7F:
-                known = self.threads.get(tid)
-                if known is not None and self._emulate_rdtsc(known, resume=False):
-                    target.getregs(tid, regs)   # a stub's rdtsc, answered: step on
-                    if not inside(regs.buf[_RIP]):
-                        return True
-                    continue
-            sig = (status >> 8) & 0xFF
-            if sig != _SIGTRAP and not status >> 16:
-                # a signal arrived (a SIGCHLD from a child that exited...): hold it for the
-                # thread's next resume and step on; the step has not been taken yet
-                th = self.threads.get(tid)
-                again = (th is not None and sig == th.sig) or sig in held
-                if again and sig in _FAULTS:
-                    return False        # the stepped instruction itself faults
-                if again:
-                    continue            # a standard signal already pending: one is kept
-                if th is not None and not th.sig:
-                    th.sig = sig
-                else:
-                    held.append(sig)
-                continue
-            if sig != _SIGTRAP or status >> 16:
-                return False
-            target.getregs(tid, regs)
-            if not inside(regs.buf[_RIP]):
-                return True
-        return False
+        def on_fault(sig: int) -> bool:
+            known = self.threads.get(tid)
+            return known is not None and self._emulate_rdtsc(known, resume=False)
+
+        def on_signal(sig: int, held: list[int]) -> bool:
+            # hold it for the thread's next resume and step on
+            th = self.threads.get(tid)
+            again = (th is not None and sig == th.sig) or sig in held
+            if again and sig in stops.FAULTS:
+                return False            # the stepped instruction itself faults
+            if again:
+                return True             # a standard signal already pending: one is kept
+            if th is not None and not th.sig:
+                th.sig = sig
+            else:
+                held.append(sig)
+            return True
+
+        return stops.step_out(tid, inside, limit, deadline, regs, _pc_of, on_fault, on_signal,
+                              held)
 
     def _unpatch_thread(self, th: _Thread, patcher: Patcher) -> None:
         """After `restore_code`: put a stopped thread back on original code -- before a trap
@@ -2181,10 +2155,10 @@ class Session:
         deadline = time.monotonic() + timeout
         while (any(t.vfork_child for t in self.threads.values())
                and time.monotonic() < deadline):
-            tid = _waitpid(-1, self._status_ref, target.WALL | os.WNOHANG)
+            tid = self._waiter.wait(nohang=True)
             if tid > 0:
-                self._dispatch(tid, self._status.value)
-            elif tid < 0 and ctypes.get_errno() == 10:
+                self._dispatch(tid, self._waiter.status)
+            elif tid == self._waiter.NOTHING_LEFT:
                 return
             else:
                 if self.options.inject:
