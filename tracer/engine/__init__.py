@@ -1,0 +1,1 @@
+"""The engine, one module per job; tracer.session.Session combines them."""
