@@ -67,7 +67,7 @@ class Capture(EngineCore):
         _getregs(tid, regs)
         markers = space.patcher.markers
         idx = (buf[_ORIG_RAX] & 0xFFFFFFFF) - _seccomp.MARKER_BASE
-        if not 0 <= idx < len(markers) or space.recorder is not None:
+        if not 0 <= idx < len(markers) or not space.instrument.owns_markers():
             if not 0 <= idx < _seccomp.MARKER_SPAN:
                 buf[_ORIG_RAX] = -1 & 0xFFFFFFFFFFFFFFFF
                 buf[_RAX] = -_ENOSYS & 0xFFFFFFFFFFFFFFFF

@@ -16,11 +16,12 @@ from tracer.engine.state import _Pending, _Space, _Thread
 from tracer.engine.stats import _Counter
 from tracer.events import Event
 from tracer.guardian import Guardian
+from tracer.instrument import Instrument, StopStubs
 from tracer.objfile import ModuleMap
 from tracer.stops import Stop
 from tracer.target import Regs
 from tracer.tsc import TscClock
-from tracer.vdso import VdsoImage
+from tracer.vdso import VdsoFunction, VdsoImage
 
 
 class EngineCore:
@@ -34,8 +35,8 @@ class EngineCore:
         self.threads: dict[int, _Thread] = {}
         self.early: dict[int, int] = {}            # stops of tids we do not know yet
         # unfollowed fork child -> what its copy of the parent's space holds (a patcher copy
-        # taken at the fork, with its own planted state; the parent's recorder): clean, let go
-        self.release_forks: dict[int, tuple[Patcher, Any, _Space]] = {}
+        # taken at the fork, with its own planted state; the parent's instrument): clean, let go
+        self.release_forks: dict[int, tuple[Patcher, Instrument, _Space]] = {}
         self.counters: dict[str, _Counter] = {}
         self.state = "detached"
         self.stop_reason: str | None = None
@@ -79,6 +80,11 @@ class EngineCore:
         def _read_pairs(self, pid: int, mem: target.Memory, abi: Abi) -> list[tuple[int, int]]: ...
         def _new_space(self, pid: int, regs_tid: int, traced: bool = True,
                        tids: list[int] | None = None, inject: bool | None = None) -> _Space: ...
+        def _stop_stubs(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage,
+                        patcher: Patcher) -> StopStubs: ...
+        def _instrument(self, inject: bool, pid: int, mem: target.Memory, abi: Abi,
+                        image: VdsoImage, patcher: Patcher, funcs: list[VdsoFunction],
+                        stubs: StopStubs) -> Instrument: ...
         def _stop_mechanism(self, pid: int, tids: list[int], mem: target.Memory, abi: Abi,
                             image: VdsoImage, base: int) -> tuple[bool, bool, list[str]]: ...
         def _guard(self, pid: int, mem: target.Memory, patcher: Patcher) -> None: ...

@@ -179,8 +179,7 @@ class Detach(EngineCore):
                 if sp.patcher is patcher:          # a vfork child shares the memory
                     sp.base = vmap.start
             space.base = vmap.start
-            if space.recorder is not None:
-                space.recorder.rebase(delta)
+            space.instrument.rebase(delta)
             space.modules = None
             self._emit(NoticeEvent(space.pid, space.pid, time.time(),
                                    f"the vDSO moved from {old:#x} to {vmap.start:#x} (mremap): "
@@ -195,8 +194,7 @@ class Detach(EngineCore):
         space.vdso_lost = True
         space.patcher.planted = False
         space.patcher.pad_used = b""
-        if space.recorder is not None:
-            space.recorder.vdso_lost = True
+        space.instrument.lose_vdso()
         return False
 
     def _same_image(self, space: _Space, start: int) -> bool:
@@ -208,8 +206,7 @@ class Detach(EngineCore):
             return False
         want = bytearray(space.image.data[:size])
         written = [(a - space.base, len(new)) for a, new, _ in space.patcher.patches]
-        if space.recorder is not None:
-            written += space.recorder.patched_ranges(space.base)
+        written += space.instrument.patched_ranges(space.base)
         for off, n in written:
             if 0 <= off < size:
                 live[off:off + n] = want[off:off + n]
@@ -248,8 +245,7 @@ class Detach(EngineCore):
             elif tid == self._waiter.NOTHING_LEFT:
                 return
             else:
-                if self.options.inject:
-                    self._drain_recorders()
+                self._drain_recorders()
                 time.sleep(0.001)
         for t in self.threads.values():
             if t.vfork_child:

@@ -75,11 +75,13 @@ class Lifecycle(EngineCore):
             patcher = ps.patcher if vfork else ps.patcher.copy()
             space = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
                            ps.decoders, ps.is_gateway, traced=follow)
+            space.stubs = self._stop_stubs(child, mem, ps.abi, ps.image, patcher)
             self.spaces[child] = space
             th = self._add_thread(child, space)
             th.stopped = False
         else:
-            self.release_forks[child] = (ps.patcher.copy(), ps.recorder, ps)
+            # what it inherited: the patch as planted now, and what the instrument put in
+            self.release_forks[child] = (ps.patcher.copy(), ps.instrument, ps)
         early = self.early.pop(child, None)
         if early is not None:
             self._dispatch(child, early)
@@ -117,7 +119,7 @@ class Lifecycle(EngineCore):
         entry = self.release_forks.pop(child, None)
         if entry is None:
             return
-        patcher, recorder, ps = entry
+        patcher, inherited, ps = entry
         if wait and not self._await_first_stop(child):
             return
         problem = None
@@ -132,11 +134,11 @@ class Lifecycle(EngineCore):
                     # __kernel_vsyscall returns inside the gateway stub in the padding)
                     copy = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
                                   ps.decoders, ps.is_gateway, traced=False)
+                    copy.stubs = self._stop_stubs(child, mem, ps.abi, ps.image, patcher)
                     self._unpatch_space(copy, [_Thread(child, copy)])
-                if recorder is not None:
-                    kept = recorder.release_fork(child, mem)
-                    if kept:
-                        self._emit(NoticeEvent(child, child, time.time(), kept))
+                kept = inherited.release_fork(child, mem)
+                if kept:
+                    self._emit(NoticeEvent(child, child, time.time(), kept))
                 problem = None
                 break
             except ProcessGone:
@@ -195,8 +197,7 @@ class Lifecycle(EngineCore):
         th.last_call = None
         th.tid = pid
         self.threads[pid] = th
-        if old.recorder is not None:
-            self._finish_recorder(old)
+        self._finish_recorder(old)
         self._unguard(pid)
         old.mem.close()
         self.spaces.pop(pid, None)
@@ -278,7 +279,7 @@ class Lifecycle(EngineCore):
         self.threads.pop(tid, None)
         space.threads.discard(tid)
         th.pending.clear()
-        if space.recorder is not None:
+        if space.instrument.polls:
             # its last records are still in the ring (drained later, not here: a thread's exit
             # must not wait for the other threads' records)
             if len(self._dead) > 4096:
@@ -293,8 +294,7 @@ class Lifecycle(EngineCore):
                 if space.traced:
                     self._emit(ExitEvent(space.pid, tid, time.time(), code, sig))
             if not space.threads:
-                if space.recorder is not None:
-                    self._finish_recorder(space)
+                self._finish_recorder(space)
                 self._unguard(space.pid)
                 space.mem.close()
                 self.spaces.pop(space.pid, None)

@@ -217,5 +217,4 @@ class Loop(EngineCore):
     def _heartbeat(self) -> None:
         if self._engine_ident == threading.get_ident():
             for space in list(self.spaces.values()):
-                if space.recorder is not None:
-                    space.recorder.heartbeat()
+                space.instrument.heartbeat()

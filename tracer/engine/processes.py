@@ -19,9 +19,10 @@ from tracer.engine.stats import _Counter
 from tracer.errors import AuxvError, ElfError, ProcessGone, TracerError, UsageError, VdsoError
 from tracer.events import AttachEvent, NoticeEvent
 from tracer.guardian import Guardian
+from tracer.instrument import Instrument, StopStubs
 from tracer.target import Regs
 from tracer.tsc import TscClock
-from tracer.vdso import GATEWAY_SYMBOL, parse_image, VdsoImage
+from tracer.vdso import GATEWAY_SYMBOL, parse_image, VdsoFunction, VdsoImage
 from tracer.engine.core import EngineCore
 
 
@@ -148,7 +149,8 @@ class Processes(EngineCore):
         try:
             cpu = procfs.read_stat(pid).processor
             allowed = os.sched_getaffinity(0)
-            if self.options.inject:
+            space = self.spaces.get(pid)
+            if space is not None and space.instrument.polls:
                 # no stops to share a CPU for: drain the ring beside the tracee, not on its CPU
                 others = allowed - {cpu}
                 if others:
@@ -182,28 +184,11 @@ class Processes(EngineCore):
             image = parse_image(mem.read(vmap.start, vmap.size))
             funcs = resolve_functions(image, self.options.funcs)
             patcher = Patcher(image, vmap.start, vmap.size)
-            recorder = None
-            if self.options.inject if inject is None else inject:
-                # the in-tracee recorder patches the entries itself; the patcher only names
-                # the functions (nothing of it is planted)
-                from tracer.inject import Recorder
-                # i386's gateway is not recorded in the tracee (its calls may block; the
-                # stop-based engine shows them as syscall events)
-                funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL]
-                patcher.funcs = list(funcs)
-                recorder = Recorder(pid, mem, abi, image, vmap.start, funcs,
-                                    lossy=self.options.lossy)
-                recorder.install(regs_tid)
-            else:
-                markers, use_tsc, notes = self._stop_mechanism(pid, tids or [regs_tid], mem,
-                                                               abi, image, vmap.start)
-                patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs],
-                             markers=markers, tsc=use_tsc)
-                for tid in tids or [regs_tid]:
-                    self._step_out(tid, patcher.in_detour)
-                patcher.plant(mem)
-                if not markers:
-                    self._guard(pid, mem, patcher)
+            stubs = self._stop_stubs(pid, mem, abi, image, patcher)
+            inst = self._instrument(self.options.inject if inject is None else inject, pid, mem,
+                                    abi, image, patcher, funcs, stubs)
+            funcs = inst.funcs
+            notes = inst.install_in([regs_tid] + [t for t in tids or [] if t != regs_tid])
         except BaseException:
             mem.close()
             raise
@@ -211,9 +196,10 @@ class Processes(EngineCore):
                        [for_function(f.plain) for f in funcs],
                        [f.symbol == GATEWAY_SYMBOL for f in funcs], traced)
         space.timens = timens_offsets(pid)
-        space.recorder = recorder
-        if recorder is None:
-            space.notices = notes
+        from tracer.inject import Recorder
+        space.stubs = stubs
+        space.recorder = inst if isinstance(inst, Recorder) else None
+        space.notices = notes
         space.fidx_by_name = _fidx_by_name(space)
         if self.options.signals:
             space.signals = sigtrack.SignalTracker(abi)
@@ -221,6 +207,27 @@ class Processes(EngineCore):
         for f in funcs:
             self.counters.setdefault(f.plain, _Counter())
         return space
+
+    def _stop_stubs(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage,
+                    patcher: Patcher) -> StopStubs:
+        return StopStubs(pid, mem, abi, image, patcher, patcher.funcs, self._stop_mechanism,
+                         self._step_out, self._guard)
+
+    def _instrument(self, inject: bool, pid: int, mem: target.Memory, abi: Abi,
+                    image: VdsoImage, patcher: Patcher, funcs: list[VdsoFunction],
+                    stubs: StopStubs) -> Instrument:
+        """The one place that chooses the engine: the in-tracee recorder (--inject) or the
+        stop-based stubs, for `funcs` (not installed yet)."""
+        if inject:
+            from tracer.inject import Recorder
+            # the in-tracee recorder patches the entries itself; the patcher only names the
+            # functions (nothing of it is planted). i386's gateway is not recorded in the
+            # tracee (its calls may block; the stop-based engine shows them as syscall events)
+            funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL]
+            patcher.funcs = list(funcs)
+            return Recorder(pid, mem, abi, image, patcher.base, funcs, lossy=self.options.lossy)
+        stubs.funcs = funcs
+        return stubs
 
     def _stop_mechanism(self, pid: int, tids: list[int], mem: target.Memory, abi: Abi,
                         image: VdsoImage, base: int) -> tuple[bool, bool, list[str]]:

@@ -11,21 +11,22 @@ from tracer.engine.core import EngineCore
 
 class Recorders(EngineCore):
     def _drain_recorders(self, limit: int = 65536) -> int:
-        """--inject: turn what the stubs recorded into events (or, with -c, counts), at
-        most `limit` records per ring."""
+        """Turn what the instruments that poll recorded into events (or, with -c, counts),
+        at most `limit` records per instrument."""
         n = 0
         for space in list(self.spaces.values()):
-            rec = space.recorder
-            if rec is None:
+            inst = space.instrument
+            if not inst.polls:
                 continue
             if self.summary_only:
-                n += rec.drain_stats(self._inject_stats, limit)
+                n += inst.drain_stats(self._inject_stats, limit)
                 continue
-            records = rec.drain(limit)
+            records = inst.drain(limit)
             n += len(records)
             if not records:
                 continue
-            index = space.fidx_by_name
+            by_name = space.fidx_by_name
+            index = [by_name.get(f.plain, -1) for f in inst.funcs]   # its fid -> the space's
             signed = space.abi.signed
             threads = self.threads
             dead = self._dead
@@ -33,7 +34,7 @@ class Recorders(EngineCore):
                 th = threads.get(r.tid) or dead.get(r.tid)
                 if th is None or th.space is not space:
                     continue            # a forked child's call through the shared ring
-                self._call_done(th, space, index[r.func], r.args, signed(r.ret), list(r.outs),
+                self._call_done(th, space, index[r.fid], r.args, signed(r.ret), list(r.outs),
                                 r.t_entry_ns, r.duration_ns, r.caller, r.fallback, None)
         return n
 
@@ -58,11 +59,13 @@ class Recorders(EngineCore):
         self._report_losses(space)
 
     def _finish_recorder(self, space: _Space) -> None:
-        """The process exited or exec'd: everything still in its ring, then the losses."""
-        space.recorder.producers_stopped()
-        self._drain_for(_DRAIN_LEAVE_S)
+        """The process exited or exec'd: everything still recorded, then the losses."""
+        inst = space.instrument
+        inst.producers_stopped()
+        if inst.polls:
+            self._drain_for(_DRAIN_LEAVE_S)
         self._report_losses(space)
-        space.recorder.abandon()
+        inst.abandon()
 
     def _drain_for(self, seconds: float) -> None:
         """Drain until the rings are empty, for at most `seconds`: on a way out the work must
@@ -73,56 +76,24 @@ class Recorders(EngineCore):
             pass
 
     def _report_losses(self, space: _Space) -> None:
-        rec = space.recorder
-        lost, corrupt = rec.lost(), rec.corrupt()
-        self.lost_records += lost + corrupt
+        lost, notes = space.instrument.leave_report()
+        self.lost_records += lost
         now = time.time()
-        if lost:
-            self._emit(NoticeEvent(space.pid, space.pid, now,
-                                   f"{lost} calls were not recorded: the ring was full"
-                                   + ("" if rec.lossy else
-                                      f" while the tracer was stopped or could not run (it "
-                                      f"was silent for up to {rec.longest_silence:.2f} s; the "
-                                      f"tracee waits {rec.patience_s} s at most)")))
-        bad = rec.lost_counter_corrupt()
-        if bad is not None:
-            self._emit(NoticeEvent(space.pid, space.pid, now,
-                                   f"the ring's count of calls not recorded was overwritten "
-                                   f"(it read {bad}, more than the process can have made): "
-                                   "how many calls were not recorded is unknown"))
-        if corrupt:
-            self._emit(NoticeEvent(space.pid, space.pid, now,
-                                   f"{corrupt} corrupt ring records were skipped"))
-        if rec.header_corrupt():
-            self._emit(NoticeEvent(space.pid, space.pid, now,
-                                   f"the ring's header was overwritten by the process "
-                                   f"{rec.header_corrupt()} time(s): the calls in flight then "
-                                   "were not recorded"))
-        if rec.ring_broken():
-            self._emit(NoticeEvent(space.pid, space.pid, now,
-                                   "the ring could not be read any more (its header or file "
-                                   "was damaged by the process): later calls were not "
-                                   "recorded"))
-        if rec.code_page_kept:
-            self._emit(NoticeEvent(space.pid, space.pid, now,
-                                   "the recorder's code page stays mapped: a thread may still "
-                                   "return through it"))
-        if rec.ring_kept:
-            self._emit(NoticeEvent(space.pid, space.pid, now,
-                                   "the recorder's ring stays mapped: a signal handler "
-                                   "interrupted a thread while it wrote a record"))
+        for text in notes:
+            self._emit(NoticeEvent(space.pid, space.pid, now, text))
 
     def _quiesce_recorders(self, limit_s: float = 5.0) -> None:
-        """--inject, before stopping the tracee to leave: switch recording off and drain the
-        ring while it runs on, so that it is held for milliseconds, not for as long as
-        decoding a full ring takes (a second and more). What the stop finds is left over."""
-        recs = [sp.recorder for sp in self.spaces.values()
-                if sp.recorder is not None and sp.recorder.installed]
-        if not recs:
+        """Before stopping the tracee to leave: switch recording off and drain what the
+        instruments that poll recorded while it runs on, so that it is held for
+        milliseconds, not for as long as decoding a full ring takes (a second and more).
+        What the stop finds is left over."""
+        insts = [sp.instrument for sp in self.spaces.values()
+                 if sp.instrument.polls and sp.instrument.installed]
+        if not insts:
             return
-        for rec in recs:
+        for inst in insts:
             try:
-                rec.stop_recording()
+                inst.stop_recording()
             except OSError:
                 pass
         end = time.monotonic() + limit_s

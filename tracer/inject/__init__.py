@@ -52,6 +52,7 @@ from tracer.abi import I386, X86_64, Abi
 from tracer.decoders import Decoder, for_function, out_size
 from tracer.errors import MemoryReadError, MemoryWriteError, ProcessGone, TracerError
 from tracer.inject import layout as L
+from tracer.instrument import Instrument
 from tracer.tsc import TscClock, tsc_usable
 from tracer.inject.plan import JMP_LEN, Plan, PlanError, plan_image
 from tracer.inject.remote import RemoteCaller, RemoteError, Stepper
@@ -156,6 +157,7 @@ class RawRecord:
     t_entry_ns: int             # CLOCK_MONOTONIC ns
     duration_ns: int
     caller: int                 # return address
+    fid: int = 0                # index into the recorder's `funcs` (func is its plain name)
 
 
 @dataclass(slots=True)
@@ -178,12 +180,12 @@ def _record_maker() -> Callable[..., RawRecord]:
     through object.__setattr__ per field and costs twice as much, which the drain loop's
     1M records/s budget cannot afford. Same fields, same order, same instance."""
     new = object.__new__
-    s_tid, s_func, s_args, s_ret, s_outs, s_fb, s_t, s_dur, s_caller = (
+    s_tid, s_func, s_args, s_ret, s_outs, s_fb, s_t, s_dur, s_caller, s_fid = (
         getattr(RawRecord, name).__set__ for name in RawRecord.__slots__)
 
     def make(tid: int, func: str, args: tuple[int, ...], ret: int,
              outs: tuple[bytes | None, ...], fallback: bool, t_entry_ns: int,
-             duration_ns: int, caller: int) -> RawRecord:
+             duration_ns: int, caller: int, fid: int) -> RawRecord:
         r = new(RawRecord)
         s_tid(r, tid)
         s_func(r, func)
@@ -194,6 +196,7 @@ def _record_maker() -> Callable[..., RawRecord]:
         s_t(r, t_entry_ns)
         s_dur(r, duration_ns)
         s_caller(r, caller)
+        s_fid(r, fid)
         return r
     return make
 
@@ -240,7 +243,11 @@ def _find_gap(pid: int, base: int, size: int) -> int:
     return best & ~(_PAGE - 1)
 
 
-class Recorder:
+class Recorder(Instrument):
+    """The in-tracee recorder (--inject): stubs in a code page of ours record each call into
+    a ring shared with the tracer, which drains it; no stop per call."""
+    polls = True
+
     def __init__(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage, base: int,
                  funcs: list[VdsoFunction], lossy: bool = False) -> None:
         self.pid = pid
@@ -293,6 +300,13 @@ class Recorder:
         self.ring_kept = False
 
     # ------------------------------------------------------------------ install
+    def install_in(self, tids: list[int]) -> list[str]:
+        self.install(tids[0])
+        return []
+
+    def lose_vdso(self) -> None:
+        self.vdso_lost = True
+
     def install(self, tid: int) -> None:
         if self.abi not in (X86_64, I386) or self.image.abi is not self.abi:
             raise InjectError(f"--inject supports x86_64 and i386 tracees with their own "
@@ -574,6 +588,38 @@ class Recorder:
     def ring_broken(self) -> bool:
         return self._ring_broken
 
+    def leave_report(self) -> tuple[int, list[str]]:
+        """(calls not recorded or corrupt, notices saying what was lost and what stays)."""
+        lost, corrupt = self.lost(), self.corrupt()
+        notes = []
+        if lost:
+            notes.append(f"{lost} calls were not recorded: the ring was full"
+                         + ("" if self.lossy else
+                            f" while the tracer was stopped or could not run (it was silent "
+                            f"for up to {self.longest_silence:.2f} s; the tracee waits "
+                            f"{self.patience_s} s at most)"))
+        bad = self.lost_counter_corrupt()
+        if bad is not None:
+            notes.append(f"the ring's count of calls not recorded was overwritten (it read "
+                         f"{bad}, more than the process can have made): how many calls were "
+                         "not recorded is unknown")
+        if corrupt:
+            notes.append(f"{corrupt} corrupt ring records were skipped")
+        if self.header_corrupt():
+            notes.append(f"the ring's header was overwritten by the process "
+                         f"{self.header_corrupt()} time(s): the calls in flight then were not "
+                         "recorded")
+        if self.ring_broken():
+            notes.append("the ring could not be read any more (its header or file was damaged "
+                         "by the process): later calls were not recorded")
+        if self.code_page_kept:
+            notes.append("the recorder's code page stays mapped: a thread may still return "
+                         "through it")
+        if self.ring_kept:
+            notes.append("the recorder's ring stays mapped: a signal handler interrupted a "
+                         "thread while it wrote a record")
+        return lost + corrupt, notes
+
     def producers_stopped(self) -> None:
         """No stub can commit a slot any more (every thread stopped past the ring-writing
         window, or the process gone): an uncommitted slot is corrupt, not late."""
@@ -752,7 +798,7 @@ class Recorder:
                 out_append(make(tid, names[fid], (a0, a1) if k == 2 else  # type: ignore[misc]
                                 (a0, a1, a2, a3, a4, a5)[:k], ret, outs, flags & 1 == 1,
                                 ns0 + int((t0 - tsc0) * rate),
-                                int(dur * rate) if dur > 0 else 0, caller))
+                                int(dur * rate) if dur > 0 else 0, caller, fid))
             if stop:
                 break
         return i
