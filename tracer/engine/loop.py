@@ -110,9 +110,12 @@ class Loop(EngineCore):
         trap = self._trap
         marker = self._marker
         threads = self.threads
-        options = self.options
         reason = "exit"
-        if options.inject:
+        # an instrument that polls (the in-tracee recorder): drain between looks at waitpid;
+        # else every call is a stop: block in waitpid
+        polling = self._polling()
+        sigmask = None
+        if polling:
             # a ptrace stop sends the tracer SIGCHLD: blocked here, it ends a nap at once
             sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
             # never idle while the ring fills: ask to run often and briefly rather than
@@ -129,6 +132,7 @@ class Loop(EngineCore):
                     if self.tsc.ns_per_tick is not None:
                         self.tsc.refine()
                     self._run_queue()
+                    polling = self._polling()   # (the console may have switched engines)
                     if self.on_tick is not None:
                         self.on_tick()
                     if deadline is not None and time.monotonic() >= deadline:
@@ -139,7 +143,7 @@ class Loop(EngineCore):
                 if not threads and not self.early:
                     reason = "exit"
                     break
-                if options.inject:
+                if polling:
                     tid = waiter.wait(nohang=True)
                     if tid > 0:
                         dispatch(tid, status.value)
@@ -178,7 +182,7 @@ class Loop(EngineCore):
             reason = "error"
             raise
         finally:
-            if options.inject:
+            if sigmask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             self._engine_ident = None
             # every way out, an internal error included, leaves the tracee as it was
@@ -186,6 +190,9 @@ class Loop(EngineCore):
             if reason == "exit":
                 self.state = "exited"
         return reason
+
+    def _polling(self) -> bool:
+        return any(sp.instrument.polls for sp in self.spaces.values())
 
     def _dispatch(self, tid: int, status: int) -> None:
         th = self.threads.get(tid)
