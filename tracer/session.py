@@ -33,15 +33,13 @@ from tracer.engine.loop import Loop
 from tracer.engine.processes import Processes
 from tracer.engine.recorders import Recorders
 from tracer.engine.signals import Signals
-from tracer.engine.symbols import Symbols
 from tracer.engine.threads import Threads
 
 __all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "Summary", "resolve_functions",
            "run_trace", "clocksource_info"]
 
 
-class Session(Loop, Capture, Calls, Recorders, Symbols, Signals, Threads, Processes, Lifecycle,
-              Detach):
+class Session(Loop, Capture, Calls, Recorders, Signals, Threads, Processes, Lifecycle, Detach):
     """Trace one process (and, with follow_forks, its children)."""
 
     # ---------------------------------------------------------------- console API

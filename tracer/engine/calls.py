@@ -38,10 +38,10 @@ class Calls(EngineCore):
         # -c's call sites: who called (under --inject, which does not find the site, the
         # return address), named now, while the process (and /proc/PID/root) exists
         key = site or caller
-        site_name = space.site_names.get(key) or self._site_name(space, key)
+        site_name = space.site_names.get(key) or self.symbols.site_name(space, key)
         path = None
         if stack:
-            path = tuple([e.partition(" ")[2] or e for e in self._stack_text(space, stack)])
+            path = tuple([e.partition(" ")[2] or e for e in self.symbols.stack_text(space, stack)])
         c.add_site(site_name, path, dur)
         th.last_call = (fidx, caller, stack, fallback, reason)
         if self.summary_only:
@@ -53,7 +53,7 @@ class Calls(EngineCore):
             if addr:
                 out[spec.name] = (out_decoder(spec.layout, abi)(data) if data is not None
                                   else Unreadable(addr))
-        names = space.names.get(caller) or self._symbolize(space, caller)
+        names = space.names.get(caller) or self.symbols.symbolize(space, caller)
         akey = (fidx, raw)
         args = space.args_cache.get(akey)
         if args is None:        # the same arguments come again and again (a loop's tp)
@@ -63,7 +63,7 @@ class Calls(EngineCore):
         self.sink(CallEvent(pid, th.tid, t0 / 1e9 + self._mono_to_epoch, func.plain,
                             func.symbol, args, ret, err, out, fallback, reason, dur, caller,
                             names[0], names[1],
-                            self._stack_text(space, stack) if stack is not None else None,
+                            self.symbols.stack_text(space, stack) if stack is not None else None,
                             space.timens is not None and func.plain in _NS_READS
                             and args.get("clockid") in _NS_CLOCKS, site_name if site else None))
 

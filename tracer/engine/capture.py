@@ -134,9 +134,9 @@ class Capture(EngineCore):
         stack = None
         depth = self.options.stack_depth
         if depth:
-            stack = self._stack(space, th, depth, space.base + space.patcher.funcs[fidx]
+            stack = self.symbols.stack(space, th, depth, space.base + space.patcher.funcs[fidx]
                                 .image_offset, sp + layout.retaddr)
-        site = self._site(space, th, frame[layout.i_retaddr], sp + layout.retaddr, window, sp)
+        site = self.symbols.site(space, th, frame[layout.i_retaddr], sp + layout.retaddr, window, sp)
         if th.sig or self._paused or self.options.signals:
             self._resume(th)
         else:                           # the common case, without _resume's bookkeeping
@@ -208,12 +208,12 @@ class Capture(EngineCore):
         stack = None
         depth = self.options.stack_depth
         if depth and not gw:
-            stack = self._stack(space, th, depth)
+            stack = self.symbols.stack(space, th, depth)
         site = 0
         if not gw:
             try:
                 ret0 = caller or space.mem.read_word(sp, space.abi.word)
-                site = self._site(space, th, ret0, sp, b"", 0)
+                site = self.symbols.site(space, th, ret0, sp, b"", 0)
             except MemoryReadError:
                 pass
         if msp is None:

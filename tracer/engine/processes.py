@@ -113,7 +113,7 @@ class Processes(EngineCore):
         first call, whose naming would otherwise hold up the engine and every stopped thread."""
         symload.warm_later(space.pid, cfi=bool(self.options.stack_depth))
         try:
-            self._modules(space, space.base)
+            self.symbols.modules(space, space.base)
         except (OSError, ElfError):
             pass
 

@@ -67,7 +67,7 @@ class Signals(EngineCore):
         self._resume(th)
         if space.traced:
             self._emit(sigtrack.signal_event(d, space.pid, time.time(),
-                                             lambda a: self._code_name(space, a)))
+                                             lambda a: self.symbols.code_name(space, a)))
         return True
 
     def _syscall_stop(self, th: _Thread) -> None:
@@ -86,8 +86,8 @@ class Signals(EngineCore):
         r = tracker.on_sigreturn(th.tid, info.nr, th.regs, space.mem.read, "", abi=abi)
         self._resume(th)
         # naming may parse an object: only once the thread runs again
-        via = self._code_name(space, via_addr, trampoline=True) or f"{via_addr:#x}"
+        via = self.symbols.code_name(space, via_addr, trampoline=True) or f"{via_addr:#x}"
         r = dataclasses.replace(r, via=via)
         if space.traced:
             self._emit(sigtrack.sigreturn_event(r, space.pid, time.time(),
-                                                lambda a: self._code_name(space, a)))
+                                                lambda a: self.symbols.code_name(space, a)))

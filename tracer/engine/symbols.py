@@ -9,11 +9,16 @@ from tracer.errors import ElfError, MemoryReadError
 from tracer.objfile import is_c_library, ModuleMap
 from tracer.target import REG_INDEX
 from tracer.unwind import ARCHES, unwind
-from tracer.engine.core import EngineCore
+from tracer.engine.options import TraceOptions
 
 
-class Symbols(EngineCore):
-    def _modules(self, space: _Space, addr: int) -> ModuleMap:
+class Symbols:
+    """Names and stacks for the calls of every traced space (caches kept in each _Space)."""
+
+    def __init__(self, options: TraceOptions) -> None:
+        self.options = options          # (demangle: read at each module map rebuild)
+
+    def modules(self, space: _Space, addr: int) -> ModuleMap:
         """The space's module map, rebuilt when addr is not in it (a library loaded since),
         once per unknown address (anonymous memory, JIT code, is in the map: no rebuild)."""
         mm = space.modules
@@ -35,12 +40,12 @@ class Symbols(EngineCore):
             space.unmapped.add(addr)
         return mm
 
-    def _symbolize(self, space: _Space, addr: int) -> tuple[str, str | None]:
+    def symbolize(self, space: _Space, addr: int) -> tuple[str, str | None]:
         """(caller, caller_symbol) for a return address, cached per address."""
         hit = space.names.get(addr)
         if hit is not None:
             return hit
-        loc = self._modules(space, addr).locate(addr) if addr else None
+        loc = self.modules(space, addr).locate(addr) if addr else None
         if loc is None:
             return f"{addr:#x}", None
         hit = (f"{addr:#x} {loc.caller}", loc.caller_symbol)
@@ -49,7 +54,7 @@ class Symbols(EngineCore):
         space.names[addr] = hit
         return hit
 
-    def _stack(self, space: _Space, th: _Thread, depth: int, pc: int | None = None,
+    def stack(self, space: _Space, th: _Thread, depth: int, pc: int | None = None,
                sp: int | None = None) -> tuple[int, ...]:
         """Return addresses at a function's entry (sp points at the first one), CFI-unwound.
         Callee-saved registers hold their entry values at entry and again after the return."""
@@ -63,23 +68,23 @@ class Symbols(EngineCore):
             ret0 = space.mem.read_word(int(regs["sp"]), space.abi.word)
         except MemoryReadError:
             return ()
-        self._modules(space, int(regs["sp"]))  # a thread's stack mapped since: rebuild
-        mm = self._modules(space, ret0)
+        self.modules(space, int(regs["sp"]))  # a thread's stack mapped since: rebuild
+        mm = self.modules(space, ret0)
         try:
             return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth))
         except (ElfError, MemoryReadError):
             return ()
 
-    def _site_name(self, space: _Space, addr: int) -> str:
+    def site_name(self, space: _Space, addr: int) -> str:
         """`prog!main+0x2a` (or `prog+0x1234`, or the address) for -c and `site`."""
-        text, sym = self._symbolize(space, addr)
+        text, sym = self.symbolize(space, addr)
         name = sym or text.partition(" ")[2] or text
         if len(space.site_names) > 65536:
             space.site_names.clear()
         space.site_names[addr] = name
         return name
 
-    def _site(self, space: _Space, th: _Thread, ret: int, entry_sp: int, window: bytes,
+    def site(self, space: _Space, th: _Thread, ret: int, entry_sp: int, window: bytes,
               wbase: int) -> int:
         """The return address of the first frame outside the C library, for a call entered
         with sp = entry_sp ([entry_sp] = ret): ret itself, unless the C library made the call
@@ -113,7 +118,7 @@ class Symbols(EngineCore):
         return 0
 
     def _site_rule(self, space: _Space, ret: int) -> tuple[int, int] | None:
-        mm = self._modules(space, ret)
+        mm = self.modules(space, ret)
         module = mm.module_at(ret)
         rule: tuple[int, int] | None = _OUTSIDE
         if module is not None and is_c_library(module.short_name):
@@ -135,21 +140,21 @@ class Symbols(EngineCore):
         """The site through a full unwind (a C library frame whose CFA is not sp-based)."""
         try:
             entry_pc = space.base   # any vDSO address: the walk starts from [sp]
-            for a in self._stack(space, th, _SITE_FRAMES + 1, entry_pc, entry_sp):
-                module = self._modules(space, a).module_at(a)
+            for a in self.stack(space, th, _SITE_FRAMES + 1, entry_pc, entry_sp):
+                module = self.modules(space, a).module_at(a)
                 if module is None or not is_c_library(module.short_name):
                     return a
         except (ElfError, MemoryReadError):
             pass
         return 0
 
-    def _stack_text(self, space: _Space, addrs: tuple[int, ...]) -> tuple[str, ...]:
+    def stack_text(self, space: _Space, addrs: tuple[int, ...]) -> tuple[str, ...]:
         frames = space.frames
         out = []
         for a in addrs:
             text = frames.get(a)
             if text is None:
-                loc = self._modules(space, a).locate(a)
+                loc = self.modules(space, a).locate(a)
                 text = loc.stack_entry if loc is not None else f"{a:#x}"
                 if len(frames) > 65536:
                     frames.clear()
@@ -157,10 +162,10 @@ class Symbols(EngineCore):
             out.append(text)
         return tuple(out)
 
-    def _code_name(self, space: _Space, addr: int, trampoline: bool = False) -> str | None:
+    def code_name(self, space: _Space, addr: int, trampoline: bool = False) -> str | None:
         """`symbol` or `symbol+0xoff` for a code address (not a return address); for a
         trampoline the bare symbol that contains it, or its address."""
-        loc = self._modules(space, addr).locate(addr, is_return_address=False)
+        loc = self.modules(space, addr).locate(addr, is_return_address=False)
         if loc is not None and loc.symbol is not None:
             if trampoline or loc.symbol_offset == 0:
                 return loc.symbol
