@@ -12,8 +12,9 @@ from dataclasses import dataclass
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
 
-__all__ = ["ENCODING", "ERRORS", 
-    "MapEntry", "read_maps", "parse_maps", "parse_map_line", "Stat", "read_stat", "parse_stat", "read_status",
+__all__ = ["ENCODING", "ERRORS",
+    "MapEntry", "read_maps", "parse_maps", "parse_map_line", "Stat", "read_stat", "parse_stat",
+    "read_status",
     "tracer_pid", "list_tasks", "exe_elf_class", "read_auxv_file", "process_exists",
     "PF_KTHREAD", "proc_name", "thread_comm",
 ]
