@@ -87,6 +87,15 @@ def read_stat(pid: int, tid: int | None = None) -> Stat:
         return parse_stat(f.read())
 
 
+def sleeping(tid: int) -> bool:
+    """The thread sleeps in the kernel (state S or D, proc(5)): it waits for an event, not for
+    a CPU. False when it is runnable, stopped or gone."""
+    try:
+        return read_stat(tid).state in ("S", "D")
+    except (OSError, ValueError):
+        return False
+
+
 def read_status(pid: int) -> dict[str, str]:
     out = {}
     with open(f"/proc/{pid}/status", encoding=ENCODING, errors=ERRORS) as f:

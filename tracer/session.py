@@ -66,6 +66,12 @@ _TICK = 0.1
 _DRAIN_BATCH = 64
 _DRAIN_BATCH_STATS = 512
 _DRAIN_LEAVE_S = 1.0
+# a single-step that has not come back by the step-out's timeout is looked at every
+# _STEP_POLL_S: given up once the thread has slept in the kernel for _STEP_WAIT_S (a blocking
+# system call), waited for while it is runnable (it waits for a CPU), _STEP_BOUND_S at most
+_STEP_POLL_S = 0.05
+_STEP_WAIT_S = 0.5
+_STEP_BOUND_S = 30.0
 _NAP_EMPTY = 0.0005     # --inject: the longest sleep when the ring is empty
 _SLICE_S = 0.0002       # --inject: the engine thread's time slice (sched.py)
 
@@ -1890,7 +1896,10 @@ class Session:
     def _step_out(self, tid: int, inside: Callable[[int], bool], limit: int = 200_000,
                   timeout: float = 0.5) -> bool:
         """Single-step a stopped thread until `inside(pc)` is false. False when it could not
-        be done (a blocking system call, a signal, the thread died): it is left stopped."""
+        be done (a blocking system call, a signal, the thread died): it is left stopped.
+        Past `timeout` s it gives up only on a thread that sleeps in the kernel; one that
+        waits for a CPU (a loaded machine, the tracer itself descheduled) is waited for:
+        a thread left in our code keeps the stubs in the tracee."""
         regs = Regs()
         target.getregs(tid, regs)
         if not inside(regs.buf[_RIP]):
@@ -1911,13 +1920,23 @@ class Session:
 
     def _step_loop(self, tid: int, inside: Callable[[int], bool], limit: int,
                    deadline: float, regs: Regs, held: list[int]) -> bool:
+        bound = time.monotonic() + _STEP_BOUND_S
         for _ in range(limit):
             target.singlestep(tid)
+            asleep_since = 0.0
             while True:
                 got, status = target.wait_nohang(tid)
                 if got:
                     break
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
+                    if not procfs.sleeping(tid):
+                        asleep_since = 0.0      # runnable, not yet run: it is not blocked
+                    elif not asleep_since:
+                        asleep_since = now
+                    if now < bound and (not asleep_since or now - asleep_since < _STEP_WAIT_S):
+                        deadline = now + _STEP_POLL_S
+                        continue
                     target.interrupt(tid)
                     target.wait(tid)
                     return False
