@@ -70,6 +70,7 @@ _DRAIN_LEAVE_S = 1.0
 # _STEP_POLL_S: given up once the thread has slept in the kernel for _STEP_WAIT_S (a blocking
 # system call), waited for while it is runnable (it waits for a CPU), _STEP_BOUND_S at most
 _STEP_POLL_S = 0.05
+_VFORK_RETRIES = 5     # leaving: stops of the tracee retried for vforks made meanwhile
 _STEP_WAIT_S = 0.5
 _STEP_BOUND_S = 30.0
 _NAP_EMPTY = 0.0005     # --inject: the longest sleep when the ring is empty
@@ -2243,10 +2244,21 @@ class Session:
             pass                        # whatever happened there, the restore below is due
         self._quiesce_recorders()
         self._paused = True
-        try:
-            threads = self._stop_all()
-        except ProcessGone:
-            threads = list(self.threads.values())
+        for attempt in range(_VFORK_RETRIES):
+            try:
+                threads = self._stop_all()
+            except ProcessGone:
+                threads = list(self.threads.values())
+            if attempt + 1 == _VFORK_RETRIES or not any(t.vfork_child for t in threads):
+                break
+            # a vfork made while stopping: its parent cannot be stopped (nor cleaned, nor
+            # its recorder taken out) until the child execs or exits; let them run to that
+            try:
+                self._resume_now()
+                self._settle_vforks()
+            except (TracerError, OSError):
+                pass
+            self._paused = True
         for space in list(self.spaces.values()):
             self._restore_space(space, threads)
         for th in threads:
