@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntFlag
 
+from tracer.abi import Abi
 from tracer.consts import AuxType, Hwcap2X86, HwcapX86
 from tracer.errors import AuxvError, MemoryReadError
 
@@ -53,7 +55,17 @@ def parse_auxv(data: bytes, word: int) -> list[tuple[int, int]]:
     raise AuxvError("the auxiliary vector has no AT_NULL terminator: truncated or corrupt")
 
 
-def _flags(value: int, flag_enum: type[HwcapX86] | type[Hwcap2X86]) -> str:
+def _hwcap_tables(abi: Abi | None) -> tuple[type[IntFlag] | None, type[IntFlag] | None]:
+    """AT_HWCAP and AT_HWCAP2 flag tables of the traced process's machine (its arch, from its
+    ELF header or registers), never the tracer's: each architecture numbers its own bits."""
+    if abi is None:
+        return HwcapX86, Hwcap2X86       # x86_64 and i386 (AT_HWCAP is CPUID.1:EDX on both)
+    return abi.hwcap_names()
+
+
+def _flags(value: int, flag_enum: type[IntFlag] | None) -> str:
+    if flag_enum is None:
+        return f"{value:#x}"
     names = [f.name or "" for f in flag_enum if value & f.value]
     rest = value & ~sum(f.value for f in flag_enum)
     if rest:
@@ -81,7 +93,7 @@ _ADDRESS_TYPES = {AuxType.AT_PHDR, AuxType.AT_BASE, AuxType.AT_ENTRY, AuxType.AT
 _STRING_TYPES = {AuxType.AT_PLATFORM, AuxType.AT_BASE_PLATFORM, AuxType.AT_EXECFN}
 
 
-def _text(t: int, v: int, read: ReadFn | None) -> str:
+def _text(t: int, v: int, read: ReadFn | None, abi: Abi | None) -> str:
     if t in _STRING_TYPES:
         if read is not None:
             try:
@@ -97,9 +109,9 @@ def _text(t: int, v: int, read: ReadFn | None) -> str:
                 pass
         return f"{v:#x}"
     if t == AuxType.AT_HWCAP:
-        return _flags(v, HwcapX86)
+        return _flags(v, _hwcap_tables(abi)[0])
     if t == AuxType.AT_HWCAP2:
-        return _flags(v, Hwcap2X86)
+        return _flags(v, _hwcap_tables(abi)[1])
     if t in _ADDRESS_TYPES:
         return f"{v:#x}"
     if t in AuxType._value2member_map_:
@@ -107,9 +119,11 @@ def _text(t: int, v: int, read: ReadFn | None) -> str:
     return f"{v:#x}"
 
 
-def decode(pairs: list[tuple[int, int]], read: ReadFn | None = None) -> list[AuxvEntry]:
-    """Name and decode each pair; `read` reads tracee memory for strings and AT_RANDOM."""
-    return [AuxvEntry(t, aux_name(t), v, _text(t, v, read)) for t, v in pairs]
+def decode(pairs: list[tuple[int, int]], read: ReadFn | None = None,
+           abi: Abi | None = None) -> list[AuxvEntry]:
+    """Name and decode each pair; `read` reads tracee memory for strings and AT_RANDOM; `abi`
+    is the process's (its AT_HWCAP/AT_HWCAP2 flag names; x86's when not given)."""
+    return [AuxvEntry(t, aux_name(t), v, _text(t, v, read, abi)) for t, v in pairs]
 
 
 def auxv_from_stack(read: ReadFn, start_stack: int, word: int) -> list[tuple[int, int]]:

@@ -1,10 +1,15 @@
 """Capstone (only here): disassembly of vDSO functions, the sites the engine patches, and the
-relocation of a displaced instruction into an out-of-line slot."""
+relocation of a displaced instruction into an out-of-line slot.
+
+x86_64 and i386 in capstone's x86 modes (Intel or AT&T syntax); aarch64 in its ARM64 mode, which
+has one syntax, the Arm ARM's: `syntax` is ignored there. The image's ELF machine decides
+(VdsoImage.abi), never the host. Relocation is x86 only."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import capstone
+from capstone import arm64 as _arm64
 from capstone import x86 as _x86
 
 from tracer.abi import Abi
@@ -21,6 +26,17 @@ _GRP_CALL = capstone.CS_GRP_CALL
 _GRP_JUMP = capstone.CS_GRP_JUMP
 _GRP_REL = capstone.CS_GRP_BRANCH_RELATIVE
 _SYSCALL_MNEMONICS = frozenset({"syscall", "sysenter"})
+# arm64 direct branches that are not calls: b, b.cond, cbz/cbnz, tbz/tbnz (ARM ARM C6);
+# x86's jumps are the j* mnemonics.
+_A64_JUMPS = frozenset({"b", "cbz", "cbnz", "tbz", "tbnz"})
+
+
+def _is_a64(abi: Abi) -> bool:
+    return abi.elf_machine == "EM_AARCH64"
+
+
+def _is_jump(mnemonic: str) -> bool:
+    return mnemonic.startswith(("j", "b.")) or mnemonic in _A64_JUMPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +53,10 @@ class Insn:
 
 
 def _cs(abi: Abi, syntax: str = "intel") -> capstone.Cs:
+    if _is_a64(abi):
+        md = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
+        md.detail = True
+        return md
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if abi.word == 8
                      else capstone.CS_MODE_32)
     md.detail = True
@@ -45,14 +65,19 @@ def _cs(abi: Abi, syntax: str = "intel") -> capstone.Cs:
     return md
 
 
-def _branch_target(i: capstone.CsInsn) -> int | None:
-    if i.group(_GRP_REL) and i.operands and i.operands[0].type == _x86.X86_OP_IMM:
-        return int(i.operands[0].imm)
-    return None
+def _branch_target(i: capstone.CsInsn, a64: bool = False) -> int | None:
+    """The target of a pc-relative branch or call: x86's only operand; arm64's last one
+    (`b.cond L`, `cbz x0, L`, `tbz x0, #bit, L`)."""
+    if not i.group(_GRP_REL) or not i.operands:
+        return None
+    op = i.operands[-1]
+    return int(op.imm) if op.type == (_arm64.ARM64_OP_IMM if a64 else _x86.X86_OP_IMM) else None
 
 
 def _is_syscall(i: capstone.CsInsn) -> bool:
-    return i.mnemonic in _SYSCALL_MNEMONICS or (i.group(_GRP_INT) and i.op_str in ("0x80", "$0x80"))
+    # x86: syscall, sysenter, int 0x80; arm64: svc #0 (the only kernel entry a vDSO uses)
+    return i.mnemonic in _SYSCALL_MNEMONICS or i.mnemonic == "svc" or (
+        i.group(_GRP_INT) and i.op_str in ("0x80", "$0x80"))
 
 
 _INSNS: dict[tuple[bytes, int, int, int, str], tuple[Insn, ...]] = {}
@@ -62,6 +87,8 @@ def disassemble(image: VdsoImage, func: VdsoFunction, base: int = 0,
                 syntax: str = "intel") -> list[Insn]:
     """The function's instructions at runtime addresses base + image_offset (once per image,
     function, base and syntax: the --inject plan disassembles while the tracee is stopped)."""
+    if _is_a64(image.abi):
+        syntax = "arm"                   # one syntax: one cache entry whatever was asked
     key = (image.data, func.image_offset, func.size, base, syntax)
     hit = _INSNS.get(key)
     if hit is None:
@@ -75,11 +102,12 @@ def disassemble(image: VdsoImage, func: VdsoFunction, base: int = 0,
 def _disassemble(image: VdsoImage, func: VdsoFunction, base: int,
                  syntax: str) -> list[Insn]:
     md = _cs(image.abi, syntax)
+    a64 = _is_a64(image.abi)
     start = func.image_offset
     code = image.data[start:start + func.size]
     out = []
     for i in md.disasm(code, base + start):
-        target = _branch_target(i)
+        target = _branch_target(i, a64)
         tsym = None
         if target is not None:
             hit = image.symbolize(target - base)
@@ -144,7 +172,7 @@ def _sites(image: VdsoImage, func: VdsoFunction) -> Sites:
             falls.append(i.address)
         elif i.target is not None and i.mnemonic == "call" and i.target == gw_off:
             falls.append(i.address)
-        elif i.target is not None and i.mnemonic.startswith("j") and not lo <= i.target < hi:
+        elif i.target is not None and _is_jump(i.mnemonic) and not lo <= i.target < hi:
             escapes.append(i.address)
     return Sites(func.image_offset, tuple(rets), tuple(falls), tuple(escapes))
 
@@ -168,6 +196,8 @@ def relocate(abi: Abi, code: bytes, orig: int, slot: int,
     left out (the caller relocates the next instruction right after); only a non-branch
     instruction can be relocated that way.
     """
+    if _is_a64(abi):
+        raise ValueError("relocating arm64 instructions is not implemented")
     md = _cs(abi)
     insn = next(md.disasm(code, orig, 1), None)
     if insn is None:
@@ -240,11 +270,12 @@ def branch_targets(image: VdsoImage) -> set[int]:
 
 def _branch_targets(image: VdsoImage) -> set[int]:
     md = _cs(image.abi)
+    a64 = _is_a64(image.abi)
     md.skipdata = True
     lo, hi = image.text
     out = set()
     for i in md.disasm(image.data[lo:hi], lo):
-        t = _branch_target(i)
+        t = _branch_target(i, a64)
         if t is not None:
             out.add(t)
     return out

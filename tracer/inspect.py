@@ -104,7 +104,7 @@ def read_auxv(p: Stopped) -> AuxvReport:
         sd = dict(stack_pairs or [])
         mismatch = tuple(sorted({str(t) for t, v in proc_pairs if sd.get(t) != v}))
     assert pairs is not None
-    return AuxvReport(tuple(pairs), tuple(decode(pairs, p.mem.read)), source, mismatch)
+    return AuxvReport(tuple(pairs), tuple(decode(pairs, p.mem.read, p.abi)), source, mismatch)
 
 
 def find_vdso(pid: int, pairs: tuple[tuple[int, int], ...] | list[tuple[int, int]]

@@ -39,6 +39,7 @@ from elftools.elf.elffile import ELFFile
 from multi_demangle import demangle_symbol
 
 
+from tracer import procfs
 from tracer.errors import ElfError
 
 __all__ = [
@@ -660,12 +661,8 @@ class MapRegion:
     def parse(cls, line: str) -> MapRegion:
         """`start-end perms offset dev inode [path]`; the path may hold spaces and ends
         with " (deleted)" when the file was unlinked."""
-        parts = line.rstrip("\n").split(None, 5)
-        if len(parts) < 5 or "-" not in parts[0]:
-            raise ValueError(f"not a maps line: {line!r}")
-        lo, hi = parts[0].split("-", 1)
-        return cls(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16),
-                   parts[5] if len(parts) > 5 else "", int(parts[4]))
+        e = procfs.parse_map_line(line)
+        return cls(e.start, e.end, e.perms, e.offset, e.path, e.inode)
 
     @property
     def executable(self) -> bool:

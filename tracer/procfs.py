@@ -12,8 +12,9 @@ from dataclasses import dataclass
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
 
-__all__ = ["ENCODING", "ERRORS", 
-    "MapEntry", "read_maps", "parse_maps", "Stat", "read_stat", "parse_stat", "read_status",
+__all__ = ["ENCODING", "ERRORS",
+    "MapEntry", "read_maps", "parse_maps", "parse_map_line", "Stat", "read_stat", "parse_stat",
+    "read_status",
     "tracer_pid", "list_tasks", "exe_elf_class", "read_auxv_file", "process_exists",
     "PF_KTHREAD", "proc_name", "thread_comm",
 ]
@@ -43,15 +44,28 @@ class MapEntry:
         return self.start <= addr < self.end
 
 
+def parse_map_line(line: str) -> MapEntry:
+    """`start-end perms offset dev inode [path]` (fs/proc/task_mmu.c: show_map_vma); the path
+    may hold spaces and ends with " (deleted)" when the file was unlinked. ValueError if the
+    line is not one."""
+    parts = line.rstrip("\n").split(None, 5)
+    if len(parts) < 5 or "-" not in parts[0]:
+        raise ValueError(f"not a maps line: {line!r}")
+    lo, _, hi = parts[0].partition("-")
+    return MapEntry(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[3],
+                    int(parts[4]), parts[5] if len(parts) > 5 else "")
+
+
 def parse_maps(text: str) -> list[MapEntry]:
+    """Every line of /proc/PID/maps (the one parser of it: objfile's module map uses it too)."""
     entries = []
-    for line in text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 5:
-            continue
-        lo, _, hi = parts[0].partition("-")
-        entries.append(MapEntry(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[3],
-                                int(parts[4]), parts[5].strip() if len(parts) > 5 else ""))
+    # split at "\n" only: the kernel escapes it in paths (seq_path), not \x1c or \x85
+    for line in text.split("\n"):
+        if line.strip():
+            try:
+                entries.append(parse_map_line(line))
+            except ValueError:
+                continue
     return entries
 
 

@@ -50,8 +50,10 @@ EVENT_EXEC = _pfunc.PTRACE_EVENT_EXEC
 EVENT_EXIT = _pfunc.PTRACE_EVENT_EXIT
 EVENT_SECCOMP = 7                  # PTRACE_EVENT_SECCOMP
 SECCOMP_OPTION = 0x80              # PTRACE_O_TRACESECCOMP
-_GETREGS = _pfunc.PTRACE_GETREGS
-_SETREGS = _pfunc.PTRACE_SETREGS
+# arm64 (and riscv) have no PTRACE_GETREGS/SETREGS and python-ptrace defines neither there:
+# registers go through PTRACE_GETREGSET/SETREGSET (getregset/setregset at the end of this file).
+_GETREGS: int | None = getattr(_pfunc, "PTRACE_GETREGS", None)
+_SETREGS: int | None = getattr(_pfunc, "PTRACE_SETREGS", None)
 _CONT = _pfunc.PTRACE_CONT
 _SYSCALL = _pfunc.PTRACE_SYSCALL
 _SINGLESTEP = _pfunc.PTRACE_SINGLESTEP
@@ -502,3 +504,49 @@ def spawn(argv: list[str], options: int = DEFAULT_OPTIONS) -> int:
             cont(pid, 0)
         else:
             cont(pid, sig)
+
+
+# ---- register sets: PTRACE_GETREGSET / PTRACE_SETREGSET (include/uapi/linux/ptrace.h) ----
+# The request takes a note type (include/uapi/linux/elf.h: NT_PRSTATUS = 1 is the general
+# registers on every architecture) and a struct iovec {base, len}; the kernel copies at most
+# len bytes and writes back how many it filled. On arm64 this is the only register interface.
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
+NT_PRSTATUS = 1
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
+
+
+def getregset(tid: int, note: int, buf: ctypes.Array[Any]) -> int:
+    """Fill `buf` (any ctypes array) with the thread's register set `note`; returns the number
+    of bytes the kernel filled (a regset shorter than `buf` leaves the rest untouched)."""
+    iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), ctypes.sizeof(buf))
+    _call(PTRACE_GETREGSET, tid, _VOID(note), ctypes.byref(iov), "PTRACE_GETREGSET")
+    return int(iov.iov_len)
+
+
+def setregset(tid: int, note: int, buf: ctypes.Array[Any]) -> None:
+    """Write the thread's register set `note` from `buf` (the whole set: the kernel refuses a
+    partial NT_PRSTATUS with EINVAL on arm64)."""
+    iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), ctypes.sizeof(buf))
+    _call(PTRACE_SETREGSET, tid, _VOID(note), ctypes.byref(iov), "PTRACE_SETREGSET")
+
+
+def read_regset(tid: int, note: int, size: int) -> bytes:
+    """The register set `note` as bytes (at most `size`: what the kernel filled)."""
+    buf = (ctypes.c_uint8 * size)()
+    n = getregset(tid, note, buf)
+    return bytes(buf)[:n]
+
+
+if _GETREGS is None:
+    # A host without PTRACE_GETREGS: arm64. Regs() there is laid out as struct user_pt_regs
+    # (tracer.arch.aarch64, the native arch's layout) and filled through NT_PRSTATUS, so the
+    # callers of getregs/setregs (inspect.peek) work unchanged.
+    def getregs(tid: int, regs: Regs) -> None:
+        getregset(tid, NT_PRSTATUS, regs.buf)
+
+    def setregs(tid: int, regs: Regs) -> None:
+        setregset(tid, NT_PRSTATUS, regs.buf)

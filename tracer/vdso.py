@@ -20,7 +20,8 @@ from elftools.elf.gnuversions import GNUVerDefSection, GNUVerSymSection
 from elftools.elf.sections import SymbolTableSection
 from elftools.elf.segments import NoteSegment
 
-from tracer.abi import I386, X86_64, Abi
+from tracer import arch
+from tracer.abi import Abi
 from tracer.errors import VdsoError
 
 __all__ = ["VdsoSymbol", "VdsoFunction", "VdsoImage", "parse_image", "plain_name",
@@ -30,6 +31,9 @@ MAX_IMAGE = 1 << 20          # a vDSO is a few pages; refuse anything absurd bef
 GATEWAY_SYMBOL = "__kernel_vsyscall"
 SIGRETURN_TRAMPOLINES = frozenset({"__kernel_sigreturn", "__kernel_rt_sigreturn"})
 _VDSO_PREFIX = "__vdso_"
+_KERNEL_PREFIX = "__kernel_"
+# __kernel_* entries that are not a C library function of the same plain name
+_KERNEL_ENTRIES = frozenset({GATEWAY_SYMBOL, *SIGRETURN_TRAMPOLINES})
 # include/uapi/linux/elf.h / include/linux/elfnote.h
 _NT_GNU_BUILD_ID = 3
 _LINUX_NOTE_VERSION = 0      # LINUX_VERSION_CODE, 4 bytes
@@ -43,8 +47,13 @@ _FOREIGN = (_PyElfError, _PyElfParseError, _PyConstructError, struct.error, Valu
 
 
 def plain_name(symbol: str) -> str:
-    """`__vdso_clock_gettime` -> `clock_gettime`; the `__kernel_*` entries keep their names."""
-    return symbol[len(_VDSO_PREFIX):] if symbol.startswith(_VDSO_PREFIX) else symbol
+    """`__vdso_clock_gettime` (x86) and `__kernel_clock_gettime` (arm64) -> `clock_gettime`;
+    i386's gateway and the signal trampolines keep their `__kernel_*` names."""
+    if symbol.startswith(_VDSO_PREFIX):
+        return symbol[len(_VDSO_PREFIX):]
+    if symbol.startswith(_KERNEL_PREFIX) and symbol not in _KERNEL_ENTRIES:
+        return symbol[len(_KERNEL_PREFIX):]
+    return symbol
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +157,18 @@ def _validate_headers(data: bytes) -> Abi:
                         "`vdsotrace dump`")
     if len(data) > MAX_IMAGE:
         raise VdsoError(f"{len(data)} bytes is far larger than any vDSO: not a vDSO image")
-    cls = data[4]
-    abi = {1: I386, 2: X86_64}.get(cls)
-    if abi is None:
+    cls, endian = data[4], data[5]
+    if cls not in (1, 2):
         raise VdsoError(f"bad ELF class {cls}: not a vDSO image")
+    if endian != 1:
+        raise VdsoError("a big-endian ELF image: vdsotrace reads little-endian vDSOs only "
+                        "(x86_64, i386, aarch64)")
+    # e_machine decides the architecture, with the class (tracer.arch's registry): an aarch64
+    # image is 64-bit like an x86_64 one, the class alone would parse it as x86.
+    try:
+        abi = arch.for_elf(int.from_bytes(data[18:20], "little"), cls)
+    except arch.UnsupportedArch as e:
+        raise VdsoError(f"{e}: not a vDSO vdsotrace can read") from None
     return abi
 
 
@@ -239,10 +256,13 @@ def _parse_image(data: bytes) -> VdsoImage:
 
 
 def _fold(symbols: list[VdsoSymbol]) -> tuple[VdsoFunction, ...]:
-    """Group FUNC symbols by address; the global (non-weak) name is the symbol."""
+    """Group FUNC symbols by address; the global (non-weak) name is the symbol. A sized
+    NOTYPE `__kernel_*` entry is code too: arm64's __kernel_rt_sigreturn is an assembly ENTRY
+    without a type (arch/arm64/kernel/vdso/sigreturn.S)."""
     groups: dict[int, list[VdsoSymbol]] = {}
     for s in symbols:
-        if s.type == "FUNC":
+        if s.type == "FUNC" or (s.type == "NOTYPE" and s.size > 0
+                                and s.name.startswith("__kernel_")):
             groups.setdefault(s.value, []).append(s)
     out = []
     for addr in sorted(groups):

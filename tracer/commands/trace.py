@@ -10,7 +10,8 @@ from tracer import procfs
 from tracer.engine.control import summarize
 from tracer.errors import UsageError
 from tracer.events import Event
-from tracer.session import _TICK, _WAKE_SIGNAL, Session, Summary, TraceOptions
+from tracer.engine.state import _TICK, _WAKE_SIGNAL
+from tracer.session import Session, Summary, TraceOptions
 
 __all__ = ["TraceArgs", "TraceSink", "BoundSink", "run_trace"]
 

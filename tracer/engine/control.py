@@ -20,8 +20,10 @@ from tracer import inspect, sigtrack
 from tracer.decoders import for_function
 from tracer.errors import ProcessGone, TracerError
 from tracer.inspect import AuxvReport
-from tracer.session import (_TICK, _WAKE_SIGNAL, OTHER_SITES, FuncStats, Session, Summary,
-                            _Counter, _fidx_by_name, resolve_functions)
+from tracer.engine.options import FuncStats, Summary, resolve_functions
+from tracer.engine.state import _TICK, _WAKE_SIGNAL, _fidx_by_name
+from tracer.engine.stats import OTHER_SITES, _Counter
+from tracer.session import Session
 from tracer.vdso import GATEWAY_SYMBOL, VdsoImage
 
 __all__ = ["Control", "Snapshot", "Backtrace", "Explanation", "TimeNamespace", "Counts",

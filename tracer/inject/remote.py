@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from tracer import target
 from tracer.arch import I386, X86_64, Arch
-from tracer.errors import ProcessGone
+from tracer.errors import ProcessGone, TracerError
 
 __all__ = ["Stepper", "RemoteError"]
 
@@ -26,8 +26,13 @@ _MAX_HELD = 1000         # stops (signals, events) taken while one step is due
 _FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 
 
-class RemoteError(OSError):
-    pass
+class RemoteError(TracerError):
+    """A system call or single step made in the tracee on our behalf failed (errno: the
+    call's error number, 0 when it is not one)."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class Stepper:

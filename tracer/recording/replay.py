@@ -7,7 +7,8 @@ from typing import Any
 from tracer.errors import UnknownFunction, UsageError
 from tracer.events import AttachEvent, CallEvent, Event, SyscallEvent
 from tracer.engine.control import summarize
-from tracer.session import Summary, _Counter, resolve_functions
+from tracer.engine.stats import _Counter
+from tracer.session import Summary, resolve_functions
 from tracer.vdso import GATEWAY_SYMBOL, VdsoImage, parse_image
 
 __all__ = ["ReplayStats", "Selection"]

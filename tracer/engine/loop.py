@@ -1,0 +1,227 @@
+"""The loop: waitpid and dispatch on the classified stop (stops.py), the cross-thread queue
+and its futures, the tick; resuming a thread."""
+from __future__ import annotations
+
+import ctypes
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from queue import Empty
+from typing import Any, Self
+
+from tracer import sched, stops, target
+from tracer.engine.state import (_DRAIN_BATCH, _DRAIN_BATCH_STATS, _nap, _NAP_EMPTY, _RIP, _SLICE_S,
+                                 _Thread, _WAKE_SIGNAL)
+from tracer.errors import ProcessGone
+from tracer.events import Event
+from tracer.stops import Kind
+from tracer.engine.core import EngineCore
+
+
+class Loop(EngineCore):
+    def tick(self) -> None:
+        """Async-signal and thread safe: ask the loop to flush, run queued calls and check
+        --duration at its next turn, even while stops keep arriving."""
+        self._tick_due = True
+
+    def _emit(self, ev: Event) -> None:
+        self.sink(ev)
+
+    def _note_signal(self, th: _Thread) -> None:
+        """A signal is delivered to the stopped thread now: where it interrupts it."""
+        if not th.sig_in_vdso:
+            try:
+                target.getregs(th.tid, th.regs)
+            except ProcessGone:
+                return
+            pc = th.regs.buf[_RIP]
+            th.sig_in_vdso = th.space.base <= pc < th.space.base + th.space.size
+
+    def _resume(self, th: _Thread) -> None:
+        if self._paused:
+            return
+        if th.sig:
+            self._note_signal(th)
+        sig, th.sig = th.sig, 0
+        th.stopped = False
+        th.undo_trap = 0
+        th.marker_stop = False
+        try:
+            if self.options.signals:
+                # every system-call entry stops: rt_sigreturn is seen however it is made
+                target.syscall(th.tid, sig)
+            else:
+                target.cont(th.tid, sig)
+        except ProcessGone:
+            pass
+
+    def request_stop(self, reason: str) -> None:
+        """Async-signal and thread safe: end `run` at the next wake-up."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._wake()
+
+    def _wake(self) -> None:
+        ident = self._engine_ident
+        if ident is not None and ident != threading.get_ident():
+            try:
+                signal.pthread_kill(ident, _WAKE_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def submit(self, fn: Callable[[Self], Any]) -> Future[Any]:
+        fut: Future[Any] = Future()
+        if self._engine_ident is None or self._engine_ident == threading.get_ident():
+            try:
+                fut.set_result(fn(self))
+            except BaseException as e:  # delivered to the caller through the future
+                fut.set_exception(e)
+            return fut
+        self._queue.put((fn, fut))
+        self._tick_due = True
+        self._wake()
+        return fut
+
+    def _run_queue(self) -> None:
+        while True:
+            try:
+                fn, fut = self._queue.get_nowait()
+            except Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(self))
+            except BaseException as e:
+                fut.set_exception(e)
+
+    def run(self) -> str:
+        """Trace until the tracees exit or `request_stop`; then leave them as they were."""
+        self._engine_ident = threading.get_ident()
+        self.state = "paused" if self._paused else "running"
+        deadline = (time.monotonic() + self.options.duration
+                    if self.options.duration is not None else None)
+        waiter = self._waiter
+        waitpid, status, ref = waiter.waitpid, waiter.cell, waiter.ref
+        trap_status, seccomp_status = stops.TRAP_STATUS, stops.SECCOMP_STATUS
+        dispatch = self._dispatch
+        trap = self._trap
+        marker = self._marker
+        threads = self.threads
+        reason = "exit"
+        # an instrument that polls (the in-tracee recorder): drain between looks at waitpid;
+        # else every call is a stop: block in waitpid
+        polling = self._polling()
+        sigmask = None
+        if polling:
+            # a ptrace stop sends the tracer SIGCHLD: blocked here, it ends a nap at once
+            sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+            # never idle while the ring fills: ask to run often and briefly rather than
+            # seldom and long, so a stop waits less for our next waitpid (sched.py)
+            sched.request_short_slice(_SLICE_S)
+            # waiting for the symbol loader's parse of an object (the first call named from
+            # it) is not silence: keep the stubs waiting for us
+            from tracer import objfile
+            objfile.wait_hook = self._heartbeat
+        try:
+            while True:
+                if self._tick_due:
+                    self._tick_due = False
+                    if self.tsc.ns_per_tick is not None:
+                        self.tsc.refine()
+                    self._run_queue()
+                    polling = self._polling()   # (the console may have switched engines)
+                    if self.on_tick is not None:
+                        self.on_tick()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self.request_stop("duration")
+                if self.stop_reason is not None:
+                    reason = self.stop_reason
+                    break
+                if not threads and not self.early:
+                    reason = "exit"
+                    break
+                if polling:
+                    tid = waiter.wait(nohang=True)
+                    if tid > 0:
+                        dispatch(tid, status.value)
+                        continue
+                    if tid == waiter.NOTHING_LEFT:
+                        reason = "exit"
+                        break
+                    # a bounded batch, then waitpid again: stops (a thread being created, a
+                    # signal) are served within one batch however fast the ring fills
+                    if not self._drain_recorders(_DRAIN_BATCH_STATS if self.summary_only
+                                                 else _DRAIN_BATCH):
+                        _nap(_NAP_EMPTY)      # the ring is empty: let the tracee fill it
+                    continue
+                tid = waitpid(-1, ref, target.WALL)
+                if tid > 0:
+                    st = status.value
+                    th = threads.get(tid) if st == trap_status or st == seccomp_status else None
+                    if th is not None:          # the hot case: a stop of a known thread
+                        th.stopped = True
+                        try:
+                            if st == seccomp_status:
+                                marker(th)
+                            else:
+                                trap(th)
+                        except ProcessGone:
+                            th.stopped = False
+                            th.pending.clear()
+                        continue
+                    dispatch(tid, st)
+                    continue
+                if ctypes.get_errno() == 10:  # ECHILD: nothing left to wait for (stops.Waiter)
+                    reason = "exit"
+                    break
+                self._tick_due = True         # EINTR: a tick or a wake-up
+        except BaseException:
+            reason = "error"
+            raise
+        finally:
+            if sigmask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+            self._engine_ident = None
+            # every way out, an internal error included, leaves the tracee as it was
+            self.detach_all(reason)
+            if reason == "exit":
+                self.state = "exited"
+        return reason
+
+    def _polling(self) -> bool:
+        return any(sp.instrument.polls for sp in self.spaces.values())
+
+    def _dispatch(self, tid: int, status: int) -> None:
+        th = self.threads.get(tid)
+        if th is None:
+            self._unknown(tid, status)
+            return
+        stop = stops.classify(status)
+        kind = stop.kind
+        try:
+            if not stop.stopped:
+                self._gone(th, stop)
+                return
+            th.stopped = True
+            if kind is Kind.TRAP:                          # an int3 (or a step)
+                self._trap(th)
+            elif kind is Kind.SECCOMP:
+                self._marker(th)
+            elif kind is Kind.SYSCALL:
+                self._syscall_stop(th)
+            elif kind is Kind.SIGNAL:
+                self._signal(th, stop.sig)
+            else:
+                self._event(th, stop)
+        except ProcessGone:
+            # Killed under us (SIGKILL, or exit of the whole group): its exit status follows.
+            th.stopped = False
+            th.pending.clear()
+
+    def _heartbeat(self) -> None:
+        if self._engine_ident == threading.get_ident():
+            for space in list(self.spaces.values()):
+                space.instrument.heartbeat()

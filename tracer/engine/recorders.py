@@ -1,0 +1,101 @@
+"""--inject: draining the in-tracee recorders' rings into calls, their switch-off and
+uninstall, and the notices of what they could not record."""
+from __future__ import annotations
+
+import time
+
+from tracer.engine.state import _DRAIN_BATCH_STATS, _DRAIN_LEAVE_S, _Space, _Thread
+from tracer.events import NoticeEvent
+from tracer.engine.core import EngineCore
+
+
+class Recorders(EngineCore):
+    def _drain_recorders(self, limit: int = 65536) -> int:
+        """Turn what the instruments that poll recorded into events (or, with -c, counts),
+        at most `limit` records per instrument."""
+        n = 0
+        for space in list(self.spaces.values()):
+            inst = space.instrument
+            if not inst.polls:
+                continue
+            if self.summary_only:
+                n += inst.drain_stats(self._inject_stats, limit)
+                continue
+            records = inst.drain(limit)
+            n += len(records)
+            if not records:
+                continue
+            by_name = space.fidx_by_name
+            index = [by_name.get(f.plain, -1) for f in inst.funcs]   # its fid -> the space's
+            signed = space.abi.signed
+            threads = self.threads
+            dead = self._dead
+            for r in records:
+                th = threads.get(r.tid) or dead.get(r.tid)
+                if th is None or th.space is not space:
+                    continue            # a forked child's call through the shared ring
+                self._call_done(th, space, index[r.fid], r.args, signed(r.ret), list(r.outs),
+                                r.t_entry_ns, r.duration_ns, r.caller, r.fallback, None)
+        return n
+
+    def _uninstall(self, space: _Space, threads: list[_Thread]) -> None:
+        """--inject: every thread stopped; switch the stubs off, restore the vDSO, unmap the
+        ring, and emit what was still in it."""
+        rec = space.recorder
+        if rec is None or not rec.installed:
+            return
+        self._drain_for(_DRAIN_LEAVE_S)
+        tids = [th.tid for th in threads if th.space is space and th.stopped]
+        if not tids:
+            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
+                                   "no thread of the process could be stopped (waiting for "
+                                   "a vfork child?): the recorder stays in it"))
+            return
+        rec.uninstall(tids)
+        self._drain_for(_DRAIN_LEAVE_S)
+        for th in threads:
+            if th.space is space and th.tid == tids[0]:
+                th.stopped = True
+        self._report_losses(space)
+
+    def _finish_recorder(self, space: _Space) -> None:
+        """The process exited or exec'd: everything still recorded, then the losses."""
+        inst = space.instrument
+        inst.producers_stopped()
+        if inst.polls:
+            self._drain_for(_DRAIN_LEAVE_S)
+        self._report_losses(space)
+        inst.abandon()
+
+    def _drain_for(self, seconds: float) -> None:
+        """Drain until the rings are empty, for at most `seconds`: on a way out the work must
+        end whatever the rings say (a producer we do not stop, a forked child sharing a
+        ring, may never let one run empty)."""
+        deadline = time.monotonic() + seconds
+        while self._drain_recorders(_DRAIN_BATCH_STATS) and time.monotonic() < deadline:
+            pass
+
+    def _report_losses(self, space: _Space) -> None:
+        lost, notes = space.instrument.leave_report()
+        self.lost_records += lost
+        now = time.time()
+        for text in notes:
+            self._emit(NoticeEvent(space.pid, space.pid, now, text))
+
+    def _quiesce_recorders(self, limit_s: float = 5.0) -> None:
+        """Before stopping the tracee to leave: switch recording off and drain what the
+        instruments that poll recorded while it runs on, so that it is held for
+        milliseconds, not for as long as decoding a full ring takes (a second and more).
+        What the stop finds is left over."""
+        insts = [sp.instrument for sp in self.spaces.values()
+                 if sp.instrument.polls and sp.instrument.installed]
+        if not insts:
+            return
+        for inst in insts:
+            try:
+                inst.stop_recording()
+            except OSError:
+                pass
+        end = time.monotonic() + limit_s
+        while self._drain_recorders() and time.monotonic() < end:
+            pass

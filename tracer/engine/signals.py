@@ -1,0 +1,93 @@
+"""The signal watch (--signals): signal-delivery stops, handler entries, sigreturns; and a
+stub's faulting rdtsc answered by the tracer."""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+
+from tracer import sigtrack, target
+from tracer.engine.state import _AUDIT_ABI, _caught, _RAX, _RIP, _Space, _Thread
+from tracer.errors import MemoryReadError, ProcessGone
+from tracer.target import REG_INDEX
+from tracer.engine.core import EngineCore
+
+
+class Signals(EngineCore):
+    def _signal(self, th: _Thread, sig: int) -> None:
+        if sig == signal.SIGSEGV and self._emulate_rdtsc(th):
+            return
+        th.sig = sig
+        self._note_signal(th)
+        if th.space.signals is not None and not self._paused and _caught(th.space.pid, th.tid,
+                                                                         sig):
+            # Step into the handler: the kernel builds the frame and stops at its first
+            # instruction, where the frame tells handler, restorer and interrupted ip.
+            th.expect_handler = sig
+            th.sig = 0
+            th.stopped = False
+            try:
+                target.singlestep(th.tid, sig)
+            except ProcessGone:
+                pass
+            return
+        self._resume(th)
+
+    def _emulate_rdtsc(self, th: _Thread, resume: bool = True) -> bool:
+        """A stub's rdtsc faulted (the thread called prctl(PR_SET_TSC, PR_TSC_SIGSEGV) after
+        the stubs were made): give it the tracer's own reading of the same counter and step
+        it over the instruction; the program never sees the SIGSEGV."""
+        space = th.space
+        patcher = space.patcher
+        try:
+            target.getregs(th.tid, th.regs)
+            buf = th.regs.buf
+            pc = buf[_RIP]
+            if not (patcher.pad_used and patcher.in_padding(pc)
+                    and space.mem.read(pc, 2) == b"\x0f\x31"):
+                return False
+        except MemoryReadError:
+            return False
+        t = self.tsc.read()
+        buf[_RAX] = t & 0xFFFFFFFF
+        buf[REG_INDEX["rdx"]] = t >> 32
+        buf[_RIP] = pc + 2
+        target.setregs(th.tid, th.regs)
+        if resume:
+            self._resume(th)
+        return True
+
+    def _handler_entry(self, th: _Thread, space: _Space, signo: int) -> bool:
+        tracker = space.signals
+        if tracker is None:
+            return False
+        d = tracker.on_handler_entry(th.tid, signo, th.regs, space.mem.read)
+        if d is None:
+            return False
+        self._resume(th)
+        if space.traced:
+            self._emit(sigtrack.signal_event(d, space.pid, time.time(),
+                                             lambda a: self.symbols.code_name(space, a)))
+        return True
+
+    def _syscall_stop(self, th: _Thread) -> None:
+        space = th.space
+        tracker = space.signals
+        if tracker is None:
+            self._resume(th)
+            return
+        info = target.get_syscall_info(th.tid)
+        abi = _AUDIT_ABI.get(info.arch, space.abi)
+        if info.op != 1 or not sigtrack.is_sigreturn(abi, info.nr):
+            self._resume(th)
+            return
+        target.getregs(th.tid, th.regs)
+        via_addr = info.instruction_pointer - 2        # syscall / int 0x80: 2 bytes
+        r = tracker.on_sigreturn(th.tid, info.nr, th.regs, space.mem.read, "", abi=abi)
+        self._resume(th)
+        # naming may parse an object: only once the thread runs again
+        via = self.symbols.code_name(space, via_addr, trampoline=True) or f"{via_addr:#x}"
+        r = dataclasses.replace(r, via=via)
+        if space.traced:
+            self._emit(sigtrack.sigreturn_event(r, space.pid, time.time(),
+                                                lambda a: self.symbols.code_name(space, a)))
