@@ -101,11 +101,11 @@ def read_stat(pid: int, tid: int | None = None) -> Stat:
         return parse_stat(f.read())
 
 
-def sleeping(tid: int) -> bool:
-    """The thread sleeps in the kernel (state S or D, proc(5)): it waits for an event, not for
-    a CPU. False when it is runnable, stopped or gone."""
+def runnable(tid: int) -> bool:
+    """The thread is running or waits for a CPU (state R, proc(5)); False when it sleeps in
+    the kernel, is stopped, or is gone."""
     try:
-        return read_stat(tid).state in ("S", "D")
+        return read_stat(tid).state == "R"
     except (OSError, ValueError):
         return False
 
