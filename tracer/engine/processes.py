@@ -25,6 +25,17 @@ from tracer.vdso import GATEWAY_SYMBOL, parse_image, VdsoFunction, VdsoImage
 from tracer.engine.core import EngineCore
 
 
+def refuse_untraceable(pids: list[int]) -> None:
+    """UnsupportedArch (one line saying what to do) when the engine is not written for the
+    arch of processes `pids` or, with none (a command to start), of a child of ours, which
+    runs the tracer's own arch (or its compat one)."""
+    if not pids:
+        _arch.check_traceable(_arch.native())
+    for pid in pids:
+        if procfs.exe_elf_class(pid) is not None:     # else attaching says what is wrong
+            _arch.check_traceable(target.abi_of(pid))
+
+
 class Processes(EngineCore):
     def _options(self) -> int:
         # Fork events are always wanted: a child inherits every int3 and must be cleaned.
@@ -43,8 +54,7 @@ class Processes(EngineCore):
                              "process once to -p")
         if tgid > 0:
             pid = tgid          # a thread's id stands for its process (strace -p does so)
-        if procfs.exe_elf_class(pid) is not None:     # else attaching says what is wrong
-            _arch.check_traceable(target.abi_of(pid))  # before the process is touched
+        refuse_untraceable([pid])       # before the process is touched
         # Parse the objects it maps now, while it runs: naming a call (or unwinding it) must
         # never wait for a parse while the tracee waits for us (node: over a second).
         symload.warm(pid, cfi=bool(self.options.stack_depth))
@@ -119,8 +129,7 @@ class Processes(EngineCore):
             pass
 
     def spawn(self, argv: list[str]) -> None:
-        # a child runs the tracer's own arch (or its compat one): refused before it exists
-        _arch.check_traceable(_arch.native())
+        refuse_untraceable([])          # before the child exists
         t0 = time.monotonic()
         pid = target.spawn(argv, self._options())
         self.root_pid = pid
