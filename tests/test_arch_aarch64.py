@@ -88,3 +88,15 @@ def test_dwarf_and_syscalls():
     assert (a.gettid_nr, a.tgkill_nr, a.nanosleep_nr) == (178, 131, 101)
     assert a.hwcap_names() == (HwcapAarch64, Hwcap2Aarch64)
     assert a.vdso_prefixes == ("__kernel_",)
+
+
+def test_tracing_is_refused_for_arm64_with_what_to_use_instead() -> None:
+    """The engine is written for x86 only: trace/record/console refuse an arm64 process (or a
+    command on an arm64 host) with one line naming the commands that do work there."""
+    with pytest.raises(arch.UnsupportedArch) as e:
+        arch.check_traceable(arch.by_name("aarch64"))
+    msg = str(e.value)
+    assert msg.startswith("tracing arm64 processes is not supported yet: ") and "\n" not in msg
+    assert "vdso, disas, auxv" in msg
+    arch.check_traceable(arch.X86_64)
+    arch.check_traceable(arch.I386)

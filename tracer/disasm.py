@@ -13,6 +13,7 @@ from capstone import arm64 as _arm64
 from capstone import x86 as _x86
 
 from tracer.abi import Abi
+from tracer.arch import x86_64 as _x86_64
 from tracer.vdso import GATEWAY_SYMBOL, VdsoFunction, VdsoImage
 
 __all__ = ["Insn", "disassemble", "Gateway", "gateway", "Sites", "sites", "relocate",
@@ -212,28 +213,20 @@ def relocate(abi: Abi, code: bytes, orig: int, slot: int,
     out = bytearray()
     bounds = [(0, orig)]
     if insn.group(_GRP_CALL) and target is not None:
-        if abi.word == 4:
-            out += b"\x68" + nxt.to_bytes(4, "little")                    # push imm32
-        else:
-            out += b"\x48\x8d\x64\x24\xf8"                                # lea rsp,[rsp-8]
-            out += b"\xc7\x04\x24" + (nxt & 0xFFFFFFFF).to_bytes(4, "little")
-            out += b"\xc7\x44\x24\x04" + (nxt >> 32).to_bytes(4, "little")
+        out += _x86_64.push_value(nxt, abi.word == 8)
         bounds.append((len(out), target))  # the return address is pushed: only the jump is left
-        out += b"\xe9" + _rel32(target - (slot + len(out) + 5))
+        out += _x86_64.jmp_rel32(slot + len(out), target)
         return bytes(out), bounds
     if target is not None and insn.group(_GRP_JUMP):
         if insn.mnemonic == "jmp":
-            out += b"\xe9" + _rel32(target - (slot + 5))
+            out += _x86_64.jmp_rel32(slot, target)
             return bytes(out), bounds
-        if raw[0] & 0xF0 == 0x70 and size == 2:                            # jcc rel8
-            cond = raw[0] & 0x0F
-        elif raw[0] == 0x0F and raw[1] & 0xF0 == 0x80 and size == 6:      # jcc rel32
-            cond = raw[1] & 0x0F
-        else:
+        cond = _x86_64.jcc_condition(bytes(raw))
+        if cond is None:
             raise ValueError(f"cannot relocate {insn.mnemonic} {insn.op_str}")
-        out += bytes((0x0F, 0x80 | cond)) + _rel32(target - (slot + 6))
+        out += _x86_64.jcc_rel32(cond, slot, target)
         bounds.append((len(out), nxt))
-        out += b"\xe9" + _rel32(nxt - (slot + len(out) + 5))
+        out += _x86_64.jmp_rel32(slot + len(out), nxt)
         return bytes(out), bounds
     if insn.group(_GRP_RET):
         return bytes(raw), bounds
@@ -246,7 +239,7 @@ def relocate(abi: Abi, code: bytes, orig: int, slot: int,
     out += raw
     bounds.append((len(out), nxt))
     if tail:
-        out += b"\xe9" + _rel32(nxt - (slot + len(out) + 5))
+        out += _x86_64.jmp_rel32(slot + len(out), nxt)
     return bytes(out), bounds
 
 

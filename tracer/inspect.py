@@ -6,16 +6,17 @@ tracer holds is refused with the reason.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from tracer import procfs, target
+from tracer import procfs, stops, target
 from tracer.abi import Abi
+from tracer.arch import native
 from tracer.auxv import auxv_from_stack, decode, find, parse_auxv, AuxvEntry
 from tracer.consts import AuxType
 from tracer.errors import AuxvError, MemoryReadError, ProcessGone, VdsoError
+from tracer.stops import Kind
 from tracer.vdso import VdsoImage, parse_image
 
 __all__ = ["peek", "AuxvReport", "read_auxv", "VdsoMapping", "find_vdso",
@@ -57,15 +58,17 @@ def peek(pid: int) -> Iterator[Stopped]:
     try:
         target.interrupt(pid)
         while True:
-            _, status = target.wait(pid)
-            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            stop = stops.wait_for(pid)
+            if not stop.stopped:
                 raise ProcessGone(f"process {pid} exited")
-            if target.stop_event(status) == target.PTRACE_EVENT_STOP:
+            if stop.kind is Kind.INTERRUPT or stop.kind is Kind.GROUP_STOP:
                 break
-            sig = os.WSTOPSIG(status)
-            target.cont(pid, 0 if sig == 5 and target.stop_event(status) else sig)
-        regs = target.Regs()
-        target.getregs(pid, regs)
+            # a signal-delivery stop (a breakpoint's SIGTRAP included) keeps its signal
+            target.cont(pid, stop.sig if stop.kind is Kind.SIGNAL or stop.kind is Kind.TRAP
+                        else 0)
+        host = native()                 # whose register layout ptrace fills
+        regs = host.new_regs()
+        host.regs_get(pid, regs)
         mem = target.Memory(pid)
         try:
             yield Stopped(pid, mem, target.abi_of(pid, regs))

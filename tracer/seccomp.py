@@ -268,7 +268,7 @@ def install(tid: int, mem: target.Memory, abi: Abi, scratch: int, site: int) -> 
     else:
         fprog = struct.pack("<H2xI", len(prog) // 8, scratch)
     blob = prog + fprog
-    stepper = Stepper(tid)
+    stepper = Stepper(tid, abi)
     try:
         mem.write(scratch, blob)
     except MemoryWriteError as e:

@@ -19,9 +19,13 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tracer import procfs, target
 from tracer.errors import ProcessGone
+
+if TYPE_CHECKING:
+    from tracer.arch import Arch
 
 __all__ = ["Kind", "Stop", "classify", "TRAP_STATUS", "SECCOMP_STATUS", "Waiter", "wait_for",
            "step", "step_out", "FAULTS"]
@@ -155,18 +159,20 @@ def step(tid: int, sig: int = 0) -> Stop:
 
 
 def step_out(tid: int, inside: Callable[[int], bool], limit: int, deadline: float,
-             regs: target.Regs, pc_of: Callable[[target.Regs], int],
+             regs: target.Regs, arch: Arch,
              on_fault: Callable[[int], bool], on_signal: Callable[[int, list[int]], bool],
              held: list[int]) -> bool:
     """Single-step a stopped thread until `inside(pc)` is false: True once it is out; False
     when it could not be done (a blocking system call past `deadline`, an instruction that
     faults, `limit` steps): it is left stopped. A signal-delivery stop does not take the
     step: `on_signal(sig, held)` decides (False: give up), `on_fault(sig)` may answer a
-    fault (a stub's rdtsc) and return True to step on. Raises ProcessGone if it exits.
+    fault (a stub's cycle counter read) and return True to step on. `regs` (of `arch`'s
+    layout) hold the registers at the last stop. Raises ProcessGone if it exits.
     Past `deadline` it gives up only on a thread that is not runnable (it sleeps in the
     kernel); one that waits for a CPU (a loaded machine, the tracer itself descheduled) is
     waited for: a thread left in our code keeps the stubs in the tracee."""
     bound = time.monotonic() + _STEP_BOUND_S
+    regs_get, pc = arch.regs_get, arch.PC
     for _ in range(limit):
         target.singlestep(tid)
         asleep_since = 0.0
@@ -195,8 +201,8 @@ def step_out(tid: int, inside: Callable[[int], bool], limit: int, deadline: floa
             continue                # an interrupt we sent earlier, or a marker: step again
         if kind is Kind.SIGNAL:
             if stop.sig == signal.SIGSEGV and on_fault(stop.sig):
-                target.getregs(tid, regs)   # answered: step on
-                if not inside(pc_of(regs)):
+                regs_get(tid, regs)         # answered: step on
+                if not inside(regs.buf[pc]):
                     return True
                 continue
             # a signal arrived (a SIGCHLD from a child that exited...): the step has not been
@@ -206,7 +212,7 @@ def step_out(tid: int, inside: Callable[[int], bool], limit: int, deadline: floa
             continue
         if kind is not Kind.TRAP:
             return False
-        target.getregs(tid, regs)
-        if not inside(pc_of(regs)):
+        regs_get(tid, regs)
+        if not inside(regs.buf[pc]):
             return True
     return False

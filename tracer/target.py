@@ -437,9 +437,11 @@ def attach_process(pid: int, options: int = DEFAULT_OPTIONS) -> tuple[list[int],
     pending: dict[int, int] = {}
     stopped: set[int] = set()
     want = set(seized)
+    from tracer import stops         # (it imports this module)
     while want - stopped:
         tid, status = wait()
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        stop = stops.classify(status)
+        if not stop.stopped:
             want.discard(tid)
             seized = [t for t in seized if t != tid]
             if tid == pid:
@@ -450,8 +452,8 @@ def attach_process(pid: int, options: int = DEFAULT_OPTIONS) -> tuple[list[int],
             # A thread born during attach (auto-attached by the clone option).
             want.add(tid)
             seized.append(tid)
-        if os.WIFSTOPPED(status) and stop_event(status) == PTRACE_EVENT_STOP:
-            stopped.add(tid)
+        if stop.kind is stops.Kind.INTERRUPT or stop.kind is stops.Kind.GROUP_STOP:
+            stopped.add(tid)            # PTRACE_EVENT_STOP
             continue
         stopped.add(tid)
         pending[tid] = status
@@ -487,23 +489,23 @@ def spawn(argv: list[str], options: int = DEFAULT_OPTIONS) -> int:
             os.execv(path, argv)
         finally:
             os._exit(127)
+    from tracer import stops         # (it imports this module)
     _, status = os.waitpid(pid, os.WUNTRACED)
-    if not os.WIFSTOPPED(status):
+    if not stops.classify(status).stopped:
         raise AttachError(f"cannot run {prog!r}: it exited before exec")
     seize(pid, options | _pfunc.PTRACE_O_TRACEEXEC)
     os.kill(pid, signal.SIGCONT)
     while True:
         tid, status = wait(pid)
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        stop = stops.classify(status)
+        if not stop.stopped:
             raise AttachError(f"cannot run {prog!r}: it exited before exec")
-        ev = stop_event(status)
-        if ev == EVENT_EXEC:
+        if stop.kind is stops.Kind.EXEC:
             return pid
-        sig = os.WSTOPSIG(status)
-        if ev == PTRACE_EVENT_STOP or sig in (signal.SIGSTOP, signal.SIGCONT, signal.SIGTRAP):
+        if stop.is_event or stop.sig in (signal.SIGSTOP, signal.SIGCONT, signal.SIGTRAP):
             cont(pid, 0)
         else:
-            cont(pid, sig)
+            cont(pid, stop.sig)
 
 
 # ---- register sets: PTRACE_GETREGSET / PTRACE_SETREGSET (include/uapi/linux/ptrace.h) ----

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import signal
 import time
 from typing import Any
 
@@ -130,7 +131,7 @@ def tsc_usable(tids: list[int], mem: Any, scratch: int,
     `scratch` (a zeroed, writable spot of its vDSO, zeroed again after): SIGTRAP, it ran;
     SIGSEGV, it faulted (the signal is discarded with the registers put back).
     `arch.no_restart` keeps the kernel from restarting an interrupted system call there."""
-    from tracer import target
+    from tracer import stops, target
     from tracer.errors import ProcessGone
     ok = True
     insn = arch.cycle_counter
@@ -152,19 +153,17 @@ def tsc_usable(tids: list[int], mem: Any, scratch: int,
             held = []
             try:
                 for _ in range(16):
-                    target.singlestep(tid, 0)
-                    _, status = target.wait(tid)
-                    if not (status & 0x7F == 0x7F):
+                    stop = stops.step(tid)
+                    if not stop.stopped:
                         raise ProcessGone(f"thread {tid} exited")
-                    sig = (status >> 8) & 0xFF
-                    if status >> 16:
-                        continue                   # an event stop: the step is still due
-                    if sig == 5:                   # SIGTRAP: the step ran
+                    if stop.kind is stops.Kind.TRAP:        # the step ran
                         break
-                    if sig == 11:                  # SIGSEGV: rdtsc faulted
+                    if stop.kind is not stops.Kind.SIGNAL:
+                        continue                   # an event stop: the step is still due
+                    if stop.sig == signal.SIGSEGV:  # the counter read faulted
                         ok = False
                         break
-                    held.append(sig)               # another signal: send it again below
+                    held.append(stop.sig)          # another signal: send it again below
             finally:
                 arch.regs_set(tid, saved)
                 for sig in held:

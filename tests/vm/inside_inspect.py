@@ -3,7 +3,8 @@
     python3 inside_inspect.py TARGET OUTDIR
 
 Starts TARGET (tests/targets/a64smoke.c built for aarch64); while it waits for its go byte,
-runs `vdsotrace auxv|vdso|dump|disas -p PID` on it and saves the oracles beside their output
+runs `vdsotrace auxv|vdso|dump|disas -p PID` on it (and `trace`, `record`, `console`, which
+refuse it) and saves the oracles beside their output
 in OUTDIR: /proc/PID/auxv, the [vdso] mapping read from /proc/PID/mem, /proc/PID/maps and
 /proc/cpuinfo (the kernel's own names of the AT_HWCAP/AT_HWCAP2 bits). Then lets the target
 run its calls and collects its record. Prints one JSON object of what it saw; asserts nothing
@@ -54,9 +55,18 @@ def main() -> int:
                                "__kernel_rt_sigreturn", "getrandom")},
         "disas_att": run([vt, "disas", "-p", str(pid), "clock_gettime", "--syntax", "att"]),
         "disas_unknown": run([vt, "disas", "-p", str(pid), "time"]),
-        # the engine is x86-only so far: whatever `trace` does on arm64, the program lives on
+        # the engine is x86-only so far: trace, record and console refuse an arm64 process
+        # (or command) in one line, before touching it
         "trace": run([vt, "trace", "-p", str(pid), "--duration", "2"]),
+        "trace_out": run([vt, "trace", "-p", str(pid), "--duration", "2", "-o",
+                          str(outdir / "trace-out.txt")]),
+        "record": run([vt, "record", "-p", str(pid), "--duration", "2", "-o",
+                       str(outdir / "trace.rec")]),
+        "console": run([vt, "console", "-p", str(pid)]),
+        "trace_cmd": run([vt, "trace", "--", "sh", "-c", f"echo ran > {outdir / 'spawned'}"]),
     }
+    out["left_behind"] = sorted(n for n in ("trace-out.txt", "trace.rec", "spawned")
+                                if (outdir / n).exists())
     # The same checks again after all of that: nothing of ours is left in the process.
     out["status_after"] = {line.split(":")[0]: line.split(":", 1)[1].strip()
                            for line in Path(f"/proc/{pid}/status").read_text().splitlines()

@@ -14,7 +14,8 @@ from tracer.arch.i386 import I386
 from tracer.arch.x86_64 import X86_64
 
 __all__ = ["Arch", "X86_64", "I386", "ARCHES", "EM_386", "EM_X86_64", "EM_AARCH64", "by_name",
-           "for_elf", "for_header", "for_thread", "for_audit", "elf_ident", "native", "register", "UnsupportedArch"]
+           "for_elf", "for_header", "for_thread", "for_audit", "elf_ident", "native", "register", "UnsupportedArch",
+           "TRACED", "check_traceable"]
 
 # include/uapi/linux/elf-em.h
 EM_386 = 3
@@ -26,6 +27,11 @@ _BY_ELF: dict[tuple[int, int], Arch] = {(a.e_machine, a.elf_class): a for a in A
 # arches whose module is loaded on first use: (e_machine, class) -> (module, attribute)
 _LAZY: dict[tuple[int, int], tuple[str, str]] = {(EM_AARCH64, 2): ("tracer.arch.aarch64", "AARCH64")}
 _MACHINE_NAMES = {EM_386: "i386", EM_X86_64: "x86_64", EM_AARCH64: "aarch64"}
+# The arches the tracing engine is written for (its stubs, remote system calls, marker filter
+# and stop handling); a process of any other known arch is inspected only (auxv, vdso, dump,
+# disas).
+TRACED = frozenset({"x86_64", "i386"})
+_LABELS = {"aarch64": "arm64"}
 
 
 def register(arch: Arch) -> None:
@@ -52,6 +58,14 @@ def _load(mod: str, attr: str, what: str) -> Arch:
     assert isinstance(arch, Arch)
     register(arch)
     return arch
+
+
+def check_traceable(arch: Arch) -> None:
+    """UnsupportedArch unless the tracing engine runs on `arch`'s processes."""
+    if arch.name not in TRACED:
+        raise UnsupportedArch(f"tracing {_LABELS.get(arch.name, arch.name)} processes is not "
+                              "supported yet: vdsotrace traces x86_64 and i386 processes; "
+                              "inspect this one with vdso, disas, auxv or dump")
 
 
 def for_elf(e_machine: int, elf_class: int) -> Arch:

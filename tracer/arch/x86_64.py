@@ -33,7 +33,7 @@ from tracer.arch.base import (Arch, DwarfRegs, ReadMem, RegLayout, SigFrameLayou
 from tracer.errors import MemoryReadError
 
 __all__ = ["X86_64", "X86_64Arch", "X86Arch", "USER_REGS", "INT3", "NOP", "JMP_REL32_LEN", "rel32",
-           "rel32_wrap", "jmp_rel32", "call_rel32", "RDTSC", "TSC_OFF", "fill_stub_marker",
+           "rel32_wrap", "jmp_rel32", "call_rel32", "jcc_condition", "jcc_rel32", "push_value", "RDTSC", "TSC_OFF", "fill_stub_marker",
            "marker_fallback_head", "MARKER_FALLBACK_SP_ADJ", "stub_x86_64",
            "is_control_transfer"]
 
@@ -76,6 +76,30 @@ def jmp_rel32(src: int, dst: int, wrap: bool = False) -> bytes:
 
 def call_rel32(src: int, dst: int, wrap: bool = False) -> bytes:
     return b"\xe8" + (rel32_wrap if wrap else rel32)(dst, src + 5)
+
+
+def jcc_condition(insn: bytes) -> int | None:
+    """The condition code (0-15) of a `jcc rel8` (7x cb) or `jcc rel32` (0f 8x cd) given
+    whole; None for anything else."""
+    if len(insn) == 2 and insn[0] & 0xF0 == 0x70:
+        return insn[0] & 0x0F
+    if len(insn) == 6 and insn[0] == 0x0F and insn[1] & 0xF0 == 0x80:
+        return insn[1] & 0x0F
+    return None
+
+
+def jcc_rel32(cond: int, src: int, dst: int) -> bytes:
+    return bytes((0x0F, 0x80 | cond)) + rel32(dst, src + 6)
+
+
+def push_value(value: int, wide: bool) -> bytes:
+    """Push `value` as a return address: `push imm32` (i386); x86_64 has no push of a 64-bit
+    immediate: `lea rsp,[rsp-8]; mov dword [rsp],lo; mov dword [rsp+4],hi` (lea keeps the
+    flags)."""
+    if not wide:
+        return b"\x68" + (value & 0xFFFFFFFF).to_bytes(4, "little")
+    return (b"\x48\x8d\x64\x24\xf8" + b"\xc7\x04\x24" + (value & 0xFFFFFFFF).to_bytes(4, "little")
+            + b"\xc7\x44\x24\x04" + (value >> 32 & 0xFFFFFFFF).to_bytes(4, "little"))
 
 
 def stub_x86_64(marker: bool = False, tsc: bool = True) -> tuple[bytes, StubLayout, int, int]:

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from tracer import procfs
 from tracer.engine.control import summarize
+from tracer.engine.processes import refuse_untraceable
 from tracer.errors import UsageError
 from tracer.events import Event
 from tracer.engine.state import _TICK, _WAKE_SIGNAL
@@ -91,6 +92,7 @@ def run_trace(a: TraceArgs, open_sink: Callable[[TraceArgs], BoundSink] | None =
         raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
                          "drop -f, or trace without --inject")
     pids: list[int] = list(dict.fromkeys(a.pids))
+    refuse_untraceable(pids)            # before an output file is made or a process touched
     out: TraceSink
     bound: BoundSink | None = None
     if open_sink is None:

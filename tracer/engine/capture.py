@@ -5,14 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tracer import seccomp as _seccomp, target
+from tracer import seccomp as _seccomp
 from tracer.breakpoints import ENTRY, EXIT, FALL, RET
 from tracer.decoders import out_size
 from tracer.decoders.syscalls import read_entry_strings, read_exit_strings, STRING_ARGS
-from tracer.engine.state import (_ARG64, _cont, _ENOSYS, _getregs, _ORIG_RAX, _Pending, _RAX, _RIP,
-                                 _RSP, _SIGTRAP, _Space, _SYSARG32, _Thread, _WINDOW)
+from tracer.engine.state import _cont, _ENOSYS, _Pending, _SIGTRAP, _Space, _Thread, _WINDOW
 from tracer.errors import MemoryReadError
-from tracer.tables import syscalls_i386
 from tracer.engine.core import EngineCore
 
 
@@ -22,12 +20,13 @@ class Capture(EngineCore):
         space = th.space
         regs = th.regs
         buf = regs.buf
-        _getregs(tid, regs)
+        arch = space.abi
+        arch.regs_get(tid, regs)
         if th.expect_handler:
             signo, th.expect_handler = th.expect_handler, 0
             if self._handler_entry(th, space, signo):
                 return
-        pc = buf[_RIP] - 1
+        pc = buf[arch.PC] - arch.trap_pc_adjust
         bp = space.patcher.bps.get(pc)
         if bp is None and space.patcher.planted and not space.base <= pc < space.base + space.size:
             # outside the vDSO as we know it: did the process move it (mremap)?
@@ -47,12 +46,12 @@ class Capture(EngineCore):
             self._entry_hit(th, space, bp.func, buf)
         else:  # FALL: this call enters the kernel
             t_in = self.tsc.read()
-            th.fb_marks.append((buf[_RSP], bp.func))
+            th.fb_marks.append((buf[arch.SP], bp.func))
             pend = th.pending
             if pend and pend[-1].func == bp.func:
                 pend[-1].fallback = True
-            buf[_RIP] = bp.slot
-            target.setregs(tid, regs)
+            buf[arch.PC] = bp.slot
+            arch.regs_set(tid, regs)
             self._resume(th)
             th.stopped_ticks += self.tsc.read() - t_in
 
@@ -64,18 +63,20 @@ class Capture(EngineCore):
         space = th.space
         regs = th.regs
         buf = regs.buf
-        _getregs(tid, regs)
+        arch = space.abi
+        arch.regs_get(tid, regs)
         markers = space.patcher.markers
-        idx = (buf[_ORIG_RAX] & 0xFFFFFFFF) - _seccomp.MARKER_BASE
+        idx = (buf[arch.SYSNR] & 0xFFFFFFFF) - _seccomp.MARKER_BASE
         if not 0 <= idx < len(markers) or not space.instrument.owns_markers():
             if not 0 <= idx < _seccomp.MARKER_SPAN:
-                buf[_ORIG_RAX] = -1 & 0xFFFFFFFFFFFFFFFF
-                buf[_RAX] = -_ENOSYS & 0xFFFFFFFFFFFFFFFF
-                target.setregs(tid, regs)
+                # skipped: the call not run, its result -ENOSYS
+                arch.no_restart(regs)
+                regs[arch.syscall_ret] = -_ENOSYS & 0xFFFFFFFFFFFFFFFF
+                arch.regs_set(tid, regs)
             self._resume(th)
             return
         bp = markers[idx]
-        sp = (buf[_RSP] & space.abi.mask) + bp.sp_adj
+        sp = (buf[arch.SP] & arch.mask) + bp.sp_adj
         kind = bp.kind
         if kind == EXIT:
             self._stub_exit(th, space, bp.func, buf, sp)
@@ -97,7 +98,7 @@ class Capture(EngineCore):
         """The stub's int3 (or marker): arguments, result, timestamps and return address are
         in one block of stack at `sp`; the thread just continues into the stub's epilogue."""
         if sp is None:
-            sp = buf[_RSP]
+            sp = buf[space.abi.SP]
         layout = space.patcher.layouts[fidx]
         assert layout is not None
         mem = space.mem
@@ -171,12 +172,14 @@ class Capture(EngineCore):
         saved eax (the system call's number) is at msp, the 6th argument (ebp, pushed by the
         gateway) at msp - 16 (breakpoints.py)."""
         t0 = time.monotonic_ns()
-        sp = buf[_RSP] if msp is None else msp
+        arch = space.abi
+        sp = buf[arch.SP] if msp is None else msp
         dec = space.decoders[fidx]
         gw = space.is_gateway[fidx]
         strs = None
         if gw:
-            args = tuple(buf[i] & 0xFFFFFFFF for i in _SYSARG32) + (buf[_RAX] & 0xFFFFFFFF,)
+            args = tuple(buf[i] & 0xFFFFFFFF for i in arch.SYSARGS) + (
+                buf[arch.SYSNR_IN] & 0xFFFFFFFF,)
             if msp is not None:
                 try:
                     raw = space.mem.read(msp - 16, 20)
@@ -185,17 +188,15 @@ class Capture(EngineCore):
                 args = args[:5] + (int.from_bytes(raw[0:4], "little"),
                                    int.from_bytes(raw[16:20], "little"))
             caller = 0
-            name = syscalls_i386.NAMES.get(args[6])
+            name = arch.syscall_table()[0].get(args[6])
             if name in STRING_ARGS:     # paths and written buffers, read before they change
                 strs = read_entry_strings(name, args, space.mem.read, self.options.string_size)
             # A vDSO function that calls the gateway has fallen back into the kernel (its
             # call site is a fallback int3 too, which marks calls made through a stub).
             if th.pending and not space.is_gateway[th.pending[-1].func]:
                 th.pending[-1].fallback = True
-        elif space.abi.word == 8:
-            n = dec.nargs
-            args = (buf[_ARG64[0]], buf[_ARG64[1]], buf[_ARG64[2]], buf[_ARG64[3]],
-                    buf[_ARG64[4]], buf[_ARG64[5]])[:n]
+        elif arch.ARGS:
+            args = tuple([buf[i] for i in arch.ARGS[:dec.nargs]])
             caller = 0                                   # read at exit: [sp] is unchanged
         else:
             n = dec.nargs
@@ -212,13 +213,13 @@ class Capture(EngineCore):
         site = 0
         if not gw:
             try:
-                ret0 = caller or space.mem.read_word(sp, space.abi.word)
+                ret0 = caller or arch.return_address(th.regs, space.mem.read)
                 site = self.symbols.site(space, th, ret0, sp, b"", 0)
             except MemoryReadError:
                 pass
         if msp is None:
-            buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
-            target.setregs(th.tid, th.regs)
+            buf[arch.PC] = space.patcher.bps[arch.trap_addr(buf[arch.PC])].slot
+            arch.regs_set(th.tid, th.regs)
         self._resume(th)
         th.pending.append(_Pending(fidx, sp, args, t0, caller, False, stack, strs, site))
 
@@ -226,7 +227,8 @@ class Capture(EngineCore):
                   msp: int | None = None) -> None:
         """A ret int3, or (`msp` given) the exit marker of i386's gateway stub, whose saved
         eax (the system call's result) is at msp."""
-        sp = buf[_RSP] if msp is None else msp
+        abi = space.abi
+        sp = buf[abi.SP] if msp is None else msp
         pend = th.pending
         p = None
         while pend:
@@ -237,14 +239,13 @@ class Capture(EngineCore):
             if top.sp == sp and top.func == fidx:
                 p = pend.pop()
             break
-        ret = buf[_RAX]
+        ret = buf[abi.RET]
         if msp is not None:
             try:
                 ret = space.mem.read_word(msp, 4)
             except MemoryReadError:
                 ret = -_ENOSYS & 0xFFFFFFFF
         outs: list[bytes | None] = []
-        abi = space.abi
         if th.fb_marks:
             th.fb_marks = [m for m in th.fb_marks if m[0] >= sp]
         if p is not None and not space.is_gateway[fidx]:
@@ -258,21 +259,21 @@ class Capture(EngineCore):
                     outs.append(mem.read(addr, out_size(spec.layout, abi)))
                 except MemoryReadError:
                     outs.append(None)
-            if abi.word == 8:
+            if abi.ARGS:                # arguments in registers: the caller not read at entry
                 try:
-                    p.caller = mem.read_word(sp, 8)
+                    p.caller = abi.return_address(th.regs, mem.read)
                 except MemoryReadError:
                     p.caller = 0
         elif p is not None:
-            name = syscalls_i386.NAMES.get(p.args[6])
+            name = abi.syscall_table()[0].get(p.args[6])
             if name in STRING_ARGS:     # what read() filled in, before the thread runs on
                 got = read_exit_strings(name, p.args, abi.signed(ret), space.mem.read,
                                         self.options.string_size)
                 if got:
                     p.strs = {**(p.strs or {}), **got}
         if msp is None:
-            buf[_RIP] = space.patcher.bps[buf[_RIP] - 1].slot
-            target.setregs(th.tid, th.regs)
+            buf[abi.PC] = space.patcher.bps[abi.trap_addr(buf[abi.PC])].slot
+            abi.regs_set(th.tid, th.regs)
         self._resume(th)
         if p is None:
             return                  # a call that began before we attached

@@ -8,10 +8,9 @@ from collections.abc import Callable
 
 from tracer import procfs, sigframes, stackscan, target
 from tracer.breakpoints import EXIT, Patcher
-from tracer.engine.state import _RIP, _RSP, _Space, _Thread
+from tracer.engine.state import _Space, _Thread
 from tracer.errors import MemoryReadError, ProcessGone, TracerError
 from tracer.events import DetachEvent, NoticeEvent
-from tracer.target import Regs
 from tracer.engine.core import EngineCore
 
 _VFORK_RETRIES = 5     # leaving: stops of the tracee retried for vforks made meanwhile
@@ -22,8 +21,9 @@ class Detach(EngineCore):
         """After `restore_code`: put a stopped thread back on original code -- before a trap
         it took and we did not handle, out of any slot, out of any call made through a stub."""
         regs = th.regs
-        target.getregs(th.tid, regs)
-        pc = regs.buf[_RIP]
+        arch = th.space.abi
+        arch.regs_get(th.tid, regs)
+        pc = regs.buf[arch.PC]
         trap = th.undo_trap
         th.undo_trap = 0
         if trap:
@@ -33,9 +33,9 @@ class Detach(EngineCore):
         back = patcher.pc_back(pc)
         if back is not None:
             pc = back
-        if pc != regs.buf[_RIP]:
-            regs.buf[_RIP] = pc
-            target.setregs(th.tid, regs)
+        if pc != regs.buf[arch.PC]:
+            regs.buf[arch.PC] = pc
+            arch.regs_set(th.tid, regs)
 
         def inside(x: int) -> bool:
             return patcher.in_padding(x) or patcher.in_stub_function(x)
@@ -52,16 +52,17 @@ class Detach(EngineCore):
         system call that gw_stub made for its caller gets the gateway's own `ret` as return
         address instead of gw_stub's: it returns to its caller directly (breakpoints.py)."""
         mem = th.space.mem
-        regs = Regs()
+        arch = th.space.abi
+        regs = arch.new_regs()
 
         def gw_word() -> tuple[int, int] | None:
-            target.getregs(th.tid, regs)
-            off = patcher.gw_return_slot(regs.buf[_RIP])
+            arch.regs_get(th.tid, regs)
+            off = patcher.gw_return_slot(regs.buf[arch.PC])
             if off is None:
                 return None
-            at = (regs.buf[_RSP] & 0xFFFFFFFF) + off
+            at = (regs.buf[arch.SP] & arch.mask) + off
             try:
-                return at, mem.read_word(at, 4)
+                return at, mem.read_word(at, arch.word)
             except MemoryReadError:
                 return None
 
@@ -75,7 +76,7 @@ class Detach(EngineCore):
         self._step_out(th.tid, ours)
         got = gw_word()
         if got is not None and got[1] == patcher.gw_real_ret:
-            mem.write(got[0], patcher.gw_ret.to_bytes(4, "little"))
+            mem.write(got[0], arch.pack_word(patcher.gw_ret))
 
     def _on_our_code(self, th: _Thread, patcher: Patcher,
                      ranges: list[tuple[int, int]] | None = None) -> bool:
@@ -84,18 +85,19 @@ class Detach(EngineCore):
         handler interrupted it in vDSO or stub code (a live signal frame whose saved pc is
         there: sigframes.py)? A return into a stub elsewhere on the stack of a thread outside
         the vDSO is a stale word of an earlier call (i386 stacks are full of them)."""
+        arch = th.space.abi
         try:
-            target.getregs(th.tid, th.regs)
+            arch.regs_get(th.tid, th.regs)
         except ProcessGone:
             return False
-        if patcher.in_padding(th.regs.buf[_RIP]):
+        if patcher.in_padding(th.regs.buf[arch.PC]):
             return True
         if not patcher.stub_returns:
             return False
-        word = th.space.abi.word
-        sp = th.regs.buf[_RSP] & th.space.abi.mask
+        word = arch.word
+        sp = th.regs.buf[arch.SP] & arch.mask
         rets = patcher.stub_returns
-        pc, vdso = th.regs.buf[_RIP], (th.space.base, th.space.base + th.space.size)
+        pc, vdso = th.regs.buf[arch.PC], (th.space.base, th.space.base + th.space.size)
 
         def gateway_returns_to_stub(ip: int, at: int) -> bool:
             """In __kernel_vsyscall at `ip` with sp `at`: its return address (or, past the
@@ -118,9 +120,9 @@ class Detach(EngineCore):
                 return True
             return th.sig_in_vdso and any(
                 patcher.gw_return_slot(ip) is None or gateway_returns_to_stub(ip, ssp)
-                for ip, ssp in sigframes.interrupted(th.space.mem.read, sp, word, [vdso]))
+                for ip, ssp in sigframes.interrupted(th.space.mem.read, sp, arch, [vdso]))
         lo = patcher.base + patcher.pad_start
-        return bool(stackscan.scan(th.space.mem.read, sp, word,
+        return bool(stackscan.scan(th.space.mem.read, sp, arch,
                                    [(lo, lo + len(patcher.pad_used))], rets.__contains__,
                                    end=stackscan.mapping_end(ranges or [], sp)))
 

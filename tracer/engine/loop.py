@@ -12,7 +12,7 @@ from queue import Empty
 from typing import Any, Self
 
 from tracer import sched, stops, target
-from tracer.engine.state import (_DRAIN_BATCH, _DRAIN_BATCH_STATS, _nap, _NAP_EMPTY, _RIP, _SLICE_S,
+from tracer.engine.state import (_DRAIN_BATCH, _DRAIN_BATCH_STATS, _nap, _NAP_EMPTY, _SLICE_S,
                                  _Thread, _WAKE_SIGNAL)
 from tracer.errors import ProcessGone
 from tracer.events import Event
@@ -32,11 +32,12 @@ class Loop(EngineCore):
     def _note_signal(self, th: _Thread) -> None:
         """A signal is delivered to the stopped thread now: where it interrupts it."""
         if not th.sig_in_vdso:
+            arch = th.space.abi
             try:
-                target.getregs(th.tid, th.regs)
+                arch.regs_get(th.tid, th.regs)
             except ProcessGone:
                 return
-            pc = th.regs.buf[_RIP]
+            pc = th.regs.buf[arch.PC]
             th.sig_in_vdso = th.space.base <= pc < th.space.base + th.space.size
 
     def _resume(self, th: _Thread) -> None:

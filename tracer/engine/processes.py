@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from tracer import procfs, seccomp as _seccomp, sigtrack, symload, target
+from tracer import arch as _arch, procfs, seccomp as _seccomp, sigtrack, symload, target
 from tracer.abi import Abi
 from tracer.auxv import auxv_from_stack, find, parse_auxv
 from tracer.breakpoints import Patcher
@@ -20,10 +20,20 @@ from tracer.errors import AuxvError, ElfError, ProcessGone, TracerError, UsageEr
 from tracer.events import AttachEvent, NoticeEvent
 from tracer.guardian import Guardian
 from tracer.instrument import Instrument, StopStubs
-from tracer.target import Regs
 from tracer.tsc import TscClock
 from tracer.vdso import GATEWAY_SYMBOL, parse_image, VdsoFunction, VdsoImage
 from tracer.engine.core import EngineCore
+
+
+def refuse_untraceable(pids: list[int]) -> None:
+    """UnsupportedArch (one line saying what to do) when the engine is not written for the
+    arch of processes `pids` or, with none (a command to start), of a child of ours, which
+    runs the tracer's own arch (or its compat one)."""
+    if not pids:
+        _arch.check_traceable(_arch.native())
+    for pid in pids:
+        if procfs.exe_elf_class(pid) is not None:     # else attaching says what is wrong
+            _arch.check_traceable(target.abi_of(pid))
 
 
 class Processes(EngineCore):
@@ -44,6 +54,7 @@ class Processes(EngineCore):
                              "process once to -p")
         if tgid > 0:
             pid = tgid          # a thread's id stands for its process (strace -p does so)
+        refuse_untraceable([pid])       # before the process is touched
         # Parse the objects it maps now, while it runs: naming a call (or unwinding it) must
         # never wait for a parse while the tracee waits for us (node: over a second).
         symload.warm(pid, cfi=bool(self.options.stack_depth))
@@ -118,6 +129,7 @@ class Processes(EngineCore):
             pass
 
     def spawn(self, argv: list[str]) -> None:
+        refuse_untraceable([])          # before the child exists
         t0 = time.monotonic()
         pid = target.spawn(argv, self._options())
         self.root_pid = pid
@@ -170,9 +182,11 @@ class Processes(EngineCore):
 
     def _new_space(self, pid: int, regs_tid: int, traced: bool = True,
                    tids: list[int] | None = None, inject: bool | None = None) -> _Space:
-        regs = Regs()
-        target.getregs(regs_tid, regs)
+        host = _arch.native()           # whose register layout ptrace fills
+        regs = host.new_regs()
+        host.regs_get(regs_tid, regs)
         abi = target.abi_of(pid, regs)
+        _arch.check_traceable(abi)
         mem = target.Memory(pid)
         try:
             pairs = self._read_pairs(pid, mem, abi)
@@ -237,7 +251,7 @@ class Processes(EngineCore):
         notes: list[str] = []
         scratch = base + ((image.image_size + 15) & ~15)
         modes = _seccomp.seccomp_modes(pid, tids)
-        use_tsc = 1 not in modes and tsc_usable(tids, mem, scratch)
+        use_tsc = 1 not in modes and tsc_usable(tids, mem, scratch, arch=abi)
         if not use_tsc:
             notes.append(f"process {pid} has the time-stamp counter disabled (prctl PR_SET_TSC "
                          "or seccomp strict mode): call durations read 0")

@@ -6,10 +6,9 @@ import dataclasses
 import signal
 import time
 
-from tracer import sigtrack, target
-from tracer.engine.state import _AUDIT_ABI, _caught, _RAX, _RIP, _Space, _Thread
+from tracer import arch as _arch, sigtrack, target
+from tracer.engine.state import _caught, _Space, _Thread
 from tracer.errors import MemoryReadError, ProcessGone
-from tracer.target import REG_INDEX
 from tracer.engine.core import EngineCore
 
 
@@ -39,20 +38,18 @@ class Signals(EngineCore):
         it over the instruction; the program never sees the SIGSEGV."""
         space = th.space
         patcher = space.patcher
+        arch = space.abi
+        insn = arch.cycle_counter
         try:
-            target.getregs(th.tid, th.regs)
-            buf = th.regs.buf
-            pc = buf[_RIP]
-            if not (patcher.pad_used and patcher.in_padding(pc)
-                    and space.mem.read(pc, 2) == b"\x0f\x31"):
+            arch.regs_get(th.tid, th.regs)
+            pc = th.regs.buf[arch.PC]
+            if not (insn and patcher.pad_used and patcher.in_padding(pc)
+                    and space.mem.read(pc, len(insn)) == insn):
                 return False
         except MemoryReadError:
             return False
-        t = self.tsc.read()
-        buf[_RAX] = t & 0xFFFFFFFF
-        buf[REG_INDEX["rdx"]] = t >> 32
-        buf[_RIP] = pc + 2
-        target.setregs(th.tid, th.regs)
+        arch.emulate_cycle_counter(th.regs, self.tsc.read())
+        arch.regs_set(th.tid, th.regs)
         if resume:
             self._resume(th)
         return True
@@ -77,12 +74,12 @@ class Signals(EngineCore):
             self._resume(th)
             return
         info = target.get_syscall_info(th.tid)
-        abi = _AUDIT_ABI.get(info.arch, space.abi)
+        abi = _arch.for_audit(info.arch) or space.abi
         if info.op != 1 or not sigtrack.is_sigreturn(abi, info.nr):
             self._resume(th)
             return
-        target.getregs(th.tid, th.regs)
-        via_addr = info.instruction_pointer - 2        # syscall / int 0x80: 2 bytes
+        space.abi.regs_get(th.tid, th.regs)
+        via_addr = info.instruction_pointer - len(abi.syscall_insn)
         r = tracker.on_sigreturn(th.tid, info.nr, th.regs, space.mem.read, "", abi=abi)
         self._resume(th)
         # naming may parse an object: only once the thread runs again

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tracer import sigtrack, target
-from tracer.abi import Abi, I386, X86_64
+from tracer.abi import Abi
 from tracer.breakpoints import Patcher
 from tracer.decoders import Decoder
 from tracer.objfile import ModuleMap
-from tracer.target import REG_INDEX, Regs
+from tracer.target import Regs
 from tracer.instrument import Instrument
 from tracer.vdso import VdsoImage
 
@@ -19,11 +19,7 @@ if TYPE_CHECKING:
     from tracer.inject import Recorder
 
 
-_RIP, _RSP, _RAX = REG_INDEX["rip"], REG_INDEX["rsp"], REG_INDEX["rax"]
-_ORIG_RAX = REG_INDEX["orig_rax"]
 _ENOSYS = 38
-_ARG64 = tuple(REG_INDEX[r] for r in ("rdi", "rsi", "rdx", "rcx", "r8", "r9"))
-_SYSARG32 = tuple(REG_INDEX[r] for r in ("rbx", "rcx", "rdx", "rsi", "rdi", "rbp"))
 _SIGTRAP = signal.SIGTRAP
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
@@ -35,19 +31,12 @@ _NAP_EMPTY = 0.0005     # --inject: the longest sleep when the ring is empty
 _SLICE_S = 0.0002       # --inject: the engine thread's time slice (sched.py)
 
 
-def _pc_of(regs: Regs) -> int:
-    return int(regs.buf[_RIP])
-
-
 def _nap(seconds: float) -> None:
     """Sleep until a tracee stops (SIGCHLD, blocked in the engine thread) or `seconds`."""
     signal.sigtimedwait((signal.SIGCHLD,), seconds)
 
 
 _cont = target.cont
-_getregs = target.getregs
-_RESTORE_RT = bytes.fromhex("48c7c00f0000000f05")
-_AUDIT_ABI = {0xC000003E: X86_64, 0x40000003: I386}   # include/uapi/linux/audit.h AUDIT_ARCH_*
 _WINDOW = 256           # bytes read from sp at a stub's stop (its block + the caller's locals)
 _OUTSIDE = (0, 0)       # site rule: the caller is not in the C library, it is the site
 _MISSING = (-1, -1)     # not in the site rule cache yet

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import time
 
-from tracer.engine.state import (_MISSING, _OUTSIDE, _RESTORE_RT, _RIP, _RSP, _SITE_FRAMES, _Space,
-                                 _Thread)
+from tracer.engine.state import _MISSING, _OUTSIDE, _SITE_FRAMES, _Space, _Thread
 from tracer.errors import ElfError, MemoryReadError
 from tracer.objfile import is_c_library, ModuleMap
-from tracer.target import REG_INDEX
 from tracer.unwind import ARCHES, unwind
 from tracer.engine.options import TraceOptions
 
@@ -59,10 +57,11 @@ class Symbols:
         """Return addresses at a function's entry (sp points at the first one), CFI-unwound.
         Callee-saved registers hold their entry values at entry and again after the return."""
         buf = th.regs.buf
-        regs: dict[int | str, int] = {i: buf[REG_INDEX[n]]
-                                      for i, n in enumerate(space.abi.dwarf_regs)}
-        regs["pc"] = buf[_RIP] if pc is None else pc
-        regs["sp"] = buf[_RSP] if sp is None else sp
+        arch = space.abi
+        index = arch.regs.index
+        regs: dict[int | str, int] = {i: buf[index[n]] for i, n in enumerate(arch.dwarf_regs)}
+        regs["pc"] = buf[arch.PC] if pc is None else pc
+        regs["sp"] = buf[arch.SP] if sp is None else sp
         try:
             # the map must know the caller's object (it may have been loaded since we looked)
             ret0 = space.mem.read_word(int(regs["sp"]), space.abi.word)
@@ -170,13 +169,18 @@ class Symbols:
             if trampoline or loc.symbol_offset == 0:
                 return loc.symbol
             return f"{loc.symbol}+{loc.symbol_offset:#x}"
-        try:
-            code = space.mem.read(addr - 7 if trampoline else addr, 9)
-        except MemoryReadError:
-            code = b""
-        # glibc's and musl's x86_64 restorer: mov $15,%rax ; syscall (no dynamic symbol)
-        if code.endswith(_RESTORE_RT) or (not trampoline and code.startswith(_RESTORE_RT)):
-            return "__restore_rt"
+        # the C library's restorer has no dynamic symbol: told by its code (a trampoline's
+        # address is that of its system call instruction, the restorer's last)
+        arch = space.abi
+        rc = arch.restorer_code
+        if rc:
+            try:
+                code = space.mem.read(addr - (len(rc) - len(arch.syscall_insn)) if trampoline
+                                      else addr, len(rc))
+            except MemoryReadError:
+                code = b""
+            if code == rc:
+                return "__restore_rt"
         if trampoline:
             return f"{addr:#x}"
         return loc.caller if loc is not None else None

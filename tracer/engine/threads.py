@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 
 from tracer import procfs, stops, target
-from tracer.engine.state import _pc_of, _RIP, _Thread
+from tracer.arch import native
+from tracer.abi import Abi
+from tracer.engine.state import _Thread
 from tracer.errors import ProcessGone
 from tracer.stops import Kind
 from tracer.target import Regs
@@ -64,12 +66,13 @@ class Threads(EngineCore):
                         pass
                 continue
             if kind is Kind.TRAP:
-                target.getregs(tid, th.regs)
+                arch = th.space.abi
+                arch.regs_get(tid, th.regs)
                 if th.expect_handler:
                     signo, th.expect_handler = th.expect_handler, 0
                     if self._handler_entry(th, th.space, signo):
                         continue
-                pc = th.regs.buf[_RIP] - 1
+                pc = th.regs.buf[arch.PC] - arch.trap_pc_adjust
                 sp = th.space
                 if (pc not in sp.patcher.bps and sp.patcher.planted
                         and not sp.base <= pc < sp.base + sp.size):
@@ -108,14 +111,16 @@ class Threads(EngineCore):
                   timeout: float = 0.5) -> bool:
         """Single-step a stopped thread until `inside(pc)` is false. False when it could not
         be done (a blocking system call, a signal, the thread died): it is left stopped."""
-        regs = Regs()
-        target.getregs(tid, regs)
-        if not inside(regs.buf[_RIP]):
+        known = self.threads.get(tid)
+        arch = known.space.abi if known is not None else native()
+        regs = arch.new_regs()
+        arch.regs_get(tid, regs)
+        if not inside(regs.buf[arch.PC]):
             return True
         deadline = time.monotonic() + timeout
         held: list[int] = []
         try:
-            return self._step_loop(tid, inside, limit, deadline, regs, held)
+            return self._step_loop(tid, inside, limit, deadline, regs, held, arch)
         finally:
             th = self.threads.get(tid)
             for sig in held:            # queued again: delivered when the thread runs
@@ -127,7 +132,7 @@ class Threads(EngineCore):
                     pass
 
     def _step_loop(self, tid: int, inside: Callable[[int], bool], limit: int,
-                   deadline: float, regs: Regs, held: list[int]) -> bool:
+                   deadline: float, regs: Regs, held: list[int], arch: Abi) -> bool:
         def on_fault(sig: int) -> bool:
             known = self.threads.get(tid)
             return known is not None and self._emulate_rdtsc(known, resume=False)
@@ -146,5 +151,5 @@ class Threads(EngineCore):
                 held.append(sig)
             return True
 
-        return stops.step_out(tid, inside, limit, deadline, regs, _pc_of, on_fault, on_signal,
+        return stops.step_out(tid, inside, limit, deadline, regs, arch, on_fault, on_signal,
                               held)

@@ -77,9 +77,9 @@ class _Numbers:
 
 # arch/x86/entry/syscalls/syscall_64.tbl; syscall_32.tbl (i386: mmap2, its offset in pages;
 # fcntl64)
-_NR = {8: _Numbers(MMAP=9, MUNMAP=11, CLOSE=3, FTRUNCATE=77, FCHMOD=91, MEMFD_CREATE=319,
-                   FCNTL=72),
-       4: _Numbers(MMAP=192, MUNMAP=91, CLOSE=6, FTRUNCATE=93, FCHMOD=94, MEMFD_CREATE=356,
+_NR = {"x86_64": _Numbers(MMAP=9, MUNMAP=11, CLOSE=3, FTRUNCATE=77, FCHMOD=91,
+                        MEMFD_CREATE=319, FCNTL=72),
+       "i386": _Numbers(MMAP=192, MUNMAP=91, CLOSE=6, FTRUNCATE=93, FCHMOD=94, MEMFD_CREATE=356,
                    FCNTL=221)}
 # include/uapi/linux/memfd.h, include/uapi/asm-generic/mman-common.h, mman.h
 _MFD_CLOEXEC, _MFD_ALLOW_SEALING, _MFD_EXEC = 0x1, 0x2, 0x10
@@ -160,9 +160,9 @@ class Recorder(Leaving):
         self.base = base
         # i386: the gateway is not copied (see plan.py); its calls from the vDSO functions
         # are recorded as those calls' fallbacks
-        self.funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL or abi.word == 8]
+        self.funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL or abi is not I386]
         self._skipped_gateway = len(self.funcs) != len(funcs)
-        self._nr = _NR[abi.word]
+        self._nr = _NR.get(abi.name, _NR["x86_64"])     # (install refuses other arches)
         self.decoders: list[Decoder] = [for_function(f.plain) for f in self.funcs]
         self._fid_by_name = {f.plain: i for i, f in enumerate(self.funcs)}
         self._nargs = [min(d.nargs, L.MAX_ARGS) for d in self.decoders]
@@ -218,17 +218,17 @@ class Recorder(Leaving):
             raise InjectError(f"the vDSO is not the shape --inject expects: {e}{_HINT}") from e
         self._check_live_bytes(plan)
         tail, room = self._vdso_tail()
-        if room >= 2 and not tsc_usable(self._threads(), self.mem, tail):
+        if room >= 2 and not tsc_usable(self._threads(), self.mem, tail, arch=self.abi):
             raise InjectError(f"process {self.pid} has the time-stamp counter disabled (prctl "
                               "PR_SET_TSC): the injected stubs read it; trace without --inject")
         self._plan = plan
         self._clock = TscClock.anchored()
-        # a 32-bit process: any address below 4 GiB is in reach; the kernel chooses
-        hint = _find_gap(self.pid, self.base, L.CODE_SIZE) if self.abi.word == 8 else 0
-        stepper = Stepper(self.pid)
+        # a jump that reaches everywhere (i386: modulo 4 GiB): the kernel chooses the place
+        hint = _find_gap(self.pid, self.base, L.CODE_SIZE) if self.abi.jump_reach else 0
+        stepper = Stepper(self.pid, self.abi)
         try:
             self._inject(tid, plan, hint, stepper)
-            build = build_code if self.abi.word == 8 else build_code32
+            build = build_code32 if self.abi is I386 else build_code
             self._code = build(plan, self.base, self._code_addr, self.decoders,
                                (secrets.randbits(31), -secrets.randbits(31) - 1),
                                self._ring_addr)
@@ -334,8 +334,8 @@ class Recorder(Leaving):
 
     def _caller(self, stepper: Stepper, tid: int, plan: Plan) -> RemoteCaller:
         if self.vdso_lost:
-            return RemoteCaller(stepper, tid, self._syscall_elsewhere(), self.abi.word)
-        return RemoteCaller(stepper, tid, self.base + plan.syscall_offset, self.abi.word)
+            return RemoteCaller(stepper, tid, self._syscall_elsewhere(), self.abi)
+        return RemoteCaller(stepper, tid, self.base + plan.syscall_offset, self.abi)
 
     def patched_ranges(self, base: int) -> list[tuple[int, int]]:
         """(offset from `base`, length) of every vDSO byte range the entries overwrite."""
@@ -347,10 +347,10 @@ class Recorder(Leaving):
         self._saved = [(at + delta, orig) for at, orig in self._saved]
 
     def _syscall_elsewhere(self) -> int:
-        """A system call instruction (x86_64 `syscall` 0f 05, i386 `int 0x80` cd 80) in some
-        executable mapping of the process other than ours: the vDSO's is gone. Executing
-        those two bytes is all a remote system call needs, wherever they are."""
-        insn = b"\x0f\x05" if self.abi.word == 8 else b"\xcd\x80"
+        """A system call instruction (the arch's `syscall_insn`) in some executable mapping
+        of the process other than ours: the vDSO's is gone. Executing that instruction is all
+        a remote system call needs, wherever it is."""
+        insn = self.abi.syscall_insn
         try:
             maps = procfs.read_maps(self.pid)
         except OSError as e:
@@ -381,7 +381,7 @@ class Recorder(Leaving):
         """A thread stopped inside the bytes the jmp will cover must get past them first."""
         spans = [(self.base + fp.func.image_offset, self.base + fp.entry_end)
                  for fp in plan.functions]
-        regs = target.Regs()
+        regs = self.abi.new_regs()
         for t in self._threads():
             stepper.step_while(t, regs, lambda ip: any(lo < ip < hi for lo, hi in spans))
 
@@ -389,10 +389,14 @@ class Recorder(Leaving):
         assert self._code is not None
         for fp, info in zip(plan.functions, self._code.stubs):
             at = info.func_addr
+            try:
+                jump = self.abi.jump(at, info.stub)
+            except ValueError as e:     # _find_gap's hint keeps the page in reach
+                raise PlanError(f"the stub of {fp.func.symbol} is out of reach: {e}") from e
+            assert len(jump) == JMP_LEN
             orig = self.mem.read(at, JMP_LEN)
-            rel = info.stub - (at + JMP_LEN)
             self._saved.append((at, orig))
-            self.mem.write(at, b"\xe9" + (rel & 0xFFFFFFFF).to_bytes(4, "little"))
+            self.mem.write(at, jump)
 
     def _undo_partial(self, tid: int, stepper: Stepper) -> str:
         """Take back what a failed install wrote; returns what could not be (for the error)."""

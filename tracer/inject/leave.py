@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from tracer import procfs, sigframes, stackscan, target
-from tracer.abi import Abi
+from tracer.abi import I386, Abi
 from tracer.errors import MemoryReadError
 from tracer.inject import layout as L
 from tracer.inject.plan import Plan
@@ -58,7 +58,7 @@ class Leaving(RingReader):
         if not self.installed:
             return
         assert self._code is not None and self._plan is not None
-        stepper = Stepper(self.pid)
+        stepper = Stepper(self.pid, self.abi)
         try:
             os.pwrite(self._code_fd, bytes(8), L.CODE_RINGPTR)   # every stub stops recording
             # out of the ring-writing window, and on through the stub's return: a thread left
@@ -69,15 +69,16 @@ class Leaving(RingReader):
             # the vDSO's own code our code calls (a vclock helper, i386's gateway): a thread
             # there got there from our code (or never blocks: see the gateway just below)
             vlo, vhi = self.base, self.base + len(self.image.data)
-            regs = target.Regs()
+            arch = self.abi
+            regs = arch.new_regs()
             for t in tids:
                 if gw[0] < gw[1]:
                     # i386: the stub calls __kernel_vsyscall for gettid, a copy for its
                     # fallback system call (neither blocks); a thread stopped in there on such
                     # a call is stepped on through our code. One there on any other call (a
                     # blocking read) is left alone: a step would restart it and wait for it.
-                    target.getregs(t, regs)
-                    if gw[0] <= regs["rip"] < gw[1] and not self._returns_to(
+                    arch.regs_get(t, regs)
+                    if gw[0] <= regs.buf[arch.PC] < gw[1] and not self._returns_to(
                             regs, [(code_lo, code_hi)]):
                         continue
                 # a thread in a copied body (or a fallback stub, or vDSO code our code
@@ -127,8 +128,8 @@ class Leaving(RingReader):
         if not self.vdso_lost:
             for at, orig in reversed(self._saved):
                 mem.write(at, orig)
-        stepper = Stepper(child)
-        regs = target.Regs()
+        stepper = Stepper(child, self.abi)
+        regs = self.abi.new_regs()
         try:
             if any(self._code_in_use([child], regs, mem, child)):
                 # (forked from a handler that interrupted a stub): the stub still writes to
@@ -148,7 +149,7 @@ class Leaving(RingReader):
 
     def _gateway_range(self) -> tuple[int, int]:
         """i386: runtime range of __kernel_vsyscall (which the stubs call); (0, 0) otherwise."""
-        gw = (self.image.function(GATEWAY_SYMBOL) if self.abi.word == 4 and not self.vdso_lost
+        gw = (self.image.function(GATEWAY_SYMBOL) if self.abi is I386 and not self.vdso_lost
               else None)
         if gw is None:
             return 0, 0
@@ -157,12 +158,13 @@ class Leaving(RingReader):
     def _returns_to(self, regs: target.Regs, spans: list[tuple[int, int]]) -> bool:
         """Whether one of the four words on top of the stack (the return address, under at
         most the gateway's three pushes) points into `spans`."""
+        a = self.abi
         try:
-            raw = self.mem.read(regs["rsp"] & 0xFFFFFFFF, 16)
+            raw = self.mem.read(regs.buf[a.SP] & a.mask, 4 * a.word)
         except MemoryReadError:
             return False
-        return any(lo <= int.from_bytes(raw[k:k + 4], "little") < hi
-                   for k in range(0, 16, 4) for lo, hi in spans)
+        return any(lo <= a.unpack_word(raw, k) < hi
+                   for k in range(0, 4 * a.word, a.word) for lo, hi in spans)
 
     def _code_in_use(self, tids: list[int], regs: target.Regs, mem: target.Memory | None = None,
                      pid: int | None = None) -> tuple[bool, bool]:
@@ -170,7 +172,7 @@ class Leaving(RingReader):
         whether one may still write the ring (it is in a ring-writing window, or was when a
         signal handler interrupted it).
 
-        Code: its rip is there or in the vDSO (a helper called from a copied body), or a
+        Code: its pc is there or in the vDSO (a helper called from a copied body), or a
         word on its stack points there as a return address (conservative: a stale word keeps
         the page) or as the ip a signal handler interrupted. Ring: such an interrupted ip lies
         in a stub's ring-writing window, where the ring's address is already in a register
@@ -180,22 +182,23 @@ class Leaving(RingReader):
         lo, hi = self._code_addr, self._code_addr + L.CODE_SIZE
         vlo, vhi = self.base, self.base + len(self.image.data)
         windows = [s.window for s in self._code.stubs] if self._code is not None else []
-        w = self.abi.word
+        arch = self.abi
+        w = arch.word
         code = ring = False
         try:
             ranges = [(m.start, m.end) for m in procfs.read_maps(pid or self.pid)]
         except OSError:
             ranges = []
         for t in tids:
-            target.getregs(t, regs)
-            ip = regs["rip"]
+            arch.regs_get(t, regs)
+            ip = regs.buf[arch.PC]
             # (an i386 thread sits in __kernel_vsyscall during every system call: there the
             # stack scan below decides, it finds the return address into a copy if any)
-            if lo <= ip < hi or (w == 8 and vlo <= ip < vhi):
+            if lo <= ip < hi or (arch is not I386 and vlo <= ip < vhi):
                 code = True
             if any(a <= ip < b for a, b in windows):
                 ring = True
-            sp = regs["rsp"] & self.abi.mask
+            sp = regs.buf[arch.SP] & arch.mask
             if not vlo <= ip < vhi:
                 # outside the vDSO (and in the code page), a thread gets back into the code
                 # page only through a signal frame that interrupted it there or in a vDSO
@@ -204,22 +207,21 @@ class Leaving(RingReader):
                 # returns there, into the code page). Such a frame in a ring-writing window
                 # keeps the ring too.
                 gw = self._gateway_range()
-                for fip, fsp in sigframes.interrupted(mem.read, sp, w, [(lo, hi), (vlo, vhi)]):
+                for fip, fsp in sigframes.interrupted(mem.read, sp, arch, [(lo, hi), (vlo, vhi)]):
                     if any(a <= fip < b for a, b in windows):
                         ring = True
                     if not gw[0] <= fip < gw[1]:
                         code = True
                         continue
                     try:
-                        raw = mem.read(fsp, 16)
+                        raw = mem.read(fsp, 4 * w)
                     except MemoryReadError:
                         code = True
                         continue
-                    if any(lo <= int.from_bytes(raw[k:k + 4], "little") < hi
-                           for k in range(0, 16, 4)):
+                    if any(lo <= arch.unpack_word(raw, k) < hi for k in range(0, 4 * w, w)):
                         code = True
                 continue
-            hits = stackscan.scan(mem.read, sp, w, [(lo, hi)], lambda v: True,
+            hits = stackscan.scan(mem.read, sp, arch, [(lo, hi)], lambda v: True,
                                   end=stackscan.mapping_end(ranges, sp))
             if hits:
                 code = True

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import ctypes
 import os
-import signal
 from collections.abc import Callable
 
-from tracer import target
-from tracer.arch import I386, X86_64, Arch
+from tracer import stops, target
+from tracer.arch import Arch
 from tracer.errors import ProcessGone, TracerError
+from tracer.stops import FAULTS as _FAULTS, Kind
 
 __all__ = ["Stepper", "RemoteError"]
 
 _MAX_STEPS = 10000
 _MAX_HELD = 1000         # stops (signals, events) taken while one step is due
-_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 
 
 class RemoteError(TracerError):
@@ -38,7 +37,7 @@ class RemoteError(TracerError):
 class Stepper:
     """Single-steps threads of one stopped process, holding back signals that arrive."""
 
-    def __init__(self, pid: int, arch: Arch = X86_64) -> None:
+    def __init__(self, pid: int, arch: Arch) -> None:
         self.pid = pid
         self.arch = arch                          # whose registers step_while reads
         self.held: list[tuple[int, int]] = []     # (tid, signo) to send again
@@ -48,13 +47,13 @@ class Stepper:
         start = len(self.held)
         target.singlestep(tid, 0)
         for n in range(_MAX_HELD):
-            _, status = target.wait(tid)
-            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            stop = stops.wait_for(tid)
+            if not stop.stopped:
                 raise ProcessGone(f"thread {tid} exited while vdsotrace stepped it")
-            sig = os.WSTOPSIG(status)
-            if sig == signal.SIGTRAP and target.stop_event(status) == 0:
+            if stop.kind is Kind.TRAP:
                 return
-            if target.stop_event(status) == 0 and sig != signal.SIGTRAP:
+            if stop.kind is Kind.SIGNAL:
+                sig = stop.sig
                 self.held.append((tid, sig))        # a signal-delivery stop: hold it back
                 if sig in _FAULTS and [h[1] for h in self.held[start:]].count(sig) >= 3:
                     break       # the same fault again and again: the instruction itself faults
@@ -96,13 +95,11 @@ class Stepper:
 class RemoteCaller:
     """Runs system calls in one stopped thread; `restore()` puts its registers back."""
 
-    def __init__(self, stepper: Stepper, tid: int, site: int, word: int | Arch = 8) -> None:
-        """`word`: the arch whose system call the thread makes at `site` (or its word size,
-        8 or 4, for the two x86 ABIs)."""
+    def __init__(self, stepper: Stepper, tid: int, site: int, arch: Arch) -> None:
+        """`arch`: the ABI of the system call the thread makes at `site`."""
         self.stepper = stepper
         self.tid = tid
         self.site = site
-        arch = word if isinstance(word, Arch) else (X86_64 if word == 8 else I386)
         self.arch = arch
         self.word = arch.word
         self.arg_regs = arch.syscall_arg_regs
