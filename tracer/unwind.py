@@ -1,6 +1,6 @@
 """Call-stack unwinding of a stopped thread, for `--stack` and the console's `bt`.
 
-`unwind` walks the stack with the callers' DWARF CFI (tracer.objfile decodes it), and with
+`unwind` walks the stack with the callers' DWARF CFI (tracer.cfi decodes it), and with
 the frame-pointer chain where an object has no CFI for a pc. The stack is untrusted input:
 every step checks that the stack pointer grows, that the return address lies in executable
 memory, and the walk ends at the first thing it cannot read; it never raises for bad data.
@@ -14,7 +14,7 @@ from typing import Final, Protocol
 
 from tracer import arch as _arch
 from tracer.errors import MemoryReadError
-from tracer.objfile import FrameRule, RuleKind
+from tracer.cfi import FrameRule, RuleKind
 
 __all__ = ["Arch", "ARCHES", "FrameRules", "ReadMem", "unwind", "eval_dwarf_expr"]
 
@@ -22,7 +22,7 @@ ReadMem = Callable[[int, int], bytes]
 
 
 class FrameRules(Protocol):
-    """What the unwinder needs of a module map (tracer.objfile.ModuleMap provides it)."""
+    """What the unwinder needs of a module map (tracer.modmap.ModuleMap provides it)."""
 
     def frame_rule(self, lookup_pc: int) -> FrameRule: ...
 
