@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tracer.errors import ElfError
 from tracer.cfi import RuleKind
+from tracer.errors import ElfError
 from tracer.modmap import Location, MapRegion, ModuleMap, parse_maps
 from tracer.objfile import ObjectFile, load_object, load_object_bytes
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from tracer import arch as _arch
-from tracer.errors import MemoryReadError
 from tracer.cfi import FrameRule, RuleKind
+from tracer.errors import MemoryReadError
 
 __all__ = ["Arch", "ARCHES", "FrameRules", "ReadMem", "unwind", "eval_dwarf_expr"]
 
@@ -350,40 +350,34 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
                 break
             cfa = (base + row.cfa_offset) & mask  # type: ignore[union-attr]
             fp_before = state[fp_reg]
-            ra_rule = any(reg == ra_reg for reg, _ in offsets)
-            if cfa <= sp:
-                if ra_rule and not switched and (sw := switch_stacks(fp_before)) is not None:
-                    switched = True
-                    sp, state[fp_reg], pc = sw
-                    state[sp_reg], state[ra_reg] = sp, pc
-                    out.append(pc)
-                    exact_pc = False
+            if cfa > sp:
+                state[ra_reg] = None
+                for reg, off in offsets:
+                    o = cfa + off - wbase
+                    if 0 <= o <= wlimit:
+                        state[reg] = unpack(buf, o)[0]
+                    else:
+                        state[reg] = read_word((cfa + off) & mask)
+                        buf, wbase = reader.window
+                        wlimit = len(buf) - word
+                ra_val = state[ra_reg]
+                if ra_val and is_executable(ra_val):
+                    state[sp_reg] = cfa
+                    sp, pc = cfa, ra_val
+                    out.append(ra_val)
+                    exact_pc = row.signal_frame  # type: ignore[union-attr]
                     continue
-                break
-            state[ra_reg] = None
-            for reg, off in offsets:
-                o = cfa + off - wbase
-                if 0 <= o <= wlimit:
-                    state[reg] = unpack(buf, o)[0]
-                else:
-                    state[reg] = read_word((cfa + off) & mask)
-                    buf, wbase = reader.window
-                    wlimit = len(buf) - word
-            ra_val = state[ra_reg]
-            if not ra_val or not is_executable(ra_val):
-                if ra_rule and not switched and (sw := switch_stacks(fp_before)) is not None:
-                    switched = True
-                    sp, state[fp_reg], pc = sw
-                    state[sp_reg], state[ra_reg] = sp, pc
-                    out.append(pc)
-                    exact_pc = False
-                    continue
-                break
-            state[sp_reg] = cfa
-            sp, pc = cfa, ra_val
-            out.append(ra_val)
-            exact_pc = row.signal_frame  # type: ignore[union-attr]
-            continue
+            # A CFA that does not grow the stack, or no usable return address: the end,
+            # unless this frame switched stacks (above).
+            if (not switched and any(reg == ra_reg for reg, _ in offsets)
+                    and (sw := switch_stacks(fp_before)) is not None):
+                switched = True
+                sp, state[fp_reg], pc = sw
+                state[sp_reg], state[ra_reg] = sp, pc
+                out.append(pc)
+                exact_pc = False
+                continue
+            break
         if row is not None:
             if row.cfa_expr is None:
                 base = state[row.cfa_reg] if 0 <= row.cfa_reg < n else None
