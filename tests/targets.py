@@ -9,9 +9,11 @@ written once every breakpoint is planted and the tracee runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import pytest
 
@@ -130,6 +132,28 @@ def build_aarch64(name: str) -> Path:
         raise BuildError(f"{' '.join(cmd)} failed ({AARCH64_HINT}):\n{r.stderr}")
     os.replace(tmp, out)
     return out
+
+
+
+@contextlib.contextmanager
+def boot_aarch64(name: str, inside: Path, prefix: str) -> Iterator[tuple[Any, Path]]:
+    """One boot of the emulated arm64 machine (scripts/vm aarch64): tests/targets/NAME.c built
+    for aarch64 into a fresh shared directory, `python3 INSIDE BINARY DIR` run in the machine.
+    Yields what INSIDE printed (one JSON document) and the directory (removed afterwards). A
+    failed build or boot fails the test with its message."""
+    try:
+        binary = build_aarch64(name)
+    except BuildError as e:
+        pytest.fail(str(e), pytrace=False)
+    with tempfile.TemporaryDirectory(prefix=prefix) as d:
+        work = Path(d)
+        shutil.copy(binary, work / name)
+        r = subprocess.run([str(REPO / "scripts" / "vm"), "aarch64", "--timeout", "600",
+                            "--with", str(work), "--",
+                            "python3", str(inside), str(work / name), str(work)],
+                           capture_output=True, timeout=700)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        yield json.loads(r.stdout), work
 
 
 # --------------------------------------------------------------------------- reaping
