@@ -27,9 +27,9 @@ import pytest
 
 __all__ = [
     "REPO", "SRC_DIR", "BUILD_DIR", "M32_HINT", "BuildError", "M32Unavailable",
-    "build", "build_aarch64", "Proc", "start", "go", "read_record", "Trace", "run_trace", "run_tracer",
+    "build", "build_aarch64", "boot_aarch64", "Proc", "start", "go", "read_record", "Trace", "run_trace", "run_tracer",
     "read_events", "peek_events", "vdso_range", "read_vdso", "tracer_pid", "wait_traced",
-    "calls_by_tid", "compare_call", "compare_calls", "addr", "Reaper", "Run", "run_traced",
+    "calls_by_tid", "free_pid", "compare_call", "compare_calls", "addr", "Reaper", "Run", "run_traced",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -441,6 +441,15 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- /proc
 
+def free_pid() -> int:
+    """A pid no process or thread has now (the highest free one below pid_max)."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    for pid in range(pid_max - 1, 1, -1):
+        if not Path(f"/proc/{pid}").exists():
+            return pid
+    raise AssertionError("no free pid")
+
+
 def vdso_range(pid: int) -> tuple[int, int]:
     """[start, end) of the [vdso] mapping of PID."""
     for line in Path(f"/proc/{pid}/maps").read_text(errors="surrogateescape").split("\n"):
@@ -541,23 +550,24 @@ def compare_call(ev: dict[str, Any], rec: dict[str, Any]) -> list[str]:
         if got != want:
             bad.append(f"{what}: trace {got!r}, target {want!r}")
 
+    def field_object(name: str) -> dict[str, Any]:
+        value = ev.get(name)
+        if isinstance(value, dict):
+            return value
+        bad.append(f"{name} is not an object: {value!r}")
+        return {}
+
     check("func", ev.get("func"), rec["func"])
     if "symbol" in rec:
         check("symbol", ev.get("symbol"), rec["symbol"])
-    args = ev.get("args")
-    if not isinstance(args, dict):
-        bad.append(f"args is not an object: {args!r}")
-        args = {}
+    args = field_object("args")
     if "clockid" in rec:
         check("args.clockid", args.get("clockid"), rec["clockid"])
     check("ret", ev.get("ret"), rec["ret"])
     check("fallback", ev.get("fallback"), rec["fallback"])
     if "fallback_reason" in rec:
         check("fallback_reason", ev.get("fallback_reason"), rec["fallback_reason"])
-    out = ev.get("out")
-    if not isinstance(out, dict):
-        bad.append(f"out is not an object: {out!r}")
-        out = {}
+    out = field_object("out")
     want = _expected_out(rec)
     f = rec["func"]
     if f in ("clock_gettime", "clock_gettime64", "clock_getres"):

@@ -307,17 +307,9 @@ def one_line_error(args: list[str]) -> str:
     return lines[0]
 
 
-def free_pid() -> int:
-    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-    for pid in range(pid_max - 1, 1, -1):
-        if not Path(f"/proc/{pid}").exists():
-            return pid
-    raise AssertionError("no free pid")
-
-
 @pytest.mark.parametrize("cmd", sorted(INSPECT))
 def test_bad_pids(cmd):
-    pid = free_pid()
+    pid = T.free_pid()
     assert str(pid) in one_line_error(INSPECT[cmd](str(pid)))
     assert "pid" in one_line_error(INSPECT[cmd]("abc"))
     assert "pid" in one_line_error(INSPECT[cmd]("-3"))

@@ -32,14 +32,6 @@ def _untouched(proc: T.Proc, before: bytes) -> None:
     assert rc == 0 and "bad=0" in out, (rc, out, err)
 
 
-def _free_pid() -> int:
-    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-    for pid in range(pid_max - 1, 1, -1):
-        if not Path(f"/proc/{pid}").exists():
-            return pid
-    raise AssertionError("no free pid")
-
-
 def test_unknown_function(target_bin, tmp_path):
     proc = T.start(target_bin("spin"), tmp_path / "s.jsonl", "--seconds", "0.2")
     before = T.read_vdso(proc.pid)
@@ -51,7 +43,7 @@ def test_unknown_function(target_bin, tmp_path):
 
 
 def test_no_such_process(tmp_path):
-    pid = _free_pid()
+    pid = T.free_pid()
     r = T.run_tracer(["trace", "-p", str(pid), "-o", str(tmp_path / "ev")])
     line = _assert_one_line_error(r, "no such process")
     assert str(pid) in line, line

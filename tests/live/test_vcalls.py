@@ -241,16 +241,8 @@ def test_calls_equal_record_inject(target_bin, tmp_path, m32):
     """`--inject`: the in-tracee recorder gives the same call events, in order per thread,
     with the same arguments, results and fallback flags (i386: the 32-bit stubs, fallbacks
     through __kernel_vsyscall, clock_gettime64's 64-bit timespec)."""
-    binary = target_bin("vcalls", m32)
-    rec = tmp_path / "r.jsonl"
-    proc = T.start(binary, rec)
-    tr = T.run_trace(["-p", str(proc.pid), "--inject"], tmp_path / "ev.jsonl")
-    T.go(proc)
-    rc, _, err = proc.finish(20)
-    assert rc == 0, f"target exited {rc} under --inject: {err!r}; tracer stderr:\n{tr.stderr()}"
-    tr.wait_ok(10)
-    run = T.Run(proc, tr, T.read_record(rec), tr.events(), "")
-    attach = _attach_event(run.events, proc.pid)
+    run = T.run_traced(target_bin("vcalls", m32), tmp_path, trace_args=["--inject"])
+    attach = _attach_event(run.events, run.proc.pid)
     assert attach["abi"] == ("i386" if m32 else "x86_64")
     _skip_without_fast_path(attach)
     _check_all_threads(run, "i386" if m32 else "x86_64")
