@@ -29,7 +29,7 @@ __all__ = [
     "REPO", "SRC_DIR", "BUILD_DIR", "M32_HINT", "BuildError", "M32Unavailable",
     "build", "build_aarch64", "boot_aarch64", "Proc", "start", "go", "read_record", "Trace", "run_trace", "run_tracer",
     "read_events", "peek_events", "vdso_range", "read_vdso", "tracer_pid", "wait_traced",
-    "calls_by_tid", "free_pid", "compare_call", "compare_calls", "addr", "Reaper", "Run", "run_traced",
+    "calls_by_tid", "free_pid", "held_by", "compare_call", "compare_calls", "addr", "Reaper", "Run", "run_traced",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -440,6 +440,24 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- /proc
+
+def held_by(debugger: str, pid: int) -> subprocess.Popen[bytes]:
+    """gdb or strace attached to pid, holding it (killed with the test's reaper); the test
+    fails if it has not attached within 15 s."""
+    if debugger == "gdb":
+        argv = ["gdb", "-q", "-nx", "-batch", "-p", str(pid), "-ex", "shell sleep 60"]
+    else:
+        argv = ["strace", "-p", str(pid), "-o", os.devnull]
+    dbg = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    _track(dbg, group=True)
+    deadline = time.monotonic() + 15
+    while tracer_pid(pid) == 0:
+        if time.monotonic() > deadline or dbg.poll() is not None:
+            pytest.fail(f"{debugger} did not attach to {pid}")
+        time.sleep(0.05)
+    return dbg
+
 
 def free_pid() -> int:
     """A pid no process or thread has now (the highest free one below pid_max)."""
