@@ -4,11 +4,14 @@ unchanged (see tests/targets.py: build)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
 import targets as T
+
+if TYPE_CHECKING:
+    from tracer.console.commands import Console
 
 # Every (target, 32-bit?) the live tests use.
 ALL_TARGETS: list[tuple[str, bool]] = [
@@ -71,3 +74,14 @@ def reaper() -> Iterator[T.Reaper]:
     finally:
         T.set_reaper(None)
         r.reap()
+
+
+@pytest.fixture
+def console() -> Iterator[tuple[Console, list[str]]]:
+    """A console (tracer.console.commands) whose output lines collect in a list; shut down
+    (detaching whatever it attached) after the test."""
+    from tracer.console.commands import Console
+    lines: list[str] = []
+    c = Console(lines.append, color=False)
+    yield c, lines
+    c.shutdown()

@@ -9,9 +9,11 @@ written once every breakpoint is planted and the tracee runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,15 +21,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import pytest
 
 __all__ = [
     "REPO", "SRC_DIR", "BUILD_DIR", "M32_HINT", "BuildError", "M32Unavailable",
-    "build", "build_aarch64", "Proc", "start", "go", "read_record", "Trace", "run_trace", "run_tracer",
+    "build", "build_aarch64", "boot_aarch64", "Proc", "start", "go", "read_record", "Trace", "run_trace", "run_tracer",
     "read_events", "peek_events", "vdso_range", "read_vdso", "tracer_pid", "wait_traced",
-    "calls_by_tid", "compare_call", "compare_calls", "addr", "Reaper", "Run", "run_traced",
+    "calls_by_tid", "free_pid", "held_by", "compare_call", "compare_calls", "addr", "Reaper", "Run", "run_traced",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,6 +132,28 @@ def build_aarch64(name: str) -> Path:
         raise BuildError(f"{' '.join(cmd)} failed ({AARCH64_HINT}):\n{r.stderr}")
     os.replace(tmp, out)
     return out
+
+
+
+@contextlib.contextmanager
+def boot_aarch64(name: str, inside: Path, prefix: str) -> Iterator[tuple[Any, Path]]:
+    """One boot of the emulated arm64 machine (scripts/vm aarch64): tests/targets/NAME.c built
+    for aarch64 into a fresh shared directory, `python3 INSIDE BINARY DIR` run in the machine.
+    Yields what INSIDE printed (one JSON document) and the directory (removed afterwards). A
+    failed build or boot fails the test with its message."""
+    try:
+        binary = build_aarch64(name)
+    except BuildError as e:
+        pytest.fail(str(e), pytrace=False)
+    with tempfile.TemporaryDirectory(prefix=prefix) as d:
+        work = Path(d)
+        shutil.copy(binary, work / name)
+        r = subprocess.run([str(REPO / "scripts" / "vm"), "aarch64", "--timeout", "600",
+                            "--with", str(work), "--",
+                            "python3", str(inside), str(work / name), str(work)],
+                           capture_output=True, timeout=700)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        yield json.loads(r.stdout), work
 
 
 # --------------------------------------------------------------------------- reaping
@@ -417,6 +441,33 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- /proc
 
+def held_by(debugger: str, pid: int) -> subprocess.Popen[bytes]:
+    """gdb or strace attached to pid, holding it (killed with the test's reaper); the test
+    fails if it has not attached within 15 s."""
+    if debugger == "gdb":
+        argv = ["gdb", "-q", "-nx", "-batch", "-p", str(pid), "-ex", "shell sleep 60"]
+    else:
+        argv = ["strace", "-p", str(pid), "-o", os.devnull]
+    dbg = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    _track(dbg, group=True)
+    deadline = time.monotonic() + 15
+    while tracer_pid(pid) == 0:
+        if time.monotonic() > deadline or dbg.poll() is not None:
+            pytest.fail(f"{debugger} did not attach to {pid}")
+        time.sleep(0.05)
+    return dbg
+
+
+def free_pid() -> int:
+    """A pid no process or thread has now (the highest free one below pid_max)."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    for pid in range(pid_max - 1, 1, -1):
+        if not Path(f"/proc/{pid}").exists():
+            return pid
+    raise AssertionError("no free pid")
+
+
 def vdso_range(pid: int) -> tuple[int, int]:
     """[start, end) of the [vdso] mapping of PID."""
     for line in Path(f"/proc/{pid}/maps").read_text(errors="surrogateescape").split("\n"):
@@ -517,23 +568,24 @@ def compare_call(ev: dict[str, Any], rec: dict[str, Any]) -> list[str]:
         if got != want:
             bad.append(f"{what}: trace {got!r}, target {want!r}")
 
+    def field_object(name: str) -> dict[str, Any]:
+        value = ev.get(name)
+        if isinstance(value, dict):
+            return value
+        bad.append(f"{name} is not an object: {value!r}")
+        return {}
+
     check("func", ev.get("func"), rec["func"])
     if "symbol" in rec:
         check("symbol", ev.get("symbol"), rec["symbol"])
-    args = ev.get("args")
-    if not isinstance(args, dict):
-        bad.append(f"args is not an object: {args!r}")
-        args = {}
+    args = field_object("args")
     if "clockid" in rec:
         check("args.clockid", args.get("clockid"), rec["clockid"])
     check("ret", ev.get("ret"), rec["ret"])
     check("fallback", ev.get("fallback"), rec["fallback"])
     if "fallback_reason" in rec:
         check("fallback_reason", ev.get("fallback_reason"), rec["fallback_reason"])
-    out = ev.get("out")
-    if not isinstance(out, dict):
-        bad.append(f"out is not an object: {out!r}")
-        out = {}
+    out = field_object("out")
     want = _expected_out(rec)
     f = rec["func"]
     if f in ("clock_gettime", "clock_gettime64", "clock_getres"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ pytestmark = pytest.mark.live
 @pytest.fixture(scope="module")
 def clockloop(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_clockloop(tmp_path_factory.mktemp("console-hist-target"))
-
-
-@pytest.fixture
-def console() -> Iterator[tuple[Console, list[str]]]:
-    lines: list[str] = []
-    c = Console(lines.append, color=False)
-    yield c, lines
-    c.shutdown()
 
 
 def test_hist_counts_the_calls(clockloop: Path, console: tuple[Console, list[str]],

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,14 +46,6 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") ->
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-@pytest.fixture
-def console() -> Iterator[tuple[Console, list[str]]]:
-    lines: list[str] = []
-    c = Console(lines.append, color=False)
-    yield c, lines
-    c.shutdown()
 
 
 def test_attach_break_continue_pause_stats_detach(

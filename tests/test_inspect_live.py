@@ -307,17 +307,9 @@ def one_line_error(args: list[str]) -> str:
     return lines[0]
 
 
-def free_pid() -> int:
-    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-    for pid in range(pid_max - 1, 1, -1):
-        if not Path(f"/proc/{pid}").exists():
-            return pid
-    raise AssertionError("no free pid")
-
-
 @pytest.mark.parametrize("cmd", sorted(INSPECT))
 def test_bad_pids(cmd):
-    pid = free_pid()
+    pid = T.free_pid()
     assert str(pid) in one_line_error(INSPECT[cmd](str(pid)))
     assert "pid" in one_line_error(INSPECT[cmd]("abc"))
     assert "pid" in one_line_error(INSPECT[cmd]("-3"))
@@ -329,16 +321,7 @@ def test_bad_pids(cmd):
 def test_pid_held_by_gdb(inspect_target):
     tg = start(inspect_target[False])
     before = T.read_vdso(tg.pid)
-    dbg = subprocess.Popen(["gdb", "-q", "-nx", "-batch", "-p", str(tg.pid), "-ex",
-                            "shell sleep 60"], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    T._track(dbg, group=True)
-    deadline = time.monotonic() + 15
-    while T.tracer_pid(tg.pid) == 0:
-        if time.monotonic() > deadline or dbg.poll() is not None:
-            pytest.fail(f"gdb did not attach to {tg.pid}")
-        time.sleep(0.05)
+    dbg = T.held_by("gdb", tg.pid)
     for cmd in sorted(INSPECT):
         line = one_line_error(INSPECT[cmd](str(tg.pid)))
         assert "traced" in line, line

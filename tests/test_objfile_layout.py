@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import struct
 
-from tracer.objfile import MapRegion, ModuleMap, ObjectFile, demangle
+from tracer.modmap import MapRegion, ModuleMap
+from tracer.objfile import ObjectFile, demangle
 
 # elf.h: PT_LOAD 1, PF_X 1, PF_W 2, PF_R 4; Elf64_Ehdr is 64 bytes, Elf64_Phdr 56.
 _PT_LOAD = 1

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tracer.cfi import CfiRow, FrameRule, RuleKind
 from tracer.errors import MemoryReadError
-from tracer.objfile import CfiRow, FrameRule, RuleKind
 from tracer.unwind import ARCHES, eval_dwarf_expr, unwind
 
 # x86_64 DWARF numbers (psABI figure 3.36)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tracer.errors import MemoryReadError
-from tracer.objfile import ModuleMap, ObjectFile, clear_object_cache, parse_maps
+from tracer.modmap import ModuleMap, parse_maps
+from tracer.objfile import ObjectFile, clear_object_cache
 from tracer.unwind import ReadMem, unwind
 
 ptrace = pytest.importorskip("ptrace.binding")

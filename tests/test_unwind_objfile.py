@@ -1,4 +1,4 @@
-"""tracer.objfile on real objects: symbols against nm, decoded CFI against readelf,
+"""tracer.objfile, tracer.cfi and tracer.modmap on real objects: symbols against nm, decoded CFI against readelf,
 load biases, maps parsing, and what happens to deleted, replaced and broken files."""
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tracer.cfi import RuleKind
 from tracer.errors import ElfError
-from tracer.objfile import (
-    Location, MapRegion, ModuleMap, ObjectFile, RuleKind, load_object, load_object_bytes,
-    parse_maps,
-)
+from tracer.modmap import Location, MapRegion, ModuleMap, parse_maps
+from tracer.objfile import ObjectFile, load_object, load_object_bytes
 
 TARGETS = Path(__file__).parent / "unwind_targets"
 LIBC64 = "/lib/x86_64-linux-gnu/libc.so.6"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import struct
 
+from tracer.cfi import CfiRow, RuleKind
 from tracer.errors import MemoryReadError
-from tracer.objfile import CfiRow, RuleKind
 from tracer.unwind import unwind
 
 RBP, RSP, RIP = 6, 7, 16

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from tracer.errors import TracerError, UsageError
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["main", "build_parser"]
 
 PROG = "vdsotrace"
+_N = TypeVar("_N", int, float)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,14 +26,22 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _pid(text: str) -> int:
+def _checked(text: str, parse: Callable[[str], _N], invalid: str, ok: Callable[[_N], bool],
+             out_of_range: str) -> _N:
+    """An option's value parsed, or argparse's one-line error: `invalid` when it does not
+    parse, `out_of_range` when it parses but `ok` refuses it."""
     try:
-        pid = int(text, 10)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid pid {text!r}: give a process id number")
-    if pid <= 0:
-        raise argparse.ArgumentTypeError(f"invalid pid {text!r}: give a positive process id")
-    return pid
+        raise argparse.ArgumentTypeError(invalid) from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(out_of_range)
+    return value
+
+
+def _pid(text: str) -> int:
+    return _checked(text, lambda t: int(t, 10), f"invalid pid {text!r}: give a process id number",
+                    lambda pid: pid > 0, f"invalid pid {text!r}: give a positive process id")
 
 
 def _pids(text: str) -> list[int]:
@@ -39,33 +49,18 @@ def _pids(text: str) -> list[int]:
 
 
 def _depth(text: str) -> int:
-    try:
-        d = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid stack depth {text!r}")
-    if not 1 <= d <= 256:
-        raise argparse.ArgumentTypeError("stack depth must be between 1 and 256")
-    return d
+    return _checked(text, int, f"invalid stack depth {text!r}",
+                    lambda d: 1 <= d <= 256, "stack depth must be between 1 and 256")
 
 
 def _seconds(text: str) -> float:
-    try:
-        s = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: give seconds")
-    if s < 0:
-        raise argparse.ArgumentTypeError("duration must not be negative")
-    return s
+    return _checked(text, float, f"invalid duration {text!r}: give seconds",
+                    lambda s: not s < 0, "duration must not be negative")
 
 
 def _size(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid string size {text!r}: give a number of bytes")
-    if not 0 <= n <= 1 << 20:
-        raise argparse.ArgumentTypeError("string size must be between 0 and 1048576 bytes")
-    return n
+    return _checked(text, int, f"invalid string size {text!r}: give a number of bytes",
+                    lambda n: 0 <= n <= 1 << 20, "string size must be between 0 and 1048576 bytes")
 
 
 # What the top-level help lists: every function vdsotrace traces and decodes, per ABI.

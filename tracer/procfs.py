@@ -57,7 +57,7 @@ def parse_map_line(line: str) -> MapEntry:
 
 
 def parse_maps(text: str) -> list[MapEntry]:
-    """Every line of /proc/PID/maps (the one parser of it: objfile's module map uses it too)."""
+    """Every line of /proc/PID/maps (the one parser of it: modmap.py's MapRegion uses it too)."""
     entries = []
     # split at "\n" only: the kernel escapes it in paths (seq_path), not \x1c or \x85
     for line in text.split("\n"):

@@ -15,7 +15,7 @@ import threading
 import time
 
 from tracer.errors import ElfError
-from tracer.objfile import ModuleMap
+from tracer.modmap import ModuleMap
 
 __all__ = ["warm", "warm_later"]
 

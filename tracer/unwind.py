@@ -1,6 +1,6 @@
 """Call-stack unwinding of a stopped thread, for `--stack` and the console's `bt`.
 
-`unwind` walks the stack with the callers' DWARF CFI (tracer.objfile decodes it), and with
+`unwind` walks the stack with the callers' DWARF CFI (tracer.cfi decodes it), and with
 the frame-pointer chain where an object has no CFI for a pc. The stack is untrusted input:
 every step checks that the stack pointer grows, that the return address lies in executable
 memory, and the walk ends at the first thing it cannot read; it never raises for bad data.
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from tracer import arch as _arch
+from tracer.cfi import FrameRule, RuleKind
 from tracer.errors import MemoryReadError
-from tracer.objfile import FrameRule, RuleKind
 
 __all__ = ["Arch", "ARCHES", "FrameRules", "ReadMem", "unwind", "eval_dwarf_expr"]
 
@@ -22,7 +22,7 @@ ReadMem = Callable[[int, int], bytes]
 
 
 class FrameRules(Protocol):
-    """What the unwinder needs of a module map (tracer.objfile.ModuleMap provides it)."""
+    """What the unwinder needs of a module map (tracer.modmap.ModuleMap provides it)."""
 
     def frame_rule(self, lookup_pc: int) -> FrameRule: ...
 
@@ -350,40 +350,34 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
                 break
             cfa = (base + row.cfa_offset) & mask  # type: ignore[union-attr]
             fp_before = state[fp_reg]
-            ra_rule = any(reg == ra_reg for reg, _ in offsets)
-            if cfa <= sp:
-                if ra_rule and not switched and (sw := switch_stacks(fp_before)) is not None:
-                    switched = True
-                    sp, state[fp_reg], pc = sw
-                    state[sp_reg], state[ra_reg] = sp, pc
-                    out.append(pc)
-                    exact_pc = False
+            if cfa > sp:
+                state[ra_reg] = None
+                for reg, off in offsets:
+                    o = cfa + off - wbase
+                    if 0 <= o <= wlimit:
+                        state[reg] = unpack(buf, o)[0]
+                    else:
+                        state[reg] = read_word((cfa + off) & mask)
+                        buf, wbase = reader.window
+                        wlimit = len(buf) - word
+                ra_val = state[ra_reg]
+                if ra_val and is_executable(ra_val):
+                    state[sp_reg] = cfa
+                    sp, pc = cfa, ra_val
+                    out.append(ra_val)
+                    exact_pc = row.signal_frame  # type: ignore[union-attr]
                     continue
-                break
-            state[ra_reg] = None
-            for reg, off in offsets:
-                o = cfa + off - wbase
-                if 0 <= o <= wlimit:
-                    state[reg] = unpack(buf, o)[0]
-                else:
-                    state[reg] = read_word((cfa + off) & mask)
-                    buf, wbase = reader.window
-                    wlimit = len(buf) - word
-            ra_val = state[ra_reg]
-            if not ra_val or not is_executable(ra_val):
-                if ra_rule and not switched and (sw := switch_stacks(fp_before)) is not None:
-                    switched = True
-                    sp, state[fp_reg], pc = sw
-                    state[sp_reg], state[ra_reg] = sp, pc
-                    out.append(pc)
-                    exact_pc = False
-                    continue
-                break
-            state[sp_reg] = cfa
-            sp, pc = cfa, ra_val
-            out.append(ra_val)
-            exact_pc = row.signal_frame  # type: ignore[union-attr]
-            continue
+            # A CFA that does not grow the stack, or no usable return address: the end,
+            # unless this frame switched stacks (above).
+            if (not switched and any(reg == ra_reg for reg, _ in offsets)
+                    and (sw := switch_stacks(fp_before)) is not None):
+                switched = True
+                sp, state[fp_reg], pc = sw
+                state[sp_reg], state[ra_reg] = sp, pc
+                out.append(pc)
+                exact_pc = False
+                continue
+            break
         if row is not None:
             if row.cfa_expr is None:
                 base = state[row.cfa_reg] if 0 <= row.cfa_reg < n else None

@@ -1,5 +1,6 @@
-"""The vDSO image, parsed from bytes with pyelftools (the only module, with objfile.py, that
-imports elftools). Nothing here touches a process: the image comes from ptrace or a file.
+"""The vDSO image, parsed from bytes with pyelftools (one of its doors, with objfile.py and
+cfi.py: no other module imports elftools). Nothing here touches a process: the image comes
+from ptrace or a file.
 
 Names: `image_offset` is an offset from the image's first byte (what `objdump -T` prints, since
 the vDSO is linked at 0); `runtime_addr` = base + image_offset.

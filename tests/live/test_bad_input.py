@@ -2,10 +2,8 @@
 a traceback; and a tracee we refused (or failed) to trace is left untouched."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -32,14 +30,6 @@ def _untouched(proc: T.Proc, before: bytes) -> None:
     assert rc == 0 and "bad=0" in out, (rc, out, err)
 
 
-def _free_pid() -> int:
-    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-    for pid in range(pid_max - 1, 1, -1):
-        if not Path(f"/proc/{pid}").exists():
-            return pid
-    raise AssertionError("no free pid")
-
-
 def test_unknown_function(target_bin, tmp_path):
     proc = T.start(target_bin("spin"), tmp_path / "s.jsonl", "--seconds", "0.2")
     before = T.read_vdso(proc.pid)
@@ -51,7 +41,7 @@ def test_unknown_function(target_bin, tmp_path):
 
 
 def test_no_such_process(tmp_path):
-    pid = _free_pid()
+    pid = T.free_pid()
     r = T.run_tracer(["trace", "-p", str(pid), "-o", str(tmp_path / "ev")])
     line = _assert_one_line_error(r, "no such process")
     assert str(pid) in line, line
@@ -75,18 +65,7 @@ def test_already_traced(target_bin, tmp_path, debugger):
     if shutil.which(debugger) is None:
         pytest.fail(f"{debugger} is not installed: run scripts/test")
     proc = T.start(target_bin("spin"), tmp_path / "s.jsonl", "--seconds", "0.2")
-    if debugger == "gdb":
-        argv = ["gdb", "-q", "-nx", "-batch", "-p", str(proc.pid), "-ex", "shell sleep 60"]
-    else:
-        argv = ["strace", "-p", str(proc.pid), "-o", os.devnull]
-    dbg = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
-    T._track(dbg, group=True)
-    deadline = time.monotonic() + 10
-    while T.tracer_pid(proc.pid) == 0:
-        if time.monotonic() > deadline or dbg.poll() is not None:
-            pytest.fail(f"{debugger} did not attach to {proc.pid}")
-        time.sleep(0.05)
+    dbg = T.held_by(debugger, proc.pid)
     r = T.run_tracer(["trace", "-p", str(proc.pid), "-o", str(tmp_path / "ev")])
     line = _assert_one_line_error(r, f"already traced by {debugger}")
     assert str(proc.pid) in line or "traced" in line, line

@@ -43,6 +43,20 @@ def _read_lines(stream: object, n: int, timeout: float) -> list[bytes]:
     return buf.split(b"\n")[:n]
 
 
+def _head(tr: subprocess.Popen[bytes], n: int = 3) -> tuple[list[bytes], int]:
+    """What `| head -N` does to the tracer: N lines read, the pipe closed; then the tracer's
+    exit status (killed if it has not exited 20 s later)."""
+    try:
+        assert tr.stdout is not None
+        lines = _read_lines(tr.stdout, n, 30)
+        tr.stdout.close()
+        return lines, tr.wait(timeout=20)
+    finally:
+        if tr.poll() is None:
+            tr.kill()
+            tr.wait()
+
+
 def _check_unharmed(proc: T.Proc, before: bytes) -> None:
     """As test_detach: running, untraced, its vDSO as before, and its run correct to the end."""
     assert proc.popen.poll() is None, f"the tracee died ({proc.popen.returncode})"
@@ -76,18 +90,10 @@ def test_closed_pipe_ends_the_trace(target_bin, tmp_path, engine, where):
         else:
             tr = _tracer(["trace", *engine, "-o", "-", "-p", str(proc.pid)],
                          stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
-    try:
-        assert tr.stdout is not None
-        lines = _read_lines(tr.stdout, 3, 30)   # what `head -3` reads, then it exits
-        assert b"vdsotrace" in lines[0], lines
-        assert all(re.match(rb"\[pid \d+\] (clock_gettime|gettimeofday)\(", ln)
-                   for ln in lines[1:]), lines
-        tr.stdout.close()
-        rc = tr.wait(timeout=20)
-    finally:
-        if tr.poll() is None:
-            tr.kill()
-            tr.wait()
+    lines, rc = _head(tr)
+    assert b"vdsotrace" in lines[0], lines
+    assert all(re.match(rb"\[pid \d+\] (clock_gettime|gettimeofday)\(", ln)
+               for ln in lines[1:]), lines
     assert rc == 0, f"tracer exited {rc}; stderr: {err_path.read_text()!r}"
     assert err_path.read_text() == "", "noise on stderr: " + err_path.read_text()
     _check_unharmed(proc, before)
@@ -100,15 +106,7 @@ def test_closed_pipe_ends_the_trace_i386(target_bin, tmp_path):
     T.go(proc, close=False)
     tr = _tracer(["trace", "-p", str(proc.pid)], stdout=subprocess.PIPE,
                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        assert tr.stdout is not None
-        _read_lines(tr.stdout, 3, 30)
-        tr.stdout.close()
-        assert tr.wait(timeout=20) == 0
-    finally:
-        if tr.poll() is None:
-            tr.kill()
-            tr.wait()
+    assert _head(tr)[1] == 0
     _check_unharmed(proc, before)
 
 
@@ -141,15 +139,7 @@ def test_a_spawned_program_dies_of_sigpipe_as_under_a_shell(tmp_path):
     write to a closed pipe for ever)."""
     tr = _tracer(["trace", "-o", str(tmp_path / "ev"), "-e", "time", "--", "yes"],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    try:
-        assert tr.stdout is not None
-        _read_lines(tr.stdout, 3, 30)
-        tr.stdout.close()
-        assert tr.wait(timeout=20) == 0
-    finally:
-        if tr.poll() is None:
-            tr.kill()
-            tr.wait()
+    assert _head(tr)[1] == 0
     assert "+++ killed by SIGPIPE +++" in (tmp_path / "ev").read_text()
 
 

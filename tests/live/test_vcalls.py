@@ -7,6 +7,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,23 +158,32 @@ def _text_line_for(lines: list[str], needle: str) -> str | None:
     return None
 
 
-def test_text_output(target_bin, tmp_path):
-    """Default (text) output: strace's shape, `[fallback]` on calls that entered the kernel.
-
-    Text has no attach event: wait until the tracee is traced, its vDSO carries
-    the breakpoints and it runs."""
+def _run_text(target_bin, tmp_path: Path, trace_args: list[str],
+              target_args: list[str]) -> tuple[T.Trace, list[dict[str, Any]]]:
+    """vcalls traced with text output (no attach event: wait until the tracee is traced,
+    its vDSO carries the breakpoints and it runs), both ended cleanly; the tracer and the
+    target's record."""
     rec = tmp_path / "r.jsonl"
-    proc = T.start(target_bin("vcalls"), rec, "--threads", "1", "--rounds", "2")
+    proc = T.start(target_bin("vcalls"), rec, *target_args)
     before = T.read_vdso(proc.pid)
-    tr = T.run_trace(["-p", str(proc.pid)], tmp_path / "out.txt", json_events=False,
-                     wait_attach=False)
+    tr = T.run_trace([*trace_args, "-p", str(proc.pid)], tmp_path / "out.txt",
+                     json_events=False, wait_attach=False)
     T.wait_traced(proc.pid, before)
     T.go(proc)
     rc, _, err = proc.finish(20)
     assert rc == 0, err
     tr.wait_ok(10)
+    return tr, T.read_record(rec)
+
+
+def test_text_output(target_bin, tmp_path):
+    """Default (text) output: strace's shape, `[fallback]` on calls that entered the kernel.
+
+    Text has no attach event: wait until the tracee is traced, its vDSO carries
+    the breakpoints and it runs."""
+    tr, record = _run_text(target_bin, tmp_path, [], ["--threads", "1", "--rounds", "2"])
     lines = tr.out.read_text().splitlines()
-    for r in T.read_record(rec):
+    for r in record:
         if r["func"] != "clock_gettime" or r["ret"] != 0:
             continue
         needle = f"clock_gettime({r['clockid']}, {{tv_sec={r['tv_sec']}, tv_nsec={r['tv_nsec']}}}) = 0"
@@ -184,16 +194,7 @@ def test_text_output(target_bin, tmp_path):
 
 def test_summary(target_bin, tmp_path):
     """`-c`: a summary row per function with its calls, fallbacks and errors."""
-    rec = tmp_path / "r.jsonl"
-    proc = T.start(target_bin("vcalls"), rec, "--threads", "2", "--rounds", "2")
-    before = T.read_vdso(proc.pid)
-    tr = T.run_trace(["-c", "-p", str(proc.pid)], tmp_path / "out.txt", json_events=False,
-                     wait_attach=False)
-    T.wait_traced(proc.pid, before)
-    T.go(proc)
-    rc, _, err = proc.finish(20)
-    assert rc == 0, err
-    tr.wait_ok(10)
+    tr, records = _run_text(target_bin, tmp_path, ["-c"], ["--threads", "2", "--rounds", "2"])
     text = tr.out.read_text() + "\n" + tr.stdout() + "\n" + tr.stderr()
     lines = text.splitlines()
     header = next((ln for ln in lines if re.search(r"\bcalls\b", ln) and "fallback" in ln
@@ -211,7 +212,6 @@ def test_summary(target_bin, tmp_path):
                 return int(m.group())
         return 0
 
-    records = T.read_record(rec)
     for func in sorted({r["func"] for r in records}):
         rs = [r for r in records if r["func"] == func]
         want = [len(rs), sum(r["fallback"] for r in rs), sum(r["ret"] < 0 for r in rs)]
@@ -241,16 +241,8 @@ def test_calls_equal_record_inject(target_bin, tmp_path, m32):
     """`--inject`: the in-tracee recorder gives the same call events, in order per thread,
     with the same arguments, results and fallback flags (i386: the 32-bit stubs, fallbacks
     through __kernel_vsyscall, clock_gettime64's 64-bit timespec)."""
-    binary = target_bin("vcalls", m32)
-    rec = tmp_path / "r.jsonl"
-    proc = T.start(binary, rec)
-    tr = T.run_trace(["-p", str(proc.pid), "--inject"], tmp_path / "ev.jsonl")
-    T.go(proc)
-    rc, _, err = proc.finish(20)
-    assert rc == 0, f"target exited {rc} under --inject: {err!r}; tracer stderr:\n{tr.stderr()}"
-    tr.wait_ok(10)
-    run = T.Run(proc, tr, T.read_record(rec), tr.events(), "")
-    attach = _attach_event(run.events, proc.pid)
+    run = T.run_traced(target_bin("vcalls", m32), tmp_path, trace_args=["--inject"])
+    attach = _attach_event(run.events, run.proc.pid)
     assert attach["abi"] == ("i386" if m32 else "x86_64")
     _skip_without_fast_path(attach)
     _check_all_threads(run, "i386" if m32 else "x86_64")

@@ -18,8 +18,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/auxv.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 static inline void die(const char *fmt, ...)
@@ -162,6 +164,27 @@ static inline long arg_long(int argc, char **argv, const char *opt, long dflt)
     if (*end)
         die("bad number for %s: %s", opt, v);
     return r;
+}
+
+/* a is earlier than b. */
+static inline int ts_before(const struct timespec *a, const struct timespec *b)
+{
+    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+/* A clock_gettime that returned r and wrote *now went wrong: it failed, tv_nsec is not in
+ * [0, 1e9), or (prev not NULL) the clock went back from *prev. */
+static inline int bad_timespec(int r, const struct timespec *now, const struct timespec *prev)
+{
+    return r != 0 || now->tv_nsec < 0 || now->tv_nsec >= 1000000000L ||
+           (prev != NULL && ts_before(now, prev));
+}
+
+/* A gettimeofday that returned r and wrote *tv went wrong: it failed, or tv_usec is not in
+ * [0, 1e6). */
+static inline int bad_timeval(int r, const struct timeval *tv)
+{
+    return r != 0 || tv->tv_usec < 0 || tv->tv_usec >= 1000000L;
 }
 
 #endif

@@ -46,11 +46,6 @@ static volatile int stop;
 static volatile int done_flag;
 static unsigned long long t_calls, t_bad, t_after;
 
-static int before(const struct timespec *a, const struct timespec *b)
-{
-    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
-}
-
 static void *clock_main(void *arg)
 {
     struct timespec prev = {0, 0}, now, nap = {0, 1000000};
@@ -62,13 +57,13 @@ static void *clock_main(void *arg)
         t_calls++;
         if (__atomic_load_n(&done_flag, __ATOMIC_RELAXED))
             t_after++;
-        if (r != 0 || now.tv_nsec < 0 || now.tv_nsec >= 1000000000L || before(&now, &prev))
+        if (bad_timespec(r, &now, &prev))
             t_bad++;
         else
             prev = now;
         r = gettimeofday(&tv, NULL);
         t_calls++;
-        if (r != 0 || tv.tv_usec < 0 || tv.tv_usec >= 1000000L)
+        if (bad_timeval(r, &tv))
             t_bad++;
         nanosleep(&nap, NULL);
     }
@@ -80,8 +75,7 @@ static int checked_calls(int k, long gap_ns)
     struct timespec prev = {0, 0}, now, nap = {0, gap_ns};
     int i, bad = 0;
     for (i = 0; i < k; i++) {
-        if (clock_gettime(CLOCK_MONOTONIC, &now) != 0 || now.tv_nsec < 0 ||
-            now.tv_nsec >= 1000000000L || before(&now, &prev))
+        if (bad_timespec(clock_gettime(CLOCK_MONOTONIC, &now), &now, &prev))
             bad++;
         prev = now;
         if (gap_ns)
@@ -237,7 +231,7 @@ int main(int argc, char **argv)
                 ;
             break;
         }
-        if (clock_gettime(CLOCK_MONOTONIC, &now) != 0 || before(&now, &prev))
+        if (clock_gettime(CLOCK_MONOTONIC, &now) != 0 || ts_before(&now, &prev))
             main_bad++;
         prev = now;
         main_calls++;

@@ -129,14 +129,13 @@ int main(int argc, char **argv)
     while (after < 200000) {
         int r = clock_gettime(CLOCK_MONOTONIC, &now);
         calls++;
-        if (r != 0 || now.tv_nsec < 0 || now.tv_nsec >= 1000000000L ||
-            now.tv_sec < prev.tv_sec || (now.tv_sec == prev.tv_sec && now.tv_nsec < prev.tv_nsec))
+        if (bad_timespec(r, &now, &prev))
             bad++;
         else
             prev = now;
         r = gettimeofday(&tv, NULL);
         calls++;
-        if (r != 0 || tv.tv_usec < 0 || tv.tv_usec >= 1000000L)
+        if (bad_timeval(r, &tv))
             bad++;
         if (held_pc)
             after++;

@@ -52,11 +52,6 @@ static pid_t parent;
 static long interval_ms;
 static pthread_barrier_t go_barrier;
 
-static int before(const struct timespec *a, const struct timespec *b)
-{
-    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
-}
-
 static double since(const struct timespec *a, const struct timespec *b)
 {
     return (double)(b->tv_sec - a->tv_sec) + (b->tv_nsec - a->tv_nsec) / 1e9;
@@ -72,8 +67,7 @@ static void coarse_turn(unsigned long long *calls, unsigned long long *bad,
     if (t < prev->tv_sec)
         (*bad)++;
     (*calls)++;
-    if (clock_gettime(CLOCK_MONOTONIC_COARSE, &now) != 0 || now.tv_nsec < 0 ||
-        now.tv_nsec >= 1000000000L || before(&now, prev))
+    if (bad_timespec(clock_gettime(CLOCK_MONOTONIC_COARSE, &now), &now, prev))
         (*bad)++;
     else if (now.tv_sec >= prev->tv_sec)
         *prev = now;
@@ -103,18 +97,18 @@ static void *work(void *arg)
         }
         int r = clock_gettime(CLOCK_MONOTONIC, &now);
         w->calls++;
-        if (r != 0 || now.tv_nsec < 0 || now.tv_nsec >= 1000000000L || before(&now, &prev))
+        if (bad_timespec(r, &now, &prev))
             w->bad++;
         else
             prev = now;
         r = gettimeofday(&tv, NULL);
         w->calls++;
-        if (r != 0 || tv.tv_usec < 0 || tv.tv_usec >= 1000000L)
+        if (bad_timeval(r, &tv))
             w->bad++;
         if (fallback) {
             r = clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
             w->calls++;
-            if (r != 0 || now.tv_nsec < 0 || now.tv_nsec >= 1000000000L)
+            if (bad_timespec(r, &now, NULL))
                 w->bad++;
             w->calls++;
             if (getppid() != parent)

@@ -32,11 +32,6 @@ static pthread_barrier_t go_barrier;
 
 struct spinner { pthread_t th; unsigned long long calls, bad; };
 
-static int before(const struct timespec *a, const struct timespec *b)
-{
-    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
-}
-
 static void *spin_main(void *arg)
 {
     struct spinner *s = arg;
@@ -46,12 +41,12 @@ static void *spin_main(void *arg)
     while (!__atomic_load_n(&stop, __ATOMIC_RELAXED)) {
         int r = clock_gettime(CLOCK_MONOTONIC, &now);
         s->calls++;
-        if (r != 0 || now.tv_nsec < 0 || now.tv_nsec >= 1000000000L || before(&now, &prev))
+        if (bad_timespec(r, &now, &prev))
             s->bad++;
         prev = now;
         r = gettimeofday(&tv, NULL);
         s->calls++;
-        if (r != 0 || tv.tv_usec < 0 || tv.tv_usec >= 1000000)
+        if (bad_timeval(r, &tv))
             s->bad++;
     }
     return NULL;

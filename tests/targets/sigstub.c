@@ -149,11 +149,6 @@ static void handler(int sig, siginfo_t *si, void *ucv)
     errno = saved;
 }
 
-static int before(const struct timespec *a, const struct timespec *b)
-{
-    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
-}
-
 struct counts { unsigned long long calls, bad; };
 
 static void calls(struct counts *c, struct timespec *prev)
@@ -162,12 +157,12 @@ static void calls(struct counts *c, struct timespec *prev)
     struct timeval tv;
     int r = clock_gettime(CLOCK_MONOTONIC, &now);
     c->calls++;
-    if (r != 0 || now.tv_nsec < 0 || now.tv_nsec >= 1000000000L || before(&now, prev))
+    if (bad_timespec(r, &now, prev))
         c->bad++;
     *prev = now;
     r = gettimeofday(&tv, NULL);
     c->calls++;
-    if (r != 0 || tv.tv_usec < 0 || tv.tv_usec >= 1000000)
+    if (bad_timeval(r, &tv))
         c->bad++;
 }
 

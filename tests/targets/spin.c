@@ -32,11 +32,6 @@ static struct timespec start;
 static pthread_barrier_t go_barrier;
 static volatile int stop;
 
-static int before(const struct timespec *a, const struct timespec *b)
-{
-    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
-}
-
 static void *spin_main(void *arg)
 {
     struct spinner *s = arg;
@@ -47,13 +42,13 @@ static void *spin_main(void *arg)
     while (!__atomic_load_n(&stop, __ATOMIC_RELAXED)) {
         int r = clock_gettime(CLOCK_MONOTONIC, &now);
         s->calls++;
-        if (r != 0 || now.tv_nsec < 0 || now.tv_nsec >= 1000000000L || before(&now, &prev))
+        if (bad_timespec(r, &now, &prev))
             s->bad++;
         else
             prev = now;
         r = gettimeofday(&tv, NULL);
         s->calls++;
-        if (r != 0 || tv.tv_usec < 0 || tv.tv_usec >= 1000000L)
+        if (bad_timeval(r, &tv))
             s->bad++;
         if (seconds >= 0 &&
             (double)(prev.tv_sec - start.tv_sec) + (prev.tv_nsec - start.tv_nsec) / 1e9 >= seconds)

@@ -117,8 +117,7 @@ int main(int argc, char **argv)
         for (i = 0; i < 100; i++) {
             int rc = cg(CLOCK_MONOTONIC, &ts);
             calls++;
-            if (rc != 0 || ts.tv_nsec < 0 || ts.tv_nsec >= 1000000000L ||
-                ts.tv_sec < prev.tv_sec || (ts.tv_sec == prev.tv_sec && ts.tv_nsec < prev.tv_nsec))
+            if (bad_timespec(rc, &ts, &prev))
                 bad++;
             prev = ts;
         }

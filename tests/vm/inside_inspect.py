@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from inside_common import finish
+
 
 def run(argv: list[str]) -> dict[str, Any]:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
@@ -74,14 +76,7 @@ def main() -> int:
     with open(f"/proc/{pid}/mem", "rb") as mem:
         mem.seek(lo)
         out["vdso_unchanged"] = mem.read(hi - lo) == (outdir / "vdso-mem.so").read_bytes()
-    p.stdin.write(b"g")
-    p.stdin.flush()
-    try:
-        _, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        _, err = p.communicate()
-    out["target"] = {"rc": p.returncode, "stderr": err.decode(errors="replace")}
+    out["target"] = finish(p, 60, go=b"g")
     out["record"] = ([json.loads(x) for x in record.read_text().splitlines()]
                      if record.exists() else [])
     print(json.dumps(out))

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from inside_common import finish
+
 from tracer import target
 from tracer.arch import aarch64 as A
 
@@ -122,12 +124,7 @@ def main() -> int:
         out["detached"] = True
     except Exception as e:                              # reported, judged on the host
         out["error"] = f"{type(e).__name__}: {e}"
-    try:
-        _, err = p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        _, err = p.communicate()
-    out["target"] = {"rc": p.returncode, "stderr": err.decode(errors="replace")}
+    out["target"] = finish(p, 120)
     out["record"] = json.loads(record.read_text()) if record.exists() else None
     print(json.dumps(out))
     return 0

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from inside_common import finish
+
 
 def vdso_range(pid: int) -> tuple[int, int]:
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
@@ -102,14 +104,7 @@ def main() -> int:
         dbg.quit()
     out["ptrace"] = pt
 
-    p.stdin.write(b"g")
-    p.stdin.flush()
-    try:
-        rest, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        rest, err = p.communicate()
-    out["target"] = {"rc": p.returncode, "stderr": err.decode(errors="replace")}
+    out["target"] = finish(p, 60, go=b"g")
     out["record"] = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
 
     # strace, the oracle of which calls entered the kernel: a second run of the target under it.

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,25 +22,14 @@ from a64_oracles import as_cpuinfo_name, cpuinfo_features, llvm_objdump, objdump
 
 pytestmark = pytest.mark.arm64vm
 
-VM = T.REPO / "scripts" / "vm"
 INSIDE = Path(__file__).resolve().parent / "inside_inspect.py"
 AT_SYSINFO_EHDR, AT_HWCAP, AT_HWCAP2, AT_PLATFORM = 33, 16, 26, 15
 
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[tuple[dict[str, Any], Path]]:
-    try:
-        binary = T.build_aarch64("a64smoke")
-    except T.BuildError as e:
-        pytest.fail(str(e), pytrace=False)
-    with tempfile.TemporaryDirectory(prefix="vdsotrace-vminspect-") as d:
-        work = Path(d)
-        shutil.copy(binary, work / "a64smoke")
-        r = subprocess.run([str(VM), "aarch64", "--timeout", "600", "--with", str(work), "--",
-                            "python3", str(INSIDE), str(work / "a64smoke"), str(work)],
-                           capture_output=True, timeout=700)
-        assert r.returncode == 0, r.stderr.decode(errors="replace")
-        yield json.loads(r.stdout), work
+    with T.boot_aarch64("a64smoke", INSIDE, "vdsotrace-vminspect-") as booted:
+        yield booted
 
 
 def ok(res: dict[str, Any]) -> str:

@@ -12,11 +12,7 @@ really got, and that it exited 0.
 One boot for the module (tests/vm/inside_ptrace.py); deselected unless VDSOTRACE_VM=1."""
 from __future__ import annotations
 
-import json
-import shutil
 import signal
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +22,6 @@ import targets as T
 
 pytestmark = pytest.mark.arm64vm
 
-VM = T.REPO / "scripts" / "vm"
 INSIDE = Path(__file__).resolve().parent / "inside_ptrace.py"
 BRK_0 = "000020d4"      # brk #0, little-endian
 SVC_0 = "010000d4"      # svc #0
@@ -36,18 +31,7 @@ PRSTATUS_BYTES = 34 * 8  # struct user_pt_regs: x0-x30, sp, pc, pstate
 
 @pytest.fixture(scope="module")
 def run() -> Iterator[dict[str, Any]]:
-    try:
-        binary = T.build_aarch64("a64brk")
-    except T.BuildError as e:
-        pytest.fail(str(e), pytrace=False)
-    with tempfile.TemporaryDirectory(prefix="vdsotrace-vmptrace-") as d:
-        work = Path(d)
-        shutil.copy(binary, work / "a64brk")
-        r = subprocess.run([str(VM), "aarch64", "--timeout", "600", "--with", str(work), "--",
-                            "python3", str(INSIDE), str(work / "a64brk"), str(work)],
-                           capture_output=True, timeout=700)
-        assert r.returncode == 0, r.stderr.decode(errors="replace")
-        out = json.loads(r.stdout)
+    with T.boot_aarch64("a64brk", INSIDE, "vdsotrace-vmptrace-") as (out, _):
         assert "error" not in out, out["error"]
         yield out
 

@@ -7,9 +7,7 @@ Deselected unless VDSOTRACE_VM=1 (tests/vm/conftest.py): each boot takes seconds
 and the first run builds the machine (downloads, about a minute)."""
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -40,16 +38,8 @@ def vm(*argv: str, with_dirs: tuple[Path, ...] = (), timeout: float = 600) -> su
 @pytest.fixture(scope="module")
 def smoke() -> Iterator[tuple[dict[str, Any], Path]]:
     """One boot running tests/vm/inside_smoke.py on the a64smoke target; its JSON and dir."""
-    try:
-        binary = T.build_aarch64("a64smoke")
-    except T.BuildError as e:
-        pytest.fail(str(e), pytrace=False)
-    with tempfile.TemporaryDirectory(prefix="vdsotrace-vmtest-") as d:
-        work = Path(d)
-        shutil.copy(binary, work / "a64smoke")
-        r = vm("python3", str(INSIDE), str(work / "a64smoke"), str(work), with_dirs=(work,))
-        assert r.returncode == 0, r.stderr.decode(errors="replace")
-        yield json.loads(r.stdout), work
+    with T.boot_aarch64("a64smoke", INSIDE, "vdsotrace-vmtest-") as booted:
+        yield booted
 
 
 def test_status_stdout_stderr_and_shared_dir_come_back() -> None:

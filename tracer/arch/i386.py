@@ -39,12 +39,11 @@ __kernel_sigreturn also pops sig):
 from __future__ import annotations
 
 import struct
-from enum import IntFlag
 
 from tracer import target
 from tracer.arch.base import Arch, DwarfRegs, ReadMem, SigFrameLayout, StubLayout
 from tracer.arch.x86_64 import (X86Arch, INT3, JMP_REL32_LEN, NOP, RDTSC, TSC_OFF, USER32_CS, USER_CS,
-                                USER_REGS,
+                                USER_REGS, user_eflags,
                                 call_rel32, jmp_rel32)
 from tracer.errors import MemoryReadError
 
@@ -179,15 +178,11 @@ class I386Arch(X86Arch):
         except MemoryReadError:
             return False
         cs, flags = int.from_bytes(rest[:2], "little"), int.from_bytes(rest[4:], "little")
-        return cs == USER32_CS and flags & 2 == 2 and flags >> 22 == 0
+        return cs == USER32_CS and user_eflags(flags)
 
     def syscall_table(self) -> tuple[dict[int, str], dict[int, int]]:
         from tracer.tables import syscalls_i386 as t
         return t.NAMES, t.NARGS
-
-    def hwcap_names(self) -> tuple[type[IntFlag] | None, type[IntFlag] | None]:
-        from tracer.consts import Hwcap2X86, HwcapX86
-        return HwcapX86, Hwcap2X86
 
 
 # struct ucontext_ia32: uc_flags 4, uc_link 4, stack_ia32_t 12 -> uc_mcontext at 20;

@@ -179,6 +179,16 @@ class X86Arch(Arch):
         # `call` pushed it: the word at sp
         return int.from_bytes(read(regs[self.sp] & self.mask, self.word), "little")
 
+    def hwcap_names(self) -> tuple[type[IntFlag] | None, type[IntFlag] | None]:
+        from tracer.consts import Hwcap2X86, HwcapX86
+        return HwcapX86, Hwcap2X86
+
+
+def user_eflags(flags: int) -> bool:
+    """Whether a saved eflags can be a user context's: reserved bit 1 is always set, and
+    nothing is defined above bit 21 (Intel SDM vol. 1, 3.4.3 "EFLAGS Register")."""
+    return flags & 2 == 2 and flags >> 22 == 0
+
 
 class X86_64Arch(X86Arch):
     __slots__ = ()
@@ -201,21 +211,17 @@ class X86_64Arch(X86Arch):
 
     def saved_context(self, read: ReadMem, at: int) -> bool:
         # struct sigcontext_64 (arch/x86/include/uapi/asm/sigcontext.h): ... sp, ip, flags,
-        # cs (u16) = __USER_CS; eflags has reserved bit 1 set and nothing above bit 21
+        # cs (u16) = __USER_CS
         try:
             rest = read(at + 8, 10)
         except MemoryReadError:
             return False
         flags, cs = int.from_bytes(rest[:8], "little"), int.from_bytes(rest[8:], "little")
-        return cs == USER_CS and flags & 2 == 2 and flags >> 22 == 0
+        return cs == USER_CS and user_eflags(flags)
 
     def syscall_table(self) -> tuple[dict[int, str], dict[int, int]]:
         from tracer.tables import syscalls_x86_64 as t
         return t.NAMES, t.NARGS
-
-    def hwcap_names(self) -> tuple[type[IntFlag] | None, type[IntFlag] | None]:
-        from tracer.consts import Hwcap2X86, HwcapX86
-        return HwcapX86, Hwcap2X86
 
 
 # x86_64 struct rt_sigframe: pretcode 8, then struct ucontext (uc_flags 8, uc_link 8, uc_stack

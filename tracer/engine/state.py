@@ -10,7 +10,7 @@ from tracer import sigtrack, target
 from tracer.abi import Abi
 from tracer.breakpoints import Patcher
 from tracer.decoders import Decoder
-from tracer.objfile import ModuleMap
+from tracer.modmap import ModuleMap
 from tracer.target import Regs
 from tracer.instrument import Instrument
 from tracer.vdso import VdsoImage

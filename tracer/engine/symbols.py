@@ -5,7 +5,7 @@ import time
 
 from tracer.engine.state import _MISSING, _OUTSIDE, _SITE_FRAMES, _Space, _Thread
 from tracer.errors import ElfError, MemoryReadError
-from tracer.objfile import is_c_library, ModuleMap
+from tracer.modmap import is_c_library, ModuleMap
 from tracer.unwind import ARCHES, unwind
 from tracer.engine.options import TraceOptions
 

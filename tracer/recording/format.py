@@ -478,17 +478,26 @@ class Reader:
         except KeyError:
             raise _Bad(f"string {n} used before it is defined") from None
 
+    def _strings(self, d: bytes, p: int, n: int) -> tuple[tuple[str, ...], int]:
+        """n u32 string ids at p, as the strings."""
+        ids = struct.unpack_from(f"<{n}I", d, p)
+        return tuple(self._str(i) or "" for i in ids), p + 4 * n
+
+    def _named_values(self, d: bytes, p: int, n: int) -> tuple[dict[str, Any], int]:
+        """n pairs (u32 string id, value) at p, as a dict by name."""
+        out: dict[str, Any] = {}
+        for _ in range(n):
+            k = self._str(_U32.unpack_from(d, p)[0])
+            v, p = self._value(d, p + 4)
+            out[k or ""] = v
+        return out, p
+
     def _record(self, d: bytes, p: int) -> tuple[Any, int]:
         tag = d[p]
         if tag == T_CALL:
             (_, pid, tid, t, fid, aid, ret, errno, flags, reason, dur, cid, site, stid,
              nout) = _CALL.unpack_from(d, p)
-            p += _CALL.size
-            out: dict[str, Any] = {}
-            for _ in range(nout):
-                k = self._str(_U32.unpack_from(d, p)[0])
-                v, p = self._value(d, p + 4)
-                out[k or ""] = v
+            out, p = self._named_values(d, p + _CALL.size, nout)
             func, symbol = self._funcs[fid]
             caller, ctext, csym = self._callers[cid]
             return CallEvent(pid, tid, t, func, symbol, self._args[aid], ret, self._str(errno),
@@ -508,13 +517,7 @@ class Reader:
             return None, p + _FUNC.size
         if tag == T_ARGS:
             _, n, cnt = _HEAD_N.unpack_from(d, p)
-            p += _HEAD_N.size
-            args: dict[str, Any] = {}
-            for _ in range(cnt):
-                k = self._str(_U32.unpack_from(d, p)[0])
-                v, p = self._value(d, p + 4)
-                args[k or ""] = v
-            self._args[n] = args
+            self._args[n], p = self._named_values(d, p + _HEAD_N.size, cnt)
             return None, p
         if tag == T_CALLER:
             _, n, addr, text, sym = _CALLER.unpack_from(d, p)
@@ -522,17 +525,13 @@ class Reader:
             return None, p + _CALLER.size
         if tag == T_STACK:
             _, n, cnt = _HEAD_N.unpack_from(d, p)
-            p += _HEAD_N.size
-            ids = struct.unpack_from(f"<{cnt}I", d, p)
-            self._stacks[n] = tuple(self._str(i) or "" for i in ids)
-            return None, p + 4 * cnt
+            self._stacks[n], p = self._strings(d, p + _HEAD_N.size, cnt)
+            return None, p
         if tag == T_CLASS:
             _, n, name, cnt = _CLASS.unpack_from(d, p)
-            p += _CLASS.size
-            ids = struct.unpack_from(f"<{cnt}I", d, p)
-            names = tuple(self._str(i) or "" for i in ids)
+            names, p = self._strings(d, p + _CLASS.size, cnt)
             self._classes[n] = (_EVENT_CLASSES.get(self._str(name) or ""), names)
-            return None, p + 4 * cnt
+            return None, p
         if tag == T_EVENT:
             _, cid = _EVENT.unpack_from(d, p)
             p += _EVENT.size
