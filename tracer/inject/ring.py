@@ -239,7 +239,8 @@ class RingReader(Instrument):
 
     def drain_stats(self, stats: dict[str, CallStats], limit: int = 1 << 20) -> int:
         """Like drain(), but only adds each record to `stats` (by plain function name) without
-        building a RawRecord: the fast path for `-c`. Returns how many records it consumed."""
+        building a RawRecord: the fast path for `-c`, which aggregates whole runs of committed
+        slots at once (inject/batch.py). Returns how many records it consumed."""
         n = 0
         if self._pending:
             for r in self._pending:
