@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from tracer.engine.state import _DRAIN_BATCH_STATS, _DRAIN_LEAVE_S, _Space, _Thread
+from tracer.engine.state import (_DRAIN_BATCH_LEAVE, _DRAIN_BATCH_STATS, _DRAIN_LEAVE_S, _Space,
+                                 _Thread)
 from tracer.events import NoticeEvent
 from tracer.engine.core import EngineCore
 
@@ -72,7 +73,8 @@ class Recorders(EngineCore):
         end whatever the rings say (a producer we do not stop, a forked child sharing a
         ring, may never let one run empty)."""
         deadline = time.monotonic() + seconds
-        while self._drain_recorders(_DRAIN_BATCH_STATS) and time.monotonic() < deadline:
+        limit = _DRAIN_BATCH_STATS if self.summary_only else _DRAIN_BATCH_LEAVE
+        while self._drain_recorders(limit) and time.monotonic() < deadline:
             pass
 
     def _report_losses(self, space: _Space) -> None:

@@ -38,6 +38,7 @@ _DRAIN_BATCH_STATS = 8192
 # at 5 M calls/s: 2500) is far from filling the ring (65536).
 _DRAIN_FEW_STATS = 1024
 _DRAIN_LEAVE_S = 1.0
+_DRAIN_BATCH_LEAVE = 512   # events drained per look at that time limit on a way out
 _NAP_EMPTY = 0.0005     # --inject: the longest sleep when the ring is empty
 _SLICE_S = 0.0002       # --inject: the engine thread's time slice (sched.py)
 
