@@ -14,6 +14,8 @@ from tracer.events import DetachEvent, NoticeEvent
 from tracer.target import Regs
 from tracer.engine.core import EngineCore
 
+_VFORK_RETRIES = 5     # leaving: stops of the tracee retried for vforks made meanwhile
+
 
 class Detach(EngineCore):
     def _unpatch_thread(self, th: _Thread, patcher: Patcher) -> None:
@@ -225,6 +227,10 @@ class Detach(EngineCore):
                 self._unpatch_space(space, threads)
                 return
             except ProcessGone:
+                # gone while we left: what its stubs committed is still in the ring (read
+                # through the tracer's own descriptor), and its losses are still to be told
+                if space.recorder is not None and space.recorder.installed:
+                    self._finish_recorder(space)
                 return
             except (TracerError, OSError) as e:     # a write, a remote system call, a step
                 problem = str(e)
@@ -281,7 +287,16 @@ class Detach(EngineCore):
         attempt("stopping the recorders", root, self._quiesce_recorders)
         self._paused = True
         got: list[list[_Thread]] = []
-        attempt("stopping every thread", root, lambda: got.append(self._stop_all()))
+        for tries in range(_VFORK_RETRIES, 0, -1):
+            got.clear()
+            attempt("stopping every thread", root, lambda: got.append(self._stop_all()))
+            if tries == 1 or not got or not any(t.vfork_child for t in got[0]):
+                break
+            # a vfork made while stopping: its parent cannot be stopped (nor cleaned, nor its
+            # recorder taken out) until the child execs or exits; let them run to that
+            attempt("waiting for vfork children", root, self._resume_now)
+            attempt("waiting for vfork children", root, self._settle_vforks)
+            self._paused = True
         threads = got[0] if got else list(self.threads.values())
         for space in list(self.spaces.values()):
             attempt(f"restoring the vDSO of {space.pid}", space.pid,
