@@ -58,3 +58,17 @@ def test_unknown_configuration_is_a_usage_error() -> None:
                        capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 2
     assert "unknown configuration no-such-tracer" in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["c", "json"])
+def test_tracer_cpu_prints_a_figure_and_sees_every_call(mode: str) -> None:
+    """scripts/tracer_cpu: every run's calls are all seen (events or -c counts, plus any the
+    tracer reported not recording), and a per-record figure is printed."""
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "tracer_cpu"), "--mode", mode,
+                        "--calls", "500,1500", "--rounds", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    runs = re.findall(r"^--inject \w+ N=\d+: tracer cpu .*$", r.stdout, re.M)
+    assert len(runs) == 2 and not any("!=" in run for run in runs), r.stdout
+    assert re.search(rf"^--inject {mode}: tracer CPU per record -?\d+ ns", r.stdout, re.M), \
+        r.stdout

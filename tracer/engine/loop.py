@@ -12,8 +12,8 @@ from queue import Empty
 from typing import Any, Self
 
 from tracer import sched, stops, target
-from tracer.engine.state import (_DRAIN_BATCH, _DRAIN_BATCH_STATS, _nap, _NAP_EMPTY, _SLICE_S,
-                                 _Thread, _WAKE_SIGNAL)
+from tracer.engine.state import (_DRAIN_BATCH, _DRAIN_BATCH_STATS, _DRAIN_FEW_STATS, _nap,
+                                 _NAP_EMPTY, _SLICE_S, _Thread, _WAKE_SIGNAL)
 from tracer.errors import ProcessGone
 from tracer.events import Event
 from tracer.stops import Kind
@@ -154,8 +154,10 @@ class Loop(EngineCore):
                         break
                     # a bounded batch, then waitpid again: stops (a thread being created, a
                     # signal) are served within one batch however fast the ring fills
-                    if not self._drain_recorders(_DRAIN_BATCH_STATS if self.summary_only
-                                                 else _DRAIN_BATCH):
+                    if self.summary_only:
+                        if self._drain_recorders(_DRAIN_BATCH_STATS) < _DRAIN_FEW_STATS:
+                            _nap(_NAP_EMPTY)  # (nearly) empty: let the tracee fill it
+                    elif not self._drain_recorders(_DRAIN_BATCH):
                         _nap(_NAP_EMPTY)      # the ring is empty: let the tracee fill it
                     continue
                 tid = waitpid(-1, ref, target.WALL)

@@ -24,9 +24,14 @@ _SIGTRAP = signal.SIGTRAP
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
 # --inject: records drained between two looks at waitpid (about 0.5 ms of work each: ~10 us
-# per event built, ~1 us per record counted with -c)
+# per event built; with -c ~25 us per batch plus ~20 ns per record counted, inject/batch.py)
 _DRAIN_BATCH = 64
-_DRAIN_BATCH_STATS = 512
+_DRAIN_BATCH_STATS = 8192
+# -c: a drain that found fewer records than this naps as if the ring were empty. Each drain
+# costs the same ~25 us (numpy's calls, a waitpid, the preads) however few records it finds,
+# and a tracer that keeps up would pay that for a few hundred; a nap's worth of calls (0.5 ms
+# at 5 M calls/s: 2500) is far from filling the ring (65536).
+_DRAIN_FEW_STATS = 1024
 _NAP_EMPTY = 0.0005     # --inject: the longest sleep when the ring is empty
 _SLICE_S = 0.0002       # --inject: the engine thread's time slice (sched.py)
 

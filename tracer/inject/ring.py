@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from tracer.abi import Abi
 from tracer.decoders import Decoder
+# batch (numpy) is imported with the recorder, before any stub runs: imported by the first
+# drain it would take a tenth of a second and more in which no heartbeat is written
+from tracer.inject import batch
 from tracer.inject import layout as L
 from tracer.instrument import Instrument
 from tracer.tsc import TscClock
@@ -29,6 +32,7 @@ _STALL_S = 2.0                       # an uncommitted slot this old, with later 
 _SLOT = struct.Struct(L.SLOT_FORMAT)
 _ERR_LO = (1 << 64) - 4095           # -4095..-1 as an unsigned word: -MAX_ERRNO..-1
 _ERR_LO32 = (1 << 32) - 4095
+_BATCH_MIN = 32                      # fewer committed slots than this: slot by slot (-c)
 
 
 class _RingShort(Exception):
@@ -235,7 +239,8 @@ class RingReader(Instrument):
 
     def drain_stats(self, stats: dict[str, CallStats], limit: int = 1 << 20) -> int:
         """Like drain(), but only adds each record to `stats` (by plain function name) without
-        building a RawRecord: the fast path for `-c`. Returns how many records it consumed."""
+        building a RawRecord: the fast path for `-c`, which aggregates whole runs of committed
+        slots at once (inject/batch.py). Returns how many records it consumed."""
         n = 0
         if self._pending:
             for r in self._pending:
@@ -347,15 +352,38 @@ class RingReader(Instrument):
         """Validate and consume committed slots [i, end); returns the next index."""
         stats = st_by_fid
         mask = L.NSLOTS - 1
+        word_mask = self.abi.mask       # an i386 ret above 32 bits is damage: its low word counts
         unpack = _SLOT.iter_unpack
         make = _make_record
+        if stats is not None:
+            max_flags = [min(8, 1 << (1 + len(z))) for z in outsz]
         while i < end:
             s = i & mask
             cnt = min(end - i, L.NSLOTS - s)
             off = L.DATA + s * L.SLOT
             stop = False
+            buf = memoryview(ring[off:off + cnt * L.SLOT])
+            if stats is not None and cnt >= _BATCH_MIN:
+                # the committed prefix at once; the per-slot loop below takes what follows
+                # (an uncommitted slot ends the drain there), or the prefix itself when
+                # something in it needs judging slot by slot
+                k = batch.committed(buf, i + 1)
+                if k:
+                    totals = batch.aggregate(buf[:k * L.SLOT], max_flags, value_ret, err_lo,
+                                             word_mask, rate, _PID_MAX_LIMIT)
+                    if totals is not None:
+                        for t in totals:
+                            st = stats[t.fid]
+                            st.calls += t.calls
+                            st.fallbacks += t.fallbacks
+                            st.errors += t.errors
+                            st.total_ns += t.total_ns
+                        i += k
+                        if k == cnt:
+                            continue
+                        buf = buf[k * L.SLOT:]
             for (seq, tid, fid, flags, a0, a1, a2, a3, a4, a5, ret, t0, t1, caller, o0,
-                 o1) in unpack(ring[off:off + cnt * L.SLOT]):
+                 o1) in unpack(buf):
                 if seq != i + 1:
                     # seq > i + 1 cannot be written by a stub (it claims below tail + NSLOTS);
                     # an uncommitted slot is waited for, until it has stalled (or no stub
@@ -380,7 +408,7 @@ class RingReader(Instrument):
                     st.calls += 1
                     if flags & 1:
                         st.fallbacks += 1
-                    if not value_ret[fid] and ret >= err_lo:
+                    if not value_ret[fid] and ret & word_mask >= err_lo:
                         st.errors += 1
                     if dur > 0:
                         st.total_ns += int(dur * rate)

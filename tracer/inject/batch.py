@@ -1,0 +1,85 @@
+"""--inject, `-c`: whole runs of ring slots aggregated at once with numpy (the one module that
+imports it), one array operation per column instead of a Python object per record.
+
+The result is the per-slot path's (ring.RingReader._scan) to the nanosecond: each record's
+duration is int(ticks * rate) truncated on its own, as there. What the per-slot path would
+judge slot by slot (a corrupt slot, a duration too long to sum exactly in 64 bits) is left to
+it: the batch then says so and aggregates nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from tracer.inject import layout as L
+
+# One slot (layout.SLOT_FORMAT), as numpy reads it; the out buffers are not needed for -c.
+SLOT_DTYPE = np.dtype({
+    "names": ["seq", "tid", "fid", "flags", "ret", "t0", "t1"],
+    "formats": ["<u8", "<u4", "<u2", "<u2", "<u8", "<u8", "<u8"],
+    "offsets": [L.S_SEQ, L.S_TID, L.S_FID, L.S_FLAGS, L.S_RET, L.S_T0, L.S_T1],
+    "itemsize": L.SLOT,
+})
+
+# Durations up to 2^40 ticks (minutes at any TSC rate) times a rate below 4 ns per tick, over
+# at most NSLOTS = 2^16 records, sum below 2^58: exact in int64. Anything longer goes slot by
+# slot (Python integers).
+_MAX_TICKS = 1 << 40
+_MAX_RATE = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class FuncTotals:
+    fid: int
+    calls: int
+    fallbacks: int
+    errors: int
+    total_ns: int
+
+
+def committed(buf: bytes | memoryview, first_seq: int) -> int:
+    """How many slots at the start of `buf` are committed: slot j's seq is first_seq + j."""
+    seq = np.frombuffer(buf, SLOT_DTYPE)["seq"]
+    bad = np.flatnonzero(seq != np.arange(first_seq, first_seq + len(seq), dtype=np.uint64))
+    return int(bad[0]) if len(bad) else len(seq)
+
+
+def aggregate(buf: bytes | memoryview, max_flags: list[int], value_ret: list[bool], err_lo: int,
+              word_mask: int, rate: float, pid_limit: int) -> list[FuncTotals] | None:
+    """Per-function totals of the committed slots in `buf`, or None when one of them is for
+    the per-slot path to judge (a corrupt slot, an implausibly long call). max_flags[fid] is
+    1 << (1 + the function's out count): every flag bit a stub can set is below it. A call
+    is an error when its ret word (ret & word_mask) is at least err_lo (-4095 as that word)."""
+    nf = len(max_flags)
+    a = np.frombuffer(buf, SLOT_DTYPE)
+    if not len(a):
+        return []
+    tid, fid, flags = a["tid"], a["fid"], a["flags"]
+    if int(fid.max()) >= nf or int(tid.min()) == 0 or int(tid.max()) >= pid_limit:
+        return None
+    if np.any(flags >= np.asarray(max_flags, dtype=np.uint16)[fid]):
+        return None
+    t0, t1 = a["t0"], a["t1"]
+    pos = t1 > t0
+    ticks = np.where(pos, t1 - t0, np.uint64(0))   # t1 - t0 wraps only where masked out
+    if int(ticks.max()) >= _MAX_TICKS or not 0 < rate < _MAX_RATE:
+        return None
+    ns = (ticks.astype(np.float64) * rate).astype(np.int64)   # int(ticks * rate), each
+    ret = a["ret"]
+    if word_mask != (1 << 64) - 1:
+        ret = ret & np.uint64(word_mask)        # the ABI's word: what abi.signed() reads
+    err = ret >= np.uint64(err_lo)
+    fb = (flags & 1).astype(bool)
+    lo, hi = int(fid.min()), int(fid.max())
+    if lo == hi:                                     # the common case: one function
+        return [FuncTotals(lo, len(a), int(np.count_nonzero(fb)),
+                           0 if value_ret[lo] else int(np.count_nonzero(err)),
+                           int(ns.sum()))]
+    out = []
+    for f in np.unique(fid).tolist():
+        sel: npt.NDArray[np.bool_] = fid == f
+        out.append(FuncTotals(f, int(np.count_nonzero(sel)), int(np.count_nonzero(fb & sel)),
+                              0 if value_ret[f] else int(np.count_nonzero(err & sel)),
+                              int(ns[sel].sum())))
+    return out
