@@ -28,11 +28,11 @@ class Capture(EngineCore):
             if self._handler_entry(th, space, signo):
                 return
         pc = buf[_RIP] - 1
-        bp = space.patcher.bps.get(pc)
+        bp = space.instrument.stop_at(pc)
         if bp is None and space.patcher.planted and not space.base <= pc < space.base + space.size:
             # outside the vDSO as we know it: did the process move it (mremap)?
             if self._follow_vdso(space):
-                bp = space.patcher.bps.get(pc)
+                bp = space.instrument.stop_at(pc)
         if bp is None:
             # Not ours: a SIGTRAP the program raised or a debugger-style int3 of its own.
             th.sig = _SIGTRAP
@@ -65,16 +65,15 @@ class Capture(EngineCore):
         regs = th.regs
         buf = regs.buf
         _getregs(tid, regs)
-        markers = space.patcher.markers
         idx = (buf[_ORIG_RAX] & 0xFFFFFFFF) - _seccomp.MARKER_BASE
-        if not 0 <= idx < len(markers) or not space.instrument.owns_markers():
+        bp = space.instrument.marker(idx)
+        if bp is None:
             if not 0 <= idx < _seccomp.MARKER_SPAN:
                 buf[_ORIG_RAX] = -1 & 0xFFFFFFFFFFFFFFFF
                 buf[_RAX] = -_ENOSYS & 0xFFFFFFFFFFFFFFFF
                 target.setregs(tid, regs)
             self._resume(th)
             return
-        bp = markers[idx]
         sp = (buf[_RSP] & space.abi.mask) + bp.sp_adj
         kind = bp.kind
         if kind == EXIT:

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from tracer import inspect, sigtrack
-from tracer.decoders import for_function
-from tracer.errors import ProcessGone, TracerError
+from tracer.errors import ProcessGone
 from tracer.inspect import AuxvReport
 from tracer.engine.options import FuncStats, Summary, resolve_functions
-from tracer.engine.state import _TICK, _WAKE_SIGNAL, _fidx_by_name
+from tracer.engine.state import _TICK, _WAKE_SIGNAL, _Space, _Thread
 from tracer.engine.stats import OTHER_SITES, _Counter
 from tracer.session import Session
 from tracer.vdso import GATEWAY_SYMBOL, VdsoImage
@@ -232,54 +231,27 @@ def set_functions_now(s: Session, specs: list[str] | None) -> list[str]:
         new_funcs: list[str] = []
         plans = {pid: resolve_functions(sp.image, specs) for pid, sp in s.spaces.items()}
         threads = list(s.threads.values())
-        done: set[int] = set()
-        for pid, space in s.spaces.items():
-            if id(space.patcher) in done:
-                continue            # a vfork child: the parent's memory, handled with it
-            done.add(id(space.patcher))
-            if not s._unpatch_space(space, threads):
-                space.patcher.plant(space.mem)
-                raise TracerError("a thread is inside a traced call right now: try again")
-            funcs = plans[pid]
-            for th in threads:
-                if th.space is space:
-                    th.pending.clear()
-                    th.fb_marks.clear()
-            decs = [for_function(f.plain) for f in funcs]
-            if space.recorder is not None:
-                # the in-tracee recorder: install a new one over the new set
-                from tracer.inject import Recorder
-                s._uninstall(space, threads)
-                space.recorder = None
-                space.patcher.funcs = list(funcs)
-                mine = [th.tid for th in threads if th.space is space]
-                if funcs and mine:
-                    rec = Recorder(space.pid, space.mem, space.abi, space.image,
-                                   space.base, funcs, lossy=s.options.lossy)
-                    rec.install(mine[0])
-                    space.recorder = rec
-            else:
-                space.patcher.plan(funcs, [d.nargs for d in decs],
-                                   markers=space.patcher.marker_mode,
-                                   tsc=space.patcher.tsc)
-                for th in threads:
-                    if th.space is space:
-                        s._step_out(th.tid, space.patcher.in_detour)
-                space.patcher.plant(space.mem)
-                if not space.patcher.marker_mode:
-                    s._guard(space.pid, space.mem, space.patcher)
-            space.decoders = decs
-            space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
-            space.fidx_by_name = _fidx_by_name(space)
-            space.args_cache.clear()
-            for f in funcs:
-                s.counters.setdefault(f.plain, _Counter())
-            new_funcs = [f.plain for f in funcs]
+        for space in _own_spaces(s, threads):
+            s._replace_instrument(space, threads, None, plans[space.pid])
+            new_funcs = [f.plain for f in space.patcher.funcs]
         s.options.funcs = specs
         return new_funcs
     finally:
         if not was_paused:
             s._resume_now()
+
+
+def _own_spaces(s: Session, threads: list[_Thread]) -> list[_Space]:
+    """The spaces with threads of their own, one per address space (a vfork child shares its
+    parent's memory, and so its patch: handled with the parent)."""
+    seen: set[int] = set()
+    out = []
+    for space in s.spaces.values():
+        if id(space.patcher) in seen or not any(th.space is space for th in threads):
+            continue
+        seen.add(id(space.patcher))
+        out.append(space)
+    return out
 
 
 def set_signals_now(s: Session, on: bool) -> None:
@@ -304,42 +276,9 @@ def set_inject_now(s: Session, on: bool) -> None:
         s._pause_now()
     try:
         threads = list(s.threads.values())
-        done: set[int] = set()
-        for space in s.spaces.values():
-            mine = [th for th in threads if th.space is space]
-            if not mine or id(space.patcher) in done:
-                continue            # (a vfork child: the parent's memory, done with it)
-            done.add(id(space.patcher))
-            funcs = list(space.patcher.funcs)
-            if on:
-                from tracer.inject import Recorder
-                if not s._unpatch_space(space, threads):
-                    space.patcher.plant(space.mem)
-                    raise TracerError("a thread is inside a traced call right now: "
-                                      "try again")
-                rec = Recorder(space.pid, space.mem, space.abi, space.image, space.base,
-                               funcs, lossy=s.options.lossy)
-                try:
-                    rec.install(mine[0].tid)
-                except TracerError:
-                    space.patcher.plant(space.mem)
-                    raise
-                space.recorder = rec
-            else:
-                s._uninstall(space, threads)
-                space.recorder = None
-                markers, use_tsc, notes = s._stop_mechanism(
-                    space.pid, [th.tid for th in mine], space.mem, space.abi, space.image,
-                    space.base)
-                space.patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs],
-                                   markers=markers, tsc=use_tsc)
-                space.notices = notes
-                s._flush_notices(space)
-                for th in mine:
-                    s._step_out(th.tid, space.patcher.in_detour)
-                space.patcher.plant(space.mem)
-                if not markers:
-                    s._guard(space.pid, space.mem, space.patcher)
+        for space in _own_spaces(s, threads):
+            s._replace_instrument(space, threads, on, list(space.patcher.funcs))
+            s._flush_notices(space)
         s.options.inject = on
     finally:
         if not was_paused:

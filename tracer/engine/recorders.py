@@ -1,10 +1,10 @@
-"""--inject: draining the in-tracee recorders' rings into calls, their switch-off and
-uninstall, and the notices of what they could not record."""
+"""--inject: draining the in-tracee recorders' rings into calls, their switch-off, and the
+notices of what they could not record."""
 from __future__ import annotations
 
 import time
 
-from tracer.engine.state import _DRAIN_BATCH_STATS, _DRAIN_LEAVE_S, _Space, _Thread
+from tracer.engine.state import _DRAIN_BATCH_STATS, _DRAIN_LEAVE_S, _Space
 from tracer.events import NoticeEvent
 from tracer.engine.core import EngineCore
 
@@ -37,26 +37,6 @@ class Recorders(EngineCore):
                 self._call_done(th, space, index[r.fid], r.args, signed(r.ret), list(r.outs),
                                 r.t_entry_ns, r.duration_ns, r.caller, r.fallback, None)
         return n
-
-    def _uninstall(self, space: _Space, threads: list[_Thread]) -> None:
-        """--inject: every thread stopped; switch the stubs off, restore the vDSO, unmap the
-        ring, and emit what was still in it."""
-        rec = space.recorder
-        if rec is None or not rec.installed:
-            return
-        self._drain_for(_DRAIN_LEAVE_S)
-        tids = [th.tid for th in threads if th.space is space and th.stopped]
-        if not tids:
-            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
-                                   "no thread of the process could be stopped (waiting for "
-                                   "a vfork child?): the recorder stays in it"))
-            return
-        rec.uninstall(tids)
-        self._drain_for(_DRAIN_LEAVE_S)
-        for th in threads:
-            if th.space is space and th.tid == tids[0]:
-                th.stopped = True
-        self._report_losses(space)
 
     def _finish_recorder(self, space: _Space) -> None:
         """The process exited or exec'd: everything still recorded, then the losses."""
