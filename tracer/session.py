@@ -12,7 +12,6 @@ commands/trace.py.
 """
 from __future__ import annotations
 
-from tracer.engine.calls import Calls
 from tracer.engine.capture import Capture
 from tracer.engine.detach import Detach
 from tracer.engine.lifecycle import Lifecycle
@@ -28,5 +27,5 @@ __all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "Summary", "re
            "clocksource_info"]
 
 
-class Session(Loop, Capture, Calls, Recorders, Signals, Threads, Processes, Lifecycle, Detach):
+class Session(Loop, Capture, Recorders, Signals, Threads, Processes, Lifecycle, Detach):
     """Trace one process (and, with follow_forks, its children)."""

@@ -161,7 +161,7 @@ class Capture(EngineCore):
         dur = int(ticks * npt) if npt is not None and ticks > 0 else self.tsc.ns(ticks)
         # the call's time is the stub's own entry stamp, not when we got to its stop
         t0 = self.tsc.to_ns(frame[layout.i_t0]) if self.tsc.tsc0 else t_stop - dur
-        self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t0, dur,
+        self.assembly.call(th, space, fidx, args, frame[layout.i_ret], outs, t0, dur,
                         frame[layout.i_retaddr], fallback, stack, site)
 
     def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
@@ -277,7 +277,7 @@ class Capture(EngineCore):
             return                  # a call that began before we attached
         t1 = time.monotonic_ns()
         if space.is_gateway[fidx]:
-            self._syscall_done(th, space, p, abi.signed(ret), t1)
+            self.assembly.syscall(th, space, p, abi.signed(ret), t1)
         else:
-            self._call_done(th, space, fidx, p.args, abi.signed(ret), outs, p.t0, t1 - p.t0,
+            self.assembly.call(th, space, fidx, p.args, abi.signed(ret), outs, p.t0, t1 - p.t0,
                             p.caller, p.fallback, p.stack, p.site)

@@ -14,16 +14,16 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 from tracer import inspect, sigtrack
 from tracer.errors import ProcessGone
 from tracer.inspect import AuxvReport
-from tracer.engine.options import FuncStats, Summary, resolve_functions
+from tracer.engine.options import Summary, resolve_functions
 from tracer.engine.state import _TICK, _WAKE_SIGNAL, _Space, _Thread
-from tracer.engine.stats import OTHER_SITES, _Counter
+from tracer.engine.stats import Counts, summarize
 from tracer.session import Session
-from tracer.vdso import GATEWAY_SYMBOL, VdsoImage
+from tracer.vdso import VdsoImage
 
 __all__ = ["Control", "Snapshot", "Backtrace", "Explanation", "TimeNamespace", "Counts",
            "summarize", "snapshot_of"]
@@ -171,7 +171,7 @@ class Control:
 
     def summary(self, top: int = 5) -> Future[Summary]:
         """Everything -c prints (`stats`; `callers` with top=10)."""
-        return self._submit(lambda s: summarize(s, top))
+        return self._submit(lambda s: summarize(s.stats, top))
 
     def backtrace(self, tid: int | None = None) -> Future[Backtrace | None]:
         """The stack of TID's last call (of the last thread that made one without TID);
@@ -219,7 +219,7 @@ def snapshot_of(s: Session) -> Snapshot:
                     space.abi.name if space else None, space.base if space else None,
                     space.image if space else None, tuple(sorted(s.threads)),
                     tuple(f.plain for f in space.patcher.funcs) if space else (),
-                    s.calls, s.fallbacks, s.options.signals, s.options.inject)
+                    s.stats.calls, s.stats.fallbacks, s.options.signals, s.options.inject)
 
 
 def set_functions_now(s: Session, specs: list[str] | None) -> list[str]:
@@ -304,72 +304,4 @@ def backtrace_of(s: Session, tid: int | None) -> Backtrace | None:
 def explain(s: Session) -> Explanation:
     namespaces = tuple(TimeNamespace(sp.pid, tuple((k, a, b) for k, (a, b) in sp.timens.items()))
                        for sp in s.spaces.values() if sp.timens)
-    return Explanation(s.clocksource, s.fast_path, namespaces, summarize(s))
-
-
-class Counts(Protocol):
-    """What the -c summary is made of: the live engine's counters (or a replay of them)."""
-    counters: dict[str, _Counter]
-    _inject_stats: dict[str, Any]          # --inject -c: the recorder's own per-function counts
-    clocksource: str | None
-    lost_records: int
-
-
-def stats(s: Counts) -> list[FuncStats]:
-    extra = s._inject_stats
-    return [FuncStats(k, c.calls + (extra[k].calls if k in extra else 0),
-                      c.fallbacks + (extra[k].fallbacks if k in extra else 0),
-                      c.errors + (extra[k].errors if k in extra else 0),
-                      c.total_ns + (extra[k].total_ns if k in extra else 0))
-            for k, c in s.counters.items()]
-
-
-def summarize(s: Counts, top: int = 5) -> Summary:
-    """Everything -c prints: per function totals, fallback reasons, hottest call sites (and
-    stack paths), the exports never called, a diagnosis when fallbacks dominate. Runs in the
-    engine's thread, or after the engine ended."""
-    rows = stats(s)
-    reasons: dict[str, dict[str, int]] = {}
-    sites: dict[str, list[tuple[str, int, int]]] = {}
-    paths: dict[str, list[tuple[tuple[str, ...], int, int]]] = {}
-    for name, c in s.counters.items():
-        if c.reasons:
-            reasons[name] = dict(c.reasons)
-        hot = sorted(c.sites.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
-        sites[name] = [(site, n, ns) for site, (n, ns) in hot]
-        if c.other[0]:
-            sites[name].append((OTHER_SITES, c.other[0], c.other[1]))
-        hotp = sorted(c.paths.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
-        paths[name] = [(frames, n, ns) for frames, (n, ns) in hotp]
-        if c.other[2]:
-            paths[name].append(((OTHER_SITES,), c.other[2], c.other[3]))
-    unused = [r.func for r in rows if not r.calls]
-    return Summary(rows, reasons, sites, paths, unused,
-                   _diagnosis(s.clocksource, rows, reasons), s.lost_records)
-
-
-def _diagnosis(clocksource: str | None, rows: list[FuncStats],
-               reasons: dict[str, dict[str, int]]) -> str | None:
-    calls = sum(r.calls for r in rows if r.func != GATEWAY_SYMBOL)
-    falls = sum(r.fallbacks for r in rows if r.func != GATEWAY_SYMBOL)
-    if not calls or falls * 2 < calls:
-        return None
-    total: dict[str, int] = {}
-    for per in reasons.values():
-        for k, v in per.items():
-            total[k] = total.get(k, 0) + v
-    main = max(total, key=lambda k: total[k]) if total else "unknown"
-    why = {
-        "no-vdso-clocksource": f"the clocksource {clocksource!r} has no vDSO read "
-                               "mode: every clock read is a system call (tsc, kvm-clock "
-                               "or hyperv_clocksource_tsc_page would serve them in user "
-                               "space)",
-        "cpu-time-clock": "CPU-time clocks (CLOCK_PROCESS_CPUTIME_ID, "
-                          "CLOCK_THREAD_CPUTIME_ID, clock_getcpuclockid) are always "
-                          "answered by the kernel",
-        "invalid-clock": "the clock ids are invalid or have no vDSO mode",
-        "getrandom-no-state": "getrandom is called without the opaque per-thread state "
-                              "(the C library does not use the vDSO getrandom)",
-    }.get(main, "the reason is unknown")
-    return (f"diagnosis: {falls} of {calls} vDSO calls ({100 * falls // calls}%) fell back "
-            f"to the kernel; mostly because {why}")
+    return Explanation(s.clocksource, s.fast_path, namespaces, summarize(s.stats))

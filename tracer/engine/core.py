@@ -12,8 +12,9 @@ from tracer import stops, target
 from tracer.abi import Abi
 from tracer.breakpoints import Patcher
 from tracer.engine.options import clocksource_info, TraceOptions
-from tracer.engine.state import _Pending, _Space, _Thread
-from tracer.engine.stats import _Counter
+from tracer.engine.state import _Space, _Thread
+from tracer.engine.calls import CallAssembly
+from tracer.engine.stats import Stats
 from tracer.engine.symbols import Symbols
 from tracer.events import Event
 from tracer.guardian import Guardian
@@ -37,12 +38,9 @@ class EngineCore:
         # unfollowed fork child -> what its copy of the parent's space holds (a patcher copy
         # taken at the fork, with its own planted state; the parent's instrument): clean, let go
         self.release_forks: dict[int, tuple[Patcher, Instrument, _Space]] = {}
-        self.counters: dict[str, _Counter] = {}
         self.state = "detached"
         self.stop_reason: str | None = None
         self.root_pid: int | None = None
-        self.calls = 0
-        self.fallbacks = 0
         self._queue: SimpleQueue[tuple[Callable[[Any], Any], Future[Any]]] = SimpleQueue()
         self._engine_ident: int | None = None
         self._waiter = stops.Waiter()
@@ -53,12 +51,30 @@ class EngineCore:
         self.tsc.start()
         self.on_tick: Callable[[], None] | None = None
         self._tick_due = False
-        self.summary_only = False      # -c: aggregate, build no events
-        self._inject_stats: dict[str, Any] = {}    # --inject -c: per-function counts
-        self.lost_records = 0          # --inject: calls the ring could not hold (or corrupt)
         self._dead: dict[int, _Thread] = {}    # --inject: exited threads, for late records
         self._guardian: Guardian | None = None     # for processes stopped on int3s
         self.symbols = Symbols(options)
+        self.stats = Stats(self.clocksource)
+        self.assembly = CallAssembly(options, self.symbols, self.stats, sink,
+                                     self._mono_to_epoch, self.fast_path)
+
+    @property
+    def calls(self) -> int:
+        """Calls assembled so far."""
+        return self.stats.calls
+
+    @property
+    def fallbacks(self) -> int:
+        return self.stats.fallbacks
+
+    @property
+    def summary_only(self) -> bool:
+        """-c: aggregate, build no events."""
+        return self.assembly.summary_only
+
+    @summary_only.setter
+    def summary_only(self, on: bool) -> None:
+        self.assembly.summary_only = on
 
     def _stack_text(self, space: _Space, addrs: tuple[int, ...]) -> tuple[str, ...]:
         """(the console's `bt`)"""
@@ -120,11 +136,6 @@ class EngineCore:
                        msp: int | None = None) -> None: ...
         def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
                       msp: int | None = None) -> None: ...
-        def _call_done(self, th: _Thread, space: _Space, fidx: int, raw: tuple[int, ...],
-                       ret: int, outs: list[bytes | None], t0: int, dur: int, caller: int,
-                       fallback: bool, stack: tuple[int, ...] | None, site: int = 0) -> None: ...
-        def _syscall_done(self, th: _Thread, space: _Space, p: _Pending, ret: int | None,
-                          t1: int) -> None: ...
         def _drain_recorders(self, limit: int = 65536) -> int: ...
         def _uninstall(self, space: _Space, threads: list[_Thread]) -> bool: ...
         def _finish_recorder(self, space: _Space) -> None: ...

@@ -15,7 +15,6 @@ from tracer.decoders import for_function
 from tracer.disasm import gateway as find_gateway
 from tracer.engine.options import resolve_functions, timens_offsets
 from tracer.engine.state import _fidx_by_name, _Space, _Thread
-from tracer.engine.stats import _Counter
 from tracer.errors import AuxvError, ElfError, ProcessGone, TracerError, UsageError, VdsoError
 from tracer.events import AttachEvent, NoticeEvent
 from tracer.guardian import Guardian
@@ -201,8 +200,7 @@ class Processes(EngineCore):
         space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
         space.fidx_by_name = _fidx_by_name(space)
         space.args_cache.clear()
-        for f in funcs:
-            self.counters.setdefault(f.plain, _Counter())
+        self.stats.track(f.plain for f in funcs)
 
     def _replace_instrument(self, space: _Space, threads: list[_Thread], inject: bool | None,
                             funcs: list[VdsoFunction]) -> None:

@@ -19,7 +19,7 @@ class Recorders(EngineCore):
             if not inst.polls:
                 continue
             if self.summary_only:
-                n += inst.drain_stats(self._inject_stats, limit)
+                n += inst.drain_stats(self.stats.inject_stats, limit)
                 continue
             records = inst.drain(limit)
             n += len(records)
@@ -34,7 +34,7 @@ class Recorders(EngineCore):
                 th = threads.get(r.tid) or dead.get(r.tid)
                 if th is None or th.space is not space:
                     continue            # a forked child's call through the shared ring
-                self._call_done(th, space, index[r.fid], r.args, signed(r.ret), list(r.outs),
+                self.assembly.call(th, space, index[r.fid], r.args, signed(r.ret), list(r.outs),
                                 r.t_entry_ns, r.duration_ns, r.caller, r.fallback, None)
         return n
 
@@ -57,7 +57,7 @@ class Recorders(EngineCore):
 
     def _report_losses(self, space: _Space) -> None:
         lost, notes = space.instrument.leave_report()
-        self.lost_records += lost
+        self.stats.lost_records += lost
         now = time.time()
         for text in notes:
             self._emit(NoticeEvent(space.pid, space.pid, now, text))
