@@ -14,6 +14,7 @@ import targets as T
 from tracer.events import AttachEvent, Event, NoticeEvent
 from tracer.inject import Recorder
 from tracer.inject.remote import RemoteError
+from tracer.engine.control import Control
 from tracer.session import Session, TraceOptions
 
 pytestmark = pytest.mark.live
@@ -46,13 +47,14 @@ def test_a_failing_uninstall_still_detaches_every_thread(target_bin, tmp_path, m
     T.go(proc, close=False)
     events: list[Event] = []
     s = Session(TraceOptions(inject=True), events.append)
-    engine = s.start_thread(pid=proc.pid)
+    control = Control(s)
+    engine = control.start(pid=proc.pid)
     try:
         deadline = time.monotonic() + 10
         while s.calls == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        s.stop()
+        control.stop()
         engine.join(30)
     assert not engine.is_alive()
     assert any(isinstance(e, AttachEvent) for e in events)
