@@ -20,12 +20,11 @@ from tracer.engine.options import (FuncStats, SessionInfo, Summary, TraceOptions
                                    clocksource_info, resolve_functions)
 from tracer.engine.processes import Processes
 from tracer.engine.recorders import Recorders
-from tracer.engine.signals import Signals
 from tracer.engine.threads import Threads
 
 __all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "Summary", "resolve_functions",
            "clocksource_info"]
 
 
-class Session(Loop, Capture, Recorders, Signals, Threads, Processes, Lifecycle, Detach):
+class Session(Loop, Capture, Recorders, Threads, Processes, Lifecycle, Detach):
     """Trace one process (and, with follow_forks, its children)."""
