@@ -101,6 +101,15 @@ def read_stat(pid: int, tid: int | None = None) -> Stat:
         return parse_stat(f.read())
 
 
+def runnable(tid: int) -> bool:
+    """The thread is running or waits for a CPU (state R, proc(5)); False when it sleeps in
+    the kernel, is stopped, or is gone."""
+    try:
+        return read_stat(tid).state == "R"
+    except (OSError, ValueError):
+        return False
+
+
 def read_status(pid: int) -> dict[str, str]:
     out = {}
     with open(f"/proc/{pid}/status", encoding=ENCODING, errors=ERRORS) as f:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tracer import target
+from tracer import procfs, target
 from tracer.errors import ProcessGone
 
 __all__ = ["Kind", "Stop", "classify", "TRAP_STATUS", "SECCOMP_STATUS", "Waiter", "wait_for",
@@ -31,6 +31,13 @@ _SYSCALL_TRAP = signal.SIGTRAP | 0x80
 _GROUP_STOP_SIGS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
 _ECHILD = 10
+# a single-step that has not come back by step_out's deadline is looked at every
+# _STEP_POLL_S: given up once the thread has not been runnable for _STEP_WAIT_S (it sleeps in
+# a blocking system call), waited for while it is runnable (it waits for a CPU), _STEP_BOUND_S
+# at most
+_STEP_POLL_S = 0.05
+_STEP_WAIT_S = 0.5
+_STEP_BOUND_S = 10.0
 _EINTR = 4
 
 # The two stops of the hot path, compared whole: a breakpoint or single-step trap of a known
@@ -155,14 +162,27 @@ def step_out(tid: int, inside: Callable[[int], bool], limit: int, deadline: floa
     when it could not be done (a blocking system call past `deadline`, an instruction that
     faults, `limit` steps): it is left stopped. A signal-delivery stop does not take the
     step: `on_signal(sig, held)` decides (False: give up), `on_fault(sig)` may answer a
-    fault (a stub's rdtsc) and return True to step on. Raises ProcessGone if it exits."""
+    fault (a stub's rdtsc) and return True to step on. Raises ProcessGone if it exits.
+    Past `deadline` it gives up only on a thread that is not runnable (it sleeps in the
+    kernel); one that waits for a CPU (a loaded machine, the tracer itself descheduled) is
+    waited for: a thread left in our code keeps the stubs in the tracee."""
+    bound = time.monotonic() + _STEP_BOUND_S
     for _ in range(limit):
         target.singlestep(tid)
+        asleep_since = 0.0
         while True:
             got, status = target.wait_nohang(tid)
             if got:
                 break
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
+                if procfs.runnable(tid):
+                    asleep_since = 0.0          # runnable, not yet run: it is not blocked
+                elif not asleep_since:
+                    asleep_since = now
+                if now < bound and (not asleep_since or now - asleep_since < _STEP_WAIT_S):
+                    deadline = now + _STEP_POLL_S
+                    continue
                 target.interrupt(tid)
                 target.wait(tid)
                 return False

@@ -218,6 +218,41 @@ def test_leave_during_vfork(target_bin, tmp_path, engine):
     assert rc == 0, (rc, out, err, tr.stderr())
 
 
+VFORK_LOOP = ('import os, subprocess, sys, time\nn = 0\n'
+              'while not os.path.exists(sys.argv[1]):\n'
+              '    subprocess.run(["true"]); time.time(); n += 1\n'
+              'print("ok", n)')
+
+
+@pytest.mark.parametrize("engine", [pytest.param([], id="stops"),
+                                    pytest.param(["--inject"], id="inject")])
+def test_leave_while_vforking_back_to_back(reaper, tmp_path, engine):
+    """Python's subprocess.run vforks back to back (CPython 3.10+): a vfork is made while the
+    tracer stops the process to leave, and its parent cannot be stopped until the child
+    execs. The tracer must still take everything out (before, --inject left its entries
+    patched: 'the recorder stays in it'), every time."""
+    import subprocess
+    stop = tmp_path / "stop"
+    p = reaper.add(subprocess.Popen(["python3", "-c", VFORK_LOOP, str(stop)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    deadline = time.monotonic() + 10
+    while not os.readlink(f"/proc/{p.pid}/exe").endswith(("python3", "python3.11")):
+        assert time.monotonic() < deadline, "python did not start"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    before = T.read_vdso(p.pid)
+    for round_ in range(4):
+        tr = T.run_trace(["-p", str(p.pid), "--duration", "0.3", "-c", *engine],
+                         tmp_path / f"ev{round_}.jsonl", attach_timeout=ATTACH)
+        tr.wait_ok(60)
+        check_clean(p.pid, before, tr)
+        notices = [e["message"] for e in tr.events() if e["event"] == "notice"]
+        assert not [m for m in notices if "stays" in m], f"round {round_}: {notices}"
+    stop.touch()
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and out.startswith(b"ok "), (p.returncode, out, err)
+
+
 @pytest.mark.i386
 @pytest.mark.parametrize("engine", [pytest.param([], id="stops")])
 @pytest.mark.parametrize("m32_first", [pytest.param(True, id="i386-to-x86_64"),

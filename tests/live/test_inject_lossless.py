@@ -175,6 +175,62 @@ def test_sigstop_of_the_tracer_lets_the_program_run(target_bin, tmp_path, m32):
     assert _clock_calls(summary) + summary["lost"] == 3_000_000, summary
 
 
+def _wait_for_line(path: Path, needle: bytes, timeout: float) -> bool:
+    """Whether a line containing `needle` shows up in the file being written at `path`."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    with open(path, "rb") as f:
+        while time.monotonic() < deadline:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                time.sleep(0.005)
+                continue
+            seen = seen[-len(needle):] + chunk
+            if needle in seen:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("m32", [False, True], ids=["x86_64", "i386"])
+def test_a_full_ring_at_exit_is_shown_whole(target_bin, tmp_path, m32):
+    """The program fills the ring and ends while the tracer is stopped; the tracer, stopped
+    again for 1.5 s while it drains that ring after the exit event, still shows all of it,
+    and counts every other call as lost. (A way out that drained for 1 s at most left the
+    rest of the ring neither shown nor counted: a slow tracer under load did that.)"""
+    rec = tmp_path / "r.jsonl"
+    out = tmp_path / "ev.jsonl"
+    tr = T.run_trace(["--inject", "--", str(target_bin("tightloop", m32)), str(rec),
+                      "--calls", "500000", "--threads", "2"], out, stdin=subprocess.PIPE)
+    assert tr.popen.stdin is not None
+    tr.popen.stdin.write(b"g")
+    tr.popen.stdin.close()
+    time.sleep(0.2)
+    tr.signal(signal.SIGSTOP)
+    try:
+        r = _record_written(rec, 60)
+    finally:
+        tr.signal(signal.SIGCONT)
+    assert r is not None, "the program did not finish its loops while the tracer was stopped"
+    assert r["calls"] == 1_000_000 and r["bad"] == 0, r
+    # the exit event comes before the ring's last drain (65536 records: about a second of
+    # work); a stop in the middle of it
+    if _wait_for_line(out, b'"event": "exit"', 60):
+        tr.signal(signal.SIGSTOP)
+        time.sleep(1.5)
+        tr.signal(signal.SIGCONT)
+    tr.wait_ok(180)
+    evs = tr.events()
+    notices = [e["message"] for e in evs if e["event"] == "notice"]
+    assert not _unexplained(notices), notices
+    lost = _lost(notices)
+    calls = sum(e["event"] == "call" and e["func"] in ("clock_gettime", "clock_gettime64")
+                for e in evs)
+    assert lost > 0, notices
+    # the ring was full when the program ended: all of it is shown
+    assert calls >= 65536, (calls, notices)
+    assert calls + lost == 1_000_000, (calls, notices)
+
+
 def test_a_tracer_blocked_on_its_output_never_hangs_the_program(target_bin, tmp_path):
     """Events to a pipe nobody reads (a hung terminal): the tracer blocks in write() once the
     pipe is full and stops beating; the program runs on, its calls counted as not recorded.

@@ -8,12 +8,14 @@ from collections.abc import Callable, Sequence
 
 from tracer import procfs, sigframes, stackscan, target
 from tracer.breakpoints import EXIT, Patcher
-from tracer.engine.state import _DRAIN_LEAVE_S, _RIP, _RSP, _Space, _Thread
+from tracer.engine.state import _RIP, _RSP, _Space, _Thread
 from tracer.errors import MemoryReadError, ProcessGone, TracerError
 from tracer.events import DetachEvent, NoticeEvent
 from tracer.instrument import Stopped, StopStubs
 from tracer.target import Regs
 from tracer.engine.core import EngineCore
+
+_VFORK_RETRIES = 5     # leaving: stops of the tracee retried for vforks made meanwhile
 
 
 class Detach(EngineCore):
@@ -130,13 +132,13 @@ class Detach(EngineCore):
         inst = space.instrument
         if not inst.installed:
             return True
-        self._drain_for(_DRAIN_LEAVE_S)
+        self._drain_out()
         out, notes = inst.take_out(threads)
         for text in notes:
             self._emit(NoticeEvent(space.pid, space.pid, time.time(), text))
         if out:
-            self._drain_for(_DRAIN_LEAVE_S)
-            self._report_losses(space)
+            self._drain_out()
+        self._report_losses(space)      # (an instrument left in place counts its own too)
         return out
 
     def _unpatch(self, stubs: StopStubs, threads: Sequence[Stopped]) -> bool:
@@ -242,6 +244,10 @@ class Detach(EngineCore):
                 self._uninstall(space, threads)
                 return
             except ProcessGone:
+                # gone while we left: what its stubs committed is still in the ring (read
+                # through the tracer's own descriptor), and its losses are still to be told
+                if space.instrument.installed:
+                    self._finish_recorder(space)
                 return
             except (TracerError, OSError) as e:     # a write, a remote system call, a step
                 problem = str(e)
@@ -298,7 +304,16 @@ class Detach(EngineCore):
         attempt("stopping the recorders", root, self._quiesce_recorders)
         self._paused = True
         got: list[list[_Thread]] = []
-        attempt("stopping every thread", root, lambda: got.append(self._stop_all()))
+        for tries in range(_VFORK_RETRIES, 0, -1):
+            got.clear()
+            attempt("stopping every thread", root, lambda: got.append(self._stop_all()))
+            if tries == 1 or not got or not any(t.vfork_child for t in got[0]):
+                break
+            # a vfork made while stopping: its parent cannot be stopped (nor cleaned, nor its
+            # recorder taken out) until the child execs or exits; let them run to that
+            attempt("waiting for vfork children", root, self._resume_now)
+            attempt("waiting for vfork children", root, self._settle_vforks)
+            self._paused = True
         threads = got[0] if got else list(self.threads.values())
         for space in list(self.spaces.values()):
             attempt(f"restoring the vDSO of {space.pid}", space.pid,

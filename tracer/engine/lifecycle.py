@@ -282,8 +282,10 @@ class Lifecycle(EngineCore):
         if space.instrument.polls:
             # its last records are still in the ring (drained later, not here: a thread's exit
             # must not wait for the other threads' records)
-            if len(self._dead) > 4096:
-                self._dead.clear()
+            # (the oldest forgotten first: a record of a thread no longer known is skipped,
+            # and the last-dead threads are the ones whose records may still be in a ring)
+            if len(self._dead) >= 4096:
+                self._dead.pop(next(iter(self._dead)))
             self._dead[tid] = th
         if space.signals is not None:
             space.signals.forget(tid)

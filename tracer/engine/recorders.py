@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from tracer.engine.state import _DRAIN_BATCH_STATS, _DRAIN_LEAVE_S, _Space
+from tracer.engine.state import _DRAIN_BATCH_STATS, _Space
+from tracer.inject.layout import NSLOTS as _RING_SLOTS
 from tracer.events import NoticeEvent
 from tracer.engine.core import EngineCore
 
@@ -43,17 +44,25 @@ class Recorders(EngineCore):
         inst = space.instrument
         inst.producers_stopped()
         if inst.polls:
-            self._drain_for(_DRAIN_LEAVE_S)
+            self._drain_out()
         self._report_losses(space)
         inst.abandon()
 
-    def _drain_for(self, seconds: float) -> None:
-        """Drain until the rings are empty, for at most `seconds`: on a way out the work must
-        end whatever the rings say (a producer we do not stop, a forked child sharing a
-        ring, may never let one run empty)."""
-        deadline = time.monotonic() + seconds
-        while self._drain_recorders(_DRAIN_BATCH_STATS) and time.monotonic() < deadline:
-            pass
+    def _drain_out(self) -> None:
+        """Drain until the rings are empty: on a way out every record a stub committed
+        becomes an event (or a count), since one left behind would be a call neither shown
+        nor counted as lost. Bounded by what the rings can hold, not by time (a full ring
+        takes seconds to drain when the tracer gets little CPU): a ring holds at most
+        _RING_SLOTS records and uninstall's pending list as many again; one round drains up
+        to a batch from every ring, so the rings' share of a producer we do not stop (a forked
+        child sharing a ring may never let one run empty) stays within the same bound."""
+        rings = sum(1 for s in self.spaces.values() if s.instrument.polls)
+        budget = rings * 2 * _RING_SLOTS
+        while budget > 0:
+            n = self._drain_recorders(_DRAIN_BATCH_STATS)
+            if not n:
+                break
+            budget -= n
 
     def _report_losses(self, space: _Space) -> None:
         lost, notes = space.instrument.leave_report()

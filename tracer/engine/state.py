@@ -25,10 +25,9 @@ _SIGTRAP = signal.SIGTRAP
 _WAKE_SIGNAL = signal.SIGALRM
 _TICK = 0.1
 # --inject: records drained between two looks at waitpid (about 0.5 ms of work each: ~10 us
-# per event built, ~1 us per record counted with -c), and the time a way out spends draining
+# per event built, ~1 us per record counted with -c)
 _DRAIN_BATCH = 64
 _DRAIN_BATCH_STATS = 512
-_DRAIN_LEAVE_S = 1.0
 _NAP_EMPTY = 0.0005     # --inject: the longest sleep when the ring is empty
 _SLICE_S = 0.0002       # --inject: the engine thread's time slice (sched.py)
 
