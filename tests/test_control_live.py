@@ -313,3 +313,41 @@ def test_console_switches_engines_while_attached(tmp_path: Path) -> None:
             assert p.poll() is None and vdso_bytes(p.pid) == before
         finally:
             c.shutdown()
+
+
+def test_set_functions_with_the_recorder_in(tmp_path: Path) -> None:
+    """Control.set_functions while --inject's recorder is in: the recorder is taken out and a
+    new one over the new set put in (one ring in the tracee, never two); its calls come; the
+    stop-based engine switched back to traces the same set; detach leaves the vDSO as it was."""
+    from test_console import build_clockloop, running
+    with running(build_clockloop(tmp_path), "2000") as p:
+        before = vdso_bytes(p.pid)
+        events: list[Event] = []
+        s = Session(TraceOptions(inject=True, pin=False), events.append)
+        ctl = Control(s)
+        engine = ctl.start(pid=p.pid)
+        try:
+            snap = ctl.snapshot()
+            assert snap.inject and "time" in snap.functions
+            assert done(ctl.set_functions(["clock_gettime"])) == ["clock_gettime"]
+            snap = ctl.snapshot()
+            assert snap.inject and snap.functions == ("clock_gettime",)
+            maps = open(f"/proc/{p.pid}/maps").read()
+            assert maps.count("vdsotrace-ring") == 1, maps
+            n = len(events)
+
+            def calls_since(k: int) -> int:
+                return sum(isinstance(e, CallEvent) for e in events[k:])
+            wait_for(lambda: calls_since(n) >= 20, "calls through the new recorder")
+            assert {e.func for e in events[n:] if isinstance(e, CallEvent)} == {"clock_gettime"}
+            done(ctl.set_inject(False))
+            snap = ctl.snapshot()
+            assert not snap.inject and snap.functions == ("clock_gettime",)
+            assert "vdsotrace-ring" not in open(f"/proc/{p.pid}/maps").read()
+            n = len(events)
+            wait_for(lambda: calls_since(n) >= 20, "calls through the stop-based stubs")
+        finally:
+            ctl.stop()
+            engine.join(20)
+        assert not engine.is_alive()
+        assert p.poll() is None and vdso_bytes(p.pid) == before

@@ -12,7 +12,6 @@ commands/trace.py.
 """
 from __future__ import annotations
 
-from tracer.engine.calls import Calls
 from tracer.engine.capture import Capture
 from tracer.engine.detach import Detach
 from tracer.engine.lifecycle import Lifecycle
@@ -21,12 +20,11 @@ from tracer.engine.options import (FuncStats, SessionInfo, Summary, TraceOptions
                                    clocksource_info, resolve_functions)
 from tracer.engine.processes import Processes
 from tracer.engine.recorders import Recorders
-from tracer.engine.signals import Signals
 from tracer.engine.threads import Threads
 
 __all__ = ["TraceOptions", "Session", "SessionInfo", "FuncStats", "Summary", "resolve_functions",
            "clocksource_info"]
 
 
-class Session(Loop, Capture, Calls, Recorders, Signals, Threads, Processes, Lifecycle, Detach):
+class Session(Loop, Capture, Recorders, Threads, Processes, Lifecycle, Detach):
     """Trace one process (and, with follow_forks, its children)."""

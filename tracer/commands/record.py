@@ -115,8 +115,8 @@ class RecordSink:
                 self.w.end({
                     "end_time": time.time(),
                     "reason": s.stop_reason if s is not None else None,
-                    "lost": s.lost_records if s is not None else 0,
-                    "functions": list(s.counters) if s is not None else [],
+                    "lost": s.stats.lost_records if s is not None else 0,
+                    "functions": list(s.stats.counters) if s is not None else [],
                     "events": self.w.events, "calls": self.w.calls,
                     "started": started is not None,
                 })

@@ -127,5 +127,5 @@ def run_trace(a: TraceArgs, open_sink: Callable[[TraceArgs], BoundSink] | None =
         _restore_signal_handlers(old)
         if session.threads:
             session.detach_all("error")
-        out.finish((lambda: summarize(session)) if started else None)
+        out.finish((lambda: summarize(session.stats)) if started else None)
     return 0

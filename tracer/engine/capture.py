@@ -27,11 +27,11 @@ class Capture(EngineCore):
             if self._handler_entry(th, space, signo):
                 return
         pc = buf[arch.PC] - arch.trap_pc_adjust
-        bp = space.patcher.bps.get(pc)
+        bp = space.instrument.stop_at(pc)
         if bp is None and space.patcher.planted and not space.base <= pc < space.base + space.size:
             # outside the vDSO as we know it: did the process move it (mremap)?
             if self._follow_vdso(space):
-                bp = space.patcher.bps.get(pc)
+                bp = space.instrument.stop_at(pc)
         if bp is None:
             # Not ours: a SIGTRAP the program raised or a debugger-style int3 of its own.
             th.sig = _SIGTRAP
@@ -65,9 +65,9 @@ class Capture(EngineCore):
         buf = regs.buf
         arch = space.abi
         arch.regs_get(tid, regs)
-        markers = space.patcher.markers
         idx = (buf[arch.SYSNR] & 0xFFFFFFFF) - _seccomp.MARKER_BASE
-        if not 0 <= idx < len(markers) or not space.instrument.owns_markers():
+        bp = space.instrument.marker(idx)
+        if bp is None:
             if not 0 <= idx < _seccomp.MARKER_SPAN:
                 # skipped: the call not run, its result -ENOSYS
                 arch.no_restart(regs)
@@ -75,7 +75,6 @@ class Capture(EngineCore):
                 arch.regs_set(tid, regs)
             self._resume(th)
             return
-        bp = markers[idx]
         sp = (buf[arch.SP] & arch.mask) + bp.sp_adj
         kind = bp.kind
         if kind == EXIT:
@@ -163,7 +162,7 @@ class Capture(EngineCore):
         dur = int(ticks * npt) if npt is not None and ticks > 0 else self.tsc.ns(ticks)
         # the call's time is the stub's own entry stamp, not when we got to its stop
         t0 = self.tsc.to_ns(frame[layout.i_t0]) if self.tsc.tsc0 else t_stop - dur
-        self._call_done(th, space, fidx, args, frame[layout.i_ret], outs, t0, dur,
+        self.assembly.call(th, space, fidx, args, frame[layout.i_ret], outs, t0, dur,
                         frame[layout.i_retaddr], fallback, stack, site)
 
     def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
@@ -279,7 +278,7 @@ class Capture(EngineCore):
             return                  # a call that began before we attached
         t1 = time.monotonic_ns()
         if space.is_gateway[fidx]:
-            self._syscall_done(th, space, p, abi.signed(ret), t1)
+            self.assembly.syscall(th, space, p, abi.signed(ret), t1)
         else:
-            self._call_done(th, space, fidx, p.args, abi.signed(ret), outs, p.t0, t1 - p.t0,
+            self.assembly.call(th, space, fidx, p.args, abi.signed(ret), outs, p.t0, t1 - p.t0,
                             p.caller, p.fallback, p.stack, p.site)

@@ -14,17 +14,16 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 from tracer import inspect, sigtrack
-from tracer.decoders import for_function
-from tracer.errors import ProcessGone, TracerError
+from tracer.errors import ProcessGone
 from tracer.inspect import AuxvReport
-from tracer.engine.options import FuncStats, Summary, resolve_functions
-from tracer.engine.state import _TICK, _WAKE_SIGNAL, _fidx_by_name
-from tracer.engine.stats import OTHER_SITES, _Counter
+from tracer.engine.options import Summary, resolve_functions
+from tracer.engine.state import _TICK, _WAKE_SIGNAL, _Space, _Thread
+from tracer.engine.stats import Counts, summarize
 from tracer.session import Session
-from tracer.vdso import GATEWAY_SYMBOL, VdsoImage
+from tracer.vdso import VdsoImage
 
 __all__ = ["Control", "Snapshot", "Backtrace", "Explanation", "TimeNamespace", "Counts",
            "summarize", "snapshot_of"]
@@ -172,7 +171,7 @@ class Control:
 
     def summary(self, top: int = 5) -> Future[Summary]:
         """Everything -c prints (`stats`; `callers` with top=10)."""
-        return self._submit(lambda s: summarize(s, top))
+        return self._submit(lambda s: summarize(s.stats, top))
 
     def backtrace(self, tid: int | None = None) -> Future[Backtrace | None]:
         """The stack of TID's last call (of the last thread that made one without TID);
@@ -220,7 +219,7 @@ def snapshot_of(s: Session) -> Snapshot:
                     space.abi.name if space else None, space.base if space else None,
                     space.image if space else None, tuple(sorted(s.threads)),
                     tuple(f.plain for f in space.patcher.funcs) if space else (),
-                    s.calls, s.fallbacks, s.options.signals, s.options.inject)
+                    s.stats.calls, s.stats.fallbacks, s.options.signals, s.options.inject)
 
 
 def set_functions_now(s: Session, specs: list[str] | None) -> list[str]:
@@ -232,54 +231,27 @@ def set_functions_now(s: Session, specs: list[str] | None) -> list[str]:
         new_funcs: list[str] = []
         plans = {pid: resolve_functions(sp.image, specs) for pid, sp in s.spaces.items()}
         threads = list(s.threads.values())
-        done: set[int] = set()
-        for pid, space in s.spaces.items():
-            if id(space.patcher) in done:
-                continue            # a vfork child: the parent's memory, handled with it
-            done.add(id(space.patcher))
-            if not s._unpatch_space(space, threads):
-                space.patcher.plant(space.mem)
-                raise TracerError("a thread is inside a traced call right now: try again")
-            funcs = plans[pid]
-            for th in threads:
-                if th.space is space:
-                    th.pending.clear()
-                    th.fb_marks.clear()
-            decs = [for_function(f.plain) for f in funcs]
-            if space.recorder is not None:
-                # the in-tracee recorder: install a new one over the new set
-                from tracer.inject import Recorder
-                s._uninstall(space, threads)
-                space.recorder = None
-                space.patcher.funcs = list(funcs)
-                mine = [th.tid for th in threads if th.space is space]
-                if funcs and mine:
-                    rec = Recorder(space.pid, space.mem, space.abi, space.image,
-                                   space.base, funcs, lossy=s.options.lossy)
-                    rec.install(mine[0])
-                    space.recorder = rec
-            else:
-                space.patcher.plan(funcs, [d.nargs for d in decs],
-                                   markers=space.patcher.marker_mode,
-                                   tsc=space.patcher.tsc)
-                for th in threads:
-                    if th.space is space:
-                        s._step_out(th.tid, space.patcher.in_detour)
-                space.patcher.plant(space.mem)
-                if not space.patcher.marker_mode:
-                    s._guard(space.pid, space.mem, space.patcher)
-            space.decoders = decs
-            space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
-            space.fidx_by_name = _fidx_by_name(space)
-            space.args_cache.clear()
-            for f in funcs:
-                s.counters.setdefault(f.plain, _Counter())
-            new_funcs = [f.plain for f in funcs]
+        for space in _own_spaces(s, threads):
+            s._replace_instrument(space, threads, None, plans[space.pid])
+            new_funcs = [f.plain for f in space.patcher.funcs]
         s.options.funcs = specs
         return new_funcs
     finally:
         if not was_paused:
             s._resume_now()
+
+
+def _own_spaces(s: Session, threads: list[_Thread]) -> list[_Space]:
+    """The spaces with threads of their own, one per address space (a vfork child shares its
+    parent's memory, and so its patch: handled with the parent)."""
+    seen: set[int] = set()
+    out = []
+    for space in s.spaces.values():
+        if id(space.patcher) in seen or not any(th.space is space for th in threads):
+            continue
+        seen.add(id(space.patcher))
+        out.append(space)
+    return out
 
 
 def set_signals_now(s: Session, on: bool) -> None:
@@ -304,42 +276,9 @@ def set_inject_now(s: Session, on: bool) -> None:
         s._pause_now()
     try:
         threads = list(s.threads.values())
-        done: set[int] = set()
-        for space in s.spaces.values():
-            mine = [th for th in threads if th.space is space]
-            if not mine or id(space.patcher) in done:
-                continue            # (a vfork child: the parent's memory, done with it)
-            done.add(id(space.patcher))
-            funcs = list(space.patcher.funcs)
-            if on:
-                from tracer.inject import Recorder
-                if not s._unpatch_space(space, threads):
-                    space.patcher.plant(space.mem)
-                    raise TracerError("a thread is inside a traced call right now: "
-                                      "try again")
-                rec = Recorder(space.pid, space.mem, space.abi, space.image, space.base,
-                               funcs, lossy=s.options.lossy)
-                try:
-                    rec.install(mine[0].tid)
-                except TracerError:
-                    space.patcher.plant(space.mem)
-                    raise
-                space.recorder = rec
-            else:
-                s._uninstall(space, threads)
-                space.recorder = None
-                markers, use_tsc, notes = s._stop_mechanism(
-                    space.pid, [th.tid for th in mine], space.mem, space.abi, space.image,
-                    space.base)
-                space.patcher.plan(funcs, [for_function(f.plain).nargs for f in funcs],
-                                   markers=markers, tsc=use_tsc)
-                space.notices = notes
-                s._flush_notices(space)
-                for th in mine:
-                    s._step_out(th.tid, space.patcher.in_detour)
-                space.patcher.plant(space.mem)
-                if not markers:
-                    s._guard(space.pid, space.mem, space.patcher)
+        for space in _own_spaces(s, threads):
+            s._replace_instrument(space, threads, on, list(space.patcher.funcs))
+            s._flush_notices(space)
         s.options.inject = on
     finally:
         if not was_paused:
@@ -365,72 +304,4 @@ def backtrace_of(s: Session, tid: int | None) -> Backtrace | None:
 def explain(s: Session) -> Explanation:
     namespaces = tuple(TimeNamespace(sp.pid, tuple((k, a, b) for k, (a, b) in sp.timens.items()))
                        for sp in s.spaces.values() if sp.timens)
-    return Explanation(s.clocksource, s.fast_path, namespaces, summarize(s))
-
-
-class Counts(Protocol):
-    """What the -c summary is made of: the live engine's counters (or a replay of them)."""
-    counters: dict[str, _Counter]
-    _inject_stats: dict[str, Any]          # --inject -c: the recorder's own per-function counts
-    clocksource: str | None
-    lost_records: int
-
-
-def stats(s: Counts) -> list[FuncStats]:
-    extra = s._inject_stats
-    return [FuncStats(k, c.calls + (extra[k].calls if k in extra else 0),
-                      c.fallbacks + (extra[k].fallbacks if k in extra else 0),
-                      c.errors + (extra[k].errors if k in extra else 0),
-                      c.total_ns + (extra[k].total_ns if k in extra else 0))
-            for k, c in s.counters.items()]
-
-
-def summarize(s: Counts, top: int = 5) -> Summary:
-    """Everything -c prints: per function totals, fallback reasons, hottest call sites (and
-    stack paths), the exports never called, a diagnosis when fallbacks dominate. Runs in the
-    engine's thread, or after the engine ended."""
-    rows = stats(s)
-    reasons: dict[str, dict[str, int]] = {}
-    sites: dict[str, list[tuple[str, int, int]]] = {}
-    paths: dict[str, list[tuple[tuple[str, ...], int, int]]] = {}
-    for name, c in s.counters.items():
-        if c.reasons:
-            reasons[name] = dict(c.reasons)
-        hot = sorted(c.sites.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
-        sites[name] = [(site, n, ns) for site, (n, ns) in hot]
-        if c.other[0]:
-            sites[name].append((OTHER_SITES, c.other[0], c.other[1]))
-        hotp = sorted(c.paths.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
-        paths[name] = [(frames, n, ns) for frames, (n, ns) in hotp]
-        if c.other[2]:
-            paths[name].append(((OTHER_SITES,), c.other[2], c.other[3]))
-    unused = [r.func for r in rows if not r.calls]
-    return Summary(rows, reasons, sites, paths, unused,
-                   _diagnosis(s.clocksource, rows, reasons), s.lost_records)
-
-
-def _diagnosis(clocksource: str | None, rows: list[FuncStats],
-               reasons: dict[str, dict[str, int]]) -> str | None:
-    calls = sum(r.calls for r in rows if r.func != GATEWAY_SYMBOL)
-    falls = sum(r.fallbacks for r in rows if r.func != GATEWAY_SYMBOL)
-    if not calls or falls * 2 < calls:
-        return None
-    total: dict[str, int] = {}
-    for per in reasons.values():
-        for k, v in per.items():
-            total[k] = total.get(k, 0) + v
-    main = max(total, key=lambda k: total[k]) if total else "unknown"
-    why = {
-        "no-vdso-clocksource": f"the clocksource {clocksource!r} has no vDSO read "
-                               "mode: every clock read is a system call (tsc, kvm-clock "
-                               "or hyperv_clocksource_tsc_page would serve them in user "
-                               "space)",
-        "cpu-time-clock": "CPU-time clocks (CLOCK_PROCESS_CPUTIME_ID, "
-                          "CLOCK_THREAD_CPUTIME_ID, clock_getcpuclockid) are always "
-                          "answered by the kernel",
-        "invalid-clock": "the clock ids are invalid or have no vDSO mode",
-        "getrandom-no-state": "getrandom is called without the opaque per-thread state "
-                              "(the C library does not use the vDSO getrandom)",
-    }.get(main, "the reason is unknown")
-    return (f"diagnosis: {falls} of {calls} vDSO calls ({100 * falls // calls}%) fell back "
-            f"to the kernel; mostly because {why}")
+    return Explanation(s.clocksource, s.fast_path, namespaces, summarize(s.stats))

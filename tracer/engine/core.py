@@ -3,7 +3,7 @@ threads, the clocks."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, Self
@@ -12,12 +12,14 @@ from tracer import stops, target
 from tracer.abi import Abi
 from tracer.breakpoints import Patcher
 from tracer.engine.options import clocksource_info, TraceOptions
-from tracer.engine.state import _Pending, _Space, _Thread
-from tracer.engine.stats import _Counter
+from tracer.engine.state import _Space, _Thread
+from tracer.engine.calls import CallAssembly
+from tracer.engine.signals import SignalWatch
+from tracer.engine.stats import Stats
 from tracer.engine.symbols import Symbols
 from tracer.events import Event
 from tracer.guardian import Guardian
-from tracer.instrument import Instrument, StopStubs
+from tracer.instrument import Instrument, Stopped, StopStubs
 from tracer.stops import Stop
 from tracer.target import Regs
 from tracer.tsc import TscClock
@@ -37,12 +39,9 @@ class EngineCore:
         # unfollowed fork child -> what its copy of the parent's space holds (a patcher copy
         # taken at the fork, with its own planted state; the parent's instrument): clean, let go
         self.release_forks: dict[int, tuple[Patcher, Instrument, _Space]] = {}
-        self.counters: dict[str, _Counter] = {}
         self.state = "detached"
         self.stop_reason: str | None = None
         self.root_pid: int | None = None
-        self.calls = 0
-        self.fallbacks = 0
         self._queue: SimpleQueue[tuple[Callable[[Any], Any], Future[Any]]] = SimpleQueue()
         self._engine_ident: int | None = None
         self._waiter = stops.Waiter()
@@ -53,12 +52,36 @@ class EngineCore:
         self.tsc.start()
         self.on_tick: Callable[[], None] | None = None
         self._tick_due = False
-        self.summary_only = False      # -c: aggregate, build no events
-        self._inject_stats: dict[str, Any] = {}    # --inject -c: per-function counts
-        self.lost_records = 0          # --inject: calls the ring could not hold (or corrupt)
         self._dead: dict[int, _Thread] = {}    # --inject: exited threads, for late records
         self._guardian: Guardian | None = None     # for processes stopped on int3s
         self.symbols = Symbols(options)
+        self.stats = Stats(self.clocksource)
+        self.assembly = CallAssembly(options, self.symbols, self.stats, sink,
+                                     self._mono_to_epoch, self.fast_path)
+        self.watch = SignalWatch(self.tsc, self.symbols, self._emit, self._resume,
+                                 self._note_signal, lambda: self._paused)
+        self._signal = self.watch.signal
+        self._emulate_rdtsc = self.watch.emulate_rdtsc
+        self._handler_entry = self.watch.handler_entry
+        self._syscall_stop = self.watch.syscall_stop
+
+    @property
+    def calls(self) -> int:
+        """Calls assembled so far."""
+        return self.stats.calls
+
+    @property
+    def fallbacks(self) -> int:
+        return self.stats.fallbacks
+
+    @property
+    def summary_only(self) -> bool:
+        """-c: aggregate, build no events."""
+        return self.assembly.summary_only
+
+    @summary_only.setter
+    def summary_only(self, on: bool) -> None:
+        self.assembly.summary_only = on
 
     def _stack_text(self, space: _Space, addrs: tuple[int, ...]) -> tuple[str, ...]:
         """(the console's `bt`)"""
@@ -88,9 +111,13 @@ class EngineCore:
                        tids: list[int] | None = None, inject: bool | None = None) -> _Space: ...
         def _stop_stubs(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage,
                         patcher: Patcher) -> StopStubs: ...
-        def _instrument(self, inject: bool, pid: int, mem: target.Memory, abi: Abi,
+        def _instrument_class(self, inject: bool | None = None) -> type[Instrument]: ...
+        def _instrument(self, inject: bool | None, pid: int, mem: target.Memory, abi: Abi,
                         image: VdsoImage, patcher: Patcher, funcs: list[VdsoFunction],
-                        stubs: StopStubs) -> Instrument: ...
+                        prev: Instrument | None = None) -> Instrument: ...
+        def _install(self, space: _Space, inst: Instrument, tids: list[int]) -> None: ...
+        def _replace_instrument(self, space: _Space, threads: list[_Thread],
+                                inject: bool | None, funcs: list[VdsoFunction]) -> None: ...
         def _stop_mechanism(self, pid: int, tids: list[int], mem: target.Memory, abi: Abi,
                             image: VdsoImage, base: int) -> tuple[bool, bool, list[str]]: ...
         def _guard(self, pid: int, mem: target.Memory, patcher: Patcher) -> None: ...
@@ -116,21 +143,12 @@ class EngineCore:
                        msp: int | None = None) -> None: ...
         def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
                       msp: int | None = None) -> None: ...
-        def _call_done(self, th: _Thread, space: _Space, fidx: int, raw: tuple[int, ...],
-                       ret: int, outs: list[bytes | None], t0: int, dur: int, caller: int,
-                       fallback: bool, stack: tuple[int, ...] | None, site: int = 0) -> None: ...
-        def _syscall_done(self, th: _Thread, space: _Space, p: _Pending, ret: int | None,
-                          t1: int) -> None: ...
         def _drain_recorders(self, limit: int = 65536) -> int: ...
-        def _uninstall(self, space: _Space, threads: list[_Thread]) -> None: ...
+        def _uninstall(self, space: _Space, threads: list[_Thread]) -> bool: ...
         def _finish_recorder(self, space: _Space) -> None: ...
         def _drain_out(self) -> None: ...
         def _report_losses(self, space: _Space) -> None: ...
         def _quiesce_recorders(self, limit_s: float = 5.0) -> None: ...
-        def _signal(self, th: _Thread, sig: int) -> None: ...
-        def _emulate_rdtsc(self, th: _Thread, resume: bool = True) -> bool: ...
-        def _handler_entry(self, th: _Thread, space: _Space, signo: int) -> bool: ...
-        def _syscall_stop(self, th: _Thread) -> None: ...
         def _stop_all(self) -> list[_Thread]: ...
         def _pause_now(self) -> None: ...
         def _resume_now(self) -> None: ...
@@ -143,7 +161,7 @@ class EngineCore:
                                 inside: Callable[[int], bool]) -> None: ...
         def _on_our_code(self, th: _Thread, patcher: Patcher,
                          ranges: list[tuple[int, int]] | None = None) -> bool: ...
-        def _unpatch_space(self, space: _Space, threads: list[_Thread]) -> bool: ...
+        def _unpatch(self, stubs: StopStubs, threads: Sequence[Stopped]) -> bool: ...
         def _follow_vdso(self, space: _Space) -> bool: ...
         def _same_image(self, space: _Space, start: int) -> bool: ...
         def _restore_space(self, space: _Space, threads: list[_Thread]) -> None: ...

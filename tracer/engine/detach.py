@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tracer import procfs, sigframes, stackscan, target
 from tracer.breakpoints import EXIT, Patcher
 from tracer.engine.state import _Space, _Thread
 from tracer.errors import MemoryReadError, ProcessGone, TracerError
 from tracer.events import DetachEvent, NoticeEvent
+from tracer.instrument import Stopped, StopStubs
 from tracer.engine.core import EngineCore
 
 _VFORK_RETRIES = 5     # leaving: stops of the tracee retried for vforks made meanwhile
@@ -126,36 +127,53 @@ class Detach(EngineCore):
                                    [(lo, lo + len(patcher.pad_used))], rets.__contains__,
                                    end=stackscan.mapping_end(ranges or [], sp)))
 
-    def _unpatch_space(self, space: _Space, threads: list[_Thread]) -> bool:
-        """Every thread stopped: restore the original code, move threads off our code, and
-        clear the padding unless a thread still needs a stub to return through. Returns
-        whether the padding was cleared."""
-        patcher = space.patcher
+    def _uninstall(self, space: _Space, threads: list[_Thread]) -> bool:
+        """Every thread stopped: take the space's instrument out, what it recorded drained
+        and its losses reported (`threads` may hold other spaces' threads). Returns whether
+        all of it is out (else what stays is harmless: `Instrument.take_out`)."""
+        inst = space.instrument
+        if not inst.installed:
+            return True
+        self._drain_out()
+        out, notes = inst.take_out(threads)
+        for text in notes:
+            self._emit(NoticeEvent(space.pid, space.pid, time.time(), text))
+        if out:
+            self._drain_out()
+        self._report_losses(space)      # (an instrument left in place counts its own too)
+        return out
+
+    def _unpatch(self, stubs: StopStubs, threads: Sequence[Stopped]) -> bool:
+        """The stop-based stubs' removal (`StopStubs.take_out`), every thread stopped: restore
+        the original code, move threads off our code, and clear the padding unless a thread
+        still needs a stub to return through. Returns whether the padding was cleared."""
+        patcher = stubs.patcher
         if not patcher.planted:
             return True
-        patcher.restore_code(space.mem)
-        self._unguard(space.pid)
+        patcher.restore_code(stubs.mem)
+        self._unguard(stubs.pid)
         # a vfork child shares the address space, and so the patcher
-        mine = [th for th in threads if th.space.patcher is patcher]
+        mine = [th for th in threads
+                if isinstance(th, _Thread) and th.space.patcher is patcher]
         for th in mine:
             try:
                 self._unpatch_thread(th, patcher)
             except (ProcessGone, OSError):
                 pass
         try:
-            ranges = [(m.start, m.end) for m in procfs.read_maps(space.pid)]
+            ranges = [(m.start, m.end) for m in procfs.read_maps(stubs.pid)]
         except OSError:
             ranges = []
         busy = [th.tid for th in mine if self._on_our_code(th, patcher, ranges)]
         if busy:
             # the stub stays, and stops no more: with no tracer its trap would kill the thread
-            patcher.disarm(space.mem)
-            self._emit(NoticeEvent(space.pid, busy[0], time.time(),
+            patcher.disarm(stubs.mem)
+            self._emit(NoticeEvent(stubs.pid, busy[0], time.time(),
                                    f"thread {busy[0]} is inside a traced call (a signal handler "
                                    "interrupted it): the stub code stays in the vDSO padding, "
                                    "with its stop made a no-op, until the thread returns"))
             return False
-        patcher.clear_padding(space.mem)
+        patcher.clear_padding(stubs.mem)
         return True
 
     def _follow_vdso(self, space: _Space) -> bool:
@@ -226,12 +244,11 @@ class Detach(EngineCore):
                 if attempt:
                     space.mem.reopen()
                 self._uninstall(space, threads)
-                self._unpatch_space(space, threads)
                 return
             except ProcessGone:
                 # gone while we left: what its stubs committed is still in the ring (read
                 # through the tracer's own descriptor), and its losses are still to be told
-                if space.recorder is not None and space.recorder.installed:
+                if space.instrument.installed:
                     self._finish_recorder(space)
                 return
             except (TracerError, OSError) as e:     # a write, a remote system call, a step

@@ -74,8 +74,8 @@ class Lifecycle(EngineCore):
                 return
             patcher = ps.patcher if vfork else ps.patcher.copy()
             space = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
+                           self._stop_stubs(child, mem, ps.abi, ps.image, patcher),
                            ps.decoders, ps.is_gateway, traced=follow)
-            space.stubs = self._stop_stubs(child, mem, ps.abi, ps.image, patcher)
             self.spaces[child] = space
             th = self._add_thread(child, space)
             th.stopped = False
@@ -132,10 +132,10 @@ class Lifecycle(EngineCore):
                 if patcher.planted:
                     # as at detach: its thread may be on our code (i386: a fork made through
                     # __kernel_vsyscall returns inside the gateway stub in the padding)
+                    stubs = self._stop_stubs(child, mem, ps.abi, ps.image, patcher)
                     copy = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
-                                  ps.decoders, ps.is_gateway, traced=False)
-                    copy.stubs = self._stop_stubs(child, mem, ps.abi, ps.image, patcher)
-                    self._unpatch_space(copy, [_Thread(child, copy)])
+                                  stubs, ps.decoders, ps.is_gateway, traced=False)
+                    stubs.take_out([_Thread(child, copy)])
                 kept = inherited.release_fork(child, mem)
                 if kept:
                     self._emit(NoticeEvent(child, child, time.time(), kept))
@@ -212,7 +212,7 @@ class Lifecycle(EngineCore):
             try:
                 space = self._new_space(pid, pid)
             except TracerError as e:
-                if not self.options.inject or isinstance(e, ProcessGone):
+                if not self._instrument_class().polls or isinstance(e, ProcessGone):
                     raise
                 # the new image cannot take the recorder: trace it with stops instead
                 fell_back = str(e)

@@ -15,12 +15,10 @@ from tracer.decoders import for_function
 from tracer.disasm import gateway as find_gateway
 from tracer.engine.options import resolve_functions, timens_offsets
 from tracer.engine.state import _fidx_by_name, _Space, _Thread
-from tracer.engine.stats import _Counter
 from tracer.errors import AuxvError, ElfError, ProcessGone, TracerError, UsageError, VdsoError
 from tracer.events import AttachEvent, NoticeEvent
 from tracer.guardian import Guardian
 from tracer.instrument import Instrument, StopStubs
-from tracer.tsc import TscClock
 from tracer.vdso import GATEWAY_SYMBOL, parse_image, VdsoFunction, VdsoImage
 from tracer.engine.core import EngineCore
 
@@ -108,13 +106,7 @@ class Processes(EngineCore):
         # an unknown or empty -e is refused before the process is touched at all
         funcs = resolve_functions(image, self.options.funcs)
         try:
-            if self.options.inject:
-                from tracer.inject.plan import plan_image
-                TscClock.anchored()
-                plan_image(image, [f for f in funcs if f.symbol != GATEWAY_SYMBOL], image.abi)
-            else:
-                Patcher(image, vmap.start, vmap.size).plan(
-                    funcs, [for_function(f.plain).nargs for f in funcs])
+            self._instrument_class().prepare(image, vmap.start, vmap.size, funcs)
         except (OSError, TracerError):
             pass
 
@@ -198,41 +190,78 @@ class Processes(EngineCore):
             image = parse_image(mem.read(vmap.start, vmap.size))
             funcs = resolve_functions(image, self.options.funcs)
             patcher = Patcher(image, vmap.start, vmap.size)
-            stubs = self._stop_stubs(pid, mem, abi, image, patcher)
-            inst = self._instrument(self.options.inject if inject is None else inject, pid, mem,
-                                    abi, image, patcher, funcs, stubs)
-            funcs = inst.funcs
-            notes = inst.install_in([regs_tid] + [t for t in tids or [] if t != regs_tid])
+            inst = self._instrument(inject, pid, mem, abi, image, patcher, funcs)
+            space = _Space(pid, abi, mem, image, vmap.start, vmap.size, patcher, inst,
+                           traced=traced)
+            self._install(space, inst, [regs_tid] + [t for t in tids or [] if t != regs_tid])
         except BaseException:
             mem.close()
             raise
-        space = _Space(pid, abi, mem, image, vmap.start, vmap.size, patcher,
-                       [for_function(f.plain) for f in funcs],
-                       [f.symbol == GATEWAY_SYMBOL for f in funcs], traced)
         space.timens = timens_offsets(pid)
-        from tracer.inject import Recorder
-        space.stubs = stubs
-        space.recorder = inst if isinstance(inst, Recorder) else None
-        space.notices = notes
-        space.fidx_by_name = _fidx_by_name(space)
         if self.options.signals:
             space.signals = sigtrack.SignalTracker(abi)
         self.spaces[pid] = space
-        for f in funcs:
-            self.counters.setdefault(f.plain, _Counter())
         return space
+
+    def _install(self, space: _Space, inst: Instrument, tids: list[int]) -> None:
+        """Put `inst` into the space (every thread in `tids` stopped; the first one makes the
+        remote calls an install needs): it becomes the space's instrument, its functions the
+        space's function list. Its notices wait in `space.notices`."""
+        space.notices += inst.install_in(tids)
+        space.instrument = inst
+        funcs = inst.funcs
+        space.decoders = [for_function(f.plain) for f in funcs]
+        space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
+        space.fidx_by_name = _fidx_by_name(space)
+        space.args_cache.clear()
+        self.stats.track(f.plain for f in funcs)
+
+    def _replace_instrument(self, space: _Space, threads: list[_Thread], inject: bool | None,
+                            funcs: list[VdsoFunction]) -> None:
+        """Every thread stopped: take the space's instrument out and install one of the class
+        `inject` chooses (None: of the same class; the stop-based stubs replanned) over
+        `funcs`. When either step fails, the old instrument is put back as far as it can be
+        and the error raised."""
+        old = space.instrument
+        if not self._uninstall(space, threads):
+            old.reinstate()
+            raise TracerError("a thread is inside a traced call right now: try again")
+        mine = [th for th in threads if th.space is space]
+        for th in mine:
+            th.pending.clear()
+            th.fb_marks.clear()
+        new = self._instrument(old.polls if inject is None else inject, space.pid, space.mem,
+                               space.abi, space.image, space.patcher, funcs, prev=old)
+        try:
+            self._install(space, new, [th.tid for th in mine])
+        except TracerError:
+            old.reinstate()
+            raise
 
     def _stop_stubs(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage,
                     patcher: Patcher) -> StopStubs:
+        """The stop-based stubs over `patcher` (a fork child's copy keeps the mechanism its
+        parent's patch was planned with)."""
+        mechanism = (patcher.marker_mode, patcher.tsc) if patcher.planted else None
         return StopStubs(pid, mem, abi, image, patcher, patcher.funcs, self._stop_mechanism,
-                         self._step_out, self._guard)
+                         self._step_out, self._guard, self._unpatch, mechanism)
 
-    def _instrument(self, inject: bool, pid: int, mem: target.Memory, abi: Abi,
+    def _instrument_class(self, inject: bool | None = None) -> type[Instrument]:
+        """Which instrumentation a new space gets: the in-tracee recorder (--inject; `inject`
+        overrides the option) or the stop-based stubs."""
+        if self.options.inject if inject is None else inject:
+            from tracer.inject import Recorder
+            return Recorder
+        return StopStubs
+
+    def _instrument(self, inject: bool | None, pid: int, mem: target.Memory, abi: Abi,
                     image: VdsoImage, patcher: Patcher, funcs: list[VdsoFunction],
-                    stubs: StopStubs) -> Instrument:
-        """The one place that chooses the engine: the in-tracee recorder (--inject) or the
-        stop-based stubs, for `funcs` (not installed yet)."""
-        if inject:
+                    prev: Instrument | None = None) -> Instrument:
+        """The one place that makes an instrument, for `funcs` (not installed yet): of the
+        class `_instrument_class` chooses; the stop-based stubs `prev` (replanned over
+        another set) keep their stop mechanism."""
+        cls = self._instrument_class(inject)
+        if cls is not StopStubs:
             from tracer.inject import Recorder
             # the in-tracee recorder patches the entries itself; the patcher only names the
             # functions (nothing of it is planted). i386's gateway is not recorded in the
@@ -240,6 +269,8 @@ class Processes(EngineCore):
             funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL]
             patcher.funcs = list(funcs)
             return Recorder(pid, mem, abi, image, patcher.base, funcs, lossy=self.options.lossy)
+        stubs = prev if isinstance(prev, StopStubs) else self._stop_stubs(pid, mem, abi, image,
+                                                                          patcher)
         stubs.funcs = funcs
         return stubs
 

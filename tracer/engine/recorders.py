@@ -1,10 +1,10 @@
-"""--inject: draining the in-tracee recorders' rings into calls, their switch-off and
-uninstall, and the notices of what they could not record."""
+"""--inject: draining the in-tracee recorders' rings into calls, their switch-off, and the
+notices of what they could not record."""
 from __future__ import annotations
 
 import time
 
-from tracer.engine.state import _DRAIN_BATCH_STATS, _Space, _Thread
+from tracer.engine.state import _DRAIN_BATCH_STATS, _Space
 from tracer.inject.layout import NSLOTS as _RING_SLOTS
 from tracer.events import NoticeEvent
 from tracer.engine.core import EngineCore
@@ -20,7 +20,7 @@ class Recorders(EngineCore):
             if not inst.polls:
                 continue
             if self.summary_only:
-                n += inst.drain_stats(self._inject_stats, limit)
+                n += inst.drain_stats(self.stats.inject_stats, limit)
                 continue
             records = inst.drain(limit)
             n += len(records)
@@ -35,30 +35,9 @@ class Recorders(EngineCore):
                 th = threads.get(r.tid) or dead.get(r.tid)
                 if th is None or th.space is not space:
                     continue            # a forked child's call through the shared ring
-                self._call_done(th, space, index[r.fid], r.args, signed(r.ret), list(r.outs),
+                self.assembly.call(th, space, index[r.fid], r.args, signed(r.ret), list(r.outs),
                                 r.t_entry_ns, r.duration_ns, r.caller, r.fallback, None)
         return n
-
-    def _uninstall(self, space: _Space, threads: list[_Thread]) -> None:
-        """--inject: every thread stopped; switch the stubs off, restore the vDSO, unmap the
-        ring, and emit what was still in it."""
-        rec = space.recorder
-        if rec is None or not rec.installed:
-            return
-        self._drain_out()
-        tids = [th.tid for th in threads if th.space is space and th.stopped]
-        if not tids:
-            self._emit(NoticeEvent(space.pid, space.pid, time.time(),
-                                   "no thread of the process could be stopped (waiting for "
-                                   "a vfork child?): the recorder stays in it"))
-            self._report_losses(space)
-            return
-        rec.uninstall(tids)
-        self._drain_out()
-        for th in threads:
-            if th.space is space and th.tid == tids[0]:
-                th.stopped = True
-        self._report_losses(space)
 
     def _finish_recorder(self, space: _Space) -> None:
         """The process exited or exec'd: everything still recorded, then the losses."""
@@ -87,7 +66,7 @@ class Recorders(EngineCore):
 
     def _report_losses(self, space: _Space) -> None:
         lost, notes = space.instrument.leave_report()
-        self.lost_records += lost
+        self.stats.lost_records += lost
         now = time.time()
         for text in notes:
             self._emit(NoticeEvent(space.pid, space.pid, now, text))

@@ -6,20 +6,39 @@ import dataclasses
 import signal
 import time
 
+from collections.abc import Callable
+
 from tracer import arch as _arch, sigtrack, target
 from tracer.engine.state import _caught, _Space, _Thread
+from tracer.engine.symbols import Symbols
 from tracer.errors import MemoryReadError, ProcessGone
-from tracer.engine.core import EngineCore
+from tracer.events import Event
+from tracer.tsc import TscClock
 
 
-class Signals(EngineCore):
-    def _signal(self, th: _Thread, sig: int) -> None:
-        if sig == signal.SIGSEGV and self._emulate_rdtsc(th):
+class SignalWatch:
+    """What the engine does at a signal-delivery stop, a handler's first instruction (a step
+    into it) and a system-call stop (--signals' sigreturns), per space's SignalTracker."""
+
+    def __init__(self, tsc: TscClock, symbols: Symbols, emit: Callable[[Event], None],
+                 resume: Callable[[_Thread], None], note_signal: Callable[[_Thread], None],
+                 paused: Callable[[], bool]) -> None:
+        self.tsc = tsc
+        self.symbols = symbols
+        self._emit = emit
+        self._resume = resume               # the engine's resume of a stopped thread
+        self._note_signal = note_signal     # where a delivered signal interrupts the thread
+        self._paused = paused               # every thread held (the console's pause)
+
+    def signal(self, th: _Thread, sig: int) -> None:
+        """A signal-delivery stop: deliver it (into the handler, step by step, with --signals),
+        unless it is a stub's faulting rdtsc."""
+        if sig == signal.SIGSEGV and self.emulate_rdtsc(th):
             return
         th.sig = sig
         self._note_signal(th)
-        if th.space.signals is not None and not self._paused and _caught(th.space.pid, th.tid,
-                                                                         sig):
+        if th.space.signals is not None and not self._paused() and _caught(th.space.pid, th.tid,
+                                                                           sig):
             # Step into the handler: the kernel builds the frame and stops at its first
             # instruction, where the frame tells handler, restorer and interrupted ip.
             th.expect_handler = sig
@@ -32,7 +51,7 @@ class Signals(EngineCore):
             return
         self._resume(th)
 
-    def _emulate_rdtsc(self, th: _Thread, resume: bool = True) -> bool:
+    def emulate_rdtsc(self, th: _Thread, resume: bool = True) -> bool:
         """A stub's rdtsc faulted (the thread called prctl(PR_SET_TSC, PR_TSC_SIGSEGV) after
         the stubs were made): give it the tracer's own reading of the same counter and step
         it over the instruction; the program never sees the SIGSEGV."""
@@ -54,7 +73,7 @@ class Signals(EngineCore):
             self._resume(th)
         return True
 
-    def _handler_entry(self, th: _Thread, space: _Space, signo: int) -> bool:
+    def handler_entry(self, th: _Thread, space: _Space, signo: int) -> bool:
         tracker = space.signals
         if tracker is None:
             return False
@@ -67,7 +86,7 @@ class Signals(EngineCore):
                                              lambda a: self.symbols.code_name(space, a)))
         return True
 
-    def _syscall_stop(self, th: _Thread) -> None:
+    def syscall_stop(self, th: _Thread) -> None:
         space = th.space
         tracker = space.signals
         if tracker is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tracer import sigtrack, target
 from tracer.abi import Abi
@@ -14,9 +14,6 @@ from tracer.modmap import ModuleMap
 from tracer.target import Regs
 from tracer.instrument import Instrument
 from tracer.vdso import VdsoImage
-
-if TYPE_CHECKING:
-    from tracer.inject import Recorder
 
 
 _ENOSYS = 38
@@ -89,14 +86,13 @@ class _Space:
     base: int
     size: int
     patcher: Patcher
-    decoders: list[Decoder]
-    is_gateway: list[bool]
+    instrument: Instrument          # our code in it (stop-based stubs, or the recorder)
+    decoders: list[Decoder] = field(default_factory=list)     # by function index
+    is_gateway: list[bool] = field(default_factory=list)
     traced: bool = True            # emit events (False: an unfollowed vfork child)
     threads: set[int] = field(default_factory=set)
     timens: dict[str, tuple[int, int]] | None = None
     signals: sigtrack.SignalTracker | None = None
-    recorder: Recorder | None = None   # the in-tracee recorder when it is in (--inject)
-    stubs: Instrument | None = None    # the stop-based stubs (the patcher's), else
     fidx_by_name: dict[str, int] = field(default_factory=dict)
     modules: ModuleMap | None = None
     modules_time: float = 0.0
@@ -111,15 +107,6 @@ class _Space:
     site_names: dict[int, str] = field(default_factory=dict)   # address -> -c's site name
     vdso_lost: bool = False        # unmapped or replaced by the process: never written again
     notices: list[str] = field(default_factory=list)         # emitted after attach/exec
-
-    @property
-    def instrument(self) -> Instrument:
-        """Our code in this space: the recorder while one is in, else the stop-based stubs."""
-        rec = self.recorder
-        if rec is not None:
-            return rec
-        assert self.stubs is not None
-        return self.stubs
 
 
 def _fidx_by_name(space: _Space) -> dict[str, int]:

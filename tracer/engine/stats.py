@@ -1,7 +1,15 @@
-"""-c's aggregates: per-function counters, call sites and stack paths kept in bounded tables."""
+"""-c's aggregates (per-function counters, call sites and stack paths kept in bounded tables;
+the totals the console shows) and the summary made of them."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tracer.engine.options import FuncStats, Summary
+from tracer.vdso import GATEWAY_SYMBOL
+
+if TYPE_CHECKING:
+    from tracer.inject import CallStats
 
 
 _MAX_KEYS = 10000   # distinct call sites / stack paths kept per function (-c stays bounded)
@@ -28,6 +36,25 @@ class _Counter:
             _count(self.paths, path, dur, self.other, 2)
 
 
+class Stats:
+    """The statistics of one trace, fed by call assembly (engine/calls.py) and by the
+    recorders' -c drain; what `summarize` reads (a `Counts`)."""
+
+    def __init__(self, clocksource: str | None) -> None:
+        self.clocksource = clocksource
+        self.counters: dict[str, _Counter] = {}     # function (plain name) -> its counters
+        self.inject_stats: dict[str, CallStats] = {}   # --inject -c: counted in the ring
+        self.lost_records = 0       # --inject: calls the ring could not hold (or corrupt)
+        self.calls = 0              # calls assembled (the console's totals)
+        self.fallbacks = 0
+
+    def track(self, funcs: Iterable[str]) -> None:
+        """These functions (plain names) are traced: they get a row, even with no call."""
+        for name in funcs:
+            if name not in self.counters:
+                self.counters[name] = _Counter()
+
+
 def _count(table: dict[Any, list[int]], key: Any, dur: int, other: list[int],
            slot: int) -> None:
     """[calls, ns] += [1, dur]; a full table first lets its colder half go (counted in
@@ -49,3 +76,71 @@ def _prune(table: dict[Any, list[int]], other: list[int], at: int) -> None:
         other[at] += n
         other[at + 1] += ns
         del table[key]
+
+
+class Counts(Protocol):
+    """What the -c summary is made of: the live engine's counters (or a replay of them)."""
+    counters: dict[str, _Counter]
+    inject_stats: dict[str, CallStats]     # --inject -c: the recorder's own per-function counts
+    clocksource: str | None
+    lost_records: int
+
+
+def stats(s: Counts) -> list[FuncStats]:
+    extra = s.inject_stats
+    return [FuncStats(k, c.calls + (extra[k].calls if k in extra else 0),
+                      c.fallbacks + (extra[k].fallbacks if k in extra else 0),
+                      c.errors + (extra[k].errors if k in extra else 0),
+                      c.total_ns + (extra[k].total_ns if k in extra else 0))
+            for k, c in s.counters.items()]
+
+
+def summarize(s: Counts, top: int = 5) -> Summary:
+    """Everything -c prints: per function totals, fallback reasons, hottest call sites (and
+    stack paths), the exports never called, a diagnosis when fallbacks dominate. Runs in the
+    engine's thread, or after the engine ended."""
+    rows = stats(s)
+    reasons: dict[str, dict[str, int]] = {}
+    sites: dict[str, list[tuple[str, int, int]]] = {}
+    paths: dict[str, list[tuple[tuple[str, ...], int, int]]] = {}
+    for name, c in s.counters.items():
+        if c.reasons:
+            reasons[name] = dict(c.reasons)
+        hot = sorted(c.sites.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
+        sites[name] = [(site, n, ns) for site, (n, ns) in hot]
+        if c.other[0]:
+            sites[name].append((OTHER_SITES, c.other[0], c.other[1]))
+        hotp = sorted(c.paths.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]
+        paths[name] = [(frames, n, ns) for frames, (n, ns) in hotp]
+        if c.other[2]:
+            paths[name].append(((OTHER_SITES,), c.other[2], c.other[3]))
+    unused = [r.func for r in rows if not r.calls]
+    return Summary(rows, reasons, sites, paths, unused,
+                   _diagnosis(s.clocksource, rows, reasons), s.lost_records)
+
+
+def _diagnosis(clocksource: str | None, rows: list[FuncStats],
+               reasons: dict[str, dict[str, int]]) -> str | None:
+    calls = sum(r.calls for r in rows if r.func != GATEWAY_SYMBOL)
+    falls = sum(r.fallbacks for r in rows if r.func != GATEWAY_SYMBOL)
+    if not calls or falls * 2 < calls:
+        return None
+    total: dict[str, int] = {}
+    for per in reasons.values():
+        for k, v in per.items():
+            total[k] = total.get(k, 0) + v
+    main = max(total, key=lambda k: total[k]) if total else "unknown"
+    why = {
+        "no-vdso-clocksource": f"the clocksource {clocksource!r} has no vDSO read "
+                               "mode: every clock read is a system call (tsc, kvm-clock "
+                               "or hyperv_clocksource_tsc_page would serve them in user "
+                               "space)",
+        "cpu-time-clock": "CPU-time clocks (CLOCK_PROCESS_CPUTIME_ID, "
+                          "CLOCK_THREAD_CPUTIME_ID, clock_getcpuclockid) are always "
+                          "answered by the kernel",
+        "invalid-clock": "the clock ids are invalid or have no vDSO mode",
+        "getrandom-no-state": "getrandom is called without the opaque per-thread state "
+                              "(the C library does not use the vDSO getrandom)",
+    }.get(main, "the reason is unknown")
+    return (f"diagnosis: {falls} of {calls} vDSO calls ({100 * falls // calls}%) fell back "
+            f"to the kernel; mostly because {why}")

@@ -74,10 +74,10 @@ class Threads(EngineCore):
                         continue
                 pc = th.regs.buf[arch.PC] - arch.trap_pc_adjust
                 sp = th.space
-                if (pc not in sp.patcher.bps and sp.patcher.planted
+                if (sp.instrument.stop_at(pc) is None and sp.patcher.planted
                         and not sp.base <= pc < sp.base + sp.size):
                     self._follow_vdso(sp)          # moved by mremap?
-                if pc in th.space.patcher.bps:
+                if th.space.instrument.stop_at(pc) is not None:
                     th.undo_trap = pc   # a hit not yet handled: on resume, or undone on detach
                     continue
             if kind is Kind.SYSCALL:

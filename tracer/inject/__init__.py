@@ -195,6 +195,11 @@ class Recorder(Leaving):
         self.ring_kept = False
 
     # ------------------------------------------------------------------ install
+    @staticmethod
+    def prepare(image: VdsoImage, base: int, size: int, funcs: list[VdsoFunction]) -> None:
+        TscClock.anchored()
+        plan_image(image, [f for f in funcs if f.symbol != GATEWAY_SYMBOL], image.abi)
+
     def install_in(self, tids: list[int]) -> list[str]:
         self.install(tids[0])
         return []

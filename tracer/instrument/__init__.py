@@ -1,9 +1,12 @@
 """One interface for the two ways a traced call reaches the engine: stop-based stubs (a stop
 per call, read by the engine: breakpoints.Patcher) and the in-tracee recorder (calls written
 to a shared ring and polled: tracer.inject.Recorder). The engine holds one `Instrument` per
-address space (`_Space.instrument`) and calls it without asking which it is: the loop drains
-whatever polls, a fork child is cleaned of what it inherits, the vDSO moved by mremap is
-followed, and the losses are reported the same way.
+address space (`_Space.instrument`), chosen in one place (engine/processes.py `_instrument`),
+and calls it without asking which it is: it is installed, replanned over another function set
+and taken out through the same engine paths (`_install`, `_uninstall`), a stop at an address
+or a marker stop is asked of it (`stop_at`, `marker`), the loop drains whatever polls, a fork
+child is cleaned of what it inherits, the vDSO moved by mremap is followed, and the losses
+are reported the same way.
 
 Both yield the same raw call record for a call: `tracer.inject.RawRecord` from a ring, the
 same fields read at a stub's stop (engine/capture.py), with the function as an index into
@@ -12,19 +15,33 @@ the space's function list (`fid`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from tracer import target
 from tracer.abi import Abi
-from tracer.breakpoints import Patcher
+from tracer.breakpoints import Bp, Patcher
 from tracer.decoders import for_function
 from tracer.vdso import VdsoFunction, VdsoImage
 
 if TYPE_CHECKING:
     from tracer.inject import CallStats, RawRecord
 
-__all__ = ["Instrument", "StopStubs"]
+__all__ = ["Instrument", "StopStubs", "Stopped"]
+
+
+class Stopped(Protocol):
+    """A traced thread as an instrument's removal sees it (engine/state.py `_Thread`)."""
+    tid: int
+    stopped: bool           # in a ptrace stop the engine has not resumed
+
+    @property
+    def space(self) -> _HasInstrument: ...
+
+
+class _HasInstrument(Protocol):
+    @property
+    def instrument(self) -> Instrument: ...
 
 
 class Instrument(ABC):
@@ -33,14 +50,46 @@ class Instrument(ABC):
     funcs: list[VdsoFunction]
     installed: bool
 
+    @staticmethod
+    def prepare(image: VdsoImage, base: int, size: int, funcs: list[VdsoFunction]) -> None:
+        """Before attaching, while the process runs: do the planning an install will do, so
+        that its first run (imports, caches) does not hold the stopped tracee. May raise."""
+
     @abstractmethod
     def install_in(self, tids: list[int]) -> list[str]:
         """Every thread of the process stopped: put the code in; notices for the user."""
 
-    def owns_markers(self) -> bool:
-        """A seccomp marker stop in this space is one of this instrument's (else the
+    def uninstall(self, tids: list[int]) -> None:
+        """Every thread in `tids` stopped: take the code out (the recorder's own removal)."""
+        raise NotImplementedError
+
+    def take_out(self, threads: Sequence[Stopped]) -> tuple[bool, list[str]]:
+        """Every thread stopped (`threads` may hold other spaces' threads): take the code out.
+        (whether all of it is out, notices). Not all out: what stays is harmless, and
+        `reinstate` puts the rest back as it was."""
+        tids = [th.tid for th in threads if th.space.instrument is self and th.stopped]
+        if not tids:
+            return False, ["no thread of the process could be stopped (waiting for a vfork "
+                           "child?): the recorder stays in it"]
+        self.uninstall(tids)
+        for th in threads:
+            if th.tid == tids[0] and th.space.instrument is self:
+                th.stopped = True       # (the remote calls made through it leave it stopped)
+        return True, []
+
+    def reinstate(self) -> bool:
+        """After a `take_out` that left part of the code in, or a failed switch to another
+        instrument: put back what was taken out. Whether the instrument is in."""
+        return self.installed
+
+    def stop_at(self, pc: int) -> Bp | None:
+        """What a trap stop (its int3 at `pc`) means: one of ours, or None (the tracee's)."""
+        return None
+
+    def marker(self, idx: int) -> Bp | None:
+        """What a seccomp marker stop (marker number `idx`) means: one of ours, or None (the
         tracee's own filter's SECCOMP_RET_TRACE)."""
-        return False
+        return None
 
     def drain(self, limit: int = 65536) -> list[RawRecord]:
         """Calls recorded since the last drain, at most `limit`."""
@@ -94,7 +143,9 @@ class StopStubs(Instrument):
                  stop_mechanism: Callable[[int, list[int], target.Memory, Abi, VdsoImage, int],
                                           tuple[bool, bool, list[str]]],
                  step_out: Callable[[int, Callable[[int], bool]], bool],
-                 guard: Callable[[int, target.Memory, Patcher], None]) -> None:
+                 guard: Callable[[int, target.Memory, Patcher], None],
+                 unpatch: Callable[[StopStubs, Sequence[Stopped]], bool],
+                 mechanism: tuple[bool, bool] | None = None) -> None:
         self.pid = pid
         self.mem = mem
         self.abi = abi
@@ -104,11 +155,23 @@ class StopStubs(Instrument):
         self._stop_mechanism = stop_mechanism
         self._step_out = step_out
         self._guard = guard
+        self._unpatch = unpatch
+        # (marker stops, stubs read the TSC) once probed: a replan keeps them (the marker
+        # filter, once installed, stays in the process for its life: seccomp(2))
+        self.mechanism = mechanism
+
+    @staticmethod
+    def prepare(image: VdsoImage, base: int, size: int, funcs: list[VdsoFunction]) -> None:
+        Patcher(image, base, size).plan(funcs, [for_function(f.plain).nargs for f in funcs])
 
     def install_in(self, tids: list[int]) -> list[str]:
         p = self.patcher
-        markers, use_tsc, notes = self._stop_mechanism(self.pid, tids, self.mem, self.abi,
-                                                       self.image, p.base)
+        notes: list[str] = []
+        if self.mechanism is None:
+            markers, use_tsc, notes = self._stop_mechanism(self.pid, tids, self.mem, self.abi,
+                                                           self.image, p.base)
+            self.mechanism = (markers, use_tsc)
+        markers, use_tsc = self.mechanism
         p.plan(self.funcs, [for_function(f.plain).nargs for f in self.funcs],
                markers=markers, tsc=use_tsc)
         for tid in tids:
@@ -118,9 +181,23 @@ class StopStubs(Instrument):
             self._guard(self.pid, self.mem, p)
         return notes
 
+    def take_out(self, threads: Sequence[Stopped]) -> tuple[bool, list[str]]:
+        return self._unpatch(self, threads), []
+
+    def reinstate(self) -> bool:
+        p = self.patcher
+        p.plant(self.mem)
+        if not p.marker_mode:
+            self._guard(self.pid, self.mem, p)
+        return True
+
     @property
     def installed(self) -> bool:      # type: ignore[override]
         return self.patcher.planted
 
-    def owns_markers(self) -> bool:
-        return True
+    def stop_at(self, pc: int) -> Bp | None:
+        return self.patcher.bps.get(pc)
+
+    def marker(self, idx: int) -> Bp | None:
+        markers = self.patcher.markers
+        return markers[idx] if 0 <= idx < len(markers) else None

@@ -16,14 +16,14 @@ __all__ = ["ReplayStats", "Selection"]
 
 class ReplayStats:
     """The live engine's -c counters, fed from recorded events as the engine feeds them
-    (session.Session._call_done / _syscall_done), so that `summary()`, which is the live
+    (engine.calls.CallAssembly.call / syscall), so that `summary()`, which is the live
     engine's own method, prints the same tables. A call's -c site is its `site`, or, where
     the engine found none (under --inject), its caller's name, as the engine names it."""
 
 
     def __init__(self, functions: list[str], clocksource: str | None, lost: int) -> None:
         self.counters: dict[str, Any] = {f: _Counter() for f in functions}
-        self._inject_stats: dict[str, Any] = {}
+        self.inject_stats: dict[str, Any] = {}
         self.clocksource = clocksource
         self.lost_records = lost
 
