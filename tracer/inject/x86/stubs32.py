@@ -31,7 +31,7 @@ from tracer.decoders import Decoder, out_size
 from tracer.inject import layout as L
 from tracer.inject.x86.asm import Asm, mem32
 from tracer.inject.x86.plan import FunctionPlan, Plan, PlanError
-from tracer.inject.x86.stubs64 import CodePage, StubInfo
+from tracer.inject.x86.stubs64 import CodePage, StubInfo, place_function
 
 __all__ = ["GETTID_NR_I386", "NANOSLEEP_NR_I386", "build_code32", "copy_body32"]
 
@@ -285,17 +285,10 @@ def build_code32(plan: Plan, base: int, code_base: int, decoders: list[Decoder],
         stub_at = _align(copy_at + len(copy))
         s = Asm(stub_at, wrap=True)
         win = _stub(s, fid, copy_at, code_base, gateway, dec, min(dec.nargs, L.MAX_ARGS), key)
-        stub_code = s.finish()
-        end = stub_at + len(stub_code) - code_base
-        if end > L.CODE_SIZE:
-            raise PlanError("the stubs do not fit in the code page")
-        page[at:at + len(fb_code)] = fb_code
-        page[copy_at - code_base:copy_at - code_base + len(copy)] = copy
-        page[stub_at - code_base:end] = stub_code
-        infos.append(StubInfo(fid, base + fp.func.image_offset, stub_at, win,
-                              (copy_at, copy_at + len(copy)),
-                              (s.addr("tail"), stub_at + len(stub_code))))
-        at = _align(end)
+        info, at = place_function(page, code_base, at, fb_code, copy_at, copy, s,
+                                  StubInfo(fid, base + fp.func.image_offset, stub_at, win,
+                                           (copy_at, copy_at + len(copy)), (0, 0)))
+        infos.append(info)
     return CodePage(bytes(page), tuple(infos))
 
 

@@ -24,6 +24,7 @@ returns): a pointer the kernel refused may fault.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from tracer import disasm
@@ -57,6 +58,22 @@ class StubInfo:
 class CodePage:
     data: bytes                  # CODE_SIZE bytes, the ring pointer word included
     stubs: tuple[StubInfo, ...]
+
+
+def place_function(page: bytearray, code_base: int, at: int, fb_code: bytes, copy_at: int,
+                   copy: bytes, s: Asm, info: StubInfo) -> tuple[StubInfo, int]:
+    """Put one function's fallback stubs (at `at`), relocated copy and stub (assembled in `s`,
+    at info.stub) in the code page; the stub's tail span completes `info`. Returns it and
+    where the next function's code starts."""
+    stub_at = info.stub
+    stub_code = s.finish()
+    end = stub_at + len(stub_code) - code_base
+    if end > L.CODE_SIZE:
+        raise PlanError("the stubs do not fit in the code page")
+    page[at:at + len(fb_code)] = fb_code
+    page[copy_at - code_base:copy_at - code_base + len(copy)] = copy
+    page[stub_at - code_base:end] = stub_code
+    return dataclasses.replace(info, tail=(s.addr("tail"), stub_at + len(stub_code))), _align(end)
 
 
 def _align(x: int, a: int = 16) -> int:
@@ -271,15 +288,8 @@ def build_code(plan: Plan, base: int, code_base: int, decoders: list[Decoder],
         stub_at = _align(copy_at + len(copy))
         s = Asm(stub_at)
         win = _stub(s, fid, copy_at, code_base, dec, key)
-        stub_code = s.finish()
-        end = stub_at + len(stub_code) - code_base
-        if end > L.CODE_SIZE:
-            raise PlanError("the stubs do not fit in the code page")
-        page[at:at + len(fb_code)] = fb_code
-        page[copy_at - code_base:copy_at - code_base + len(copy)] = copy
-        page[stub_at - code_base:end] = stub_code
-        infos.append(StubInfo(fid, base + fp.func.image_offset, stub_at, win,
-                              (copy_at, copy_at + len(copy)),
-                              (s.addr("tail"), stub_at + len(stub_code))))
-        at = _align(end)
+        info, at = place_function(page, code_base, at, fb_code, copy_at, copy, s,
+                                  StubInfo(fid, base + fp.func.image_offset, stub_at, win,
+                                           (copy_at, copy_at + len(copy)), (0, 0)))
+        infos.append(info)
     return CodePage(bytes(page), tuple(infos))
