@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -54,8 +55,10 @@ def _depth(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
+    # nan and inf parse as floats: a duration must be a finite number of seconds
     return _checked(text, float, f"invalid duration {text!r}: give seconds",
-                    lambda s: not s < 0, "duration must not be negative")
+                    lambda s: math.isfinite(s) and s >= 0,
+                    f"invalid duration {text!r}: give a finite, non-negative number of seconds")
 
 
 def _size(text: str) -> int:

@@ -80,3 +80,11 @@ def test_not_a_vdso_image(tmp_path):
     for args in (["vdso", "--file", str(elf)], ["vdso", "--file", str(text)]):
         r = T.run_tracer(args)
         _assert_one_line_error(r, " ".join(args))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "2x"])
+def test_bad_duration(value):
+    # nan/inf parse as floats; none of these is a duration (nan would never end the trace)
+    r = T.run_tracer(["trace", "--duration", value, "--", "true"])
+    line = _assert_one_line_error(r, f"--duration {value}")
+    assert "duration" in line and repr(value) in line, line
