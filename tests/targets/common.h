@@ -187,4 +187,45 @@ static inline int bad_timeval(int r, const struct timeval *tv)
     return r != 0 || tv->tv_usec < 0 || tv->tv_usec >= 1000000L;
 }
 
+/* The calls most targets loop on: clock_gettime(CLOCK_MONOTONIC) then gettimeofday, each
+ * checked (bad_timespec against *prev, bad_timeval). Adds 2 to *calls and what went wrong to
+ * *bad; *prev moves on to a good reading only. */
+static inline void checked_pair(unsigned long long *calls, unsigned long long *bad,
+                                struct timespec *prev)
+{
+    struct timespec now;
+    struct timeval tv;
+    int r = clock_gettime(CLOCK_MONOTONIC, &now);
+    if (bad_timespec(r, &now, prev))
+        (*bad)++;
+    else
+        *prev = now;
+    r = gettimeofday(&tv, NULL);
+    if (bad_timeval(r, &tv))
+        (*bad)++;
+    *calls += 2;
+}
+
+/* Block until one more byte arrives on fd 0 (the test's stop byte); EOF counts too. */
+static inline void wait_stop_byte(void)
+{
+    char c;
+    while (read(0, &c, 1) < 0 && errno == EINTR)
+        ;
+}
+
+/* Find the mapping whose /proc/self/maps line contains `name`: its [lo, hi); 0 if none. */
+static inline int maps_find(const char *name, unsigned long *lo, unsigned long *hi)
+{
+    char line[512];
+    int found = 0;
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f)
+        die("cannot read /proc/self/maps");
+    while (!found && fgets(line, sizeof line, f))
+        found = strstr(line, name) != NULL && sscanf(line, "%lx-%lx", lo, hi) == 2;
+    fclose(f);
+    return found;
+}
+
 #endif

@@ -48,23 +48,13 @@ static unsigned long long t_calls, t_bad, t_after;
 
 static void *clock_main(void *arg)
 {
-    struct timespec prev = {0, 0}, now, nap = {0, 1000000};
-    struct timeval tv;
+    struct timespec prev = {0, 0}, nap = {0, 1000000};
     (void)arg;
     pthread_barrier_wait(&go_barrier);
     while (!__atomic_load_n(&stop, __ATOMIC_RELAXED)) {
-        int r = clock_gettime(CLOCK_MONOTONIC, &now);
-        t_calls++;
+        checked_pair(&t_calls, &t_bad, &prev);
         if (__atomic_load_n(&done_flag, __ATOMIC_RELAXED))
             t_after++;
-        if (bad_timespec(r, &now, &prev))
-            t_bad++;
-        else
-            prev = now;
-        r = gettimeofday(&tv, NULL);
-        t_calls++;
-        if (bad_timeval(r, &tv))
-            t_bad++;
         nanosleep(&nap, NULL);
     }
     return NULL;

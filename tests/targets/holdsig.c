@@ -100,8 +100,7 @@ static void *sender(void *arg)
 int main(int argc, char **argv)
 {
     struct sigaction sa;
-    struct timespec prev = {0, 0}, now;
-    struct timeval tv;
+    struct timespec prev = {0, 0};
     unsigned long long calls = 0, bad = 0, after = 0;
     pthread_t th;
     FILE *f;
@@ -127,16 +126,7 @@ int main(int argc, char **argv)
     if (pthread_create(&th, NULL, sender, NULL))
         die("pthread_create failed");
     while (after < 200000) {
-        int r = clock_gettime(CLOCK_MONOTONIC, &now);
-        calls++;
-        if (bad_timespec(r, &now, &prev))
-            bad++;
-        else
-            prev = now;
-        r = gettimeofday(&tv, NULL);
-        calls++;
-        if (bad_timeval(r, &tv))
-            bad++;
+        checked_pair(&calls, &bad, &prev);
         if (held_pc)
             after++;
     }

@@ -77,7 +77,6 @@ static void *work(void *arg)
 {
     struct worker *w = arg;
     struct timespec prev = {0, 0}, now, start;
-    struct timeval tv;
     int mine_notsc = notsc;
     pthread_barrier_wait(&go_barrier);
     clock_gettime(CLOCK_MONOTONIC_COARSE, &start);
@@ -95,18 +94,9 @@ static void *work(void *arg)
                 break;
             continue;
         }
-        int r = clock_gettime(CLOCK_MONOTONIC, &now);
-        w->calls++;
-        if (bad_timespec(r, &now, &prev))
-            w->bad++;
-        else
-            prev = now;
-        r = gettimeofday(&tv, NULL);
-        w->calls++;
-        if (bad_timeval(r, &tv))
-            w->bad++;
+        checked_pair(&w->calls, &w->bad, &prev);
         if (fallback) {
-            r = clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+            int r = clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
             w->calls++;
             if (bad_timespec(r, &now, NULL))
                 w->bad++;

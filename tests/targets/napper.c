@@ -33,20 +33,10 @@ static volatile int stop;
 static void *nap_main(void *arg)
 {
     struct napper *s = arg;
-    struct timespec prev = {0, 0}, now;
-    struct timeval tv;
+    struct timespec prev = {0, 0};
     pthread_barrier_wait(&go_barrier);
     while (!__atomic_load_n(&stop, __ATOMIC_RELAXED)) {
-        int r = clock_gettime(CLOCK_MONOTONIC, &now);
-        s->calls++;
-        if (bad_timespec(r, &now, &prev))
-            s->bad++;
-        else
-            prev = now;
-        r = gettimeofday(&tv, NULL);
-        s->calls++;
-        if (bad_timeval(r, &tv))
-            s->bad++;
+        checked_pair(&s->calls, &s->bad, &prev);
         usleep(nap_us);
     }
     return NULL;
@@ -57,7 +47,6 @@ int main(int argc, char **argv)
     struct napper *ss;
     unsigned long long calls = 0, bad = 0;
     int n, i;
-    char c;
     FILE *f;
 
     if (argc < 2)
@@ -77,8 +66,7 @@ int main(int argc, char **argv)
 
     ready_and_wait();
     pthread_barrier_wait(&go_barrier);
-    while (read(0, &c, 1) < 0 && errno == EINTR)
-        ;
+    wait_stop_byte();
     __atomic_store_n(&stop, 1, __ATOMIC_RELAXED);
     for (i = 0; i < n; i++) {
         pthread_join(ss[i].th, NULL);

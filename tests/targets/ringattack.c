@@ -35,37 +35,11 @@ struct spinner { pthread_t th; unsigned long long calls, bad; };
 static void *spin_main(void *arg)
 {
     struct spinner *s = arg;
-    struct timespec prev = {0, 0}, now;
-    struct timeval tv;
+    struct timespec prev = {0, 0};
     pthread_barrier_wait(&go_barrier);
-    while (!__atomic_load_n(&stop, __ATOMIC_RELAXED)) {
-        int r = clock_gettime(CLOCK_MONOTONIC, &now);
-        s->calls++;
-        if (bad_timespec(r, &now, &prev))
-            s->bad++;
-        prev = now;
-        r = gettimeofday(&tv, NULL);
-        s->calls++;
-        if (bad_timeval(r, &tv))
-            s->bad++;
-    }
+    while (!__atomic_load_n(&stop, __ATOMIC_RELAXED))
+        checked_pair(&s->calls, &s->bad, &prev);
     return NULL;
-}
-
-static int find_ring(unsigned long *lo, unsigned long *hi)
-{
-    char line[512];
-    FILE *f = fopen("/proc/self/maps", "r");
-    int found = 0;
-    if (!f)
-        die("cannot read /proc/self/maps");
-    while (fgets(line, sizeof line, f))
-        if (strstr(line, "/memfd:vdsotrace-ring") && sscanf(line, "%lx-%lx", lo, hi) == 2) {
-            found = 1;
-            break;
-        }
-    fclose(f);
-    return found;
 }
 
 static void *chaos_main(void *arg)
@@ -96,7 +70,7 @@ int main(int argc, char **argv)
     unsigned long long calls = 0, bad = 0;
     unsigned long lo = 0, hi = 0;
     const char *mode;
-    char result[64] = "done", b;
+    char result[64] = "done";
     pthread_t chaos;
     int have_chaos = 0;
     FILE *f;
@@ -114,7 +88,7 @@ int main(int argc, char **argv)
     ready_and_wait();
     pthread_barrier_wait(&go_barrier);
     usleep(200000);
-    if (!find_ring(&lo, &hi)) {
+    if (!maps_find("/memfd:vdsotrace-ring", &lo, &hi)) {
         strcpy(result, "no-ring");
     } else {
         volatile unsigned long long *w = (volatile unsigned long long *)lo;
@@ -147,8 +121,7 @@ int main(int argc, char **argv)
             die("unknown mode %s", mode);
         }
     }
-    while (read(0, &b, 1) < 0 && errno == EINTR)
-        ;
+    wait_stop_byte();
     __atomic_store_n(&stop, 1, __ATOMIC_RELAXED);
     if (have_chaos)
         pthread_join(chaos, NULL);

@@ -153,17 +153,7 @@ struct counts { unsigned long long calls, bad; };
 
 static void calls(struct counts *c, struct timespec *prev)
 {
-    struct timespec now;
-    struct timeval tv;
-    int r = clock_gettime(CLOCK_MONOTONIC, &now);
-    c->calls++;
-    if (bad_timespec(r, &now, prev))
-        c->bad++;
-    *prev = now;
-    r = gettimeofday(&tv, NULL);
-    c->calls++;
-    if (bad_timeval(r, &tv))
-        c->bad++;
+    checked_pair(&c->calls, &c->bad, prev);
 }
 
 static void *sender(void *arg)

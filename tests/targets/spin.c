@@ -35,21 +35,11 @@ static volatile int stop;
 static void *spin_main(void *arg)
 {
     struct spinner *s = arg;
-    struct timespec prev, now;
-    struct timeval tv;
+    struct timespec prev;
     pthread_barrier_wait(&go_barrier);
     prev = start;
     while (!__atomic_load_n(&stop, __ATOMIC_RELAXED)) {
-        int r = clock_gettime(CLOCK_MONOTONIC, &now);
-        s->calls++;
-        if (bad_timespec(r, &now, &prev))
-            s->bad++;
-        else
-            prev = now;
-        r = gettimeofday(&tv, NULL);
-        s->calls++;
-        if (bad_timeval(r, &tv))
-            s->bad++;
+        checked_pair(&s->calls, &s->bad, &prev);
         if (seconds >= 0 &&
             (double)(prev.tv_sec - start.tv_sec) + (prev.tv_nsec - start.tv_nsec) / 1e9 >= seconds)
             break;
@@ -86,9 +76,7 @@ int main(int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &start);
     pthread_barrier_wait(&go_barrier);
     if (seconds < 0) {
-        char c;
-        while (read(0, &c, 1) < 0 && errno == EINTR)
-            ;
+        wait_stop_byte();
         __atomic_store_n(&stop, 1, __ATOMIC_RELAXED);
     }
     for (i = 0; i < n; i++) {
