@@ -54,6 +54,15 @@ def _ld(a: Asm, reg: int, base: int, disp: int) -> None:
     a.raw(mem32(0x8B, reg, base, disp))              # mov reg, [base+disp]
 
 
+def _ring_head(a: Asm, code_base: int) -> None:
+    """esi = the ring (to "done" when there is none: the tracer left), edx:eax = its HEAD."""
+    a.raw(b"\x8b\x35" + _i32(code_base + L.CODE_RINGPTR))    # mov esi, [ringptr]
+    a.raw(b"\x85\xf6")                                       # test esi, esi
+    a.jcc(_CC_E, "done")
+    _ld(a, _EAX, _ESI, L.HEAD)
+    _ld(a, _EDX, _ESI, L.HEAD + 4)
+
+
 def _st(a: Asm, base: int, disp: int, reg: int) -> None:
     a.raw(mem32(0x89, reg, base, disp))              # mov [base+disp], reg
 
@@ -134,11 +143,7 @@ def _stub(a: Asm, fid: int, copy_at: int, code_base: int, gateway: int, dec: Dec
     a.call(gateway)
     _st(a, _ESP, L.FR32_TID, _EAX)
     win_start = a.here
-    a.raw(b"\x8b\x35" + _i32(code_base + L.CODE_RINGPTR))    # mov esi, [ringptr]
-    a.raw(b"\x85\xf6")                                       # test esi, esi
-    a.jcc(_CC_E, "done")
-    _ld(a, _EAX, _ESI, L.HEAD)
-    _ld(a, _EDX, _ESI, L.HEAD + 4)
+    _ring_head(a, code_base)
     a.label("retry")
     a.raw(b"\x89\xc3\x89\xd1")                               # mov ebx, eax; mov ecx, edx
     a.raw(mem32(0x2B, _EBX, _ESI, L.TAIL))                   # sub ebx, [esi+TAIL]
@@ -239,11 +244,7 @@ def _stub(a: Asm, fid: int, copy_at: int, code_base: int, gateway: int, dec: Dec
     a.raw(b"\xb8" + _i32(NANOSLEEP_NR_I386))                 # mov eax, __NR_nanosleep
     a.call(gateway)
     a.raw(b"\x83\xc4\x08")                                   # add esp, 8
-    a.raw(b"\x8b\x35" + _i32(code_base + L.CODE_RINGPTR))    # mov esi, [ringptr]
-    a.raw(b"\x85\xf6")                                       # test esi, esi
-    a.jcc(_CC_E, "done")
-    _ld(a, _EAX, _ESI, L.HEAD)
-    _ld(a, _EDX, _ESI, L.HEAD + 4)
+    _ring_head(a, code_base)
     a.jmp("retry")
     a.label("lost")
     a.raw(b"\xf0" + mem32(0x83, 0, _ESI, L.LOST) + b"\x01")      # lock add dword [LOST], 1
