@@ -54,7 +54,7 @@ class Capture:
             if self._follow_vdso(space):
                 bp = space.instrument.stop_at(pc)
         if bp is None:
-            # Not ours: a SIGTRAP the program raised or a debugger-style int3 of its own.
+            # Not ours: a SIGTRAP the program raised or a debugger-style breakpoint of its own.
             th.sig = _SIGTRAP
             self._resume(th)
             return
@@ -115,7 +115,7 @@ class Capture:
 
     def _stub_exit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
                    sp: int | None = None) -> None:
-        """The stub's int3 (or marker): arguments, result, timestamps and return address are
+        """The stub's trap (or marker): arguments, result, timestamps and return address are
         in one block of stack at `sp`; the thread just continues into the stub's epilogue."""
         if sp is None:
             sp = buf[space.abi.SP]
@@ -189,8 +189,8 @@ class Capture:
     def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
                    msp: int | None = None, slot: int = 0) -> None:
         """An entry trap (the thread goes on at `slot`, the displaced instruction's copy), or
-        (`msp` given) the entry marker of i386's gateway stub, whose saved eax (the system
-        call's number) is at msp, the 6th argument (ebp, pushed by the gateway) at msp - 16
+        (`msp` given) the entry marker of i386's gateway stub, which saved the system call's
+        number at msp and the 6th argument (pushed by the gateway) at msp - 16
         (breakpoints.py)."""
         t0 = time.monotonic_ns()
         arch = space.abi
@@ -213,7 +213,7 @@ class Capture:
             if name in STRING_ARGS:     # paths and written buffers, read before they change
                 strs = read_entry_strings(name, args, space.mem.read, self.options.string_size)
             # A vDSO function that calls the gateway has fallen back into the kernel (its
-            # call site is a fallback int3 too, which marks calls made through a stub).
+            # call site is a fallback trap too, which marks calls made through a stub).
             if th.pending and not space.is_gateway[th.pending[-1].func]:
                 th.pending[-1].fallback = True
         elif arch.ARGS:
@@ -247,7 +247,7 @@ class Capture:
     def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
                   msp: int | None = None, slot: int = 0) -> None:
         """A ret trap (the thread goes on at `slot`), or (`msp` given) the exit marker of
-        i386's gateway stub, whose saved eax (the system call's result) is at msp."""
+        i386's gateway stub, which saved the system call's result at msp."""
         abi = space.abi
         sp = buf[abi.SP] if msp is None else msp
         pend = th.pending

@@ -23,7 +23,7 @@ from tracer.vdso import GATEWAY_SYMBOL, VdsoFunction, VdsoImage
 
 
 class Instruments:
-    """Owns the guardian (int3 stops undone if the tracer dies) and the hooks the stop-based
+    """Owns the guardian (trap stops undone if the tracer dies) and the hooks the stop-based
     stubs are given; reads and writes the spaces of the thread table."""
 
     def __init__(self, options: TraceOptions, table: Threads, recorders: Recorders,
@@ -34,7 +34,7 @@ class Instruments:
         self._emit = sink
         self._drain_out = recorders._drain_out
         self._report_losses = recorders._report_losses
-        self._guardian: Guardian | None = None     # for processes stopped on int3s
+        self._guardian: Guardian | None = None     # for processes stopped on traps
         self.hooks = StubHooks(self._stop_mechanism, table.step_out, self._guard, self._unguard,
                                self._notice)
 
@@ -145,7 +145,7 @@ class Instruments:
         return why is None, use_tsc, notes
 
     def _guard(self, pid: int, mem: target.Memory, patcher: Patcher) -> None:
-        """int3 stops: a guardian undoes them if the tracer dies (guardian.py)."""
+        """Trap stops: a guardian undoes them if the tracer dies (guardian.py)."""
         if self._guardian is None:
             self._guardian = Guardian()
         self._guardian.watch(pid, mem.fd, patcher.undo_int3s())

@@ -88,7 +88,7 @@ class Lifecycle:
         self._resume(th)
 
     def _new_child(self, parent: _Thread, child: int, vfork: bool) -> None:
-        """A forked child inherits every int3 (and slot). Trace it with -f; otherwise clean
+        """A forked child inherits every breakpoint (and slot). Trace it with -f; otherwise clean
         its copy before it runs. A vfork child shares our address space: keep it traced,
         silently, until it execs or exits."""
         ps = parent.space

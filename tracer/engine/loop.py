@@ -225,7 +225,7 @@ class Loop:
                 self._gone(th, stop)
                 return
             th.stopped = True
-            if kind is Kind.TRAP:                          # an int3 (or a step)
+            if kind is Kind.TRAP:                          # a trap instruction (or a step)
                 self._trap(th)
             elif kind is Kind.SECCOMP:
                 self._marker(th)

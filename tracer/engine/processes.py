@@ -63,7 +63,7 @@ class Processes:
         self._dispatch = dispatch
 
     def _options(self) -> int:
-        # Fork events are always wanted: a child inherits every int3 and must be cleaned.
+        # Fork events are always wanted: a child inherits every breakpoint and must be cleaned.
         # PTRACE_O_TRACESECCOMP: the marker stops (seccomp.py)
         return int(target.DEFAULT_OPTIONS | target.FORK_OPTIONS | target.SECCOMP_OPTION)
 

@@ -30,7 +30,7 @@ class Threads:
     _trap: Callable[[_Thread], None]
     _marker: Callable[[_Thread], None]
     _handler_entry: Callable[[_Thread, _Space, int], bool]
-    _emulate_rdtsc: Callable[..., bool]
+    _emulate_counter: Callable[..., bool]
     _follow_vdso: Callable[[_Space], bool]
 
     def __init__(self, options: TraceOptions, waiter: stops.Waiter) -> None:
@@ -50,14 +50,14 @@ class Threads:
                 gone: Callable[[_Thread, Stop], None], trap: Callable[[_Thread], None],
                 marker: Callable[[_Thread], None],
                 handler_entry: Callable[[_Thread, _Space, int], bool],
-                emulate_rdtsc: Callable[..., bool], follow_vdso: Callable[[_Space], bool]) -> None:
+                emulate_counter: Callable[..., bool], follow_vdso: Callable[[_Space], bool]) -> None:
         self._event = event
         self._unknown = unknown
         self._gone = gone
         self._trap = trap
         self._marker = marker
         self._handler_entry = handler_entry
-        self._emulate_rdtsc = emulate_rdtsc
+        self._emulate_counter = emulate_counter   # a stub's faulting cycle-counter read
         self._follow_vdso = follow_vdso
 
     @property
@@ -175,7 +175,7 @@ class Threads:
                     continue
             if kind is Kind.SYSCALL:
                 continue
-            if stop.sig == signal.SIGSEGV and self._emulate_rdtsc(th, resume=False):
+            if stop.sig == signal.SIGSEGV and self._emulate_counter(th, resume=False):
                 continue
             th.sig = stop.sig           # a real signal: deliver it when we let go
         return list(self.threads.values())
@@ -228,7 +228,7 @@ class Threads:
                    deadline: float, regs: Regs, held: list[int], arch: Abi) -> bool:
         def on_fault(sig: int) -> bool:
             known = self.threads.get(tid)
-            return known is not None and self._emulate_rdtsc(known, resume=False)
+            return known is not None and self._emulate_counter(known, resume=False)
 
         def on_signal(sig: int, held: list[int]) -> bool:
             # hold it for the thread's next resume and step on

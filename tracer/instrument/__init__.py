@@ -56,7 +56,7 @@ class StubHooks:
     """What the stop-based stubs ask of the engine: the stop mechanism a process allows
     (pid, stopped tids, memory, abi, image, base -> marker stops, stubs may read the TSC,
     notices), stepping a stopped thread until a pc test is false (whether it got out), the
-    guardian that undoes int3s if the tracer dies (watch, forget), and a notice (pid, tid,
+    guardian that undoes trap instructions if the tracer dies (watch, forget), and a notice (pid, tid,
     text) for the user."""
     stop_mechanism: Callable[[int, list[int], target.Memory, Abi, VdsoImage, int],
                              tuple[bool, bool, list[str]]]
@@ -105,7 +105,7 @@ class Instrument(ABC):
         return self.installed
 
     def stop_at(self, pc: int) -> Bp | None:
-        """What a trap stop (its int3 at `pc`) means: one of ours, or None (the tracee's)."""
+        """What a trap stop (its trap instruction at `pc`) means: one of ours, or None (the tracee's)."""
         return None
 
     def marker(self, idx: int) -> Bp | None:

@@ -17,9 +17,9 @@ from tracer.vdso import VdsoFunction, VdsoImage
 
 class StopStubs(Instrument):
     """Stop-based stubs (breakpoints.Patcher): the entries jump to stubs in the vDSO's padding
-    that stop once per call, on return (or int3s, or seccomp marker stops). Installing plans
+    that stop once per call, on return (or trap instructions, or seccomp marker stops). Installing plans
     the patches with the stop mechanism the process allows, steps every thread out of the
-    bytes about to be replaced, plants, and has a guardian undo int3s if the tracer dies."""
+    bytes about to be replaced, plants, and has a guardian undo its traps if the tracer dies."""
 
     def __init__(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage,
                  patcher: Patcher, funcs: list[VdsoFunction], hooks: StubHooks,
