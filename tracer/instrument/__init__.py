@@ -1,12 +1,13 @@
 """One interface for the two ways a traced call reaches the engine: stop-based stubs (a stop
-per call, read by the engine: breakpoints.Patcher) and the in-tracee recorder (calls written
-to a shared ring and polled: tracer.inject.Recorder). The engine holds one `Instrument` per
-address space (`_Space.instrument`), chosen in one place (engine/processes.py `_instrument`),
-and calls it without asking which it is: it is installed, replanned over another function set
-and taken out through the same engine paths (`_install`, `_uninstall`), a stop at an address
-or a marker stop is asked of it (`stop_at`, `marker`), the loop drains whatever polls, a fork
-child is cleaned of what it inherits, the vDSO moved by mremap is followed, and the losses
-are reported the same way.
+per call, read by the engine: `StopStubs` over breakpoints.Patcher, instrument/stubs.py) and
+the in-tracee recorder (calls written to a shared ring and polled: tracer.inject.Recorder).
+The engine holds one `Instrument` per address space (`_Space.instrument`), chosen in one place
+(engine/instruments.py `Instruments.instrument`), and calls it without asking which it is: it
+is installed, replanned over another function set and taken out through the same engine paths
+(`Instruments.install`, `Instruments.uninstall`), a stop at an address or a marker stop is
+asked of it (`stop_at`, `marker`), the loop drains whatever polls, a fork child's instrument is
+made by it (`fork_child`) and the child cleaned of what it inherits, the vDSO moved by mremap
+is followed, and the losses are reported the same way.
 
 Both yield the same raw call record for a call: `tracer.inject.RawRecord` from a ring, the
 same fields read at a stub's stop (engine/capture.py), with the function as an index into
