@@ -257,12 +257,11 @@ def test_every_arch_fills_the_interface() -> None:
 
 
 def test_old_names_still_work() -> None:
-    from tracer import abi, target
+    from tracer import abi
     from tracer.breakpoints import INT3, _stub_i386, _stub_x86_64
     from tracer.inject.stubs import build_code  # noqa: F401
     from tracer.inject.stubs32 import build_code32  # noqa: F401
     assert abi.X86_64 is X86_64 and abi.Abi is Arch and abi.abi_by_name("i386") is I386
-    assert target.REG_INDEX["rip"] == X86_64.PC and target.REG_NAMES == X86_64.regs.names
     assert INT3 == X86_64.trap
     assert _stub_x86_64(False, True)[0] == X86_64.stub(0, False, True)[0]
     assert _stub_i386(2, True, True)[0] == I386.stub(2, True, True)[0]

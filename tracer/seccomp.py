@@ -1,10 +1,11 @@
 """Stops that are harmless once the tracer is gone: a seccomp-filtered marker system call.
 
-A stop on an int3 outlives its tracer badly: when a tracer dies, exit_ptrace() detaches its
-tracees and a thread sitting in the signal-delivery-stop of an int3's SIGTRAP is woken with
-that SIGTRAP still to deliver (kernel/ptrace.c __ptrace_detach, kernel/signal.c
-ptrace_signal), and every int3 left in the code kills the next thread that reaches it (the
-SIGTRAP of an int3 is forced: blocking or ignoring it does not help).
+A stop on a trap instruction (x86: int3) outlives its tracer badly: when a tracer dies,
+exit_ptrace() detaches its tracees and a thread sitting in the signal-delivery-stop of a
+trap's SIGTRAP is woken with that SIGTRAP still to deliver (kernel/ptrace.c __ptrace_detach,
+kernel/signal.c ptrace_signal), and every trap left in the code kills the next thread that
+reaches it (the SIGTRAP of a trap instruction is forced: blocking or ignoring it does not
+help).
 
 A marker system call does not: the stubs make a system call whose number no kernel uses
 (MARKER_BASE + site; include/uapi/asm/unistd_*.h stop far below, the x32 bit 0x40000000 is
@@ -35,14 +36,12 @@ from tracer.abi import I386, X86_64, Abi
 from tracer.errors import MemoryWriteError, ProcessGone
 from tracer.vdso import GATEWAY_SYMBOL, VdsoImage
 
-__all__ = ["MARKER_BASE", "MARKER_SPAN", "AUDIT_ARCH", "program", "run_filter", "Verdict",
+__all__ = ["MARKER_BASE", "MARKER_SPAN", "program", "run_filter", "Verdict",
            "check", "install", "ensure", "only_ours", "seccomp_modes", "ACTION_ALLOW",
            "ACTION_TRACE", "syscall_site"]
 
 MARKER_BASE = 0x3D5D0000
 MARKER_SPAN = 0x1000
-# include/uapi/linux/audit.h (each arch's audit_arch), by word size for old importers
-AUDIT_ARCH = {8: X86_64.audit_arch, 4: I386.audit_arch}
 # include/uapi/linux/seccomp.h
 _RET_ACTION_FULL = 0xFFFF0000
 ACTION_ALLOW = 0x7FFF0000
@@ -263,10 +262,9 @@ def install(tid: int, mem: target.Memory, abi: Abi, scratch: int, site: int) -> 
     from tracer.inject.remote import RemoteCaller, RemoteError, Stepper
     prog = _PROGRAM
     fprog_at = scratch + len(prog)
-    if abi.word == 8:
-        fprog = struct.pack("<H6xQ", len(prog) // 8, scratch)
-    else:
-        fprog = struct.pack("<H2xI", len(prog) // 8, scratch)
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}: the pointer
+    # aligned to its own size
+    fprog = (len(prog) // 8).to_bytes(2, "little") + bytes(abi.word - 2) + abi.pack_word(scratch)
     blob = prog + fprog
     stepper = Stepper(tid, abi)
     try:

@@ -51,7 +51,8 @@ EVENT_EXIT = _pfunc.PTRACE_EVENT_EXIT
 EVENT_SECCOMP = 7                  # PTRACE_EVENT_SECCOMP
 SECCOMP_OPTION = 0x80              # PTRACE_O_TRACESECCOMP
 # arm64 (and riscv) have no PTRACE_GETREGS/SETREGS and python-ptrace defines neither there:
-# registers go through PTRACE_GETREGSET/SETREGSET (getregset/setregset at the end of this file).
+# their arch modules read registers through PTRACE_GETREGSET/SETREGSET (getregset/setregset
+# at the end of this file).
 _GETREGS: int | None = getattr(_pfunc, "PTRACE_GETREGS", None)
 _SETREGS: int | None = getattr(_pfunc, "PTRACE_SETREGS", None)
 _CONT = _pfunc.PTRACE_CONT
@@ -106,15 +107,6 @@ def _native_layout() -> RegLayout:
     return _NATIVE_LAYOUT
 
 
-def __getattr__(name: str) -> Any:
-    # REG_NAMES / REG_INDEX: the tracer's own arch's register names (kept for old importers)
-    if name == "REG_NAMES":
-        return _native_layout().names
-    if name == "REG_INDEX":
-        return _native_layout().index
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _fail(what: str, tid: int) -> None:
     err = _get_errno()
     if err == _errno.ESRCH:
@@ -131,15 +123,24 @@ def _call(req: int, tid: int, addr: object, data: object, what: str) -> int:
 
 
 def getregs(tid: int, regs: Regs) -> None:
-    """PTRACE_GETREGS: the whole general register set (x86; the arch module says which
-    request fills its layout)."""
+    """PTRACE_GETREGS: the whole general register set, on a host that has the request (an
+    arch module whose layout it fills binds it as its `regs_get`; everyone else reads
+    registers through the arch: `Arch.regs_get`)."""
     if _ptrace(_GETREGS, tid, None, regs.ref) == -1:
         _fail("PTRACE_GETREGS", tid)
 
 
 def setregs(tid: int, regs: Regs) -> None:
+    """PTRACE_SETREGS (see getregs)."""
     if _ptrace(_SETREGS, tid, None, regs.ref) == -1:
         _fail("PTRACE_SETREGS", tid)
+
+
+if _GETREGS is None or _SETREGS is None:
+    def _no_regs_request(tid: int, regs: Regs) -> None:
+        raise OSError(_errno.EINVAL, "this host has no PTRACE_GETREGS/SETREGS: registers are "
+                      "read through the arch (tracer.arch: Arch.regs_get/regs_set)")
+    getregs = setregs = _no_regs_request
 
 
 def cont(tid: int, sig: int = 0) -> None:
@@ -542,13 +543,3 @@ def read_regset(tid: int, note: int, size: int) -> bytes:
     n = getregset(tid, note, buf)
     return bytes(buf)[:n]
 
-
-if _GETREGS is None:
-    # A host without PTRACE_GETREGS: arm64. Regs() there is laid out as struct user_pt_regs
-    # (tracer.arch.aarch64, the native arch's layout) and filled through NT_PRSTATUS, so the
-    # callers of getregs/setregs (inspect.peek) work unchanged.
-    def getregs(tid: int, regs: Regs) -> None:
-        getregset(tid, NT_PRSTATUS, regs.buf)
-
-    def setregs(tid: int, regs: Regs) -> None:
-        setregset(tid, NT_PRSTATUS, regs.buf)

@@ -15,6 +15,7 @@ from tracer.events import AttachEvent, Event, NoticeEvent
 from tracer.inject import Recorder
 from tracer.inject.remote import RemoteError
 from tracer.engine.control import Control
+from tracer.engine.detach import Detach
 from tracer.session import Session, TraceOptions
 
 pytestmark = pytest.mark.live
@@ -68,12 +69,12 @@ def test_a_bug_in_a_restore_step_is_raised_after_every_thread_is_let_go(target_b
                                                                        monkeypatch):
     """The stop-based engine: an unexpected error (not one of ours: a bug) in the restore is
     raised, but only once the original code is back and every thread is let go."""
-    real = Session._restore_space
+    real = Detach._restore_space
 
-    def restore_space(self: Session, space: object, threads: object) -> None:
+    def restore_space(self: Detach, space: object, threads: object) -> None:
         real(self, space, threads)      # type: ignore[arg-type]
         raise RuntimeError("injected bug")
-    monkeypatch.setattr(Session, "_restore_space", restore_space)
+    monkeypatch.setattr(Detach, "_restore_space", restore_space)
 
     proc = T.start(target_bin("spin"), tmp_path / "spin.jsonl", "--threads", "3")
     T.go(proc, close=False)

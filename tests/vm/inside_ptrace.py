@@ -48,7 +48,7 @@ def syscall_phase(pid: int) -> list[dict[str, Any]]:
         if os.WSTOPSIG(status) != signal.SIGTRAP | 0x80:
             raise RuntimeError(f"unexpected stop {status:#x}")
         info = target.get_syscall_info(pid)
-        target.getregs(pid, regs)
+        A.AARCH64.regs_get(pid, regs)
         target.getregset(pid, A.NT_ARM_SYSTEM_CALL, sysno)
         stop: dict[str, Any] = {"op": info.op, "nr": info.nr, "x7": regs["x7"], "x8": regs["x8"],
                 "system_call": sysno[0], "x0": regs["x0"]}
@@ -56,7 +56,7 @@ def syscall_phase(pid: int) -> list[dict[str, Any]]:
             getppid_entries += 1
             if getppid_entries == 1:
                 regs["x8"] = NR_GETPID
-                target.setregs(pid, regs)
+                A.AARCH64.regs_set(pid, regs)
                 stop["changed"] = "x8"
             else:
                 sysno[0] = NR_GETPID
@@ -106,16 +106,16 @@ def main() -> int:
         out["stop"] = {"tid": tid, "stopped": os.WIFSTOPPED(status),
                        "sig": os.WSTOPSIG(status) if os.WIFSTOPPED(status) else None,
                        "event": target.stop_event(status)}
-        target.getregs(pid, regs)
+        A.AARCH64.regs_get(pid, regs)
         out["at_brk"] = {"pc": regs["pc"], "x0": regs["x0"], "x1": regs["x1"], "x30": regs["x30"],
                          "sp": regs["sp"], "insn_at_pc": mem.read(regs["pc"], 4).hex()}
         mem.write(entry, orig)
         out["restored"] = mem.read(entry, 4) == orig
         out["image_restored"] = mem.read(lo, hi - lo) == image_before
         regs["x0"] = 1                                  # CLOCK_MONOTONIC instead of REALTIME
-        target.setregs(pid, regs)
+        A.AARCH64.regs_set(pid, regs)
         check = target.Regs()
-        target.getregs(pid, check)
+        A.AARCH64.regs_get(pid, check)
         out["after_setregs"] = {"pc": check["pc"], "x0": check["x0"],
                                 "same_otherwise": all(check[n] == regs[n] for n in A.REG_NAMES)}
         mem.close()

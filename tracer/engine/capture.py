@@ -9,13 +9,34 @@ from tracer import seccomp as _seccomp
 from tracer.breakpoints import ENTRY, EXIT, FALL, RET
 from tracer.decoders import out_size
 from tracer.decoders.syscalls import read_entry_strings, read_exit_strings, STRING_ARGS
+from tracer.engine.calls import CallAssembly
+from tracer.engine.instruments import Instruments
+from tracer.engine.options import TraceOptions
+from tracer.engine.signals import SignalWatch
 from tracer.engine.state import _cont, _ENOSYS, _Pending, _SIGTRAP, _Space, _Thread, _WINDOW
+from tracer.engine.symbols import Symbols
+from tracer.engine.threads import Threads
 from tracer.errors import MemoryReadError
-from tracer.engine.core import EngineCore
+from tracer.tsc import TscClock
 
 
-class Capture(EngineCore):
-    def _trap(self, th: _Thread) -> None:
+class Capture:
+    """Holds no state of its own: what it needs is bound once, here, so that a stop costs no
+    more lookups than one method's attribute (the hot path: `trap`, `marker`, `_stub_exit`)."""
+
+    def __init__(self, options: TraceOptions, table: Threads, instruments: Instruments,
+                 watch: SignalWatch, tsc: TscClock, symbols: Symbols,
+                 assembly: CallAssembly) -> None:
+        self.options = options
+        self.table = table              # (its `plain`: resume with a bare PTRACE_CONT)
+        self.tsc = tsc
+        self.symbols = symbols
+        self.assembly = assembly
+        self._resume = table.resume
+        self._follow_vdso = instruments.follow_vdso
+        self._handler_entry = watch.handler_entry
+
+    def trap(self, th: _Thread) -> None:
         tid = th.tid
         space = th.space
         regs = th.regs
@@ -33,7 +54,7 @@ class Capture(EngineCore):
             if self._follow_vdso(space):
                 bp = space.instrument.stop_at(pc)
         if bp is None:
-            # Not ours: a SIGTRAP the program raised or a debugger-style int3 of its own.
+            # Not ours: a SIGTRAP the program raised or a debugger-style breakpoint of its own.
             th.sig = _SIGTRAP
             self._resume(th)
             return
@@ -41,9 +62,9 @@ class Capture(EngineCore):
         if kind == EXIT:
             self._stub_exit(th, space, bp.func, buf)
         elif kind == RET:
-            self._exit_hit(th, space, bp.func, buf)
+            self._exit_hit(th, space, bp.func, buf, slot=bp.slot)
         elif kind == ENTRY:
-            self._entry_hit(th, space, bp.func, buf)
+            self._entry_hit(th, space, bp.func, buf, slot=bp.slot)
         else:  # FALL: this call enters the kernel
             t_in = self.tsc.read()
             th.fb_marks.append((buf[arch.SP], bp.func))
@@ -55,7 +76,7 @@ class Capture(EngineCore):
             self._resume(th)
             th.stopped_ticks += self.tsc.read() - t_in
 
-    def _marker(self, th: _Thread) -> None:
+    def marker(self, th: _Thread) -> None:
         """A seccomp stop: one of our marker system calls (breakpoints.py), or a
         SECCOMP_RET_TRACE of a filter of the tracee's own, which gets what it gets with no
         tracer: -ENOSYS, the call not run (kernel/seccomp.c)."""
@@ -94,7 +115,7 @@ class Capture(EngineCore):
 
     def _stub_exit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
                    sp: int | None = None) -> None:
-        """The stub's int3 (or marker): arguments, result, timestamps and return address are
+        """The stub's trap (or marker): arguments, result, timestamps and return address are
         in one block of stack at `sp`; the thread just continues into the stub's epilogue."""
         if sp is None:
             sp = buf[space.abi.SP]
@@ -137,7 +158,7 @@ class Capture(EngineCore):
             stack = self.symbols.stack(space, th, depth, space.base + space.patcher.funcs[fidx]
                                 .image_offset, sp + layout.retaddr)
         site = self.symbols.site(space, th, frame[layout.i_retaddr], sp + layout.retaddr, window, sp)
-        if th.sig or self._paused or self.options.signals:
+        if th.sig or not self.table.plain:
             self._resume(th)
         else:                           # the common case, without _resume's bookkeeping
             th.stopped = False
@@ -166,10 +187,11 @@ class Capture(EngineCore):
                         frame[layout.i_retaddr], fallback, stack, site)
 
     def _entry_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
-                   msp: int | None = None) -> None:
-        """An entry int3, or (`msp` given) the entry marker of i386's gateway stub, whose
-        saved eax (the system call's number) is at msp, the 6th argument (ebp, pushed by the
-        gateway) at msp - 16 (breakpoints.py)."""
+                   msp: int | None = None, slot: int = 0) -> None:
+        """An entry trap (the thread goes on at `slot`, the displaced instruction's copy), or
+        (`msp` given) the entry marker of i386's gateway stub, which saved the system call's
+        number at msp and the 6th argument (pushed by the gateway) at msp - 16
+        (breakpoints.py)."""
         t0 = time.monotonic_ns()
         arch = space.abi
         sp = buf[arch.SP] if msp is None else msp
@@ -191,7 +213,7 @@ class Capture(EngineCore):
             if name in STRING_ARGS:     # paths and written buffers, read before they change
                 strs = read_entry_strings(name, args, space.mem.read, self.options.string_size)
             # A vDSO function that calls the gateway has fallen back into the kernel (its
-            # call site is a fallback int3 too, which marks calls made through a stub).
+            # call site is a fallback trap too, which marks calls made through a stub).
             if th.pending and not space.is_gateway[th.pending[-1].func]:
                 th.pending[-1].fallback = True
         elif arch.ARGS:
@@ -217,15 +239,15 @@ class Capture(EngineCore):
             except MemoryReadError:
                 pass
         if msp is None:
-            buf[arch.PC] = space.patcher.bps[arch.trap_addr(buf[arch.PC])].slot
+            buf[arch.PC] = slot
             arch.regs_set(th.tid, th.regs)
         self._resume(th)
         th.pending.append(_Pending(fidx, sp, args, t0, caller, False, stack, strs, site))
 
     def _exit_hit(self, th: _Thread, space: _Space, fidx: int, buf: Any,
-                  msp: int | None = None) -> None:
-        """A ret int3, or (`msp` given) the exit marker of i386's gateway stub, whose saved
-        eax (the system call's result) is at msp."""
+                  msp: int | None = None, slot: int = 0) -> None:
+        """A ret trap (the thread goes on at `slot`), or (`msp` given) the exit marker of
+        i386's gateway stub, which saved the system call's result at msp."""
         abi = space.abi
         sp = buf[abi.SP] if msp is None else msp
         pend = th.pending
@@ -271,7 +293,7 @@ class Capture(EngineCore):
                 if got:
                     p.strs = {**(p.strs or {}), **got}
         if msp is None:
-            buf[abi.PC] = space.patcher.bps[abi.trap_addr(buf[abi.PC])].slot
+            buf[abi.PC] = slot
             abi.regs_set(th.tid, th.regs)
         self._resume(th)
         if p is None:

@@ -113,7 +113,7 @@ class Control:
                 failure.append(e)
                 ready.set()
                 return
-            s._engine_ident = threading.get_ident()
+            s.loop.bind_thread()
             self._publish(s)
             ready.set()
             try:
@@ -127,7 +127,7 @@ class Control:
             # the tracee is paused; a tick every 100 ms bounds that.
             while not done.wait(_TICK):
                 s.tick()
-                s._wake()
+                s.loop.wake()
 
         t = threading.Thread(target=engine, name="vdsotrace-engine", daemon=True)
         t.start()
@@ -148,10 +148,10 @@ class Control:
     # ------------------------------------------------------------------ commands
     def pause(self) -> Future[None]:
         """Stop every thread; the breakpoints stay."""
-        return self._submit(lambda s: s._pause_now())
+        return self._submit(lambda s: s.table.pause_now())
 
     def resume(self) -> Future[None]:
-        return self._submit(lambda s: s._resume_now())
+        return self._submit(lambda s: s.table.resume_now())
 
     def set_functions(self, specs: list[str] | None) -> Future[list[str]]:
         """Trace these -e specs from now on; the plain names now traced in the last process."""
@@ -224,21 +224,21 @@ def snapshot_of(s: Session) -> Snapshot:
 
 def set_functions_now(s: Session, specs: list[str] | None) -> list[str]:
     """Replant with a new -e set."""
-    was_paused = s._paused
+    was_paused = s.table.paused
     if not was_paused:
-        s._pause_now()
+        s.table.pause_now()
     try:
         new_funcs: list[str] = []
         plans = {pid: resolve_functions(sp.image, specs) for pid, sp in s.spaces.items()}
         threads = list(s.threads.values())
         for space in _own_spaces(s, threads):
-            s._replace_instrument(space, threads, None, plans[space.pid])
+            s.instruments.replace_instrument(space, threads, None, plans[space.pid])
             new_funcs = [f.plain for f in space.patcher.funcs]
         s.options.funcs = specs
         return new_funcs
     finally:
         if not was_paused:
-            s._resume_now()
+            s.table.resume_now()
 
 
 def _own_spaces(s: Session, threads: list[_Thread]) -> list[_Space]:
@@ -259,7 +259,7 @@ def set_signals_now(s: Session, on: bool) -> None:
     resumed with PTRACE_SYSCALL, or PTRACE_CONT again)."""
     if on == s.options.signals:
         return
-    s.options.signals = on
+    s.table.set_signals(on)
     for space in s.spaces.values():
         space.signals = sigtrack.SignalTracker(space.abi) if on else None
     if not on:
@@ -271,18 +271,18 @@ def set_inject_now(s: Session, on: bool) -> None:
     """Switch engines while attached: stop-based breakpoints <-> the in-tracee recorder."""
     if on == s.options.inject:
         return
-    was_paused = s._paused
+    was_paused = s.table.paused
     if not was_paused:
-        s._pause_now()
+        s.table.pause_now()
     try:
         threads = list(s.threads.values())
         for space in _own_spaces(s, threads):
-            s._replace_instrument(space, threads, on, list(space.patcher.funcs))
-            s._flush_notices(space)
+            s.instruments.replace_instrument(space, threads, on, list(space.patcher.funcs))
+            s.procs.flush_notices(space)
         s.options.inject = on
     finally:
         if not was_paused:
-            s._resume_now()
+            s.table.resume_now()
 
 
 def backtrace_of(s: Session, tid: int | None) -> Backtrace | None:
@@ -298,7 +298,7 @@ def backtrace_of(s: Session, tid: int | None) -> Backtrace | None:
     func = space.patcher.funcs[fidx].plain if fidx < len(space.patcher.funcs) else "?"
     frames = stack if stack else (caller,)
     return Backtrace(th.tid, func, bool(fallback), reason,
-                     tuple(s._stack_text(space, tuple(frames))))
+                     tuple(s.symbols.stack_text(space, tuple(frames))))
 
 
 def explain(s: Session) -> Explanation:

@@ -4,18 +4,54 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from tracer import procfs, stops, symload, target
+from tracer.breakpoints import Patcher
+from tracer.engine.instruments import Instruments
+from tracer.engine.options import TraceOptions
+from tracer.engine.processes import Processes
+from tracer.engine.recorders import Recorders
 from tracer.engine.state import _Space, _Thread
+from tracer.engine.threads import Threads
 from tracer.errors import ProcessGone, TracerError
-from tracer.events import ExecEvent, ExitEvent, NoticeEvent
+from tracer.events import Event, ExecEvent, ExitEvent, NoticeEvent
+from tracer.instrument import Instrument
 from tracer.stops import Kind, Stop
 from tracer.tables.signals import signame
-from tracer.engine.core import EngineCore
 
 
-class Lifecycle(EngineCore):
-    def _event(self, th: _Thread, stop: Stop) -> None:
+class Lifecycle:
+    """Owns the unfollowed fork children still to clean; adds and removes threads and spaces
+    of the thread table as processes clone, fork, exec and exit."""
+
+    _dispatch: Callable[[int, int], None]    # the loop's (connected by the session)
+
+    def __init__(self, options: TraceOptions, table: Threads, procs: Processes,
+                 instruments: Instruments, recorders: Recorders,
+                 sink: Callable[[Event], None]) -> None:
+        self.options = options
+        self.threads = table.threads
+        self.spaces = table.spaces
+        self.early = table.early
+        self._dead = table.dead
+        self._emit = sink
+        self._add_thread = table.add_thread
+        self._resume = table.resume
+        self._new_space = procs.new_space
+        self._hooks = instruments.hooks
+        self._instrument_class = instruments.instrument_class
+        self._follow_vdso = instruments.follow_vdso
+        self._unguard = instruments.forget
+        self._finish_recorder = recorders._finish_recorder
+        # unfollowed fork child -> what its copy of the parent's space holds (a patcher copy
+        # taken at the fork, with its own planted state; the parent's instrument): clean, let go
+        self.release_forks: dict[int, tuple[Patcher, Instrument, _Space]] = {}
+
+    def connect(self, dispatch: Callable[[int, int], None]) -> None:
+        self._dispatch = dispatch
+
+    def event(self, th: _Thread, stop: Stop) -> None:
         tid = th.tid
         kind = stop.kind
         if kind is Kind.GROUP_STOP:
@@ -52,7 +88,7 @@ class Lifecycle(EngineCore):
         self._resume(th)
 
     def _new_child(self, parent: _Thread, child: int, vfork: bool) -> None:
-        """A forked child inherits every int3 (and slot). Trace it with -f; otherwise clean
+        """A forked child inherits every breakpoint (and slot). Trace it with -f; otherwise clean
         its copy before it runs. A vfork child shares our address space: keep it traced,
         silently, until it execs or exits."""
         ps = parent.space
@@ -74,7 +110,7 @@ class Lifecycle(EngineCore):
                 return
             patcher = ps.patcher if vfork else ps.patcher.copy()
             space = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
-                           self._stop_stubs(child, mem, ps.abi, ps.image, patcher),
+                           ps.instrument.fork_child(child, mem, ps.abi, patcher, self._hooks),
                            ps.decoders, ps.is_gateway, traced=follow)
             self.spaces[child] = space
             th = self._add_thread(child, space)
@@ -86,11 +122,11 @@ class Lifecycle(EngineCore):
         if early is not None:
             self._dispatch(child, early)
 
-    def _unknown(self, tid: int, status: int) -> None:
+    def unknown(self, tid: int, status: int) -> None:
         stopped = stops.classify(status).stopped
         if tid in self.release_forks:
             if stopped:
-                self._release_child(tid)
+                self.release_child(tid)
             else:
                 self.release_forks.pop(tid, None)
             return
@@ -110,7 +146,7 @@ class Lifecycle(EngineCore):
             return
         self.early[tid] = status
 
-    def _release_child(self, child: int, wait: bool = False) -> None:
+    def release_child(self, child: int, wait: bool = False) -> None:
         """Restore an unfollowed fork child's private copy of the vDSO (under --inject: its
         entries, and unmap the ring and code page it inherited) and let it go. `wait`: its
         first stop has not been seen yet (it cannot have run: an auto-attached child stops
@@ -132,7 +168,7 @@ class Lifecycle(EngineCore):
                 if patcher.planted:
                     # as at detach: its thread may be on our code (i386: a fork made through
                     # __kernel_vsyscall returns inside the gateway stub in the padding)
-                    stubs = self._stop_stubs(child, mem, ps.abi, ps.image, patcher)
+                    stubs = inherited.fork_child(child, mem, ps.abi, patcher, self._hooks)
                     copy = _Space(child, ps.abi, mem, ps.image, ps.base, ps.size, patcher,
                                   stubs, ps.decoders, ps.is_gateway, traced=False)
                     stubs.take_out([_Thread(child, copy)])
@@ -271,7 +307,7 @@ class Lifecycle(EngineCore):
         except ProcessGone:
             pass
 
-    def _gone(self, th: _Thread, stop: Stop) -> None:
+    def gone(self, th: _Thread, stop: Stop) -> None:
         tid = th.tid
         space = th.space
         if tid == space.pid:

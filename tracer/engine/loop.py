@@ -1,5 +1,5 @@
 """The loop: waitpid and dispatch on the classified stop (stops.py), the cross-thread queue
-and its futures, the tick; resuming a thread."""
+and its futures, the tick."""
 from __future__ import annotations
 
 import ctypes
@@ -8,63 +8,76 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from queue import Empty
-from typing import Any, Self
+from queue import Empty, SimpleQueue
+from typing import Any, TypeVar
 
 from tracer import sched, stops, target
+from tracer.engine.calls import CallAssembly
+from tracer.engine.capture import Capture
+from tracer.engine.detach import Detach
+from tracer.engine.lifecycle import Lifecycle
+from tracer.engine.options import TraceOptions
+from tracer.engine.recorders import Recorders
+from tracer.engine.signals import SignalWatch
 from tracer.engine.state import (_DRAIN_BATCH, _DRAIN_BATCH_STATS, _DRAIN_FEW_STATS, _nap,
-                                 _NAP_EMPTY, _SLICE_S, _Thread, _WAKE_SIGNAL)
+                                 _NAP_EMPTY, _SLICE_S, _WAKE_SIGNAL)
+from tracer.engine.threads import Threads
 from tracer.errors import ProcessGone
-from tracer.events import Event
 from tracer.stops import Kind
-from tracer.engine.core import EngineCore
+from tracer.tsc import TscClock
+
+T = TypeVar("T")
 
 
-class Loop(EngineCore):
+class Loop:
+    """Owns the wait loop's state: why it ends (`stop_reason`), the queue of work from other
+    threads and its futures, the tick. The stops it waits for go to the parts that handle
+    them: capture (traps, markers), the signal watch, the process lifecycle."""
+
+    def __init__(self, options: TraceOptions, table: Threads, capture: Capture,
+                 life: Lifecycle, watch: SignalWatch, recorders: Recorders, detach: Detach,
+                 waiter: stops.Waiter, tsc: TscClock, assembly: CallAssembly) -> None:
+        self.options = options
+        self.table = table
+        self.threads = table.threads
+        self.spaces = table.spaces
+        self.early = table.early
+        self.tsc = tsc
+        self.assembly = assembly
+        self._waiter = waiter
+        self._trap = capture.trap
+        self._marker = capture.marker
+        self._event = life.event
+        self._unknown = life.unknown
+        self._gone = life.gone
+        self._signal = watch.signal
+        self._syscall_stop = watch.syscall_stop
+        self._drain_recorders = recorders._drain_recorders
+        self.detach_all = detach.detach_all
+        self.stop_reason: str | None = None
+        self.on_tick: Callable[[], None] | None = None
+        self._queue: SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = SimpleQueue()
+        self._engine_ident: int | None = None
+        self._tick_due = False
+
+    def bind_thread(self) -> None:
+        """The calling thread is the engine's from now on (it attached): work submitted from
+        other threads is queued to it."""
+        self._engine_ident = threading.get_ident()
+
     def tick(self) -> None:
         """Async-signal and thread safe: ask the loop to flush, run queued calls and check
         --duration at its next turn, even while stops keep arriving."""
         self._tick_due = True
 
-    def _emit(self, ev: Event) -> None:
-        self.sink(ev)
-
-    def _note_signal(self, th: _Thread) -> None:
-        """A signal is delivered to the stopped thread now: where it interrupts it."""
-        if not th.sig_in_vdso:
-            arch = th.space.abi
-            try:
-                arch.regs_get(th.tid, th.regs)
-            except ProcessGone:
-                return
-            pc = th.regs.buf[arch.PC]
-            th.sig_in_vdso = th.space.base <= pc < th.space.base + th.space.size
-
-    def _resume(self, th: _Thread) -> None:
-        if self._paused:
-            return
-        if th.sig:
-            self._note_signal(th)
-        sig, th.sig = th.sig, 0
-        th.stopped = False
-        th.undo_trap = 0
-        th.marker_stop = False
-        try:
-            if self.options.signals:
-                # every system-call entry stops: rt_sigreturn is seen however it is made
-                target.syscall(th.tid, sig)
-            else:
-                target.cont(th.tid, sig)
-        except ProcessGone:
-            pass
-
     def request_stop(self, reason: str) -> None:
         """Async-signal and thread safe: end `run` at the next wake-up."""
         if self.stop_reason is None:
             self.stop_reason = reason
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Thread safe: end the engine thread's wait (a signal to it) to look at its queue."""
         ident = self._engine_ident
         if ident is not None and ident != threading.get_ident():
             try:
@@ -72,17 +85,19 @@ class Loop(EngineCore):
             except (ProcessLookupError, OSError):
                 pass
 
-    def submit(self, fn: Callable[[Self], Any]) -> Future[Any]:
-        fut: Future[Any] = Future()
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` in the engine's thread (at once when called from it, or when no engine
+        thread runs); its result or exception in the Future."""
+        fut: Future[T] = Future()
         if self._engine_ident is None or self._engine_ident == threading.get_ident():
             try:
-                fut.set_result(fn(self))
+                fut.set_result(fn())
             except BaseException as e:  # delivered to the caller through the future
                 fut.set_exception(e)
             return fut
         self._queue.put((fn, fut))
         self._tick_due = True
-        self._wake()
+        self.wake()
         return fut
 
     def _run_queue(self) -> None:
@@ -94,20 +109,21 @@ class Loop(EngineCore):
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(fn(self))
+                fut.set_result(fn())
             except BaseException as e:
                 fut.set_exception(e)
 
     def run(self) -> str:
         """Trace until the tracees exit or `request_stop`; then leave them as they were."""
         self._engine_ident = threading.get_ident()
-        self.state = "paused" if self._paused else "running"
+        table = self.table
+        table.state = "paused" if table.paused else "running"
         deadline = (time.monotonic() + self.options.duration
                     if self.options.duration is not None else None)
         waiter = self._waiter
         waitpid, status, ref = waiter.waitpid, waiter.cell, waiter.ref
         trap_status, seccomp_status = stops.TRAP_STATUS, stops.SECCOMP_STATUS
-        dispatch = self._dispatch
+        dispatch = self.dispatch
         trap = self._trap
         marker = self._marker
         threads = self.threads
@@ -154,7 +170,7 @@ class Loop(EngineCore):
                         break
                     # a bounded batch, then waitpid again: stops (a thread being created, a
                     # signal) are served within one batch however fast the ring fills
-                    if self.summary_only:
+                    if self.assembly.summary_only:
                         if self._drain_recorders(_DRAIN_BATCH_STATS) < _DRAIN_FEW_STATS:
                             _nap(_NAP_EMPTY)  # (nearly) empty: let the tracee fill it
                     elif not self._drain_recorders(_DRAIN_BATCH):
@@ -191,13 +207,13 @@ class Loop(EngineCore):
             # every way out, an internal error included, leaves the tracee as it was
             self.detach_all(reason)
             if reason == "exit":
-                self.state = "exited"
+                table.state = "exited"
         return reason
 
     def _polling(self) -> bool:
         return any(sp.instrument.polls for sp in self.spaces.values())
 
-    def _dispatch(self, tid: int, status: int) -> None:
+    def dispatch(self, tid: int, status: int) -> None:
         th = self.threads.get(tid)
         if th is None:
             self._unknown(tid, status)
@@ -209,7 +225,7 @@ class Loop(EngineCore):
                 self._gone(th, stop)
                 return
             th.stopped = True
-            if kind is Kind.TRAP:                          # an int3 (or a step)
+            if kind is Kind.TRAP:                          # a trap instruction (or a step)
                 self._trap(th)
             elif kind is Kind.SECCOMP:
                 self._marker(th)

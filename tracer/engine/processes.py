@@ -1,26 +1,27 @@
 """Processes: attach and spawn, one traced address space set up (the vDSO found, parsed and
-patched by the chosen engine), its threads registered, the attach event."""
+instrumented by the chosen engine), its threads registered, the attach event."""
 from __future__ import annotations
 
 import os
 import signal
 import time
 
-from tracer import arch as _arch, procfs, seccomp as _seccomp, sigtrack, symload, target
+from collections.abc import Callable
+
+from tracer import arch as _arch, procfs, sigtrack, symload, target
 from tracer.abi import Abi
 from tracer.auxv import auxv_from_stack, find, parse_auxv
 from tracer.breakpoints import Patcher
 from tracer.consts import AuxType
-from tracer.decoders import for_function
 from tracer.disasm import gateway as find_gateway
-from tracer.engine.options import resolve_functions, timens_offsets
-from tracer.engine.state import _fidx_by_name, _Space, _Thread
+from tracer.engine.instruments import Instruments
+from tracer.engine.options import resolve_functions, timens_offsets, TraceOptions
+from tracer.engine.state import _Space
+from tracer.engine.symbols import Symbols
+from tracer.engine.threads import Threads
 from tracer.errors import AuxvError, ElfError, ProcessGone, TracerError, UsageError, VdsoError
-from tracer.events import AttachEvent, NoticeEvent
-from tracer.guardian import Guardian
-from tracer.instrument import Instrument, StopStubs
-from tracer.vdso import GATEWAY_SYMBOL, parse_image, VdsoFunction, VdsoImage
-from tracer.engine.core import EngineCore
+from tracer.events import AttachEvent, Event, NoticeEvent
+from tracer.vdso import parse_image
 
 
 def refuse_untraceable(pids: list[int]) -> None:
@@ -34,9 +35,35 @@ def refuse_untraceable(pids: list[int]) -> None:
             _arch.check_traceable(target.abi_of(pid))
 
 
-class Processes(EngineCore):
+class Processes:
+    """Owns which process is the root (the first attached or spawned); sets spaces up in the
+    thread table, their instruments made and installed by `instruments`."""
+
+    _dispatch: Callable[[int, int], None]    # the loop's (connected by the session)
+
+    def __init__(self, options: TraceOptions, table: Threads, instruments: Instruments,
+                 symbols: Symbols, clock: tuple[str | None, bool | None],
+                 sink: Callable[[Event], None]) -> None:
+        self.options = options
+        self.table = table
+        self.threads = table.threads
+        self.spaces = table.spaces
+        self.instruments = instruments
+        self.symbols = symbols
+        self.clocksource, self.fast_path = clock
+        self._emit = sink
+        self._add_thread = table.add_thread
+        self._resume = table.resume
+        self._instrument = instruments.instrument
+        self._instrument_class = instruments.instrument_class
+        self._install = instruments.install
+        self.root_pid: int | None = None
+
+    def connect(self, dispatch: Callable[[int, int], None]) -> None:
+        self._dispatch = dispatch
+
     def _options(self) -> int:
-        # Fork events are always wanted: a child inherits every int3 and must be cleaned.
+        # Fork events are always wanted: a child inherits every breakpoint and must be cleaned.
         # PTRACE_O_TRACESECCOMP: the marker stops (seccomp.py)
         return int(target.DEFAULT_OPTIONS | target.FORK_OPTIONS | target.SECCOMP_OPTION)
 
@@ -62,7 +89,7 @@ class Processes(EngineCore):
         if self.root_pid is None:
             self.root_pid = pid
         try:
-            space = self._new_space(pid, tids[0] if pid not in tids else pid, tids=tids)
+            space = self.new_space(pid, tids[0] if pid not in tids else pid, tids=tids)
             for tid in tids:
                 self._add_thread(tid, space).sig_in_vdso = False
             if self.root_pid == pid:
@@ -76,7 +103,7 @@ class Processes(EngineCore):
                     pass
             self.spaces.pop(pid, None)
             raise
-        self.state = "running"
+        self.table.state = "running"
         for tid, status in pending.items():
             th = self.threads.get(tid)
             if th is not None:
@@ -131,7 +158,7 @@ class Processes(EngineCore):
             # one instruction first.
             target.singlestep(pid)
             target.wait(pid)
-            space = self._new_space(pid, pid)
+            space = self.new_space(pid, pid)
             self._add_thread(pid, space).sig_in_vdso = False
             self._pin(pid)
         except BaseException:
@@ -140,7 +167,7 @@ class Processes(EngineCore):
             except OSError:
                 pass
             raise
-        self.state = "running"
+        self.table.state = "running"
         self._preload(space)
         self._emit_attach(space, spawned=True, t0=t0)
         self._resume(self.threads[pid])
@@ -172,7 +199,7 @@ class Processes(EngineCore):
             start = procfs.read_stat(pid).start_stack
             return auxv_from_stack(mem.read, start, abi.word)
 
-    def _new_space(self, pid: int, regs_tid: int, traced: bool = True,
+    def new_space(self, pid: int, regs_tid: int, traced: bool = True,
                    tids: list[int] | None = None, inject: bool | None = None) -> _Space:
         host = _arch.native()           # whose register layout ptrace fills
         regs = host.new_regs()
@@ -203,112 +230,6 @@ class Processes(EngineCore):
         self.spaces[pid] = space
         return space
 
-    def _install(self, space: _Space, inst: Instrument, tids: list[int]) -> None:
-        """Put `inst` into the space (every thread in `tids` stopped; the first one makes the
-        remote calls an install needs): it becomes the space's instrument, its functions the
-        space's function list. Its notices wait in `space.notices`."""
-        space.notices += inst.install_in(tids)
-        space.instrument = inst
-        funcs = inst.funcs
-        space.decoders = [for_function(f.plain) for f in funcs]
-        space.is_gateway = [f.symbol == GATEWAY_SYMBOL for f in funcs]
-        space.fidx_by_name = _fidx_by_name(space)
-        space.args_cache.clear()
-        self.stats.track(f.plain for f in funcs)
-
-    def _replace_instrument(self, space: _Space, threads: list[_Thread], inject: bool | None,
-                            funcs: list[VdsoFunction]) -> None:
-        """Every thread stopped: take the space's instrument out and install one of the class
-        `inject` chooses (None: of the same class; the stop-based stubs replanned) over
-        `funcs`. When either step fails, the old instrument is put back as far as it can be
-        and the error raised."""
-        old = space.instrument
-        if not self._uninstall(space, threads):
-            old.reinstate()
-            raise TracerError("a thread is inside a traced call right now: try again")
-        mine = [th for th in threads if th.space is space]
-        for th in mine:
-            th.pending.clear()
-            th.fb_marks.clear()
-        new = self._instrument(old.polls if inject is None else inject, space.pid, space.mem,
-                               space.abi, space.image, space.patcher, funcs, prev=old)
-        try:
-            self._install(space, new, [th.tid for th in mine])
-        except TracerError:
-            old.reinstate()
-            raise
-
-    def _stop_stubs(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage,
-                    patcher: Patcher) -> StopStubs:
-        """The stop-based stubs over `patcher` (a fork child's copy keeps the mechanism its
-        parent's patch was planned with)."""
-        mechanism = (patcher.marker_mode, patcher.tsc) if patcher.planted else None
-        return StopStubs(pid, mem, abi, image, patcher, patcher.funcs, self._stop_mechanism,
-                         self._step_out, self._guard, self._unpatch, mechanism)
-
-    def _instrument_class(self, inject: bool | None = None) -> type[Instrument]:
-        """Which instrumentation a new space gets: the in-tracee recorder (--inject; `inject`
-        overrides the option) or the stop-based stubs."""
-        if self.options.inject if inject is None else inject:
-            from tracer.inject import Recorder
-            return Recorder
-        return StopStubs
-
-    def _instrument(self, inject: bool | None, pid: int, mem: target.Memory, abi: Abi,
-                    image: VdsoImage, patcher: Patcher, funcs: list[VdsoFunction],
-                    prev: Instrument | None = None) -> Instrument:
-        """The one place that makes an instrument, for `funcs` (not installed yet): of the
-        class `_instrument_class` chooses; the stop-based stubs `prev` (replanned over
-        another set) keep their stop mechanism."""
-        cls = self._instrument_class(inject)
-        if cls is not StopStubs:
-            from tracer.inject import Recorder
-            # the in-tracee recorder patches the entries itself; the patcher only names the
-            # functions (nothing of it is planted). i386's gateway is not recorded in the
-            # tracee (its calls may block; the stop-based engine shows them as syscall events)
-            funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL]
-            patcher.funcs = list(funcs)
-            return Recorder(pid, mem, abi, image, patcher.base, funcs, lossy=self.options.lossy)
-        stubs = prev if isinstance(prev, StopStubs) else self._stop_stubs(pid, mem, abi, image,
-                                                                          patcher)
-        stubs.funcs = funcs
-        return stubs
-
-    def _stop_mechanism(self, pid: int, tids: list[int], mem: target.Memory, abi: Abi,
-                        image: VdsoImage, base: int) -> tuple[bool, bool, list[str]]:
-        """(marker stops, stubs may read the TSC, notices): the marker filter is installed
-        when it can be (seccomp.py); the TSC is probed without a system call (tsc.py)."""
-        from tracer.tsc import tsc_usable
-        notes: list[str] = []
-        scratch = base + ((image.image_size + 15) & ~15)
-        modes = _seccomp.seccomp_modes(pid, tids)
-        use_tsc = 1 not in modes and tsc_usable(tids, mem, scratch, arch=abi)
-        if not use_tsc:
-            notes.append(f"process {pid} has the time-stamp counter disabled (prctl PR_SET_TSC "
-                         "or seccomp strict mode): call durations read 0")
-        why = _seccomp.ensure(pid, tids, mem, abi, scratch, _seccomp.syscall_site(image, base),
-                              _seccomp.MARKER_SPAN)
-        if why is not None:
-            notes.append(f"process {pid} would not survive a SIGKILL of vdsotrace (it stops on "
-                         f"int3 breakpoints, not on seccomp markers: {why})")
-        return why is None, use_tsc, notes
-
-    def _guard(self, pid: int, mem: target.Memory, patcher: Patcher) -> None:
-        """int3 stops: a guardian undoes them if the tracer dies (guardian.py)."""
-        if self._guardian is None:
-            self._guardian = Guardian()
-        self._guardian.watch(pid, mem.fd, patcher.undo_int3s())
-
-    def _unguard(self, pid: int) -> None:
-        if self._guardian is not None:
-            self._guardian.forget(pid)
-
-    def _add_thread(self, tid: int, space: _Space) -> _Thread:
-        th = _Thread(tid, space)
-        self.threads[tid] = th
-        space.threads.add(tid)
-        return th
-
     def _emit_attach(self, space: _Space, spawned: bool, t0: float | None = None) -> None:
         gw = find_gateway(space.image)
         setup = (time.monotonic() - t0) * 1e3 if t0 is not None else 0.0
@@ -316,9 +237,9 @@ class Processes(EngineCore):
                                self.clocksource, self.fast_path, space.timens,
                                len(space.threads), tuple(f.plain for f in space.patcher.funcs),
                                gw.instructions if gw else None, spawned, setup))
-        self._flush_notices(space)
+        self.flush_notices(space)
 
-    def _flush_notices(self, space: _Space) -> None:
+    def flush_notices(self, space: _Space) -> None:
         for text in space.notices:
             self._emit(NoticeEvent(space.pid, space.pid, time.time(), text))
         space.notices = []

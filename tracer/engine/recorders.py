@@ -3,14 +3,36 @@ notices of what they could not record."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from tracer.engine.calls import CallAssembly
 from tracer.engine.state import _DRAIN_BATCH_STATS, _Space
+from tracer.engine.stats import Stats
 from tracer.inject.layout import NSLOTS as _RING_SLOTS
-from tracer.events import NoticeEvent
-from tracer.engine.core import EngineCore
+from tracer.events import Event, NoticeEvent
+
+if TYPE_CHECKING:
+    from tracer.engine.threads import Threads
 
 
-class Recorders(EngineCore):
+class Recorders:
+    """Reads the spaces and threads of the thread table (and the threads that exited, whose
+    records may still be in a ring); hands calls to call assembly, counts to the statistics."""
+
+    def __init__(self, table: Threads, assembly: CallAssembly, stats: Stats,
+                 sink: Callable[[Event], None]) -> None:
+        self.spaces = table.spaces
+        self.threads = table.threads
+        self._dead = table.dead
+        self.assembly = assembly
+        self.stats = stats
+        self._emit = sink
+
+    @property
+    def summary_only(self) -> bool:
+        return self.assembly.summary_only
+
     def _drain_recorders(self, limit: int = 65536) -> int:
         """Turn what the instruments that poll recorded into events (or, with -c, counts),
         at most `limit` records per instrument."""

@@ -1,5 +1,6 @@
-"""The thread table's control: stop every thread, pause, resume, step a thread out of a
-range of code."""
+"""The thread table: every traced thread and address space, the stops of threads not known yet,
+the exited threads whose records may still come; resuming a thread, stopping every thread,
+pausing, stepping a thread out of a range of code."""
 from __future__ import annotations
 
 import signal
@@ -9,15 +10,107 @@ from collections.abc import Callable
 from tracer import procfs, stops, target
 from tracer.arch import native
 from tracer.abi import Abi
-from tracer.engine.state import _Thread
+from tracer.engine.options import TraceOptions
+from tracer.engine.state import _Space, _Thread
 from tracer.errors import ProcessGone
-from tracer.stops import Kind
+from tracer.stops import Kind, Stop
 from tracer.target import Regs
-from tracer.engine.core import EngineCore
 
 
-class Threads(EngineCore):
-    def _stop_all(self) -> list[_Thread]:
+class Threads:
+    """Owns the tables of what is traced (`threads`, `spaces`, `early`, `dead`) and the engine's
+    state (`state`, `paused`). What a stop that arrives while stopping everything means is
+    asked of the parts that handle stops (`connect`)."""
+
+    # the handlers of stops that arrive while every thread is being stopped, and of the stops
+    # a pause held (connected by the session: they are built after the table)
+    _event: Callable[[_Thread, Stop], None]
+    _unknown: Callable[[int, int], None]
+    _gone: Callable[[_Thread, Stop], None]
+    _trap: Callable[[_Thread], None]
+    _marker: Callable[[_Thread], None]
+    _handler_entry: Callable[[_Thread, _Space, int], bool]
+    _emulate_counter: Callable[..., bool]
+    _follow_vdso: Callable[[_Space], bool]
+
+    def __init__(self, options: TraceOptions, waiter: stops.Waiter) -> None:
+        self.options = options
+        self._waiter = waiter
+        self.threads: dict[int, _Thread] = {}
+        self.spaces: dict[int, _Space] = {}
+        self.early: dict[int, int] = {}            # stops of tids we do not know yet
+        self.dead: dict[int, _Thread] = {}         # --inject: exited threads, for late records
+        self.state = "detached"                    # running | paused | detached | exited
+        self._paused = False
+        # a stopped thread may be resumed with a bare PTRACE_CONT: not paused, no --signals
+        # (capture's hot path reads this one flag)
+        self.plain = not options.signals
+
+    def connect(self, event: Callable[[_Thread, Stop], None], unknown: Callable[[int, int], None],
+                gone: Callable[[_Thread, Stop], None], trap: Callable[[_Thread], None],
+                marker: Callable[[_Thread], None],
+                handler_entry: Callable[[_Thread, _Space, int], bool],
+                emulate_counter: Callable[..., bool], follow_vdso: Callable[[_Space], bool]) -> None:
+        self._event = event
+        self._unknown = unknown
+        self._gone = gone
+        self._trap = trap
+        self._marker = marker
+        self._handler_entry = handler_entry
+        self._emulate_counter = emulate_counter   # a stub's faulting cycle-counter read
+        self._follow_vdso = follow_vdso
+
+    @property
+    def paused(self) -> bool:
+        """Every thread is held (the console's pause, or leaving): nothing is resumed."""
+        return self._paused
+
+    @paused.setter
+    def paused(self, on: bool) -> None:
+        self._paused = on
+        self.plain = not on and not self.options.signals
+
+    def set_signals(self, on: bool) -> None:
+        """--signals switched: each thread follows from its next resume (PTRACE_SYSCALL)."""
+        self.options.signals = on
+        self.plain = not self._paused and not on
+
+    def add_thread(self, tid: int, space: _Space) -> _Thread:
+        th = _Thread(tid, space)
+        self.threads[tid] = th
+        space.threads.add(tid)
+        return th
+
+    def note_signal(self, th: _Thread) -> None:
+        """A signal is delivered to the stopped thread now: where it interrupts it."""
+        if not th.sig_in_vdso:
+            arch = th.space.abi
+            try:
+                arch.regs_get(th.tid, th.regs)
+            except ProcessGone:
+                return
+            pc = th.regs.buf[arch.PC]
+            th.sig_in_vdso = th.space.base <= pc < th.space.base + th.space.size
+
+    def resume(self, th: _Thread) -> None:
+        if self._paused:
+            return
+        if th.sig:
+            self.note_signal(th)
+        sig, th.sig = th.sig, 0
+        th.stopped = False
+        th.undo_trap = 0
+        th.marker_stop = False
+        try:
+            if self.options.signals:
+                # every system-call entry stops: rt_sigreturn is seen however it is made
+                target.syscall(th.tid, sig)
+            else:
+                target.cont(th.tid, sig)
+        except ProcessGone:
+            pass
+
+    def stop_all(self) -> list[_Thread]:
         """Bring every thread into a ptrace stop (PTRACE_INTERRUPT), handling what arrives."""
         for th in list(self.threads.values()):
             if not th.stopped:
@@ -56,9 +149,9 @@ class Threads(EngineCore):
                 continue
             if stop.is_event:
                 # clone/fork/exec while stopping: handle it fully, then stop again
-                self._paused = False
+                self.paused = False
                 self._event(th, stop)
-                self._paused = True
+                self.paused = True
                 if not th.stopped:
                     try:
                         target.interrupt(th.tid)
@@ -82,18 +175,18 @@ class Threads(EngineCore):
                     continue
             if kind is Kind.SYSCALL:
                 continue
-            if stop.sig == signal.SIGSEGV and self._emulate_rdtsc(th, resume=False):
+            if stop.sig == signal.SIGSEGV and self._emulate_counter(th, resume=False):
                 continue
             th.sig = stop.sig           # a real signal: deliver it when we let go
         return list(self.threads.values())
 
-    def _pause_now(self) -> None:
-        self._paused = True
-        self._stop_all()
+    def pause_now(self) -> None:
+        self.paused = True
+        self.stop_all()
         self.state = "paused"
 
-    def _resume_now(self) -> None:
-        self._paused = False
+    def resume_now(self) -> None:
+        self.paused = False
         for th in list(self.threads.values()):
             if th.stopped:
                 if th.undo_trap:
@@ -104,11 +197,11 @@ class Threads(EngineCore):
                     th.marker_stop = False
                     self._marker(th)
                 else:
-                    self._resume(th)
+                    self.resume(th)
         self.state = "running"
 
-    def _step_out(self, tid: int, inside: Callable[[int], bool], limit: int = 200_000,
-                  timeout: float = 0.5) -> bool:
+    def step_out(self, tid: int, inside: Callable[[int], bool], limit: int = 200_000,
+                 timeout: float = 0.5) -> bool:
         """Single-step a stopped thread until `inside(pc)` is false. False when it could not
         be done (a blocking system call, a signal, the thread died): it is left stopped."""
         known = self.threads.get(tid)
@@ -135,7 +228,7 @@ class Threads(EngineCore):
                    deadline: float, regs: Regs, held: list[int], arch: Abi) -> bool:
         def on_fault(sig: int) -> bool:
             known = self.threads.get(tid)
-            return known is not None and self._emulate_rdtsc(known, resume=False)
+            return known is not None and self._emulate_counter(known, resume=False)
 
         def on_signal(sig: int, held: list[int]) -> bool:
             # hold it for the thread's next resume and step on

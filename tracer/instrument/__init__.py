@@ -1,12 +1,13 @@
 """One interface for the two ways a traced call reaches the engine: stop-based stubs (a stop
-per call, read by the engine: breakpoints.Patcher) and the in-tracee recorder (calls written
-to a shared ring and polled: tracer.inject.Recorder). The engine holds one `Instrument` per
-address space (`_Space.instrument`), chosen in one place (engine/processes.py `_instrument`),
-and calls it without asking which it is: it is installed, replanned over another function set
-and taken out through the same engine paths (`_install`, `_uninstall`), a stop at an address
-or a marker stop is asked of it (`stop_at`, `marker`), the loop drains whatever polls, a fork
-child is cleaned of what it inherits, the vDSO moved by mremap is followed, and the losses
-are reported the same way.
+per call, read by the engine: `StopStubs` over breakpoints.Patcher, instrument/stubs.py) and
+the in-tracee recorder (calls written to a shared ring and polled: tracer.inject.Recorder).
+The engine holds one `Instrument` per address space (`_Space.instrument`), chosen in one place
+(engine/instruments.py `Instruments.instrument`), and calls it without asking which it is: it
+is installed, replanned over another function set and taken out through the same engine paths
+(`Instruments.install`, `Instruments.uninstall`), a stop at an address or a marker stop is
+asked of it (`stop_at`, `marker`), the loop drains whatever polls, a fork child's instrument is
+made by it (`fork_child`) and the child cleaned of what it inherits, the vDSO moved by mremap
+is followed, and the losses are reported the same way.
 
 Both yield the same raw call record for a call: `tracer.inject.RawRecord` from a ring, the
 same fields read at a stub's stop (engine/capture.py), with the function as an index into
@@ -16,24 +17,28 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from tracer import target
 from tracer.abi import Abi
 from tracer.breakpoints import Bp, Patcher
-from tracer.decoders import for_function
+from tracer.target import Regs
 from tracer.vdso import VdsoFunction, VdsoImage
 
 if TYPE_CHECKING:
     from tracer.inject import CallStats, RawRecord
 
-__all__ = ["Instrument", "StopStubs", "Stopped"]
+__all__ = ["Instrument", "StopStubs", "Stopped", "StubHooks"]
 
 
 class Stopped(Protocol):
     """A traced thread as an instrument's removal sees it (engine/state.py `_Thread`)."""
     tid: int
     stopped: bool           # in a ptrace stop the engine has not resumed
+    regs: Regs              # its register buffer (read again before use)
+    undo_trap: int          # the address of a trap it took that was not handled, or 0
+    sig_in_vdso: bool       # a signal may have interrupted it in the vDSO or our code
 
     @property
     def space(self) -> _HasInstrument: ...
@@ -42,6 +47,24 @@ class Stopped(Protocol):
 class _HasInstrument(Protocol):
     @property
     def instrument(self) -> Instrument: ...
+
+    @property
+    def patcher(self) -> Patcher: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StubHooks:
+    """What the stop-based stubs ask of the engine: the stop mechanism a process allows
+    (pid, stopped tids, memory, abi, image, base -> marker stops, stubs may read the TSC,
+    notices), stepping a stopped thread until a pc test is false (whether it got out), the
+    guardian that undoes trap instructions if the tracer dies (watch, forget), and a notice (pid, tid,
+    text) for the user."""
+    stop_mechanism: Callable[[int, list[int], target.Memory, Abi, VdsoImage, int],
+                             tuple[bool, bool, list[str]]]
+    step_out: Callable[[int, Callable[[int], bool]], bool]
+    guard: Callable[[int, target.Memory, Patcher], None]
+    unguard: Callable[[int], None]
+    notice: Callable[[int, int, str], None]
 
 
 class Instrument(ABC):
@@ -83,7 +106,7 @@ class Instrument(ABC):
         return self.installed
 
     def stop_at(self, pc: int) -> Bp | None:
-        """What a trap stop (its int3 at `pc`) means: one of ours, or None (the tracee's)."""
+        """What a trap stop (its trap instruction at `pc`) means: one of ours, or None (the tracee's)."""
         return None
 
     def marker(self, idx: int) -> Bp | None:
@@ -122,6 +145,16 @@ class Instrument(ABC):
         the space's Patcher's own."""
         return []
 
+    def fork_child(self, child: int, mem: target.Memory, abi: Abi, patcher: Patcher,
+                   hooks: StubHooks) -> StopStubs:
+        """The instrument of a fork child's copy of the vDSO (`patcher`: the copy of the
+        parent's patch taken at the fork, with its own planted state): the stop-based stubs
+        over it, with the stop mechanism the parent's patch was planned with. Followed, it
+        traces the child; unfollowed, it takes the copy's stubs out before the child runs."""
+        mechanism = (patcher.marker_mode, patcher.tsc) if patcher.planted else None
+        return StopStubs(child, mem, abi, patcher.image, patcher, patcher.funcs, hooks,
+                         mechanism)
+
     def release_fork(self, child: int, mem: target.Memory) -> str | None:
         """An unfollowed fork child at its first stop: remove what it inherited from us
         (beyond the vDSO copy the engine restores); a notice when something must stay."""
@@ -132,72 +165,4 @@ class Instrument(ABC):
         return 0, []
 
 
-class StopStubs(Instrument):
-    """Stop-based stubs (breakpoints.Patcher): the entries jump to stubs in the vDSO's padding
-    that stop once per call, on return (or int3s, or seccomp marker stops). Installing plans
-    the patches with the stop mechanism the process allows, steps every thread out of the
-    bytes about to be replaced, plants, and has a guardian undo int3s if the tracer dies."""
-
-    def __init__(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage,
-                 patcher: Patcher, funcs: list[VdsoFunction],
-                 stop_mechanism: Callable[[int, list[int], target.Memory, Abi, VdsoImage, int],
-                                          tuple[bool, bool, list[str]]],
-                 step_out: Callable[[int, Callable[[int], bool]], bool],
-                 guard: Callable[[int, target.Memory, Patcher], None],
-                 unpatch: Callable[[StopStubs, Sequence[Stopped]], bool],
-                 mechanism: tuple[bool, bool] | None = None) -> None:
-        self.pid = pid
-        self.mem = mem
-        self.abi = abi
-        self.image = image
-        self.patcher = patcher
-        self.funcs = funcs
-        self._stop_mechanism = stop_mechanism
-        self._step_out = step_out
-        self._guard = guard
-        self._unpatch = unpatch
-        # (marker stops, stubs read the TSC) once probed: a replan keeps them (the marker
-        # filter, once installed, stays in the process for its life: seccomp(2))
-        self.mechanism = mechanism
-
-    @staticmethod
-    def prepare(image: VdsoImage, base: int, size: int, funcs: list[VdsoFunction]) -> None:
-        Patcher(image, base, size).plan(funcs, [for_function(f.plain).nargs for f in funcs])
-
-    def install_in(self, tids: list[int]) -> list[str]:
-        p = self.patcher
-        notes: list[str] = []
-        if self.mechanism is None:
-            markers, use_tsc, notes = self._stop_mechanism(self.pid, tids, self.mem, self.abi,
-                                                           self.image, p.base)
-            self.mechanism = (markers, use_tsc)
-        markers, use_tsc = self.mechanism
-        p.plan(self.funcs, [for_function(f.plain).nargs for f in self.funcs],
-               markers=markers, tsc=use_tsc)
-        for tid in tids:
-            self._step_out(tid, p.in_detour)
-        p.plant(self.mem)
-        if not markers:
-            self._guard(self.pid, self.mem, p)
-        return notes
-
-    def take_out(self, threads: Sequence[Stopped]) -> tuple[bool, list[str]]:
-        return self._unpatch(self, threads), []
-
-    def reinstate(self) -> bool:
-        p = self.patcher
-        p.plant(self.mem)
-        if not p.marker_mode:
-            self._guard(self.pid, self.mem, p)
-        return True
-
-    @property
-    def installed(self) -> bool:      # type: ignore[override]
-        return self.patcher.planted
-
-    def stop_at(self, pc: int) -> Bp | None:
-        return self.patcher.bps.get(pc)
-
-    def marker(self, idx: int) -> Bp | None:
-        markers = self.patcher.markers
-        return markers[idx] if 0 <= idx < len(markers) else None
+from tracer.instrument.stubs import StopStubs  # noqa: E402  (it builds on Instrument)
