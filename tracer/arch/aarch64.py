@@ -22,11 +22,12 @@ Signal frames (arch/arm64/kernel/signal.c, arch/arm64/include/uapi/asm/{ucontext
 """
 from __future__ import annotations
 
+import ctypes
 from enum import IntFlag
 
 from tracer import target
 from tracer.arch.base import Arch, DwarfRegs, ReadMem, RegLayout, SigFrameLayout, StubLayout
-from tracer.errors import MemoryReadError
+from tracer.errors import MemoryReadError, TracerError
 
 __all__ = [
     "AARCH64", "Aarch64Arch", "EM_AARCH64", "AUDIT_ARCH_AARCH64", "USER_PT_REGS", "REG_NAMES",
@@ -34,6 +35,7 @@ __all__ = [
     "INSN_SIZE", "PACIASP", "AUTIASP", "BTI_C", "B_RANGE", "NR_RT_SIGRETURN",
     "RT_SIGRETURN_CODE", "VDSO_VERSION", "VDSO_FUNCTIONS", "UC_MCONTEXT", "SIGCONTEXT_PC",
     "SIGCONTEXT_SP", "PAC_MASK_CHECKED", "encode_b", "decode_b", "strip_pac",
+    "read_pac_mask", "SIGCONTEXT_REGS",
 ]
 
 EM_AARCH64 = 183                     # include/uapi/linux/elf-em.h
@@ -72,6 +74,7 @@ VDSO_FUNCTIONS = ("__kernel_clock_gettime", "__kernel_gettimeofday", "__kernel_c
                   "__kernel_rt_sigreturn", "__kernel_getrandom")
 
 UC_MCONTEXT = 176
+SIGCONTEXT_REGS = 8                  # regs[31], after fault_address
 SIGCONTEXT_SP = 8 + 31 * 8           # 256
 SIGCONTEXT_PC = SIGCONTEXT_SP + 8    # 264
 _SIGINFO = 128
@@ -131,6 +134,19 @@ def strip_pac(addr: int, insn_mask: int) -> int:
     return addr & ~insn_mask & 0xFFFFFFFFFFFFFFFF
 
 
+def read_pac_mask(tid: int) -> int:
+    """The thread's insn_mask of NT_ARM_PAC_MASK (struct user_pac_mask { data_mask, insn_mask
+    }, arch/arm64/include/uapi/asm/ptrace.h); 0 on a kernel or CPU without address
+    authentication (the regset is then inactive: EINVAL/ENODEV)."""
+    buf = (ctypes.c_uint64 * 2)()
+    try:
+        if target.getregset(tid, NT_ARM_PAC_MASK, buf) < 16:
+            return 0
+    except TracerError:
+        return 0
+    return int(buf[1])
+
+
 def _getregs(tid: int, regs: target.Regs) -> None:
     target.getregset(tid, NT_PRSTATUS, regs.buf)
 
@@ -156,6 +172,9 @@ class Aarch64Arch(Arch):
     def return_address(self, regs: target.Regs, read: ReadMem) -> int:
         # `bl`/`blr` put it in x30 (the link register); at the entry it is not signed yet
         return regs["x30"]
+
+    def pac_mask(self, tid: int) -> int:
+        return read_pac_mask(tid)
 
     def jump(self, src: int, dst: int) -> bytes:
         return encode_b(src, dst)
@@ -204,7 +223,8 @@ AARCH64 = Aarch64Arch(
         rt_sigreturn_nr=NR_RT_SIGRETURN, rt_sigreturn_sp_adjust=0,
         plain_ip=None, sigreturn_nr=None, sigreturn_sp_adjust=None,
         rt_info=0, rt_uc=_SIGINFO,
-        handler_regs=("x0", "x1", "x2"), args_in_frame=False),
+        handler_regs=("x0", "x1", "x2"), args_in_frame=False,
+        restorer_reg="x30", rt_fp_lr=_SIGINFO + UC_MCONTEXT + SIGCONTEXT_REGS + 29 * 8),
     restorer_code=RT_SIGRETURN_CODE,
     # DWARF for the Arm 64-bit Architecture (AADWARF64): 0-30 are x0-x30, 31 is sp; the
     # return address column is x30

@@ -98,6 +98,13 @@ class SigFrameLayout:
     # True: the frame itself holds signo and the &info/&uc pointers (i386's rt_sigframe_ia32,
     # whose plain frames have none); False: only the registers do (x86_64, arm64)
     args_in_frame: bool
+    # Where the handler returns to: None = the frame's first word (x86's pretcode); else the
+    # link register holding it at the handler's entry (arm64's x30)
+    restorer_reg: str | None = None
+    # arm64: the offset in the frame of the saved (x29, x30) pair (sigcontext regs[29..30]);
+    # the kernel writes the same pair into the frame record x29 points at, for every handler
+    # (x1/x2 hold &info/&uc only for SA_SIGINFO ones): how a delivery is told there
+    rt_fp_lr: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +241,11 @@ class Arch:
     def return_address(self, regs: Regs, read: ReadMem) -> int:
         """At a function's first instruction: where it returns to (x86: the word at sp)."""
         raise NotImplementedError
+
+    def pac_mask(self, tid: int) -> int:
+        """The bits pointer authentication signs into this thread's code addresses (return
+        addresses saved on its stack); 0 where nothing is signed."""
+        return 0
 
     def thread_arch(self, regs: Regs) -> Arch:
         """The ABI a stopped thread of a process of this arch runs in (a 64-bit x86 process

@@ -15,6 +15,7 @@ class Symbols:
 
     def __init__(self, options: TraceOptions) -> None:
         self.options = options          # (demangle: read at each module map rebuild)
+        self._pac: dict[int, int] = {}  # pid -> its pointer-authentication mask (arm64)
 
     def modules(self, space: _Space, addr: int) -> ModuleMap:
         """The space's module map, rebuilt when addr is not in it (a library loaded since),
@@ -62,15 +63,22 @@ class Symbols:
         regs: dict[int | str, int] = {i: buf[index[n]] for i, n in enumerate(arch.dwarf_regs)}
         regs["pc"] = buf[arch.PC] if pc is None else pc
         regs["sp"] = buf[arch.SP] if sp is None else sp
+        pac = self._pac.get(space.pid)
+        if pac is None:
+            pac = self._pac[space.pid] = arch.pac_mask(th.tid)
         try:
-            # the map must know the caller's object (it may have been loaded since we looked)
-            ret0 = space.mem.read_word(int(regs["sp"]), space.abi.word)
+            # the map must know the caller's object (it may have been loaded since we looked);
+            # arm64: the return address is in x30 at the entry, the word at sp elsewhere
+            if ARCHES[arch.name].link:
+                ret0 = regs[arch.dwarf.ra] & ~pac
+            else:
+                ret0 = space.mem.read_word(int(regs["sp"]), space.abi.word)
         except MemoryReadError:
             return ()
         self.modules(space, int(regs["sp"]))  # a thread's stack mapped since: rebuild
         mm = self.modules(space, ret0)
         try:
-            return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth))
+            return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth, pac_mask=pac))
         except (ElfError, MemoryReadError):
             return ()
 
