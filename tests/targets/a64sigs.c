@@ -1,0 +1,155 @@
+/* a64sigs: arm64 SIGUSR1 deliveries whose handler records what it saw, and a forged
+ * rt_sigreturn (tests/vm/test_signals_aarch64.py).
+ *
+ *   a64sigs RECORD [--count N] [--forge]
+ *
+ * A SIGUSR1 handler is installed with SA_SIGINFO through the C library's sigaction. glibc sets
+ * no SA_RESTORER on arm64, so the kernel points the handler's x30 at the vDSO's
+ * __kernel_rt_sigreturn (arch/arm64/kernel/signal.c setup_return). After the go byte the main
+ * thread sends itself N (default 25) SIGUSR1 with tgkill. The handler records its own address,
+ * its return address (__builtin_return_address(0): x30 at its entry, the restorer), the
+ * signal number, the interrupted pc from its ucontext (uc_mcontext.pc) and the frame (its
+ * ucontext pointer minus the 128-byte siginfo: the handler's sp at entry).
+ *
+ * --forge, after the deliveries: an rt_sigreturn with no signal delivered. getcontext() fills
+ * a struct ucontext (general registers, sp, pc = its return address, the FPSIMD record and
+ * its terminator in __reserved, the signal mask: the layout the kernel's restore_sigframe
+ * reads) in a 16-byte aligned rt_sigframe-shaped buffer; forge_sigreturn() points sp at it
+ * and runs `mov x8, #139; svc #0` (sys_rt_sigreturn: frame = sp). The kernel restores that
+ * context: getcontext "returns" a second time, which the program notes.
+ *
+ * Record, one JSON line each:
+ *   {"kind": "delivery", "n": i, "tid", "signo": 10, "handler": "0x…", "restorer": "0x…",
+ *    "interrupted_ip": "0x…", "frame": "0x…"}
+ *   {"kind": "forge", "tid", "resume_ip": "0x…", "svc": "0x…", "frame": "0x…",
+ *    "reached": true}                                                       (--forge)
+ *   {"kind": "summary", "tid", "sent": N, "delivered": M, "sa_restorer": bool,
+ *    "vdso": "0x…" (getauxval(AT_SYSINFO_EHDR)), "abi": "aarch64"}
+ */
+#include "common.h"
+
+#include <signal.h>
+#include <ucontext.h>
+
+#ifndef __aarch64__
+#error "a64sigs is an arm64 program"
+#endif
+
+#define MAX_SIGS 256
+
+struct delivery {
+    int signo;
+    uintptr_t handler, restorer, ip, frame;
+};
+
+static struct delivery deliveries[MAX_SIGS];
+static volatile sig_atomic_t ndeliv;
+
+static void handler(int sig, siginfo_t *si, void *uctx)
+{
+    ucontext_t *uc = uctx;
+    struct delivery *d;
+    if (ndeliv >= MAX_SIGS)
+        return;
+    d = &deliveries[ndeliv];
+    d->signo = sig;
+    d->handler = (uintptr_t)&handler;
+    /* clang strips the PAC (xpaclri) from __builtin_return_address on arm64 */
+    d->restorer = (uintptr_t)__builtin_return_address(0);
+    d->ip = (uintptr_t)uc->uc_mcontext.pc;
+    d->frame = (uintptr_t)si; /* struct rt_sigframe { siginfo info; ucontext uc; } */
+    ndeliv++;
+}
+
+/* forge_sigreturn(frame): rt_sigreturn (139, asm-generic/unistd.h) on the frame at x0. */
+__asm__(".text\n"
+        ".globl forge_sigreturn\n"
+        ".type forge_sigreturn, %function\n"
+        ".p2align 2\n"
+        "forge_sigreturn:\n"
+        "\thint #34\n" /* bti c */
+        "\tmov sp, x0\n"
+        "\tmov x8, #139\n"
+        "\tsvc #0\n"
+        "\tbrk #1\n"
+        ".size forge_sigreturn, .-forge_sigreturn\n");
+extern void forge_sigreturn(void *frame);
+
+static struct {
+    siginfo_t info;
+    ucontext_t uc;
+} forged __attribute__((aligned(16)));
+static volatile int forge_sent, forge_reached;
+
+static __attribute__((noinline)) void forge(void)
+{
+    memset(&forged, 0, sizeof forged);
+    if (getcontext(&forged.uc) != 0)
+        die("getcontext failed");
+    if (forge_sent) {
+        /* back from the forged rt_sigreturn: the kernel restored this context */
+        forge_reached = 1;
+        return;
+    }
+    if (sigaltstack(NULL, &forged.uc.uc_stack) != 0)
+        die("sigaltstack failed");
+    forge_sent = 1;
+    forge_sigreturn(&forged);
+    die("rt_sigreturn returned");
+}
+
+int main(int argc, char **argv)
+{
+    int count, do_forge, i;
+    struct sigaction sa, now;
+    pid_t pid, tid;
+    FILE *f;
+
+    if (argc < 2)
+        die("usage: a64sigs RECORD [--count N] [--forge]");
+    count = (int)arg_long(argc, argv, "--count", 25);
+    do_forge = arg_flag(argc, argv, "--forge");
+    if (count < 0 || count > MAX_SIGS)
+        die("bad --count");
+    record_truncate(argv[1]);
+    pid = getpid();
+    tid = gettid_raw();
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = handler;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGUSR1, &sa, NULL) != 0 || sigaction(SIGUSR1, NULL, &now) != 0)
+        die("sigaction failed");
+
+    ready_and_wait();
+
+    for (i = 0; i < count; i++)
+        syscall(SYS_tgkill, pid, tid, SIGUSR1);
+    if (do_forge)
+        forge();
+
+    f = record_open_append(argv[1]);
+    for (i = 0; i < ndeliv; i++)
+        fprintf(f, "{\"kind\": \"delivery\", \"n\": %d, \"tid\": %d, \"signo\": %d, "
+                   "\"handler\": \"%#lx\", \"restorer\": \"%#lx\", \"interrupted_ip\": \"%#lx\", "
+                   "\"frame\": \"%#lx\"}\n",
+                i, (int)tid, deliveries[i].signo, (unsigned long)deliveries[i].handler,
+                (unsigned long)deliveries[i].restorer, (unsigned long)deliveries[i].ip,
+                (unsigned long)deliveries[i].frame);
+    if (do_forge)
+        fprintf(f, "{\"kind\": \"forge\", \"tid\": %d, \"resume_ip\": \"%#lx\", "
+                   "\"svc\": \"%#lx\", \"frame\": \"%#lx\", \"reached\": %s}\n",
+                (int)tid, (unsigned long)forged.uc.uc_mcontext.pc,
+                (unsigned long)((uintptr_t)&forge_sigreturn + 12),
+                (unsigned long)(uintptr_t)&forged, forge_reached ? "true" : "false");
+    fprintf(f, "{\"kind\": \"summary\", \"tid\": %d, \"sent\": %d, \"delivered\": %d, "
+               "\"sa_restorer\": %s, \"vdso\": \"%#lx\", \"abi\": \"aarch64\"}\n",
+            (int)tid, count, (int)ndeliv, (now.sa_flags & 0x04000000) ? "true" : "false",
+            getauxval(AT_SYSINFO_EHDR));
+    if (fclose(f))
+        die("cannot write the record");
+    if (do_forge && !forge_reached)
+        return 1;
+    return ndeliv == count ? 0 : 1;
+}
