@@ -1,13 +1,14 @@
 """Run inside the arm64 machine (scripts/vm aarch64) by tests/vm/test_sigstack_aarch64.py and
 tests/fixtures/make-sigstack-aarch64.sh:
 
-    python3 inside_sigstack.py DIR [--no-trace]
+    python3 inside_sigstack.py DIR [--fixture]
 
 DIR holds a64sigs, a64stack_fp and a64stack_nofp (tests/targets/a64sigs.c, a64stack.c built
 for aarch64). Prints one JSON object of what it saw; asserts nothing.
 
-"raw": the facts under --signals and --stack, seen with tracer.target alone (no engine):
-  - "signals": a64sigs --count 2 --forge under PTRACE_SYSCALL; at each SIGUSR1
+"raw": the facts under --signals and --stack, seen with tracer.target alone (no engine), and
+what tracer.sigtrack and tracer.unwind make of them live ("tracker", "unwound"):
+  - "signals": a64sigs --count 25 (2 with --fixture) --forge under PTRACE_SYSCALL; at each SIGUSR1
     signal-delivery-stop a PTRACE_SINGLESTEP with the signal stops at the handler's first
     instruction (the engine's way): its registers (NT_PRSTATUS) and the stack from sp to the
     frame record x29 points at (+16); at each rt_sigreturn entry the registers and the 4688
@@ -15,8 +16,9 @@ for aarch64). Prints one JSON object of what it saw; asserts nothing.
   - "stacks": each a64stack build with `brk #0` on __kernel_clock_gettime's entry: at the two
     stops (the call through the vDSO's symbol, then through glibc's clock_gettime) the
     registers, the stack from sp's page to the end of [stack], /proc/PID/maps, the PAC mask
-    (NT_ARM_PAC_MASK); the program's record (glibc's backtrace() of the chain).
-"trace" (unless --no-trace): `vdsotrace trace --json --signals` on a64sigs --forge and
+    (NT_ARM_PAC_MASK); the stack unwound with the process's own module map (glibc's CFI
+    included); the program's record (glibc's backtrace() of the chain).
+"trace" (unless --fixture): `vdsotrace trace --json --signals` on a64sigs --forge and
 `vdsotrace trace --json --stack` on both a64stack builds: events, stderr, exit statuses and
 the programs' records.
 """
@@ -33,9 +35,11 @@ from typing import Any
 
 from inside_common import finish
 
-from tracer import target
+from tracer import sigtrack, target
 from tracer.arch import aarch64 as A
+from tracer.modmap import ModuleMap
 from tracer.objfile import ObjectFile
+from tracer.unwind import unwind
 
 NR_RT_SIGRETURN = 139
 RT_SIGFRAME = 128 + 4560         # siginfo + struct ucontext (its sigcontext's __reserved[4096])
@@ -64,13 +68,15 @@ def go(p: subprocess.Popen[bytes]) -> None:
     p.stdin.flush()
 
 
-def raw_signals(d: Path) -> dict[str, Any]:
+def raw_signals(d: Path, count: int) -> dict[str, Any]:
     record = d / "raw-sigs.jsonl"
-    p, pid = start([str(d / "a64sigs"), str(record), "--count", "2", "--forge"])
-    out: dict[str, Any] = {"entries": [], "sigreturns": []}
+    p, pid = start([str(d / "a64sigs"), str(record), "--count", str(count), "--forge"])
+    out: dict[str, Any] = {"entries": [], "sigreturns": [], "tracker": []}
+    tracker = sigtrack.SignalTracker(A.AARCH64)
     try:
         target.attach_process(pid)
         mem = target.Memory(pid)
+        live = target.Regs()
         target.syscall(pid, 0)
         go(p)
         while True:
@@ -88,6 +94,11 @@ def raw_signals(d: Path) -> dict[str, Any]:
                 sp, fp = r["sp"], r["x29"]
                 out["entries"].append({"regs": r, "mem_at": sp,
                                        "mem": mem.read(sp, fp + 16 - sp).hex()})
+                target.getregs(pid, live)
+                dl = tracker.on_handler_entry(tid, sig, live, mem.read)
+                out["tracker"].append(None if dl is None else {
+                    "kind": "delivery", "handler": dl.handler, "restorer": dl.restorer,
+                    "resume_ip": dl.resume_ip, "frame": dl.frame})
             elif sig == signal.SIGTRAP | 0x80:
                 info = target.get_syscall_info(pid)
                 if info.op == 1 and info.nr == NR_RT_SIGRETURN:
@@ -95,6 +106,11 @@ def raw_signals(d: Path) -> dict[str, Any]:
                     out["sigreturns"].append({"regs": r, "mem_at": r["sp"],
                                               "mem": mem.read(r["sp"], RT_SIGFRAME).hex(),
                                               "instruction_pointer": info.instruction_pointer})
+                    target.getregs(pid, live)
+                    sr = tracker.on_sigreturn(tid, info.nr, live, mem.read, "")
+                    out["tracker"].append({
+                        "kind": "sigreturn", "resume_ip": sr.resume_ip, "frame": sr.frame,
+                        "signo": sr.signo, "anomaly": sr.anomaly})
             target.syscall(pid, 0)
         mem.close()
     except Exception as e:                              # reported, judged on the host
@@ -146,8 +162,19 @@ def raw_stack(d: Path, build: str) -> dict[str, Any]:
             sp = r["sp"]
             lo = sp & ~0xFFF
             hi = stack_end(pid, sp)
+            live = target.Regs()
+            target.getregs(pid, live)
+            dw: dict[int | str, int] = {i: live[n] for i, n in enumerate(A.AARCH64.dwarf_regs)}
+            dw["pc"], dw["sp"] = live["pc"], live["sp"]
+            mm = ModuleMap.from_pid(pid, image)
+            addrs = unwind(dw, mem.read, mm, "aarch64", 16,
+                           pac_mask=A.AARCH64.pac_mask(pid))
+            locs = [mm.locate(a) for a in addrs]
             out["stops"].append({"regs": r, "mem_at": lo, "mem": mem.read(lo, hi - lo).hex(),
-                                 "maps": Path(f"/proc/{pid}/maps").read_text()})
+                                 "maps": Path(f"/proc/{pid}/maps").read_text(),
+                                 "unwound": addrs,
+                                 "names": [loc.stack_entry if loc else hex(a)
+                                           for a, loc in zip(addrs, locs)]})
             # step the original instruction, plant the brk again for the next call
             mem.write(entry, orig)
             target.singlestep(pid, 0)
@@ -200,9 +227,10 @@ def traced(d: Path, argv: list[str], trace_args: list[str], name: str) -> dict[s
 
 def main() -> int:
     d = Path(sys.argv[1])
-    out: dict[str, Any] = {"raw": {"signals": raw_signals(d),
+    fixture = "--fixture" in sys.argv
+    out: dict[str, Any] = {"raw": {"signals": raw_signals(d, 2 if fixture else 25),
                                    "stacks": {b: raw_stack(d, b) for b in STACK_BUILDS}}}
-    if "--no-trace" not in sys.argv:
+    if not fixture:
         out["trace"] = {
             "signals": traced(d, [str(d / "a64sigs"), "--forge"], ["--signals"], "sigs"),
             **{b: traced(d, [str(d / b), "--calls", "3"], ["--stack"], b)
