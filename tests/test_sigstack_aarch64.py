@@ -353,3 +353,32 @@ def test_scan_finds_the_saved_pc_of_a_signal_frame() -> None:
 def test_layout_replace_guard() -> None:
     with pytest.raises(ValueError):
         SignalTracker(dataclasses.replace(A, name="x86_64"))
+
+
+# --------------------------------------------------------------------------- arm64 CFI
+
+@pytest.mark.parametrize("build", ["a64stack_fp", "a64stack_nofp"])
+def test_arm64_cfi_rows_agree_with_readelf(build: str) -> None:
+    """tracer.cfi on an arm64 object's .eh_frame (its CIE's return address column 30, the
+    AArch64 negate_ra_state opcode of pointer authentication) against readelf -wF."""
+    from test_unwind_objfile import readelf_rows
+    obj = load_object(str(FIX / build))
+    names = {**{f"x{i}": i for i in range(31)}, "sp": 31}
+    checked = 0
+    for loc, cols in readelf_rows(str(FIX / build)):
+        row = obj.cfi_row(loc)
+        assert row is not None and row.ra_reg == 30, hex(loc)
+        reg, off = cols["CFA"].split("+") if "+" in cols["CFA"] else cols["CFA"].split("-")
+        assert (row.cfa_reg, abs(row.cfa_offset)) == (names[reg], int(off)), (hex(loc), cols)
+        rules = {r: (k, a) for r, k, a in row.rules}
+        for col, text in cols.items():
+            if col == "CFA":
+                continue
+            kind, arg = rules.get(30 if col == "ra" else names[col], (None, None))
+            if text == "u":
+                assert kind in (None, RuleKind.UNDEFINED), (hex(loc), col, kind)
+            else:
+                assert text[0] == "c" and (kind, arg) == (RuleKind.OFFSET, int(text[1:])), \
+                    (hex(loc), col, text, kind, arg)
+        checked += 1
+    assert checked >= 10
