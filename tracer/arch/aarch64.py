@@ -196,7 +196,8 @@ class Aarch64Arch(Arch):
         return pstate & 0x3DF == 0 and pstate >> 32 == 0
 
     def syscall_table(self) -> tuple[dict[int, str], dict[int, int]]:
-        raise NotImplementedError("no system call table for arm64 yet (asm-generic/unistd.h)")
+        from tracer.tables import syscalls_aarch64 as t
+        return t.NAMES, t.NARGS
 
     def hwcap_names(self) -> tuple[type[IntFlag] | None, type[IntFlag] | None]:
         from tracer.tables.hwcap_aarch64 import Hwcap2Aarch64, HwcapAarch64
