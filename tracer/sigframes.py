@@ -27,7 +27,7 @@ SCAN_LIMIT = 64 * 1024        # bytes above sp looked at (stopping early at unre
 
 def interrupted(read: Callable[[int, int], bytes], sp: int, word: int | Arch,
                 spans: list[tuple[int, int]], limit: int = SCAN_LIMIT,
-                pac_mask: int = 0) -> list[tuple[int, int]]:
+                pac_mask: int | None = None) -> list[tuple[int, int]]:
     """The signal frames in [sp, sp + limit) (up to unreadable memory) that saved an ip in
     one of `spans` [lo, hi): (saved ip, saved sp) each, innermost first, at most a few
     dozen. A frame found this way may be stale (left by a handler that returned).
