@@ -1,11 +1,13 @@
 /* a64sigs: arm64 SIGUSR1 deliveries whose handler records what it saw, and a forged
  * rt_sigreturn (tests/vm/test_signals_aarch64.py).
  *
- *   a64sigs RECORD [--count N] [--forge]
+ *   a64sigs RECORD [--count N] [--forge] [--own-restorer]
  *
  * A SIGUSR1 handler is installed with SA_SIGINFO through the C library's sigaction. glibc sets
  * no SA_RESTORER on arm64, so the kernel points the handler's x30 at the vDSO's
- * __kernel_rt_sigreturn (arch/arm64/kernel/signal.c setup_return). After the go byte the main
+ * __kernel_rt_sigreturn (arch/arm64/kernel/signal.c setup_return). --own-restorer installs it
+ * with the raw rt_sigaction system call, SA_RESTORER and a restorer of the program's own,
+ * a64_restorer (mov x8, #139; svc #0), which the kernel then puts in x30. After the go byte the main
  * thread sends itself N (default 25) SIGUSR1 with tgkill. The handler records its own address,
  * its return address (__builtin_return_address(0): x30 at its entry, the restorer), the
  * signal number, the interrupted pc from its ucontext (uc_mcontext.pc) and the frame (its
@@ -23,8 +25,9 @@
  *    "interrupted_ip": "0x…", "frame": "0x…"}
  *   {"kind": "forge", "tid", "resume_ip": "0x…", "svc": "0x…", "frame": "0x…",
  *    "reached": true}                                                       (--forge)
- *   {"kind": "summary", "tid", "sent": N, "delivered": M, "sa_restorer": bool,
- *    "vdso": "0x…" (getauxval(AT_SYSINFO_EHDR)), "abi": "aarch64"}
+ *   {"kind": "summary", "tid", "sent": N, "delivered": M, "sa_restorer": bool (the kernel's
+ *    view of the flag), "vdso": "0x…" (getauxval(AT_SYSINFO_EHDR)), "own_restorer": "0x…"
+ *    (a64_restorer), "abi": "aarch64"}
  */
 #include "common.h"
 
@@ -75,6 +78,26 @@ __asm__(".text\n"
         ".size forge_sigreturn, .-forge_sigreturn\n");
 extern void forge_sigreturn(void *frame);
 
+/* The asm-generic struct sigaction of the rt_sigaction system call (arm64 defines
+ * SA_RESTORER): handler, flags, restorer, mask. */
+struct ksigaction {
+    void (*handler)(int, siginfo_t *, void *);
+    unsigned long flags;
+    void (*restorer)(void);
+    unsigned long mask;
+};
+#define KSA_RESTORER 0x04000000UL
+
+__asm__(".text\n"
+        ".globl a64_restorer\n"
+        ".type a64_restorer, %function\n"
+        ".p2align 2\n"
+        "a64_restorer:\n"
+        "\tmov x8, #139\n"
+        "\tsvc #0\n"
+        ".size a64_restorer, .-a64_restorer\n");
+extern void a64_restorer(void);
+
 static struct {
     siginfo_t info;
     ucontext_t uc;
@@ -100,7 +123,7 @@ static __attribute__((noinline)) void forge(void)
 
 int main(int argc, char **argv)
 {
-    int count, do_forge, i;
+    int count, do_forge, own, i;
     struct sigaction sa, now;
     pid_t pid, tid;
     FILE *f;
@@ -109,17 +132,30 @@ int main(int argc, char **argv)
         die("usage: a64sigs RECORD [--count N] [--forge]");
     count = (int)arg_long(argc, argv, "--count", 25);
     do_forge = arg_flag(argc, argv, "--forge");
+    own = arg_flag(argc, argv, "--own-restorer");
     if (count < 0 || count > MAX_SIGS)
         die("bad --count");
     record_truncate(argv[1]);
     pid = getpid();
     tid = gettid_raw();
 
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = handler;
-    sa.sa_flags = SA_SIGINFO;
-    sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGUSR1, &sa, NULL) != 0 || sigaction(SIGUSR1, NULL, &now) != 0)
+    if (own) {
+        struct ksigaction ksa;
+        memset(&ksa, 0, sizeof ksa);
+        ksa.handler = handler;
+        ksa.flags = SA_SIGINFO | KSA_RESTORER;
+        ksa.restorer = a64_restorer;
+        if (syscall(SYS_rt_sigaction, SIGUSR1, &ksa, NULL, 8) != 0)
+            die("rt_sigaction failed: %s", strerror(errno));
+    } else {
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = handler;
+        sa.sa_flags = SA_SIGINFO;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGUSR1, &sa, NULL) != 0)
+            die("sigaction failed");
+    }
+    if (sigaction(SIGUSR1, NULL, &now) != 0)
         die("sigaction failed");
 
     ready_and_wait();
@@ -144,9 +180,10 @@ int main(int argc, char **argv)
                 (unsigned long)((uintptr_t)&forge_sigreturn + 12),
                 (unsigned long)(uintptr_t)&forged, forge_reached ? "true" : "false");
     fprintf(f, "{\"kind\": \"summary\", \"tid\": %d, \"sent\": %d, \"delivered\": %d, "
-               "\"sa_restorer\": %s, \"vdso\": \"%#lx\", \"abi\": \"aarch64\"}\n",
+               "\"sa_restorer\": %s, \"vdso\": \"%#lx\", \"own_restorer\": \"%#lx\", "
+               "\"abi\": \"aarch64\"}\n",
             (int)tid, count, (int)ndeliv, (now.sa_flags & 0x04000000) ? "true" : "false",
-            getauxval(AT_SYSINFO_EHDR));
+            getauxval(AT_SYSINFO_EHDR), (unsigned long)(uintptr_t)&a64_restorer);
     if (fclose(f))
         die("cannot write the record");
     if (do_forge && !forge_reached)

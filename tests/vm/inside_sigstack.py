@@ -18,7 +18,8 @@ what tracer.sigtrack and tracer.unwind make of them live ("tracker", "unwound"):
     registers, the stack from sp's page to the end of [stack], /proc/PID/maps, the PAC mask
     (NT_ARM_PAC_MASK); the stack unwound with the process's own module map (glibc's CFI
     included); the program's record (glibc's backtrace() of the chain).
-"trace" (unless --fixture): `vdsotrace trace --json --signals` on a64sigs --forge and
+"trace" (unless --fixture): `vdsotrace trace --json --signals` on a64sigs --forge and on
+a64sigs --own-restorer (SA_RESTORER), and
 `vdsotrace trace --json --stack` on both a64stack builds: events, stderr, exit statuses and
 the programs' records.
 """
@@ -27,8 +28,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -175,19 +178,16 @@ def raw_stack(d: Path, build: str) -> dict[str, Any]:
                                  "unwound": addrs,
                                  "names": [loc.stack_entry if loc else hex(a)
                                            for a, loc in zip(addrs, locs)]})
-            # step the original instruction, plant the brk again for the next call
             mem.write(entry, orig)
+            if len(out["stops"]) == 2:
+                break
+            # step the original instruction, plant the brk again for the next call
             target.singlestep(pid, 0)
             target.wait(pid)
             mem.write(entry, A.BRK_0)
             target.cont(pid)
-            if len(out["stops"]) == 2:
-                break
-        mem.write(entry, orig)
         mem.close()
-        target.interrupt(pid)
-        target.wait(pid)
-        target.detach(pid)
+        target.detach(pid)          # from the second stop, the function's bytes as they were
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
     out["target"] = finish(p, 60)
@@ -198,18 +198,22 @@ def raw_stack(d: Path, build: str) -> dict[str, Any]:
 
 def traced(d: Path, argv: list[str], trace_args: list[str], name: str) -> dict[str, Any]:
     """`vdsotrace trace -p PID --json -o EVENTS TRACE_ARGS` on the program, go byte once the
-    tracer is attached, both waited for."""
+    tracer is attached, both waited for. The files live in the machine's own memory (`d`):
+    a file on the 9p share read while another process writes it showed zeros there."""
     record = d / f"{name}.record.jsonl"
     events = d / f"{name}.events.jsonl"
     p, pid = start([argv[0], str(record), *argv[1:]])
     tr = subprocess.Popen(["vdsotrace", "trace", "-p", str(pid), "--json", "-o", str(events),
                            *trace_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out: dict[str, Any] = {}
-    # attached: the tracer's first event is written once every thread is held
-    for _ in range(600):
-        if events.exists() and events.stat().st_size > 0 or tr.poll() is not None:
+    # attached: the `attach` event is written once every thread is held (Python under
+    # emulation on a loaded host can take a minute to get there; the bound only keeps a hung
+    # tracer from hanging the boot)
+    deadline = time.monotonic() + 400
+    while tr.poll() is None and time.monotonic() < deadline:
+        if events.exists() and '"event": "attach"' in events.read_text(errors="replace"):
             break
-        time.sleep(0.05)
+        time.sleep(0.1)
     go(p)
     out["target"] = finish(p, 60)
     try:
@@ -226,13 +230,18 @@ def traced(d: Path, argv: list[str], trace_args: list[str], name: str) -> dict[s
 
 
 def main() -> int:
-    d = Path(sys.argv[1])
+    shared = Path(sys.argv[1])
+    d = Path(tempfile.mkdtemp(prefix="sigstack-"))    # not on the 9p share: see traced()
+    for name in ("a64sigs", *STACK_BUILDS):
+        shutil.copy(shared / name, d / name)
     fixture = "--fixture" in sys.argv
     out: dict[str, Any] = {"raw": {"signals": raw_signals(d, 2 if fixture else 25),
                                    "stacks": {b: raw_stack(d, b) for b in STACK_BUILDS}}}
     if not fixture:
         out["trace"] = {
             "signals": traced(d, [str(d / "a64sigs"), "--forge"], ["--signals"], "sigs"),
+            "signals_own": traced(d, [str(d / "a64sigs"), "--own-restorer"], ["--signals"],
+                                  "sigs-own"),
             **{b: traced(d, [str(d / b), "--calls", "3"], ["--stack"], b)
                for b in STACK_BUILDS}}
     print(json.dumps(out))

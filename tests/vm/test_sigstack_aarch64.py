@@ -99,32 +99,54 @@ def test_unwind_live_matches_backtrace(run: dict[str, Any], build: str) -> None:
 
 # --------------------------------------------------------------------------- vdsotrace
 
-def test_trace_signals(run: dict[str, Any]) -> None:
-    t = run["trace"]["signals"]
+def check_signals(t: dict[str, Any], restorer: str, forged: bool) -> None:
     err = f"tracer: {t['tracer']}"
     assert t["target"]["rc"] == 0, (t["target"], err)
     assert t["tracer"]["rc"] == 0, err
     rec = t["record"]
-    dels, forge = kinds(rec, "delivery"), kinds(rec, "forge")[0]
+    dels = kinds(rec, "delivery")
     summary = kinds(rec, "summary")[0]
-    assert summary["delivered"] == len(dels) == 25 and forge["reached"]
+    assert summary["delivered"] == len(dels) == 25
     sig_evs = [e for e in t["events"] if e["event"] == "signal"]
     ret_evs = [e for e in t["events"] if e["event"] == "sigreturn"]
-    assert len(sig_evs) == 25 and len(ret_evs) == 26, err
+    assert len(sig_evs) == 25 and len(ret_evs) == 25 + forged, err
     for ev, r in zip(sig_evs, dels):
         assert ev["tid"] == r["tid"] and ev["signo"] == SIGUSR1 and ev["signame"] == "SIGUSR1"
         assert addr(ev["handler"]) == addr(r["handler"]), (ev, r)
+        assert ev["handler_symbol"] == "handler", ev
         assert addr(ev["restorer"]) == addr(r["restorer"]), (ev, r)
-        assert ev["restorer_symbol"] == "__kernel_rt_sigreturn", ev
+        assert ev["restorer_symbol"] == restorer, ev
         assert addr(ev["resume_ip"]) == addr(r["interrupted_ip"]), (ev, r)
     for ev, r in zip(ret_evs, dels):
         assert addr(ev["resume_ip"]) == addr(r["interrupted_ip"]), (ev, r)
         assert ev["signo"] == SIGUSR1 and ev["anomaly"] is None, ev
-        assert ev["via"] == "__kernel_rt_sigreturn", ev
-    last = ret_evs[-1]
-    assert last["tid"] == forge["tid"] and last["anomaly"] == "no-delivery", last
-    assert addr(last["resume_ip"]) == addr(forge["resume_ip"]) and last["signo"] is None, last
-    assert "forge_sigreturn" in str(last["via"]), last
+        assert ev["via"] == restorer, ev
+    if forged:
+        forge = kinds(rec, "forge")[0]
+        assert forge["reached"]
+        last = ret_evs[-1]
+        assert last["tid"] == forge["tid"] and last["anomaly"] == "no-delivery", last
+        assert addr(last["resume_ip"]) == addr(forge["resume_ip"]) and last["signo"] is None
+        assert last["via"] == "forge_sigreturn", last
+
+
+def test_trace_signals(run: dict[str, Any]) -> None:
+    """glibc's sigaction: no SA_RESTORER, handlers return through the vDSO."""
+    t = run["trace"]["signals"]
+    assert kinds(t["record"], "summary")[0]["sa_restorer"] is False
+    check_signals(t, "__kernel_rt_sigreturn", forged=True)
+    for r in kinds(t["record"], "delivery"):
+        assert addr(r["restorer"]) - addr(kinds(t["record"], "summary")[0]["vdso"]) == 0x820
+
+
+def test_trace_signals_own_restorer(run: dict[str, Any]) -> None:
+    """SA_RESTORER with the program's own restorer: x30 is it, not the vDSO's."""
+    t = run["trace"]["signals_own"]
+    summary = kinds(t["record"], "summary")[0]
+    assert summary["sa_restorer"] is True
+    for r in kinds(t["record"], "delivery"):
+        assert addr(r["restorer"]) == addr(summary["own_restorer"])
+    check_signals(t, "a64_restorer", forged=False)
 
 
 @pytest.mark.parametrize("build", BUILDS)
