@@ -61,8 +61,10 @@ class Symbols:
         The first return address is the word at sp (x86) or the link register (arm64's x30);
         `ra` gives it where a stub has moved it (arm64: the stub's `bl` to the body changed
         x30; the stub saved the caller's)."""
-        buf = th.regs.buf
         arch = space.abi
+        if arch.name not in ARCHES:
+            return ()                   # tracer/unwind.py has no rules for this arch yet
+        buf = th.regs.buf
         index = arch.regs.index
         regs: dict[int | str, int] = {i: buf[index[n]] for i, n in enumerate(arch.dwarf_regs)}
         regs["pc"] = buf[arch.PC] if pc is None else pc
@@ -152,8 +154,9 @@ class Symbols:
             rule = None
             found = mm.frame_rule(ret - 1)
             row = found[1] if found is not None else None
-            arch = ARCHES[space.abi.name]
-            if row is not None and row.offsets is not None and row.cfa_reg == arch.sp:
+            arch = ARCHES.get(space.abi.name)      # None: no unwinder for it (yet)
+            if (arch is not None and row is not None and row.offsets is not None
+                    and row.cfa_reg == arch.sp):
                 ra = [off for reg, off in row.offsets if reg == arch.ra]
                 if ra:
                     rule = (row.cfa_offset, ra[0])
