@@ -1,7 +1,7 @@
 /* a64trace: the arm64 target of the stop-based engine's checks (tests/vm/test_trace_aarch64.py;
  * built for aarch64 with clang, run inside scripts/vm aarch64).
  *
- *   a64trace RECORD [--rounds R]
+ *   a64trace RECORD [--rounds R] [--fork]
  *
  * Starts 2 worker threads (before the ready line: an attach finds 3 threads), prints
  * "ready <pid>", waits for the go byte, then each worker makes R rounds of calls of every
@@ -9,7 +9,10 @@
  * library (glibc 2.36 calls the vDSO's clock_gettime, gettimeofday and clock_getres; its
  * getrandom does not use the vDSO), including calls the vDSO answers by entering the kernel
  * (`svc #0` in it): CPU-time clocks, and __kernel_getrandom without opaque state. The
- * workers are joined, the record written, "done" printed; the program then waits for a
+ * workers are joined and the record written. With --fork a child process (worker index 2)
+ * then makes 3 rounds of __kernel_clock_gettime(CLOCK_MONOTONIC) and
+ * (CLOCK_PROCESS_CPUTIME_ID), appends them to the record and exits 0; the parent records
+ * {"child": pid, "status": wait status}. Then "done" is printed; the program waits for a
  * second byte (so that a tracer can leave while it still runs) and exits 0.
  *
  * Record (JSON lines), one per call in each worker's order:
@@ -22,6 +25,7 @@
 #include "common.h"
 
 #include <pthread.h>
+#include <sys/wait.h>
 
 typedef int (*gettime_fn)(clockid_t, struct timespec *);
 typedef int (*gettimeofday_fn)(struct timeval *, void *);
@@ -149,6 +153,34 @@ int main(int argc, char **argv)
         for (j = 0; j < workers[i].n; j++)
             fprintf(rec_file, "%s\n", workers[i].lines[j]);
     fclose(rec_file);
+    if (arg_flag(argc, argv, "--fork")) {
+        static struct worker child = {.index = 2};
+        int status = -1;
+        pid_t pid;
+        fflush(stdout);
+        pid = fork();
+        if (pid < 0)
+            die("fork");
+        if (pid == 0) {
+            child.tid = gettid_raw();
+            child.lines = calloc(MAX_CALLS, LINE);
+            for (i = 0; i < 3; i++) {
+                clock_call(&child, "clock_gettime", "vdso", k_gettime, CLOCK_MONOTONIC, 0, "tp");
+                clock_call(&child, "clock_gettime", "vdso", k_gettime,
+                           CLOCK_PROCESS_CPUTIME_ID, 1, "tp");
+            }
+            rec_file = record_open_append(argv[1]);
+            for (j = 0; j < child.n; j++)
+                fprintf(rec_file, "%s\n", child.lines[j]);
+            fclose(rec_file);
+            _exit(0);
+        }
+        if (waitpid(pid, &status, 0) != pid)
+            die("waitpid");
+        rec_file = record_open_append(argv[1]);
+        fprintf(rec_file, "{\"child\": %d, \"status\": %d}\n", (int)pid, status);
+        fclose(rec_file);
+    }
     printf("done\n");
     fflush(stdout);
     while (read(0, &c, 1) < 0 && errno == EINTR)
