@@ -71,13 +71,15 @@ def records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def attach_run(target: str, out: Path, name: str, opts: list[str], json_out: bool) -> dict[str, Any]:
-    """`vdsotrace trace -p PID OPTS` on a running target; SIGINT once the target is done (the
-    tracer leaves while the target still runs)."""
+def attach_run(target: str, out: Path, name: str, opts: list[str], json_out: bool,
+               extra: tuple[str, ...] = (), sig: int = signal.SIGINT) -> dict[str, Any]:
+    """`vdsotrace trace -p PID OPTS` on a running target (run with `extra` arguments); `sig`
+    once the target is done (the tracer leaves while the target still runs)."""
     rec = out / f"{name}.rec"
     tout = out / f"{name}.out"
     terr = out / f"{name}.err"
-    p = subprocess.Popen([target, str(rec), "--rounds", str(ROUNDS)], stdin=subprocess.PIPE,
+    p = subprocess.Popen([target, str(rec), "--rounds", str(ROUNDS), *extra],
+                         stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     rep: dict[str, Any] = {}
     tout.unlink(missing_ok=True)
@@ -93,7 +95,7 @@ def attach_run(target: str, out: Path, name: str, opts: list[str], json_out: boo
             p.stdin.write(b"g")
             p.stdin.flush()
             read_line(p, b"done")
-            tr.send_signal(signal.SIGINT)
+            tr.send_signal(sig)
             rep["tracer_rc"] = tr.wait(60)
         rep["after"] = vdso_bytes(p.pid)
         rep["target"] = finish(p, 30, b"x")
@@ -107,16 +109,20 @@ def attach_run(target: str, out: Path, name: str, opts: list[str], json_out: boo
     return rep
 
 
-def spawn_run(target: str, out: Path, name: str, opts: list[str]) -> dict[str, Any]:
-    """`vdsotrace trace OPTS -- TARGET`: the tracer's stdin/stdout are the target's; the
-    tracer ends with the target."""
+def spawn_run(target: str, out: Path, name: str, opts: list[str],
+              shell: bool = False) -> dict[str, Any]:
+    """`vdsotrace trace OPTS -- TARGET` (with `shell`, `-- sh -c 'exec TARGET ...'`: the
+    traced process execs the target); the tracer's stdin/stdout are the target's; the tracer
+    ends with the target."""
     rec = out / f"{name}.rec"
     tout = out / f"{name}.jsonl"
     terr = out / f"{name}.err"
     rep: dict[str, Any] = {}
+    cmd = [target, str(rec), "--rounds", str(ROUNDS)]
+    if shell:
+        cmd = ["sh", "-c", "exec " + " ".join(cmd)]
     with open(terr, "wb") as e:
-        tr = subprocess.Popen(["vdsotrace", "trace", *opts, "-o", str(tout), "--", target,
-                               str(rec), "--rounds", str(ROUNDS)],
+        tr = subprocess.Popen(["vdsotrace", "trace", *opts, "-o", str(tout), "--", *cmd],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=e)
         try:
             read_line(tr, b"ready")
@@ -134,6 +140,79 @@ def spawn_run(target: str, out: Path, name: str, opts: list[str]) -> dict[str, A
     rep["record"] = records(rec) if rec.exists() else []
     rep["stdout"] = tout.read_text(errors="replace") if tout.exists() else ""
     rep["stderr"] = terr.read_text(errors="replace")
+    return rep
+
+
+def record_run(target: str, out: Path) -> dict[str, Any]:
+    """`vdsotrace record -p PID -o FILE`, SIGINT once the target is done, then `vdsotrace
+    report FILE --json`."""
+    rec = out / "record.rec"
+    recording = out / "record.vdsotrace"
+    p = subprocess.Popen([target, str(rec), "--rounds", str(ROUNDS)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rep: dict[str, Any] = {}
+    try:
+        read_line(p, b"ready")
+        rep["before"] = vdso_bytes(p.pid)
+        tr = subprocess.Popen(["vdsotrace", "record", "-p", str(p.pid), "-o", str(recording)],
+                              stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60        # planted: the entries are patched
+        while vdso_bytes(p.pid) == rep["before"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("record never patched the vDSO")
+            time.sleep(0.1)
+        time.sleep(0.5)                          # (planted before the threads run again)
+        assert p.stdin is not None
+        p.stdin.write(b"g")
+        p.stdin.flush()
+        read_line(p, b"done")
+        tr.send_signal(signal.SIGINT)
+        _, err = tr.communicate(timeout=60)
+        rep["tracer_rc"] = tr.returncode
+        rep["stderr"] = err.decode(errors="replace")
+        rep["after"] = vdso_bytes(p.pid)
+        rep["target"] = finish(p, 30, b"x")
+        r = subprocess.run(["vdsotrace", "report", str(recording), "--json"],
+                           capture_output=True, timeout=120)
+        rep["report_rc"] = r.returncode
+        rep["stdout"] = r.stdout.decode(errors="replace")
+        rep["report_stderr"] = r.stderr.decode(errors="replace")
+    except Exception as ex:
+        rep["error"] = repr(ex)
+        p.kill()
+        p.wait()
+    rep["record"] = records(rec) if rec.exists() else []
+    return rep
+
+
+def duration_run(target: str, out: Path) -> dict[str, Any]:
+    """`vdsotrace trace -p PID --duration 3` on an idle target: the tracer leaves by itself;
+    then the target makes its calls untraced and exits normally."""
+    rec = out / "duration.rec"
+    tout = out / "duration.jsonl"
+    p = subprocess.Popen([target, str(rec), "--rounds", str(ROUNDS)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rep: dict[str, Any] = {}
+    try:
+        read_line(p, b"ready")
+        rep["before"] = vdso_bytes(p.pid)
+        tr = subprocess.Popen(["vdsotrace", "trace", "-p", str(p.pid), "--duration", "3",
+                               "--json", "-o", str(tout)], stderr=subprocess.PIPE)
+        _, err = tr.communicate(timeout=120)
+        rep["tracer_rc"] = tr.returncode
+        rep["stderr"] = err.decode(errors="replace")
+        rep["stdout"] = tout.read_text()
+        rep["after"] = vdso_bytes(p.pid)
+        assert p.stdin is not None
+        p.stdin.write(b"g")
+        p.stdin.flush()
+        read_line(p, b"done")
+        rep["target"] = finish(p, 30, b"x")
+    except Exception as ex:
+        rep["error"] = repr(ex)
+        p.kill()
+        p.wait()
+    rep["record"] = records(rec) if rec.exists() else []
     return rep
 
 
@@ -259,7 +338,8 @@ def main() -> None:
     # in the shared directory (virtio-9p: a file read while another process appends to it
     # was seen holding zeros there)
     target, out = sys.argv[1], Path(tempfile.mkdtemp(prefix="inside-trace-"))
-    wanted = sys.argv[3:] or ["json", "spawn", "count", "timing", "select", "console", "guardian"]
+    wanted = sys.argv[3:] or ["json", "spawn", "count", "timing", "select", "console", "guardian",
+                              "fork", "nofork", "exec", "record", "duration", "seccomp"]
     res: dict[str, Any] = {}
     for name in wanted:
         if name == "json":
@@ -267,7 +347,19 @@ def main() -> None:
         elif name == "count":
             res[name] = attach_run(target, out, name, ["-c"], False)
         elif name == "timing":
-            res[name] = attach_run(target, out, name, ["-T"], False)
+            res[name] = attach_run(target, out, name, ["-T"], False, sig=signal.SIGTERM)
+        elif name == "fork":
+            res[name] = attach_run(target, out, name, ["--json", "-f"], True, ("--fork",))
+        elif name == "nofork":
+            res[name] = attach_run(target, out, name, ["--json"], True, ("--fork",))
+        elif name == "seccomp":
+            res[name] = attach_run(target, out, name, ["--json"], True, ("--seccomp",))
+        elif name == "duration":
+            res[name] = duration_run(target, out)
+        elif name == "record":
+            res[name] = record_run(target, out)
+        elif name == "exec":
+            res[name] = spawn_run(target, out, name, ["--json"], shell=True)
         elif name == "select":
             res[name] = attach_run(target, out, name, ["--json", "-e", "clock_getres,getrandom"],
                                    True)

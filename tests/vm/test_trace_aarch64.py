@@ -42,12 +42,20 @@ def scenario(run: dict[str, Any], name: str) -> dict[str, Any]:
     return rep
 
 
-def record_calls(rep: dict[str, Any]) -> list[dict[str, Any]]:
-    rec = rep["record"]
+def record_calls(rep: dict[str, Any], child: bool = True) -> list[dict[str, Any]]:
+    """The calls the program recorded (with `child`, its --fork child's too)."""
+    rec = [r for r in rep["record"] if "func" in r]
+    workers = [r for r in rec if r["t"] < 2]
     # 2 threads x ROUNDS x (11 calls with __kernel_getrandom, 10 without)
     per_round = 11 if any(r["func"] == "getrandom" for r in rec) else 10
-    assert len(rec) == 2 * ROUNDS * per_round
-    return rec
+    assert len(workers) == 2 * ROUNDS * per_round
+    return rec if child else workers
+
+
+def child_status(rep: dict[str, Any]) -> int:
+    (line,) = [r for r in rep["record"] if "child" in r]
+    assert len([r for r in rep["record"] if r.get("t") == 2]) == 6   # its calls, all made
+    return int(line["status"])
 
 
 def by_tid(calls: list[dict[str, Any]]) -> dict[int, list[tuple[Any, ...]]]:
@@ -67,26 +75,28 @@ def assert_left_clean(rep: dict[str, Any]) -> None:
     assert rep["target"] == {"rc": 0, "stderr": ""}
 
 
-def assert_trace_equals_record(rep: dict[str, Any], funcs: tuple[str, ...] = FUNCS) -> None:
-    rec = [r for r in record_calls(rep) if r["func"] in funcs]
+def assert_trace_equals_record(rep: dict[str, Any], funcs: tuple[str, ...] = FUNCS,
+                               child: bool = False) -> None:
+    rec = [r for r in record_calls(rep, child) if r["func"] in funcs]
     evs = events(rep["stdout"])
     calls = [e for e in evs if e["event"] == "call"]
     assert by_tid(calls) == by_tid(rec)
-    assert len(by_tid(rec)) == 2 and len(calls) == len(rec)
+    assert len(by_tid(rec)) == 2 + child and len(calls) == len(rec)
     # who called: the program itself for direct calls, glibc's wrappers for the others
     for t in by_tid(calls):
         for c, r in zip([c for c in calls if c["tid"] == t], [r for r in rec if r["tid"] == t]):
             # (glibc's gettimeofday is an IFUNC resolved to the vDSO's own function:
             # sysdeps/unix/sysv/linux/gettimeofday.c; the program calls it directly)
             direct = r["via"] == "vdso" or r["func"] == "gettimeofday"
-            lib = "a64trace!work+" if direct else "libc.so.6!"
+            lib = ("libc.so.6!" if not direct else
+                   "a64trace!main+" if r["t"] == 2 else "a64trace!work+")   # (the child: main)
             assert (c["caller_symbol"] or "").startswith(lib), (c, r)
             assert c["duration_ns"] > 0                 # the stub's two counter reads
             assert c["symbol"] == "__kernel_" + c["func"]
     att = [e for e in evs if e["event"] == "attach"]
-    assert len(att) == 1 and att[0]["abi"] == "aarch64"
+    assert att and att[0]["abi"] == "aarch64"
     assert att[0]["functions"] == [f for f in FUNCS if f in funcs and (
-        f != "getrandom" or any(r["func"] == "getrandom" for r in rep["record"]))]
+        f != "getrandom" or any(r.get("func") == "getrandom" for r in rep["record"]))]
 
 
 def test_attached_json_trace_equals_the_record(run: dict[str, Any]) -> None:
@@ -175,3 +185,68 @@ def test_a_killed_tracers_guardian_restores_the_code(run: dict[str, Any]) -> Non
     assert after[:size] == before[:size]              # and are original again
     assert rep["target"] == {"rc": 0, "stderr": ""}
     record_calls(rep)                                 # every call made, untraced
+
+
+def test_timing_lines_and_sigterm(run: dict[str, Any]) -> None:
+    """(the "timing" run leaves on SIGTERM)"""
+    rep = scenario(run, "timing")
+    assert "(SIGTERM)" in rep["stdout"].splitlines()[-1]
+
+
+def test_followed_fork_child_is_traced(run: dict[str, Any]) -> None:
+    rep = scenario(run, "fork")
+    assert rep["tracer_rc"] == 0 and child_status(rep) == 0
+    assert_trace_equals_record(rep, child=True)
+    child = next(r["tid"] for r in rep["record"] if r.get("t") == 2)
+    evs = events(rep["stdout"])
+    assert {e["pid"] for e in evs if e["event"] == "call" and e["tid"] == child} == {child}
+    assert_left_clean(rep)
+
+
+def test_unfollowed_fork_child_runs_clean(run: dict[str, Any]) -> None:
+    """Without -f the child is let go with its copy of the vDSO restored: its calls (two of
+    them through `svc` in the vDSO) run untraced and it exits normally."""
+    rep = scenario(run, "nofork")
+    assert rep["tracer_rc"] == 0 and child_status(rep) == 0
+    assert_trace_equals_record(rep)
+    assert_left_clean(rep)
+
+
+def test_exec_is_followed(run: dict[str, Any]) -> None:
+    """`trace -- sh -c 'exec a64trace ...'`: the shell's image is planned, then the program's
+    after the exec; the trace equals the program's record."""
+    rep = scenario(run, "exec")
+    assert rep["tracer_rc"] == 0 and rep["stderr"] == ""
+    evs = events(rep["stdout"])
+    assert [e["event"] for e in evs].count("exec") == 1
+    assert_trace_equals_record(rep)
+    assert evs[-1]["event"] == "exit" and evs[-1]["status"] == 0
+
+
+def test_record_and_report(run: dict[str, Any]) -> None:
+    """`record -p` then `report --json`: the recording renders the calls the program made."""
+    rep = scenario(run, "record")
+    assert rep["tracer_rc"] == 0 and rep["report_rc"] == 0, (rep["stderr"], rep["report_stderr"])
+    assert_trace_equals_record(rep)
+    assert_left_clean(rep)
+
+
+def test_duration_ends_the_trace_and_leaves_clean(run: dict[str, Any]) -> None:
+    rep = scenario(run, "duration")
+    assert rep["tracer_rc"] == 0 and rep["stderr"] == ""
+    evs = events(rep["stdout"])
+    assert [e["event"] for e in evs if e["event"] != "notice"] == ["attach", "detach"]
+    assert_left_clean(rep)
+    record_calls(rep)                                 # every call made, untraced
+
+
+def test_the_programs_own_seccomp_trace_stop(run: dict[str, Any]) -> None:
+    """A filter of the program's own answers getppid with SECCOMP_RET_TRACE: traced or not,
+    the call is not run and fails with ENOSYS (the engine skips it through
+    NT_ARM_SYSTEM_CALL, as the kernel does with no tracer)."""
+    rep = scenario(run, "seccomp")
+    assert rep["tracer_rc"] == 0, rep["stderr"]
+    (line,) = [r for r in rep["record"] if "getppid" in r]
+    assert line["getppid"] == [-1, 38] and line["traced"] == [-1, 38]      # ENOSYS
+    assert_trace_equals_record(rep)
+    assert_left_clean(rep)
