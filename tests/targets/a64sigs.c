@@ -1,13 +1,17 @@
 /* a64sigs: arm64 SIGUSR1 deliveries whose handler records what it saw, and a forged
  * rt_sigreturn (tests/vm/test_signals_aarch64.py).
  *
- *   a64sigs RECORD [--count N] [--forge] [--own-restorer]
+ *   a64sigs RECORD [--count N] [--forge] [--own-restorer] [--in-vdso]
  *
  * A SIGUSR1 handler is installed with SA_SIGINFO through the C library's sigaction. glibc sets
  * no SA_RESTORER on arm64, so the kernel points the handler's x30 at the vDSO's
  * __kernel_rt_sigreturn (arch/arm64/kernel/signal.c setup_return). --own-restorer installs it
  * with the raw rt_sigaction system call, SA_RESTORER and a restorer of the program's own,
- * a64_restorer (mov x8, #139; svc #0), which the kernel then puts in x30. After the go byte the main
+ * a64_restorer (mov x8, #139; svc #0), which the kernel then puts in x30. --in-vdso: instead of
+ * sending them itself, the thread calls __kernel_clock_gettime (through the vDSO's symbol) in
+ * a loop while a POSIX timer sends it SIGUSR1 300 us after each arming (armed again once the
+ * last one was handled), until N have been delivered: most interrupt it inside the vDSO, and
+ * return there through __kernel_rt_sigreturn. After the go byte the main
  * thread sends itself N (default 25) SIGUSR1 with tgkill. The handler records its own address,
  * its return address (__builtin_return_address(0): x30 at its entry, the restorer), the
  * signal number, the interrupted pc from its ucontext (uc_mcontext.pc) and the frame (its
@@ -32,6 +36,7 @@
 #include "common.h"
 
 #include <signal.h>
+#include <time.h>
 #include <ucontext.h>
 
 #ifndef __aarch64__
@@ -121,9 +126,38 @@ static __attribute__((noinline)) void forge(void)
     die("rt_sigreturn returned");
 }
 
+typedef int (*gettime_fn)(clockid_t, struct timespec *);
+
+static void spin_in_vdso(int count, pid_t tid)
+{
+    gettime_fn f = (gettime_fn)vdso_sym_required("__kernel_clock_gettime");
+    struct sigevent sev;
+    struct itimerspec its;
+    struct timespec ts;
+    timer_t timer;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = SIGUSR1;
+    sev._sigev_un._tid = tid;
+    if (timer_create(CLOCK_MONOTONIC, &sev, &timer) != 0)
+        die("timer_create failed: %s", strerror(errno));
+    /* one shot at a time, armed again once it has been handled: a periodic timer would keep a
+     * signal pending all the time under a tracer slower than its period */
+    while (ndeliv < count) {
+        int before = ndeliv;
+        memset(&its, 0, sizeof its);
+        its.it_value.tv_nsec = 300 * 1000;
+        if (timer_settime(timer, 0, &its, NULL) != 0)
+            die("timer_settime failed");
+        while (ndeliv == before)
+            f(CLOCK_MONOTONIC, &ts);
+    }
+    timer_delete(timer);
+}
+
 int main(int argc, char **argv)
 {
-    int count, do_forge, own, i;
+    int count, do_forge, own, in_vdso, i;
     struct sigaction sa, now;
     pid_t pid, tid;
     FILE *f;
@@ -133,6 +167,7 @@ int main(int argc, char **argv)
     count = (int)arg_long(argc, argv, "--count", 25);
     do_forge = arg_flag(argc, argv, "--forge");
     own = arg_flag(argc, argv, "--own-restorer");
+    in_vdso = arg_flag(argc, argv, "--in-vdso");
     if (count < 0 || count > MAX_SIGS)
         die("bad --count");
     record_truncate(argv[1]);
@@ -160,8 +195,11 @@ int main(int argc, char **argv)
 
     ready_and_wait();
 
-    for (i = 0; i < count; i++)
-        syscall(SYS_tgkill, pid, tid, SIGUSR1);
+    if (in_vdso)
+        spin_in_vdso(count, tid);
+    else
+        for (i = 0; i < count; i++)
+            syscall(SYS_tgkill, pid, tid, SIGUSR1);
     if (do_forge)
         forge();
 

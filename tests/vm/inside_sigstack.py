@@ -19,7 +19,9 @@ what tracer.sigtrack and tracer.unwind make of them live ("tracker", "unwound"):
     (NT_ARM_PAC_MASK); the stack unwound with the process's own module map (glibc's CFI
     included); the program's record (glibc's backtrace() of the chain).
 "trace" (unless --fixture): `vdsotrace trace --json --signals` on a64sigs --forge and on
-a64sigs --own-restorer (SA_RESTORER), and
+a64sigs --own-restorer (SA_RESTORER), on a64sigs --in-vdso (signals from a timer while it
+calls __kernel_clock_gettime in a loop) with that function untraced (-e gettimeofday: they
+interrupt the vDSO itself) and traced (they interrupt its stub and relocated body), and
 `vdsotrace trace --json --stack` on both a64stack builds: events, stderr, exit statuses and
 the programs' records.
 """
@@ -242,6 +244,10 @@ def main() -> int:
             "signals": traced(d, [str(d / "a64sigs"), "--forge"], ["--signals"], "sigs"),
             "signals_own": traced(d, [str(d / "a64sigs"), "--own-restorer"], ["--signals"],
                                   "sigs-own"),
+            "signals_vdso": traced(d, [str(d / "a64sigs"), "--in-vdso"],
+                                   ["--signals", "-e", "gettimeofday"], "sigs-vdso"),
+            "signals_stub": traced(d, [str(d / "a64sigs"), "--in-vdso"],
+                                   ["--signals", "-e", "clock_gettime"], "sigs-stub"),
             **{b: traced(d, [str(d / b), "--calls", "3"], ["--stack"], b)
                for b in STACK_BUILDS}}
     print(json.dumps(out))

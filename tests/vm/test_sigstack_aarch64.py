@@ -106,10 +106,11 @@ def check_signals(t: dict[str, Any], restorer: str, forged: bool) -> None:
     rec = t["record"]
     dels = kinds(rec, "delivery")
     summary = kinds(rec, "summary")[0]
-    assert summary["delivered"] == len(dels) == 25
+    n = summary["delivered"]
+    assert n == len(dels) == 25
     sig_evs = [e for e in t["events"] if e["event"] == "signal"]
     ret_evs = [e for e in t["events"] if e["event"] == "sigreturn"]
-    assert len(sig_evs) == 25 and len(ret_evs) == 25 + forged, err
+    assert len(sig_evs) == n and len(ret_evs) == n + forged, err
     for ev, r in zip(sig_evs, dels):
         assert ev["tid"] == r["tid"] and ev["signo"] == SIGUSR1 and ev["signame"] == "SIGUSR1"
         assert addr(ev["handler"]) == addr(r["handler"]), (ev, r)
@@ -167,3 +168,29 @@ def test_trace_stack(run: dict[str, Any], build: str) -> None:
         assert [addr(s.split()[0]) for s in stack[skip + 1:]] == bt[1:], (stack, bt)
         for name, s in zip(("level2", "level1", "main"), stack[skip + 1:]):
             assert f"{build}!{name}+" in s, stack
+
+
+VDSO_SIZE = 0x2000                  # the arm64 [vdso] mapping (tests/fixtures/README.md)
+
+
+def test_trace_signals_interrupting_the_vdso(run: dict[str, Any]) -> None:
+    """A timer's signals interrupt __kernel_clock_gettime (untraced: -e gettimeofday); the
+    handler returns through __kernel_rt_sigreturn into it, where the tracer names it."""
+    t = run["trace"]["signals_vdso"]
+    check_signals(t, "__kernel_rt_sigreturn", forged=False)
+    vdso = addr(kinds(t["record"], "summary")[0]["vdso"])
+    ret_evs = [e for e in t["events"] if e["event"] == "sigreturn"]
+    inside = [(r, e) for r, e in zip(kinds(t["record"], "delivery"), ret_evs)
+              if vdso <= addr(r["interrupted_ip"]) < vdso + VDSO_SIZE]
+    assert inside, "no signal interrupted the vDSO"
+    for r, e in inside:
+        assert str(e["resume_symbol"]).startswith("__kernel_clock_gettime+"), (r, e)
+
+
+def test_trace_signals_interrupting_traced_calls(run: dict[str, Any]) -> None:
+    """The same with __kernel_clock_gettime traced: the signals interrupt its stub and body
+    too; every handler returns where it interrupted, every call is traced and returns 0."""
+    t = run["trace"]["signals_stub"]
+    check_signals(t, "__kernel_rt_sigreturn", forged=False)
+    calls = [e for e in t["events"] if e["event"] == "call"]
+    assert calls and all(e["func"] == "clock_gettime" and e["ret"] == 0 for e in calls), calls[:3]
