@@ -6,9 +6,12 @@ the vDSO answers through `svc #0` (CPU-time clocks, getrandom without state), an
 they did. The trace equals the record exactly (every call, in order per thread, with the same
 arguments, results, written values and fallback flags); after the tracer leaves, the target's
 vDSO bytes are those read before the attach and it finishes normally; --inject is refused in
-one line; a SIGKILLed tracer's guardian puts the original code back.
+one line; a SIGKILLed tracer's guardian puts the original code back. Also: fork (followed with
+-f, and released clean without), exec, record + report, SIGINT/SIGTERM/--duration/the tracee's
+exit as ways out, and a SECCOMP_RET_TRACE stop of the program's own filter.
 
-One boot for the module (tests/vm/inside_trace.py); deselected unless VDSOTRACE_VM=1."""
+One boot for the module (tests/vm/inside_trace.py, two scenarios at a time); deselected unless
+VDSOTRACE_VM=1."""
 from __future__ import annotations
 
 import json
