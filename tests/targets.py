@@ -664,3 +664,34 @@ def run_traced(binary: Path, tmp: Path, target_args: Sequence[str] = (),
                      f"stderr: {se!r}; tracer stderr:\n{tr.stderr()}")
     tr.wait_ok(tracer_timeout)
     return Run(proc, tr, read_record(rec), tr.events(), so)
+
+
+def build_aarch64_variant(name: str, variant: str, *flags: str) -> Path:
+    """tests/targets/NAME.c built for aarch64 with extra compiler `flags` (after CFLAGS) into
+    BUILD_DIR/aarch64/VARIANT (rebuilt when a source is newer), e.g. with and without frame
+    pointers. Raises BuildError with clang's message."""
+    src = SRC_DIR / f"{name}.c"
+    if not src.exists():
+        raise BuildError(f"no target source {src}")
+    out_dir = BUILD_DIR / "aarch64"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / variant
+    stamp = max(p.stat().st_mtime for p in (src, *SRC_DIR.glob("*.h")))
+    if out.exists() and out.stat().st_mtime >= stamp:
+        return out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    cmd = [*AARCH64_CC, *CFLAGS, *flags, "-o", str(tmp), str(src)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise BuildError(AARCH64_HINT) from None
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"{' '.join(cmd)} failed ({AARCH64_HINT}):\n{r.stderr}")
+    os.replace(tmp, out)
+    return out
+
+
+# a64stack's two builds: frame records everywhere, or CFI only
+A64STACK_VARIANTS = {"a64stack_fp": ("-fno-omit-frame-pointer",),
+                     "a64stack_nofp": ("-fomit-frame-pointer",)}

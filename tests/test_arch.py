@@ -148,7 +148,7 @@ def test_signal_frame_offsets() -> None:
     assert (i.rt_ip, i.rt_info, i.rt_uc, i.plain_ip, i.sigreturn_nr) == \
         (16 + 128 + 76, 16, 144, 8 + 56, 119)
     assert i.args_in_frame and (i.rt_sigreturn_sp_adjust, i.sigreturn_sp_adjust) == (4, 8)
-    assert sigtrack.LAYOUTS == {"x86_64": x, "i386": i}
+    assert sigtrack.LAYOUTS == {"x86_64": x, "i386": i, "aarch64": arch.by_name("aarch64").sigframe}
     assert (X86_64.sigcontext_sp_back, I386.sigcontext_sp_back) == (8, 28)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tracer.tables import errnos, signals, syscalls_i386, syscalls_x86_64
+from tracer.tables import errnos, signals, syscalls_aarch64, syscalls_i386, syscalls_x86_64
 from tracer.tables.errnos import Errno
 from tracer.tables.signals import Signal, signame
 
@@ -122,7 +122,7 @@ def test_x86_64_nargs(name: str, nargs: int) -> None:
     assert syscalls_x86_64.NARGS[syscalls_x86_64.NUMBERS[name]] == nargs
 
 
-@pytest.mark.parametrize("table", [syscalls_i386, syscalls_x86_64])
+@pytest.mark.parametrize("table", [syscalls_i386, syscalls_x86_64, syscalls_aarch64])
 def test_tables_are_whole_and_sorted(table: object) -> None:
     names: dict[int, str] = table.NAMES  # type: ignore[attr-defined]
     nargs: dict[int, int] = table.NARGS  # type: ignore[attr-defined]
@@ -181,6 +181,32 @@ def test_i386_matches_gcc_m32(tmp_path: Path) -> None:
 
 def test_x86_64_matches_gcc(tmp_path: Path) -> None:
     assert compiled_syscall_numbers(tmp_path, "-m64") == syscalls_x86_64.NAMES
+
+
+def test_aarch64_matches_clangs_arm64_headers() -> None:
+    """arm64's table against glibc's arm64 <sys/syscall.h> (libc6-dev-arm64-cross: arm64's own
+    asm/unistd.h) as clang's preprocessor for aarch64 reads it, not the generator's cpp run."""
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.fail("clang is not installed: run scripts/setup --vm")
+    listing = subprocess.run(
+        [clang, "--target=aarch64-linux-gnu", "-dM", "-E", "-include", "sys/syscall.h", "-"],
+        input="", capture_output=True, text=True)
+    if listing.returncode != 0:
+        pytest.fail(f"clang cannot preprocess for aarch64 (run scripts/setup --vm): "
+                    f"{listing.stderr.strip()}")
+    macros = dict(re.findall(r"^#define (\w+) (\w+)$", listing.stdout, re.M))
+    table: dict[int, str] = {}
+    for name, value in macros.items():
+        if name.startswith("SYS_"):
+            while value in macros:
+                value = macros[value]
+            table[int(value)] = name[4:]
+    assert len(table) > 290
+    assert table == syscalls_aarch64.NAMES
+    nr = syscalls_aarch64.NUMBERS
+    assert (nr["read"], nr["clock_gettime"], nr["rt_sigreturn"], nr["gettid"]) == (63, 113, 139, 178)
+    assert syscalls_aarch64.NARGS[nr["clock_gettime"]] == 2
 
 
 # --- errno --------------------------------------------------------------------

@@ -3,7 +3,8 @@ relocation of a displaced instruction into an out-of-line slot.
 
 x86_64 and i386 in capstone's x86 modes (Intel or AT&T syntax); aarch64 in its ARM64 mode, which
 has one syntax, the Arm ARM's: `syntax` is ignored there. The image's ELF machine decides
-(VdsoImage.abi), never the host. Relocation is x86 only."""
+(VdsoImage.abi), never the host. arm64 relocation is tracer/arch/aarch64_reloc.py's (pure
+bit fields, no capstone); `relocate` hands arm64 code to it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -198,7 +199,8 @@ def relocate(abi: Abi, code: bytes, orig: int, slot: int,
     instruction can be relocated that way.
     """
     if _is_a64(abi):
-        raise ValueError("relocating arm64 instructions is not implemented")
+        from tracer.arch.aarch64_reloc import relocate_run
+        return relocate_run(code[:4], orig, slot, tail=tail)
     md = _cs(abi)
     insn = next(md.disasm(code, orig, 1), None)
     if insn is None:
@@ -244,6 +246,10 @@ def relocate(abi: Abi, code: bytes, orig: int, slot: int,
 
 
 def insn_length(abi: Abi, code: bytes, addr: int) -> int:
+    if _is_a64(abi):
+        if len(code) < 4:
+            raise ValueError(f"cannot decode the instruction at {addr:#x}")
+        return 4                       # every arm64 instruction
     insn = next(_cs(abi).disasm(code, addr, 1), None)
     if insn is None:
         raise ValueError(f"cannot decode the instruction at {addr:#x}")

@@ -82,7 +82,7 @@ class LoadSegment:
 
 
 # elf.h: symbol types and bindings, section index SHN_UNDEF.
-_STT_OBJECT, _STT_FUNC, _STT_GNU_IFUNC = 1, 2, 10
+_STT_NOTYPE, _STT_OBJECT, _STT_FUNC, _STT_GNU_IFUNC = 0, 1, 2, 10
 _STB_LOCAL, _STB_GLOBAL, _STB_WEAK = 0, 1, 2
 _SHN_UNDEF = 0
 # elf.h: Elf64_Sym {st_name u32, st_info u8, st_other u8, st_shndx u16, st_value u64, st_size u64}
@@ -194,7 +194,11 @@ class ObjectFile:
                 else:
                     st_name, value, size, st_info, _other, shndx = fields
                 stype, bind = st_info & 0xF, st_info >> 4
-                if stype not in (_STT_FUNC, _STT_GNU_IFUNC, _STT_OBJECT) or shndx == _SHN_UNDEF or value == 0:
+                # A sized NOTYPE symbol is an assembly entry: the arm64 vDSO's
+                # __kernel_rt_sigreturn (vdso/sigreturn.S), where every handler returns. Unsized
+                # ones are labels and arm64's $x/$d mapping symbols (AAELF64 5.5.4).
+                if (stype not in (_STT_FUNC, _STT_GNU_IFUNC, _STT_OBJECT)
+                        and not (stype == _STT_NOTYPE and size)) or shndx == _SHN_UNDEF or value == 0:
                     continue
                 end = strtab.find(b"\0", st_name)
                 # as the bytes were (an invalid byte a lone surrogate), escaped on output

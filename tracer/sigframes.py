@@ -26,14 +26,16 @@ SCAN_LIMIT = 64 * 1024        # bytes above sp looked at (stopping early at unre
 
 
 def interrupted(read: Callable[[int, int], bytes], sp: int, word: int | Arch,
-                spans: list[tuple[int, int]], limit: int = SCAN_LIMIT) -> list[tuple[int, int]]:
+                spans: list[tuple[int, int]], limit: int = SCAN_LIMIT,
+                pac_mask: int | None = None) -> list[tuple[int, int]]:
     """The signal frames in [sp, sp + limit) (up to unreadable memory) that saved an ip in
     one of `spans` [lo, hi): (saved ip, saved sp) each, innermost first, at most a few
-    dozen. A frame found this way may be stale (left by a handler that returned)."""
+    dozen. A frame found this way may be stale (left by a handler that returned).
+    `pac_mask`: arm64's pointer-authentication bits (stackscan.scan)."""
     arch = arch_of(word)
     sp_back, word = arch.sigcontext_sp_back, arch.word       # the saved sp, before the ip
     frames: list[tuple[int, int]] = []
-    for hit in scan(read, sp, arch, spans, lambda v: False, limit=limit):
+    for hit in scan(read, sp, arch, spans, lambda v: False, limit=limit, pac_mask=pac_mask):
         try:
             saved_sp = int.from_bytes(read(hit.at - sp_back, word), "little")
         except MemoryReadError:

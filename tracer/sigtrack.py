@@ -11,10 +11,13 @@ Pure logic on registers and a memory reader; the engine does the ptrace dance:
   `SignalTracker.on_sigreturn` reads the context the kernel is about to restore and closes the
   matching delivery (LIFO per thread), or reports the anomaly.
 
-Frame layouts: each arch's `sigframe` (tracer/arch/: x86_64.py, i386.py), with the kernel's
-frame structures they come from. Two kinds of handler entry: the handler's arguments only in
-registers (x86_64, arm64: always an rt frame), or also in the frame (i386: signo, and for an rt
-frame &info and &uc, told from a plain frame's saved selectors by being self-pointers).
+Frame layouts: each arch's `sigframe` (tracer/arch/: x86_64.py, i386.py, aarch64.py), with the
+kernel's frame structures they come from. Three kinds of handler entry: the handler's arguments
+only in registers and the restorer the frame's first word (x86_64: always an rt frame); also in
+the frame (i386: signo, and for an rt frame &info and &uc, told from a plain frame's saved
+selectors by being self-pointers); or the restorer in the link register and &info/&uc in
+registers only for SA_SIGINFO handlers (arm64: always an rt frame, told by the frame record the
+kernel points x29 at).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from tracer.abi import I386, X86_64, Abi
+from tracer.arch import by_name
 from tracer.arch.base import SigFrameLayout
 from tracer.errors import MemoryReadError
 from tracer.events import SignalEvent, SigreturnEvent
@@ -51,7 +55,7 @@ class Anomaly(StrEnum):
 FrameLayout = SigFrameLayout
 
 # each arch's frames (tracer.arch: Arch.sigframe)
-LAYOUTS: dict[str, FrameLayout] = {a.name: a.sigframe for a in (X86_64, I386)}
+LAYOUTS: dict[str, FrameLayout] = {a.name: a.sigframe for a in (X86_64, I386, by_name("aarch64"))}
 
 
 def _layout(abi: Abi) -> FrameLayout:
@@ -67,10 +71,10 @@ class Delivery:
     tid: int
     signo: int
     handler: int                 # runtime_addr of the handler's first instruction
-    restorer: int                # the frame's pretcode: where the handler's `ret` goes
+    restorer: int                # where the handler's `ret` goes: the frame's pretcode (x86), x30 (arm64)
     resume_ip: int               # the interrupted ip saved in the frame's context
     frame: int                   # runtime_addr of the frame (the handler's sp at entry)
-    rt: bool                     # rt frame (always on x86_64; SA_SIGINFO on i386)
+    rt: bool                     # rt frame (always on x86_64 and arm64; SA_SIGINFO on i386)
     abi: str
 
 
@@ -119,6 +123,32 @@ def _entry_regs(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike
     return Delivery(tid, signo, ip, restorer, resume, sp, True, abi.name)
 
 
+def _entry_link(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike,
+                read: ReadMem) -> Delivery | None:
+    """arm64 (arch/arm64/kernel/signal.c setup_return): x0 = signo, x30 = the restorer,
+    x29 = the frame record above the rt_sigframe, which holds the interrupted x29/x30, the
+    same pair the frame's sigcontext saved; x1/x2 = &info/&uc only with SA_SIGINFO."""
+    mask, w = abi.mask, lay.word
+    sp, ip = regs[abi.sp] & mask, regs[abi.pc] & mask
+    r_sig, r_info, r_uc = lay.handler_regs
+    assert lay.restorer_reg is not None and lay.rt_fp_lr is not None
+    if regs[r_sig] & 0xFFFFFFFF != signo:
+        return None
+    fp = regs[abi.fp] & mask
+    # the record lies above the whole frame (get_sigframe: 16-byte aligned)
+    if fp % 16 or fp < sp + lay.rt_ip + 3 * w:
+        return None
+    try:
+        record = read(fp, 2 * w)
+        saved = read(sp + lay.rt_fp_lr, 2 * w)
+        resume = _word(read(sp + lay.rt_ip, w), 0, w)
+    except MemoryReadError:
+        return None
+    if record != saved:
+        return None
+    return Delivery(tid, signo, ip, regs[lay.restorer_reg] & mask, resume, sp, True, abi.name)
+
+
 def _entry_stack(lay: FrameLayout, abi: Abi, tid: int, signo: int, regs: RegsLike,
                  read: ReadMem) -> Delivery | None:
     """Frames that hold signo and (rt) the &info/&uc pointers themselves (i386), the
@@ -163,7 +193,9 @@ def parse_handler_frame(abi: Abi, tid: int, signo: int, regs: RegsLike,
     setup) or when the frame cannot be read.
     """
     lay = _layout(abi)
-    return (_entry_stack if lay.args_in_frame else _entry_regs)(lay, abi, tid, signo, regs, read)
+    entry = (_entry_stack if lay.args_in_frame else
+             _entry_link if lay.restorer_reg is not None else _entry_regs)
+    return entry(lay, abi, tid, signo, regs, read)
 
 
 def sigreturn_frame(abi: Abi, nr: int, sp: int) -> tuple[int, int]:

@@ -1,9 +1,16 @@
 """Call-stack unwinding of a stopped thread, for `--stack` and the console's `bt`.
 
 `unwind` walks the stack with the callers' DWARF CFI (tracer.cfi decodes it), and with
-the frame-pointer chain where an object has no CFI for a pc. The stack is untrusted input:
+the frame-pointer chain where an object has no CFI for a pc (x86's saved rbp/return address
+pair at rbp, arm64's frame record at x29: AAPCS64 6.4.6). The stack is untrusted input:
 every step checks that the stack pointer grows, that the return address lies in executable
 memory, and the walk ends at the first thing it cannot read; it never raises for bad data.
+
+arm64: a call puts the return address in the link register x30 (DWARF 30, the return
+address column), not on the stack; a function that calls others saves it in its frame
+record, signed by pointer authentication when built with -mbranch-protection (paciasp: a
+PAC in the address's top bits, NT_ARM_PAC_MASK says which). Every return address is
+stripped of those bits (`pac_mask`) before it is checked and returned.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from tracer import arch as _arch
+from tracer.arch.aarch64 import strip_pac
 from tracer.cfi import FrameRule, RuleKind
 from tracer.errors import MemoryReadError
 
@@ -39,6 +47,9 @@ class Arch:
     fp: int
     ra: int
     fmt: str     # struct format of one word
+    # the return address is in a register at a function's entry (arm64's x30), not in the
+    # word at sp (x86's `call`)
+    link: bool = False
 
     @property
     def mask(self) -> int:
@@ -47,11 +58,14 @@ class Arch:
 
 def _from(a: _arch.Arch) -> Arch:
     d = a.dwarf
+    # the return address column is a general register (x30) rather than a column of its own
+    # (x86's rip/eip, numbered after the general registers)
     return Arch(a.name, a.word, d.nregs, sp=d.sp, fp=d.fp, ra=d.ra,
-                fmt="<Q" if a.word == 8 else "<I")
+                fmt="<Q" if a.word == 8 else "<I", link=d.ra < len(d.names))
 
 
-ARCHES: Final[Mapping[str, Arch]] = {a.name: _from(a) for a in (_arch.X86_64, _arch.I386)}
+ARCHES: Final[Mapping[str, Arch]] = {
+    a.name: _from(a) for a in (_arch.X86_64, _arch.I386, _arch.by_name("aarch64"))}
 
 PAGE_SIZE: Final = 4096
 _UNPACK: Final = {arch.fmt: struct.Struct(arch.fmt).unpack_from for arch in ARCHES.values()}
@@ -277,14 +291,16 @@ def eval_dwarf_expr(code: bytes, regs: list[int | None], read_word: Callable[[in
 
 
 def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules, abi: str,
-           max_depth: int = 16, *, at_entry: bool = True) -> list[int]:
+           max_depth: int = 16, *, at_entry: bool = True, pac_mask: int = 0) -> list[int]:
     """Return addresses of the stopped thread, innermost first, at most max_depth.
 
     `regs` holds "pc" and "sp" and the other registers by DWARF number (see `Arch`).
     With `at_entry` (the engine's case: pc is the first instruction of a called function)
     nothing has been pushed yet, so the return address is the word at sp and the caller's
-    sp is sp + word (the `call` instruction's effect, Intel SDM vol. 2A "CALL"). Later
-    frames follow their CFI, or the frame-pointer chain where no CFI covers the pc.
+    sp is sp + word (the `call` instruction's effect, Intel SDM vol. 2A "CALL"); on arm64
+    it is x30 and sp is the caller's (`bl`, Arm ARM C6.2.34). Later frames follow their
+    CFI, or the frame-pointer chain where no CFI covers the pc. `pac_mask`: the bits
+    pointer authentication signs into return addresses (arm64; 0: none), stripped from each.
     Unreadable memory ends the walk; read_mem errors other than MemoryReadError
     (the tracee exited) propagate.
     """
@@ -293,24 +309,36 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
         return []
     n, mask, word = arch.nregs, arch.mask, arch.word
     sp_reg, ra_reg, fp_reg = arch.sp, arch.ra, arch.fp
+    link = arch.link
+    pac = pac_mask & mask
     state: list[int | None] = [None if (v := regs.get(i)) is None else v & mask for i in range(n)]
-    pc = regs.get("pc", state[ra_reg])
+    pc = regs.get("pc", None if link else state[ra_reg])
     sp = regs.get("sp", state[sp_reg])
     if pc is None or sp is None:
         return []
     pc &= mask
     sp &= mask
-    state[sp_reg], state[ra_reg] = sp, pc
+    state[sp_reg] = sp
+    if not link:
+        state[ra_reg] = pc
     reader = _StackReader(read_mem, arch)
     read_word = reader.word
     out: list[int] = []
     exact_pc = True  # the pc to look up is not a return address (first frame, or after a signal frame)
+    # the innermost frame of a link-register arch (not at entry): a leaf function keeps its
+    # return address in x30 (no CFI rule for it) and may not move sp (CFA = sp)
+    leaf_ok = link and not at_entry
 
     if at_entry:
-        ra = read_word(sp)
+        if link:
+            ra = state[ra_reg]
+        else:
+            ra = read_word(sp)
+            sp = (sp + word) & mask
+        if ra is not None and pac:
+            ra = strip_pac(ra, pac)
         if ra is None or ra == 0 or not modules.is_executable(ra):
             return out
-        sp = (sp + word) & mask
         state[sp_reg], state[ra_reg] = sp, ra
         pc = ra
         out.append(ra)
@@ -332,6 +360,8 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
         if not fp or fp % word:
             return None
         ra_fp = read_word((fp + word) & mask)
+        if ra_fp and pac:
+            ra_fp = strip_pac(ra_fp, pac)
         if not ra_fp or not is_executable(ra_fp):
             return None
         return (fp + 2 * word) & mask, read_word(fp), ra_fp
@@ -350,8 +380,9 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
                 break
             cfa = (base + row.cfa_offset) & mask  # type: ignore[union-attr]
             fp_before = state[fp_reg]
-            if cfa > sp:
-                state[ra_reg] = None
+            if cfa > sp or (leaf_ok and cfa == sp):
+                if not leaf_ok:
+                    state[ra_reg] = None
                 for reg, off in offsets:
                     o = cfa + off - wbase
                     if 0 <= o <= wlimit:
@@ -361,11 +392,14 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
                         buf, wbase = reader.window
                         wlimit = len(buf) - word
                 ra_val = state[ra_reg]
+                if ra_val and pac:
+                    ra_val = state[ra_reg] = strip_pac(ra_val, pac)
                 if ra_val and is_executable(ra_val):
                     state[sp_reg] = cfa
                     sp, pc = cfa, ra_val
                     out.append(ra_val)
                     exact_pc = row.signal_frame  # type: ignore[union-attr]
+                    leaf_ok = False
                     continue
             # A CFA that does not grow the stack, or no usable return address: the end,
             # unless this frame switched stacks (above).
@@ -390,7 +424,8 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
                     break
                 cfa = cfa_val
             new = state.copy()
-            new[ra_reg] = None  # no rule for the return address column: undefined, the end
+            if not leaf_ok:
+                new[ra_reg] = None  # no rule for the return address column: undefined, the end
             for reg, kind, arg in row.rules:
                 if reg >= n:
                     continue
@@ -413,7 +448,10 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
             signal_frame = row.signal_frame
         else:
             # No CFI: the frame-pointer convention (x86_64 psABI 3.2.2, i386 psABI 2.2.2; the
-            # AAPCS64 frame record): saved fp at [fp], return address at [fp + word].
+            # AAPCS64 frame record): saved fp at [fp], return address at [fp + word]. The
+            # caller's sp is taken as fp + 2 words: exact on x86; on arm64 a lower bound (GCC
+            # puts the record at the bottom of the frame), enough for the growth check and
+            # for callers whose CFA is x29-based.
             fp = state[fp_reg]
             if fp is None or fp < sp or fp % word:
                 break
@@ -424,8 +462,11 @@ def unwind(regs: Mapping[int | str, int], read_mem: ReadMem, modules: FrameRules
             signal_frame = False
         # The CFA is the caller's stack pointer (its value at the call site); a stack that
         # does not grow is a loop or garbage.
-        if cfa <= sp or not ra_val or not is_executable(ra_val):
+        if ra_val and pac:
+            ra_val = strip_pac(ra_val, pac)
+        if (cfa < sp or (cfa == sp and not leaf_ok)) or not ra_val or not is_executable(ra_val):
             break
+        leaf_ok = False
         new[sp_reg] = cfa
         new[ra_reg] = ra_val
         state = new

@@ -22,18 +22,21 @@ Signal frames (arch/arm64/kernel/signal.c, arch/arm64/include/uapi/asm/{ucontext
 """
 from __future__ import annotations
 
+import ctypes
+import struct
 from enum import IntFlag
 
 from tracer import target
 from tracer.arch.base import Arch, DwarfRegs, ReadMem, RegLayout, SigFrameLayout, StubLayout
-from tracer.errors import MemoryReadError
+from tracer.errors import MemoryReadError, TracerError
 
 __all__ = [
     "AARCH64", "Aarch64Arch", "EM_AARCH64", "AUDIT_ARCH_AARCH64", "USER_PT_REGS", "REG_NAMES",
     "NT_PRSTATUS", "NT_ARM_SYSTEM_CALL", "NT_ARM_PAC_MASK", "BRK_0", "SVC_0", "NOP",
     "INSN_SIZE", "PACIASP", "AUTIASP", "BTI_C", "B_RANGE", "NR_RT_SIGRETURN",
     "RT_SIGRETURN_CODE", "VDSO_VERSION", "VDSO_FUNCTIONS", "UC_MCONTEXT", "SIGCONTEXT_PC",
-    "SIGCONTEXT_SP", "PAC_MASK_CHECKED", "encode_b", "decode_b", "strip_pac",
+    "SIGCONTEXT_SP", "PAC_MASK_CHECKED", "encode_b", "decode_b", "strip_pac", "stub_aarch64",
+    "HOST_CNTVCT", "STUB_FRAME", "read_pac_mask", "SIGCONTEXT_REGS",
 ]
 
 EM_AARCH64 = 183                     # include/uapi/linux/elf-em.h
@@ -72,6 +75,7 @@ VDSO_FUNCTIONS = ("__kernel_clock_gettime", "__kernel_gettimeofday", "__kernel_c
                   "__kernel_rt_sigreturn", "__kernel_getrandom")
 
 UC_MCONTEXT = 176
+SIGCONTEXT_REGS = 8                  # regs[31], after fault_address
 SIGCONTEXT_SP = 8 + 31 * 8           # 256
 SIGCONTEXT_PC = SIGCONTEXT_SP + 8    # 264
 _SIGINFO = 128
@@ -131,6 +135,68 @@ def strip_pac(addr: int, insn_mask: int) -> int:
     return addr & ~insn_mask & 0xFFFFFFFFFFFFFFFF
 
 
+def read_pac_mask(tid: int) -> int:
+    """The thread's insn_mask of NT_ARM_PAC_MASK (struct user_pac_mask { data_mask, insn_mask
+    }, arch/arm64/include/uapi/asm/ptrace.h); 0 on a kernel or CPU without address
+    authentication (the regset is then inactive: EINVAL/ENODEV)."""
+    buf = (ctypes.c_uint64 * 2)()
+    try:
+        if target.getregset(tid, NT_ARM_PAC_MASK, buf) < 16:
+            return 0
+    except TracerError:
+        return 0
+    return int(buf[1])
+
+
+def _insns(*words: int) -> bytes:
+    return b"".join(w.to_bytes(4, "little") for w in words)
+
+
+# Instructions of the stub and the host counter read (llvm-mc -triple=aarch64 -show-encoding)
+_ISB = 0xD5033FDF
+_MRS_X16_CNTVCT = 0xD53BE050         # mrs x16, cntvct_el0
+_MOV_X16_XZR = 0xAA1F03F0            # mov x16, xzr
+_NOP_W = 0xD503201F
+# The counter read: `isb` first, as the vDSO's own reads do (arch/arm64/include/asm/
+# arch_timer.h __arch_counter_get_cntvct: the read is not speculated ahead of older code)
+_COUNTER = {True: (_ISB, _MRS_X16_CNTVCT), False: (_NOP_W, _MOV_X16_XZR)}
+# A host function returning the counter: isb; mrs x0, cntvct_el0; ret
+HOST_CNTVCT = _insns(_ISB, 0xD53BE040, 0xD65F03C0)
+STUB_FRAME = 96
+
+
+def stub_aarch64(tsc: bool = True) -> tuple[bytes, StubLayout, int, int]:
+    """The call-through stub (AAPCS64: arguments in x0-x7, result in x0, the return address
+    in x30, unsigned at the entry; x16/x17 (IP0/IP1) are free at a call's entry, x1-x17 after
+    it; no red zone below sp, which stays 16-byte aligned). Entered by the `b` that replaced
+    the function's first instruction, it saves the arguments, x30 and a counter reading in a
+    96-byte block below sp, calls the body copy with `bl` (direct: BTI allows it; a body that
+    signs x30 with paciasp authenticates it with the same sp before its `ret`), saves x0 and
+    a second reading, stops at `brk #0` (pc AT the brk: the tracer moves it past), then
+    returns to the caller through the saved x30."""
+    c = [0xD10183FF,                     # sub sp, sp, #96
+         0xA90187E0,                     # stp x0, x1, [sp, #24]
+         0xA9028FE2,                     # stp x2, x3, [sp, #40]
+         0xA90397E4,                     # stp x4, x5, [sp, #56]
+         0xA9049FE6,                     # stp x6, x7, [sp, #72]
+         0xF9002FFE,                     # str x30, [sp, #88]
+         *_COUNTER[tsc],                 # isb; mrs x16, cntvct_el0
+         0xF9000BF0]                     # str x16, [sp, #16]       (t0)
+    call_off = 4 * len(c)
+    c += [0x94000000,                    # bl body (filled in by breakpoints.py)
+          0xF90007E0,                    # str x0, [sp, #8]         (the result)
+          *_COUNTER[tsc],
+          0xF90003F0]                    # str x16, [sp]            (t1)
+    exit_off = 4 * len(c)
+    c += [0xD4200000,                    # brk #0: the one stop
+          0xF9402FFE,                    # ldr x30, [sp, #88]
+          0x910183FF,                    # add sp, sp, #96
+          0xD65F03C0]                    # ret
+    # at the brk, from sp: t1, result, t0, x0-x7, the return address; sp at entry = sp + 96
+    layout = StubLayout(struct.Struct("<QqQ8QQ"), STUB_FRAME, 0, 1, 2, 11, tuple(range(3, 11)))
+    return _insns(*c), layout, exit_off, call_off
+
+
 def _getregs(tid: int, regs: target.Regs) -> None:
     target.getregset(tid, NT_PRSTATUS, regs.buf)
 
@@ -146,7 +212,14 @@ class Aarch64Arch(Arch):
         # arm64 restarts a system call from regs->syscallno (arch/arm64/kernel/signal.c
         # do_signal), which is not in NT_PRSTATUS: it is written through NT_ARM_SYSTEM_CALL
         # (-1: none), a separate regset this buffer cannot carry.
-        raise NotImplementedError("arm64: cancel a restart through NT_ARM_SYSTEM_CALL (-1)")
+        raise NotImplementedError("arm64: the restart is not in the register buffer: "
+                                  "no_syscall(tid, regs) writes NT_ARM_SYSTEM_CALL")
+
+    def no_syscall(self, tid: int, regs: target.Regs) -> None:
+        # regs->syscallno = NO_SYSCALL (-1): at a syscall-entry or seccomp stop the kernel
+        # skips the call, leaving x0 as the tracer set it (arch/arm64/kernel/syscall.c
+        # el0_svc_common); an interrupted call is not restarted (signal.c do_signal)
+        target.setregset(tid, NT_ARM_SYSTEM_CALL, (ctypes.c_int32 * 1)(-1))
 
     def emulate_cycle_counter(self, regs: target.Regs, value: int) -> None:
         # EL0 reads CNTVCT_EL0 without trapping (the kernel sets CNTKCTL_EL1.EL0VCTEN): no
@@ -157,6 +230,9 @@ class Aarch64Arch(Arch):
         # `bl`/`blr` put it in x30 (the link register); at the entry it is not signed yet
         return regs["x30"]
 
+    def pac_mask(self, tid: int) -> int:
+        return read_pac_mask(tid)
+
     def jump(self, src: int, dst: int) -> bytes:
         return encode_b(src, dst)
 
@@ -164,7 +240,19 @@ class Aarch64Arch(Arch):
         return encode_b(src, dst, link=True)
 
     def stub(self, nargs: int, marker: bool, tsc: bool) -> tuple[bytes, StubLayout, int, int]:
-        raise NotImplementedError("the call-through stub is not written for arm64 yet")
+        if marker:
+            raise ValueError("arm64 stubs stop on brk only (no seccomp marker stops)")
+        return stub_aarch64(tsc)
+
+    def counter_may_fault(self) -> bool:
+        # Linux lets EL0 read CNTVCT_EL0 in every process (arch_timer: CNTKCTL_EL1.EL0VCTEN;
+        # where an erratum makes the kernel trap it, it emulates the read): no per-thread
+        # switch like x86's PR_SET_TSC
+        return False
+
+    def marker_stops(self) -> str | None:
+        return ("it stops on brk breakpoints: vdsotrace has no seccomp marker stops for arm64 "
+                "yet; a guardian process undoes the breakpoints if vdsotrace is killed")
 
     def saved_context(self, read: ReadMem, at: int) -> bool:
         # struct sigcontext: ... sp, pc, pstate. A saved user pstate has M[3:0] = 0 (EL0t),
@@ -177,7 +265,8 @@ class Aarch64Arch(Arch):
         return pstate & 0x3DF == 0 and pstate >> 32 == 0
 
     def syscall_table(self) -> tuple[dict[int, str], dict[int, int]]:
-        raise NotImplementedError("no system call table for arm64 yet (asm-generic/unistd.h)")
+        from tracer.tables import syscalls_aarch64 as t
+        return t.NAMES, t.NARGS
 
     def hwcap_names(self) -> tuple[type[IntFlag] | None, type[IntFlag] | None]:
         from tracer.tables.hwcap_aarch64 import Hwcap2Aarch64, HwcapAarch64
@@ -204,14 +293,15 @@ AARCH64 = Aarch64Arch(
         rt_sigreturn_nr=NR_RT_SIGRETURN, rt_sigreturn_sp_adjust=0,
         plain_ip=None, sigreturn_nr=None, sigreturn_sp_adjust=None,
         rt_info=0, rt_uc=_SIGINFO,
-        handler_regs=("x0", "x1", "x2"), args_in_frame=False),
+        handler_regs=("x0", "x1", "x2"), args_in_frame=False,
+        restorer_reg="x30", rt_fp_lr=_SIGINFO + UC_MCONTEXT + SIGCONTEXT_REGS + 29 * 8),
     restorer_code=RT_SIGRETURN_CODE,
     # DWARF for the Arm 64-bit Architecture (AADWARF64): 0-30 are x0-x30, 31 is sp; the
     # return address column is x30
     dwarf=DwarfRegs((*(f"x{i}" for i in range(31)), "sp"), nregs=32, sp=31, fp=29, ra=30),
     trap=BRK_0, trap_pc_adjust=0, nop=NOP, syscall_insn=SVC_0,
     jump_len=INSN_SIZE, jump_reach=B_RANGE,
-    cycle_counter=b"", host_counter_fn=b"",
+    cycle_counter=b"", host_counter_fn=HOST_CNTVCT,
     gettid_nr=NR_GETTID, tgkill_nr=NR_TGKILL, nanosleep_nr=NR_NANOSLEEP,
     vdso_prefixes=("__kernel_",),
 )

@@ -98,6 +98,13 @@ class SigFrameLayout:
     # True: the frame itself holds signo and the &info/&uc pointers (i386's rt_sigframe_ia32,
     # whose plain frames have none); False: only the registers do (x86_64, arm64)
     args_in_frame: bool
+    # Where the handler returns to: None = the frame's first word (x86's pretcode); else the
+    # link register holding it at the handler's entry (arm64's x30)
+    restorer_reg: str | None = None
+    # arm64: the offset in the frame of the saved (x29, x30) pair (sigcontext regs[29..30]);
+    # the kernel writes the same pair into the frame record x29 points at, for every handler
+    # (x1/x2 hold &info/&uc only for SA_SIGINFO ones): how a delivery is told there
+    rt_fp_lr: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +233,12 @@ class Arch:
         """Make the kernel not restart an interrupted system call when `regs` are set."""
         raise NotImplementedError
 
+    def no_syscall(self, tid: int, regs: Regs) -> None:
+        """A thread stopped at a system call's entry (or interrupted in one): make the kernel
+        run (or restart) no system call when it resumes; `regs` are written after this. Where
+        that is in the register buffer (x86: orig_rax), `no_restart`."""
+        self.no_restart(regs)
+
     def emulate_cycle_counter(self, regs: Regs, value: int) -> None:
         """Give a thread stopped at a faulting `cycle_counter` instruction the reading `value`
         and move its pc past the instruction (it must be in `regs`' pc)."""
@@ -234,6 +247,11 @@ class Arch:
     def return_address(self, regs: Regs, read: ReadMem) -> int:
         """At a function's first instruction: where it returns to (x86: the word at sp)."""
         raise NotImplementedError
+
+    def pac_mask(self, tid: int) -> int:
+        """The bits pointer authentication signs into this thread's code addresses (return
+        addresses saved on its stack); 0 where nothing is signed."""
+        return 0
 
     def thread_arch(self, regs: Regs) -> Arch:
         """The ABI a stopped thread of a process of this arch runs in (a 64-bit x86 process
@@ -258,6 +276,16 @@ class Arch:
         """breakpoints.py's call-through stub: (code, what it leaves on the stack at its stop,
         offset of the stop, offset of the call to the relocated body)."""
         raise NotImplementedError
+
+    def counter_may_fault(self) -> bool:
+        """Can a thread be made to fault on `cycle_counter` (x86: prctl PR_SET_TSC), so that
+        tsc.tsc_usable must probe each thread before stubs read it?"""
+        return True
+
+    def marker_stops(self) -> str | None:
+        """None when seccomp.py's marker stops are written for this arch; else why not (the
+        stop-based engine then stops on `trap`, and says so in a notice)."""
+        return None
 
     # ---- signal frames
     def saved_context(self, read: ReadMem, at: int) -> bool:

@@ -73,8 +73,9 @@ class Capture:
                 pend[-1].fallback = True
             buf[arch.PC] = bp.slot
             arch.regs_set(tid, regs)
-            self._resume(th)
+            # read before the thread runs on: it may finish its call before we run again
             th.stopped_ticks += self.tsc.read() - t_in
+            self._resume(th)
 
     def marker(self, th: _Thread) -> None:
         """A seccomp stop: one of our marker system calls (breakpoints.py), or a
@@ -91,7 +92,7 @@ class Capture:
         if bp is None:
             if not 0 <= idx < _seccomp.MARKER_SPAN:
                 # skipped: the call not run, its result -ENOSYS
-                arch.no_restart(regs)
+                arch.no_syscall(tid, regs)
                 regs[arch.syscall_ret] = -_ENOSYS & 0xFFFFFFFFFFFFFFFF
                 arch.regs_set(tid, regs)
             self._resume(th)
@@ -106,8 +107,8 @@ class Capture:
             pend = th.pending
             if pend and pend[-1].func == bp.func:
                 pend[-1].fallback = True
-            self._resume(th)
             th.stopped_ticks += self.tsc.read() - t_in
+            self._resume(th)
         elif kind == ENTRY:
             self._entry_hit(th, space, bp.func, buf, sp)
         else:
@@ -119,6 +120,11 @@ class Capture:
         in one block of stack at `sp`; the thread just continues into the stub's epilogue."""
         if sp is None:
             sp = buf[space.abi.SP]
+            arch = space.abi
+            if not arch.trap_pc_adjust:
+                # pc is AT the trap (arm64's brk): on past it, into the stub's epilogue
+                buf[arch.PC] += len(arch.trap)
+                arch.regs_set(th.tid, th.regs)
         layout = space.patcher.layouts[fidx]
         assert layout is not None
         mem = space.mem
@@ -155,8 +161,9 @@ class Capture:
         stack = None
         depth = self.options.stack_depth
         if depth:
+            # (the caller's return address as the stub saved it: arm64's x30 is the stub's)
             stack = self.symbols.stack(space, th, depth, space.base + space.patcher.funcs[fidx]
-                                .image_offset, sp + layout.retaddr)
+                                .image_offset, sp + layout.retaddr, frame[layout.i_retaddr])
         site = self.symbols.site(space, th, frame[layout.i_retaddr], sp + layout.retaddr, window, sp)
         if th.sig or not self.table.plain:
             self._resume(th)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tracer import procfs, seccomp as _seccomp, target
+from tracer import arch as _arch, procfs, seccomp as _seccomp, target
 from tracer.abi import Abi
 from tracer.breakpoints import Patcher
 from tracer.decoders import for_function
@@ -62,6 +62,7 @@ class Instruments:
         another set) keep their stop mechanism."""
         cls = self.instrument_class(inject)
         if cls is not StopStubs:
+            _arch.check_traceable(abi, inject=True)
             from tracer.inject import Recorder
             # the in-tracee recorder patches the entries itself; the patcher only names the
             # functions (nothing of it is planted). i386's gateway is not recorded in the
@@ -110,6 +111,8 @@ class Instruments:
         `funcs`. When either step fails, the old instrument is put back as far as it can be
         and the error raised."""
         old = space.instrument
+        if inject:
+            _arch.check_traceable(space.abi, inject=True)      # before anything is taken out
         if not self.uninstall(space, threads):
             old.reinstate()
             raise TracerError("a thread is inside a traced call right now: try again")
@@ -133,10 +136,15 @@ class Instruments:
         notes: list[str] = []
         scratch = base + ((image.image_size + 15) & ~15)
         modes = _seccomp.seccomp_modes(pid, tids)
-        use_tsc = 1 not in modes and tsc_usable(tids, mem, scratch, arch=abi)
+        use_tsc = not abi.counter_may_fault() or (
+            1 not in modes and tsc_usable(tids, mem, scratch, arch=abi))
         if not use_tsc:
             notes.append(f"process {pid} has the time-stamp counter disabled (prctl PR_SET_TSC "
                          "or seccomp strict mode): call durations read 0")
+        unsupported = abi.marker_stops()
+        if unsupported is not None:
+            notes.append(f"process {pid} would not survive a SIGKILL of vdsotrace ({unsupported})")
+            return False, use_tsc, notes
         why = _seccomp.ensure(pid, tids, mem, abi, scratch, _seccomp.syscall_site(image, base),
                               _seccomp.MARKER_SPAN)
         if why is not None:

@@ -24,15 +24,16 @@ from tracer.events import AttachEvent, Event, NoticeEvent
 from tracer.vdso import parse_image
 
 
-def refuse_untraceable(pids: list[int]) -> None:
-    """UnsupportedArch (one line saying what to do) when the engine is not written for the
-    arch of processes `pids` or, with none (a command to start), of a child of ours, which
-    runs the tracer's own arch (or its compat one)."""
+def refuse_untraceable(pids: list[int], inject: bool = False) -> None:
+    """UnsupportedArch (one line saying what to do) when the engine (with `inject`, the
+    in-tracee recorder) is not written for the arch of processes `pids` or, with none (a
+    command to start), of a child of ours, which runs the tracer's own arch (or its compat
+    one)."""
     if not pids:
-        _arch.check_traceable(_arch.native())
+        _arch.check_traceable(_arch.native(), inject)
     for pid in pids:
         if procfs.exe_elf_class(pid) is not None:     # else attaching says what is wrong
-            _arch.check_traceable(target.abi_of(pid))
+            _arch.check_traceable(target.abi_of(pid), inject)
 
 
 class Processes:
@@ -79,7 +80,7 @@ class Processes:
                              "process once to -p")
         if tgid > 0:
             pid = tgid          # a thread's id stands for its process (strace -p does so)
-        refuse_untraceable([pid])       # before the process is touched
+        refuse_untraceable([pid], self.options.inject)      # before the process is touched
         # Parse the objects it maps now, while it runs: naming a call (or unwinding it) must
         # never wait for a parse while the tracee waits for us (node: over a second).
         symload.warm(pid, cfi=bool(self.options.stack_depth))
@@ -148,7 +149,7 @@ class Processes:
             pass
 
     def spawn(self, argv: list[str]) -> None:
-        refuse_untraceable([])          # before the child exists
+        refuse_untraceable([], self.options.inject)         # before the child exists
         t0 = time.monotonic()
         pid = target.spawn(argv, self._options())
         self.root_pid = pid

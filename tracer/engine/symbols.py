@@ -6,6 +6,7 @@ import time
 from tracer.engine.state import _MISSING, _OUTSIDE, _SITE_FRAMES, _Space, _Thread
 from tracer.errors import ElfError, MemoryReadError
 from tracer.modmap import is_c_library, ModuleMap
+from tracer.arch.aarch64 import strip_pac
 from tracer.unwind import ARCHES, unwind
 from tracer.engine.options import TraceOptions
 
@@ -15,6 +16,7 @@ class Symbols:
 
     def __init__(self, options: TraceOptions) -> None:
         self.options = options          # (demangle: read at each module map rebuild)
+        self._pac: dict[int, int] = {}  # pid -> its pointer-authentication mask (arm64)
 
     def modules(self, space: _Space, addr: int) -> ModuleMap:
         """The space's module map, rebuilt when addr is not in it (a library loaded since),
@@ -53,26 +55,48 @@ class Symbols:
         return hit
 
     def stack(self, space: _Space, th: _Thread, depth: int, pc: int | None = None,
-               sp: int | None = None) -> tuple[int, ...]:
-        """Return addresses at a function's entry (sp points at the first one), CFI-unwound.
-        Callee-saved registers hold their entry values at entry and again after the return."""
-        buf = th.regs.buf
+               sp: int | None = None, ra: int | None = None) -> tuple[int, ...]:
+        """Return addresses at a function's entry (sp as it was there), CFI-unwound.
+        Callee-saved registers hold their entry values at entry and again after the return.
+        The first return address is the word at sp (x86) or the link register (arm64's x30);
+        `ra` gives it where a stub has moved it (arm64: the stub's `bl` to the body changed
+        x30; the stub saved the caller's)."""
         arch = space.abi
+        if arch.name not in ARCHES:
+            return ()                   # tracer/unwind.py has no rules for this arch yet
+        buf = th.regs.buf
         index = arch.regs.index
         regs: dict[int | str, int] = {i: buf[index[n]] for i, n in enumerate(arch.dwarf_regs)}
         regs["pc"] = buf[arch.PC] if pc is None else pc
         regs["sp"] = buf[arch.SP] if sp is None else sp
+        link = ARCHES[arch.name].link
+        if link and ra is not None:
+            regs[arch.dwarf.ra] = ra
+        pac = self.pac_mask(space, th)
         try:
             # the map must know the caller's object (it may have been loaded since we looked)
-            ret0 = space.mem.read_word(int(regs["sp"]), space.abi.word)
+            if link:
+                ret0 = regs[arch.dwarf.ra] & ~pac
+            else:
+                ret0 = space.mem.read_word(int(regs["sp"]), space.abi.word)
         except MemoryReadError:
             return ()
         self.modules(space, int(regs["sp"]))  # a thread's stack mapped since: rebuild
         mm = self.modules(space, ret0)
         try:
-            return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth))
+            return tuple(unwind(regs, space.mem.read, mm, space.abi.name, depth, pac_mask=pac))
         except (ElfError, MemoryReadError):
             return ()
+
+    def pac_mask(self, space: _Space, th: _Thread) -> int:
+        """The bits pointer authentication signs into the space's return addresses (arm64's
+        NT_ARM_PAC_MASK, read once per process); 0 elsewhere."""
+        pac = self._pac.get(space.pid)
+        if pac is None:
+            if len(self._pac) > 4096:
+                self._pac.clear()
+            pac = self._pac[space.pid] = space.abi.pac_mask(th.tid)
+        return pac
 
     def site_name(self, space: _Space, addr: int) -> str:
         """`prog!main+0x2a` (or `prog+0x1234`, or the address) for -c and `site`."""
@@ -94,15 +118,19 @@ class Symbols:
         rule = rules.get(ret, _MISSING)
         if rule is _OUTSIDE:
             return ret                      # the common case: called from outside libc
+        ret0 = ret
         word = space.abi.word
-        sp = entry_sp + word                # the caller's sp after the call returns
+        pac = self.pac_mask(space, th)
+        # the caller's sp after the call returns: x86's `ret` pops the return address; arm64's
+        # leaves sp as it was at the entry
+        sp = entry_sp if ARCHES[space.abi.name].link else entry_sp + word
         for _ in range(_SITE_FRAMES):
             if rule is _MISSING:
                 rule = self._site_rule(space, ret)
             if rule is _OUTSIDE:
                 return ret
             if rule is None:
-                return self._site_unwound(space, th, entry_sp)
+                return self._site_unwound(space, th, entry_sp, ret0)
             cfa = sp + rule[0]
             off = cfa + rule[1] - wbase
             if 0 <= off <= len(window) - word:
@@ -112,6 +140,8 @@ class Symbols:
                     ret = space.mem.read_word(cfa + rule[1], word)
                 except MemoryReadError:
                     return 0
+            if pac:
+                ret = strip_pac(ret, pac)
             sp = cfa
             rule = rules.get(ret, _MISSING)
         return 0
@@ -124,8 +154,9 @@ class Symbols:
             rule = None
             found = mm.frame_rule(ret - 1)
             row = found[1] if found is not None else None
-            arch = ARCHES[space.abi.name]
-            if row is not None and row.offsets is not None and row.cfa_reg == arch.sp:
+            arch = ARCHES.get(space.abi.name)      # None: no unwinder for it (yet)
+            if (arch is not None and row is not None and row.offsets is not None
+                    and row.cfa_reg == arch.sp):
                 ra = [off for reg, off in row.offsets if reg == arch.ra]
                 if ra:
                     rule = (row.cfa_offset, ra[0])
@@ -135,11 +166,11 @@ class Symbols:
         rules[ret] = rule
         return rule
 
-    def _site_unwound(self, space: _Space, th: _Thread, entry_sp: int) -> int:
+    def _site_unwound(self, space: _Space, th: _Thread, entry_sp: int, ret0: int) -> int:
         """The site through a full unwind (a C library frame whose CFA is not sp-based)."""
         try:
-            entry_pc = space.base   # any vDSO address: the walk starts from [sp]
-            for a in self.stack(space, th, _SITE_FRAMES + 1, entry_pc, entry_sp):
+            entry_pc = space.base   # any vDSO address: the walk starts from [sp] / ret0
+            for a in self.stack(space, th, _SITE_FRAMES + 1, entry_pc, entry_sp, ret0):
                 module = self.modules(space, a).module_at(a)
                 if module is None or not is_c_library(module.short_name):
                     return a

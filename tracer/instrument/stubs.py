@@ -64,6 +64,10 @@ class StopStubs(Instrument):
         if not patcher.planted:
             return True, []
         patcher.restore_code(self.mem)
+        if not self.abi.trap_pc_adjust:
+            # a trap that leaves pc AT itself (arm64's brk) would hold a single-step there for
+            # ever: the stubs' stops become nops before threads are stepped out of them
+            patcher.disarm(self.mem)
         self.hooks.unguard(self.pid)
         # a vfork child shares the address space, and so the patcher
         mine = [th for th in threads if th.space.patcher is patcher]
