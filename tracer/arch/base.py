@@ -14,7 +14,10 @@ An arch module provides:
   numbers the tracer itself makes, vDSO symbol prefixes and the seccomp audit arch;
 * behaviour (methods to override): `jump`/`call` encodings, `thread_arch` (a stopped
   thread's ABI from its registers), `saved_context` (is a stack word a signal frame's saved
-  pc), `stub` (the call-through stub of breakpoints.py), `syscall_table`, `hwcap_names`.
+  pc), `stub` (the call-through stub of breakpoints.py), `syscall_table`, `hwcap_names`,
+  `no_syscall` (skip or do not restart a system call where the register buffer cannot say
+  it: arm64's NT_ARM_SYSTEM_CALL), `counter_may_fault` and `marker_stops` (what the
+  stop-based engine's stop mechanism may use on this arch).
 
 A new arch (aarch64.py): subclass `Arch`, override the methods that raise NotImplementedError
 (no_restart, emulate_cycle_counter, return_address, jump, call, stub, syscall_table) and those
