@@ -8,6 +8,7 @@ it: the batch then says so and aggregates nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -83,3 +84,58 @@ def aggregate(buf: bytes | memoryview, max_flags: list[int], value_ret: list[boo
                               0 if value_ret[f] else int(np.count_nonzero(err & sel)),
                               int(ns[sel].sum())))
     return out
+
+
+# ------------------------------------------------------------------ whole slots (record, JSON)
+
+# One slot with every field (layout.SLOT_FORMAT): what `record` writes and the JSON renderer
+# reads. The out buffers stay raw bytes (void): numpy's "S" type would drop trailing NULs.
+FULL_DTYPE = np.dtype({
+    "names": ["seq", "tid", "fid", "flags", "a0", "a1", "a2", "a3", "a4", "a5", "ret", "t0",
+              "t1", "caller", "o0", "o1"],
+    "formats": ["<u8", "<u4", "<u2", "<u2", "<u8", "<u8", "<u8", "<u8", "<u8", "<u8", "<u8",
+                "<u8", "<u8", "<u8", "V16", "V16"],
+    "offsets": [L.S_SEQ, L.S_TID, L.S_FID, L.S_FLAGS, *(L.S_ARGS + 8 * k for k in range(6)),
+                L.S_RET, L.S_T0, L.S_T1, L.S_CALLER, L.S_OUT, L.S_OUT + L.OUT_MAX],
+    "itemsize": L.SLOT,
+})
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRun:
+    """Committed, validated ring slots in ring order (a numpy array of FULL_DTYPE), with the
+    clock calibration in force when they were drained (TSC tick -> CLOCK_MONOTONIC ns:
+    ns0 + int((tsc - tsc0) * rate), as ring.RingReader._scan converts each slot)."""
+    slots: npt.NDArray[np.void]
+    rate: float
+    tsc0: int
+    ns0: int
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+def valid(buf: bytes | memoryview, max_flags: list[int], pid_limit: int
+          ) -> npt.NDArray[np.void]:
+    """The slots of committed `buf` that pass the per-slot path's checks (a known function,
+    a plausible tid, only the flag bits the function's stub can set), in order; the others
+    are corrupt (len(buf) // SLOT - len(result) of them)."""
+    a = np.frombuffer(buf, FULL_DTYPE)
+    nf = len(max_flags)
+    fid, tid, flags = a["fid"], a["tid"], a["flags"]
+    known = fid < nf
+    limit = np.asarray(max_flags, dtype=np.uint16)[np.where(known, fid, 0)]
+    ok = known & (tid > 0) & (tid < pid_limit) & (flags < limit)
+    return a if bool(ok.all()) else a[ok]
+
+
+def same(col: npt.NDArray[Any]) -> bool:
+    """Every value of a column is its first."""
+    return len(col) == 0 or bool((col == col[0]).all())
+
+
+def distinct(col: npt.NDArray[Any]) -> list[int]:
+    """The distinct values of an integer column (sorted)."""
+    if same(col):
+        return [int(col[0])] if len(col) else []
+    return [int(x) for x in np.unique(col).tolist()]
