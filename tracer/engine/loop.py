@@ -154,7 +154,7 @@ class Loop(EngineCore):
                         break
                     # a bounded batch, then waitpid again: stops (a thread being created, a
                     # signal) are served within one batch however fast the ring fills
-                    if self.summary_only:
+                    if self.summary_only or self.slot_sink is not None:   # (batches of slots)
                         if self._drain_recorders(_DRAIN_BATCH_STATS) < _DRAIN_FEW_STATS:
                             _nap(_NAP_EMPTY)  # (nearly) empty: let the tracee fill it
                     elif not self._drain_recorders(_DRAIN_BATCH):

@@ -46,14 +46,14 @@ def committed(buf: bytes | memoryview, first_seq: int) -> int:
     return int(bad[0]) if len(bad) else len(seq)
 
 
-def aggregate(buf: bytes | memoryview, max_flags: list[int], value_ret: list[bool], err_lo: int,
+def aggregate(buf: bytes | memoryview | npt.NDArray[np.void], max_flags: list[int], value_ret: list[bool], err_lo: int,
               word_mask: int, rate: float, pid_limit: int) -> list[FuncTotals] | None:
     """Per-function totals of the committed slots in `buf`, or None when one of them is for
     the per-slot path to judge (a corrupt slot, an implausibly long call). max_flags[fid] is
     1 << (1 + the function's out count): every flag bit a stub can set is below it. A call
     is an error when its ret word (ret & word_mask) is at least err_lo (-4095 as that word)."""
     nf = len(max_flags)
-    a = np.frombuffer(buf, SLOT_DTYPE)
+    a = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, SLOT_DTYPE)
     if not len(a):
         return []
     tid, fid, flags = a["tid"], a["fid"], a["flags"]
@@ -139,3 +139,15 @@ def distinct(col: npt.NDArray[Any]) -> list[int]:
     if same(col):
         return [int(col[0])] if len(col) else []
     return [int(x) for x in np.unique(col).tolist()]
+
+
+def only_tids(run: SlotRun, tids: list[int]) -> SlotRun:
+    """The run's slots of these threads only."""
+    keep = np.isin(run.slots["tid"], np.asarray(tids, dtype=np.uint32))
+    return SlotRun(run.slots[keep], run.rate, run.tsc0, run.ns0)
+
+
+def raw(run: SlotRun) -> memoryview:
+    """The run's slots as the ring held them (SLOT bytes each), without a copy."""
+    a = run.slots if run.slots.flags.c_contiguous else np.ascontiguousarray(run.slots)
+    return a.view(np.uint8).data

@@ -21,7 +21,8 @@ from tracer.instrument import Instrument
 from tracer.tsc import TscClock
 
 
-_PID_MAX_LIMIT = 4 * 1024 * 1024     # include/linux/threads.h
+PID_MAX_LIMIT = 4 * 1024 * 1024      # include/linux/threads.h
+_PID_MAX_LIMIT = PID_MAX_LIMIT
 
 # A stub facing a full ring waits for room while the tracer's heartbeat is younger than
 # this, then counts the call lost. Not 0.1 s: on a loaded machine a runnable tracer can wait
