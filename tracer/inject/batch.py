@@ -151,3 +151,137 @@ def raw(run: SlotRun) -> memoryview:
     """The run's slots as the ring held them (SLOT bytes each), without a copy."""
     a = run.slots if run.slots.flags.c_contiguous else np.ascontiguousarray(run.slots)
     return a.view(np.uint8).data
+
+
+# ------------------------------------------------------------------ columns (JSON lines)
+
+def key_bounds(slots: npt.NDArray[np.void], nargs: int) -> list[int]:
+    """[0, b1, ..., len(slots)]: the slots between two bounds agree on thread, function,
+    first `nargs` arguments, return value, flags and caller (all a call's line takes from
+    its slot besides its times and out values)."""
+    n = len(slots)
+    if n < 2:
+        return [0, n] if n else [0]
+    diff = np.zeros(n - 1, dtype=bool)
+    for name in ("tid", "fid", "flags", "ret", "caller", *(f"a{k}" for k in range(nargs))):
+        c = slots[name]
+        diff |= c[1:] != c[:-1]
+    return [0, *(np.flatnonzero(diff) + 1).tolist(), n]
+
+
+def _entry_seconds(run: SlotRun, mono_to_epoch: float) -> npt.NDArray[np.float64] | None:
+    """Each slot's entry time in seconds since the epoch, as the events' way computes it:
+    (ns0 + int((t0 - tsc0) * rate)) / 1e9 + mono_to_epoch, with the same float operations
+    (exact while t0 - tsc0 and the products stay below 2^53; else None)."""
+    t0 = run.slots["t0"]
+    tsc0 = run.tsc0
+    if not 0 <= tsc0 < 1 << 63 or int(t0.min()) < tsc0 or int(t0.max()) - tsc0 >= 1 << 53:
+        return None
+    if not 0 < run.rate < _MAX_RATE or not -(1 << 53) < run.ns0 < 1 << 53:
+        return None
+    ns = ((t0 - np.uint64(tsc0)).astype(np.float64) * run.rate).astype(np.int64)
+    ns += np.int64(run.ns0)
+    if int(ns.max()) >= 1 << 53 or int(ns.min()) <= -(1 << 53):
+        return None
+    out: npt.NDArray[np.float64] = ns.astype(np.float64) / 1e9 + mono_to_epoch
+    return out
+
+
+def entry_times(run: SlotRun, mono_to_epoch: float) -> list[float] | None:
+    """Each slot's entry time (seconds since the epoch) as the events' way has it."""
+    if not len(run.slots):
+        return []
+    x = _entry_seconds(run, mono_to_epoch)
+    return None if x is None else x.tolist()
+
+
+_POW10 = [10 ** k for k in range(8)]
+
+
+def time_digits(run: SlotRun, mono_to_epoch: float) -> tuple[list[int], list[int]] | None:
+    """Each slot's entry time as repr() of entry_times' float writes it, in two integers:
+    the text is f"{i}.{str(p)[1:]}" (p is 10^k plus the k fractional digits: the digits
+    with their leading zeros). None where that is not certain, then repr() it is.
+
+    repr() of a float is the shortest decimal that reads back as the same float (the
+    nearest such, of that length). For times of 2004-2242 (2^30 <= x < 2^33 seconds) a float
+    is I + F / 2^fb, fb = 53 - its exponent (20 to 22 bits of fraction), and the decimal
+    with k fractional digits nearest to it is I + q / 10^k, q = round(F * 10^k / 2^fb): it
+    reads back as x when it is within half a unit in the last place (on the half: when x's
+    last mantissa bit is 0, reading rounds half to even). The smallest such k (at most 7:
+    10^-7 is finer than the unit) is repr()'s length; halfway between two such decimals, the
+    one with an even last digit (dtoa's rounding). Left to repr(): an exact power of two (its
+    lower neighbour is nearer), anything outside the range. tests/test_slot_lines.py holds it
+    to repr() on millions of times."""
+    n = len(run.slots)
+    if not n:
+        return [], []
+    x = _entry_seconds(run, mono_to_epoch)
+    if x is None or not bool(((x > 2.0 ** 30) & (x < 2.0 ** 33)).all()):
+        return None
+    _m, e = np.frexp(x)                         # x = m * 2^e, 0.5 <= m < 1
+    fb = (53 - e).astype(np.int64)
+    big = np.ldexp(x, fb.astype(np.int32)).astype(np.int64)    # x * 2^fb: m * 2^53, exact
+    if bool((big == 1 << 52).any()):
+        return None                            # a power of two
+    one = np.int64(1)
+    i = big >> fb
+    f = big & ((one << fb) - 1)
+    half = one << (fb - 1)
+    chosen = np.full(n, -1, dtype=np.int64)
+    digits = np.zeros(n, dtype=np.int64)
+    even = (big & 1) == 0
+    for k, p10 in enumerate(_POW10):
+        s = f * p10
+        q = (s + half) >> fb
+        diff = np.abs((q << fb) - s)
+        ok = (2 * diff < p10) | ((2 * diff == p10) & even)
+        new = ok & (chosen < 0)
+        if bool(new.any()):
+            # halfway between two k-digit decimals (both read back as x): dtoa's last digit
+            # rounds half to even
+            tie = (s & ((one << fb) - 1)) == half
+            q = np.where(tie, q & ~one, q)
+            chosen[new] = k
+            digits[new] = q[new]
+        if bool((chosen >= 0).all()):
+            break
+    if bool((chosen < 0).any()):
+        return None
+    k0 = chosen == 0
+    i = np.where(k0, i + digits, i)            # x.0 may round up to the next second
+    p = np.where(k0, 10, np.asarray(_POW10, dtype=np.int64)[chosen] + digits)
+    return i.tolist(), p.tolist()
+
+
+def durations(run: SlotRun) -> list[int] | None:
+    """Each slot's duration in ns: int((t1 - t0) * rate), 0 where t1 <= t0 (None where a
+    duration is too long to compute so in float64 exactly as Python does)."""
+    t0, t1 = run.slots["t0"], run.slots["t1"]
+    if not len(t0):
+        return []
+    pos = t1 > t0
+    ticks = np.where(pos, t1 - t0, np.uint64(0))
+    if int(ticks.max()) >= _MAX_TICKS or not 0 < run.rate < _MAX_RATE:
+        return None
+    return (ticks.astype(np.float64) * run.rate).astype(np.int64).tolist()  # type: ignore[no-any-return]
+
+
+_OUT_DTYPES: dict[tuple[int, str], np.dtype[Any]] = {}
+
+
+def out_fields(slots: npt.NDArray[np.void], k: int, fmt: str) -> list[list[int]]:
+    """The integer fields (struct format `fmt`: q, i or I each) of what slot out buffer k
+    holds, one list per field."""
+    dt = _OUT_DTYPES.get((k, fmt))
+    if dt is None:
+        kinds = {"q": "<i8", "i": "<i4", "I": "<u4"}
+        offs, at = [], L.S_OUT + k * L.OUT_MAX
+        for ch in fmt:
+            offs.append(at)
+            at += int(kinds[ch][-1])
+        dt = _OUT_DTYPES[(k, fmt)] = np.dtype({
+            "names": [f"f{j}" for j in range(len(fmt))], "formats": [kinds[c] for c in fmt],
+            "offsets": offs, "itemsize": L.SLOT})
+    v = slots.view(dt)
+    return [v[f"f{j}"].tolist() for j in range(len(fmt))]

@@ -21,6 +21,8 @@ from tracer.render.perfetto import Names, PerfettoTimeline
 from tracer.render.summary import summary_dict, summary_text
 
 if TYPE_CHECKING:
+    from tracer.inject.batch import SlotRun
+    from tracer.recording.format import SlotContext
     from tracer.session import Summary
 
 __all__ = ["Output", "open_output", "silence_stream", "FLUSH_INTERVAL"]
@@ -39,6 +41,7 @@ class Output:
         self.hist: LatencyHistograms | None = None          # --hist
         self.timeline: PerfettoTimeline | None = None       # --perfetto OUT
         self._views: list[Callable[[Event], None]] = []
+        self._slot_lines: jsonl.SlotLines | None = None
         self.lines: list[str] = []
         self.broken = False
         self.flushed = 0.0
@@ -68,6 +71,27 @@ class Output:
         if hist:
             self.hist = LatencyHistograms()
             self._views.append(self.hist.add)
+
+    @property
+    def slot_sink(self) -> Output | None:
+        """--inject --json: runs of ring slots come here as they are (write_slots), made
+        JSON lines without an event each, when nothing else needs the events."""
+        if self.json and not self.summary and not self._views:
+            return self
+        return None
+
+    def write_slots(self, ctx: SlotContext, run: SlotRun,
+                    callers: dict[int, tuple[str, str | None]]) -> bool:
+        """The lines of a run of ring slots (jsonl.SlotLines); False: they need events."""
+        if self._slot_lines is None:
+            self._slot_lines = jsonl.SlotLines()
+        lines = self._slot_lines.render(ctx, run, callers)
+        if lines is None:
+            return False
+        self.lines += lines
+        if time.monotonic() - self.flushed > FLUSH_INTERVAL:
+            self.flush()
+        return True
 
     @property
     def needs_events(self) -> bool:
