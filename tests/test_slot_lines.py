@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from test_ring_batch import COUNT, _recorder
+from test_ring_batch import _recorder
 
 from tracer.events import CallEvent, ExitEvent, NoticeEvent, SignalEvent
 from tracer.inject import Recorder, batch

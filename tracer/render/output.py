@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["Output", "open_output", "silence_stream", "FLUSH_INTERVAL"]
 
 FLUSH_INTERVAL = 0.05  # seconds: how stale a live log may get while calls come
+_PIECE = 1024          # lines joined and written at once
 
 
 class Output:
@@ -89,7 +90,7 @@ class Output:
         if lines is None:
             return False
         self.lines += lines
-        if time.monotonic() - self.flushed > FLUSH_INTERVAL:
+        if len(self.lines) >= _PIECE or time.monotonic() - self.flushed > FLUSH_INTERVAL:
             self.flush()
         return True
 
@@ -126,19 +127,26 @@ class Output:
             self.flush()
 
     def flush(self) -> None:
-        if not self.lines:
+        lines = self.lines
+        if not lines:
             return
         self.flushed = time.monotonic()
-        data = "\n".join(self.lines) + "\n"
-        self.lines.clear()
         if self.broken:
+            lines.clear()
             return
         try:
-            self.f.write(data)
+            # (in pieces of a few hundred KiB: each joined, encoded and written while it is
+            # in the CPU's cache)
+            for at in range(0, len(lines), _PIECE):
+                piece = lines[at:at + _PIECE]
+                piece.append("")
+                self.f.write("\n".join(piece))
+            lines.clear()
             self.f.flush()
         except BrokenPipeError:
             self._reader_gone()
         except OSError as e:
+            lines.clear()
             self.broken = True
             sys.stderr.write(f"vdsotrace: cannot write events: {e.strerror}\n")
 
