@@ -145,7 +145,8 @@ def _slot(seq: int, fid: int, flags: int, args: tuple[int, ...], ret: int, o0: b
 
 
 @pytest.mark.parametrize("arch", ["x86_64", "i386"])
-def test_made_slots_equal_the_events_way(arch: str) -> None:
+@pytest.mark.parametrize("epoch", [1796000000.5, 12.25])     # (12.25: times repr() writes)
+def test_made_slots_equal_the_events_way(arch: str, epoch: float) -> None:
     """Hand-made slots for what the fixture lacks: a time namespace's clocks (ns_relative),
     one out copied and one not (an Unreadable between filled items), runs of the same key
     split by a thread, many keys."""
@@ -172,7 +173,7 @@ def test_made_slots_equal_the_events_way(arch: str) -> None:
     run = batch.SlotRun(np.frombuffer(raw, batch.FULL_DTYPE), 0.5, 9_000, 1_000_000)
     for timens in (False, True):
         ctx = SlotContext(4242, rec.abi.name, tuple((f.plain, f.symbol) for f in rec.funcs),
-                          1796000000.5, True, timens)
+                          epoch, True, timens)
         callers = {0x401000: ("0x401000 prog+0x1000", "prog!main+0x10")}
         got = jsonl.SlotLines().render(ctx, run, callers)
         want = _event_lines(ctx, run, callers, SlotReplay())

@@ -155,16 +155,18 @@ def raw(run: SlotRun) -> memoryview:
 
 # ------------------------------------------------------------------ columns (JSON lines)
 
-def key_bounds(slots: npt.NDArray[np.void], nargs: int) -> list[int]:
+def key_bounds(slots: npt.NDArray[np.void], nargs: int,
+               also: npt.NDArray[np.int64] | None = None) -> list[int]:
     """[0, b1, ..., len(slots)]: the slots between two bounds agree on thread, function,
     first `nargs` arguments, return value, flags and caller (all a call's line takes from
-    its slot besides its times and out values)."""
+    its slot besides its times and out values), and on `also` (one value per slot)."""
     n = len(slots)
     if n < 2:
         return [0, n] if n else [0]
     diff = np.zeros(n - 1, dtype=bool)
-    for name in ("tid", "fid", "flags", "ret", "caller", *(f"a{k}" for k in range(nargs))):
-        c = slots[name]
+    cols = [slots[name] for name in ("tid", "fid", "flags", "ret", "caller",
+                                     *(f"a{k}" for k in range(nargs)))]
+    for c in [*cols, *([] if also is None else [also])]:
         diff |= c[1:] != c[:-1]
     return [0, *(np.flatnonzero(diff) + 1).tolist(), n]
 
@@ -198,10 +200,12 @@ def entry_times(run: SlotRun, mono_to_epoch: float) -> list[float] | None:
 _POW10 = [10 ** k for k in range(8)]
 
 
-def time_digits(run: SlotRun, mono_to_epoch: float) -> tuple[list[int], list[int]] | None:
+def time_digits(run: SlotRun, mono_to_epoch: float
+                ) -> tuple[npt.NDArray[np.int64], list[int]] | None:
     """Each slot's entry time as repr() of entry_times' float writes it, in two integers:
     the text is f"{i}.{str(p)[1:]}" (p is 10^k plus the k fractional digits: the digits
-    with their leading zeros). None where that is not certain, then repr() it is.
+    with their leading zeros; i comes as an array). None where that is not certain, then
+    repr() it is.
 
     repr() of a float is the shortest decimal that reads back as the same float (the
     nearest such, of that length). For times of 2004-2242 (2^30 <= x < 2^33 seconds) a float
@@ -215,7 +219,7 @@ def time_digits(run: SlotRun, mono_to_epoch: float) -> tuple[list[int], list[int
     to repr() on millions of times."""
     n = len(run.slots)
     if not n:
-        return [], []
+        return np.zeros(0, dtype=np.int64), []
     x = _entry_seconds(run, mono_to_epoch)
     if x is None or not bool(((x > 2.0 ** 30) & (x < 2.0 ** 33)).all()):
         return None
@@ -251,7 +255,7 @@ def time_digits(run: SlotRun, mono_to_epoch: float) -> tuple[list[int], list[int
     k0 = chosen == 0
     i = np.where(k0, i + digits, i)            # x.0 may round up to the next second
     p = np.where(k0, 10, np.asarray(_POW10, dtype=np.int64)[chosen] + digits)
-    return i.tolist(), p.tolist()
+    return i, p.tolist()
 
 
 def durations(run: SlotRun) -> list[int] | None:

@@ -274,16 +274,17 @@ class SlotLines:
             return None
         # each time as repr() writes the float (format_call's {e.time!r}), from two integers
         # where batch.time_digits is sure of the digits (5x cheaper than repr)
+        # the time's whole seconds go with the line's head, its fraction is str(p)[1:]
         digits = batch.time_digits(run, ctx.mono_to_epoch)
         if digits is not None:
-            times = [f"{i}.{str(p)[1:]}" for i, p in zip(*digits)]
+            secs, times = digits
         else:
             seconds = batch.entry_times(run, ctx.mono_to_epoch)
             if seconds is None:
                 return None
-            times = [repr(x) for x in seconds]
+            secs, times = None, ["#" + repr(x) for x in seconds]
         nargs = max(cx.nargs[f] for f in batch.distinct(slots["fid"]))
-        bounds = batch.key_bounds(slots, nargs)
+        bounds = batch.key_bounds(slots, nargs, secs)
         lines: list[str] = []
         for s, e in zip(bounds, bounds[1:]):
             seg = slots[s:e]
@@ -298,9 +299,11 @@ class SlotLines:
                     cx.keys.clear()
                 parts = cx.keys[key] = self._parts(ctx, cx, key, raw, callers)
             head, mid, outs, tail, rest = parts
+            if secs is not None:
+                head = f"{head}{int(secs[s])}."
             t, d = times[s:e], durs[s:e]
             if not outs:
-                lines += [f"{head}{x}{mid}{tail}{y}{rest}" for x, y in zip(t, d)]
+                lines += [f"{head}{str(x)[1:]}{mid}{tail}{y}{rest}" for x, y in zip(t, d)]
                 continue
             if len(outs) == 1 and type(outs[0]) is tuple:
                 k, layout, name = outs[0]
@@ -310,11 +313,11 @@ class SlotLines:
                     pre = f'{mid}{name}{{"{names[0]}": '
                     sep = f', "{names[1]}": '
                     post = "}" + tail
-                    lines += [f"{head}{x}{pre}{a}{sep}{b}{post}{y}{rest}"
+                    lines += [f"{head}{str(x)[1:]}{pre}{a}{sep}{b}{post}{y}{rest}"
                               for x, a, b, y in zip(t, cols[0], cols[1], d)]
                 else:
                     pre = mid + name
-                    lines += [f"{head}{x}{pre}{a}{tail}{y}{rest}"
+                    lines += [f"{head}{str(x)[1:]}{pre}{a}{tail}{y}{rest}"
                               for x, a, y in zip(t, cols[0], d)]
                 continue
             # several items, some filled per slot: each slot's `out` text made apart
@@ -326,7 +329,7 @@ class SlotLines:
                     texts.append([name + _value_text(layout, v) for v in zip(*cols)])
                 else:
                     texts.append([o] * len(seg))  # type: ignore[list-item]
-            lines += [f"{head}{x}{mid}{', '.join(o)}{tail}{y}{rest}"
+            lines += [f"{head}{str(x)[1:]}{mid}{', '.join(o)}{tail}{y}{rest}"
                       for x, o, y in zip(t, zip(*texts), d)]
         return lines
 
