@@ -16,6 +16,7 @@ from tracer.recording.format import SlotContext
 
 _ERR_LO = (1 << 64) - 4095           # -4095..-1 as an unsigned word: -MAX_ERRNO..-1
 _ERR_LO32 = (1 << 32) - 4095
+_SLOT_PIECE = 2048                   # slots a slot sink takes at once (a few ms of work)
 
 
 class SlotSink(Protocol):
@@ -49,8 +50,12 @@ class Recorders(EngineCore):
                 for it in items:
                     if type(it) is SlotRun:
                         n += len(it)
-                        if not self._slot_run(space, inst, index, it):
-                            self._assemble(space, index, inst.slot_records(it))
+                        # a heartbeat between pieces: a tracer slowed down (a loaded machine
+                        # gives it a few % of a CPU) is still draining, and its tracee waits
+                        for piece in batch.pieces(it, _SLOT_PIECE):
+                            inst.heartbeat()
+                            if not self._slot_run(space, inst, index, piece):
+                                self._assemble(space, index, inst.slot_records(piece))
                     else:
                         n += 1
                         self._assemble(space, index, [it])  # type: ignore[list-item]

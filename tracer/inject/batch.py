@@ -289,3 +289,11 @@ def out_fields(slots: npt.NDArray[np.void], k: int, fmt: str) -> list[list[int]]
             "offsets": offs, "itemsize": L.SLOT})
     v = slots.view(dt)
     return [v[f"f{j}"].tolist() for j in range(len(fmt))]
+
+
+def pieces(run: SlotRun, size: int) -> list[SlotRun]:
+    """The run in consecutive pieces of at most `size` slots (views, not copies)."""
+    if len(run.slots) <= size:
+        return [run]
+    return [SlotRun(run.slots[at:at + size], run.rate, run.tsc0, run.ns0)
+            for at in range(0, len(run.slots), size)]
