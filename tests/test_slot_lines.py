@@ -199,7 +199,7 @@ def test_time_digits_are_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
     rng = np.random.default_rng(15)
     cases = [
-        np.ldexp(rng.random(300_000) + 1.0, 30 + rng.integers(0, 3, 300_000)),
+        *(np.ldexp(rng.random(150_000) + 1.0, e) for e in (30, 31, 32)),
         [int(v) / 1e9 + 1796136000.123456 for v in rng.integers(10**12, 10**14, 100_000)],
         [1796157579.0 + j * 1e-7 for j in range(50_000)]
         + [1796157579.0 + j / 10 ** (j % 8) for j in range(10_000)],
@@ -217,3 +217,4 @@ def test_time_digits_are_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     # outside the range it is sure of: repr's way
     assert _digits_of([1.5, 1796157579.25], monkeypatch) is None
     assert _digits_of([2.0 ** 31], monkeypatch) is None
+    assert _digits_of([2.0 ** 31 - 0.5, 2.0 ** 31 + 0.5], monkeypatch) is None  # two exponents

@@ -224,37 +224,47 @@ def time_digits(run: SlotRun, mono_to_epoch: float
     if x is None or not bool(((x > 2.0 ** 30) & (x < 2.0 ** 33)).all()):
         return None
     _m, e = np.frexp(x)                         # x = m * 2^e, 0.5 <= m < 1
-    fb = (53 - e).astype(np.int64)
-    big = np.ldexp(x, fb.astype(np.int32)).astype(np.int64)    # x * 2^fb: m * 2^53, exact
+    if not same(e):
+        return None                            # (a run across 2^31 or 2^32 s: repr's way)
+    fb = 53 - int(e[0])
+    big = np.ldexp(x, fb).astype(np.int64)      # x * 2^fb: m * 2^53, exact
     if bool((big == 1 << 52).any()):
         return None                            # a power of two
-    one = np.int64(1)
+    mask = (1 << fb) - 1
+    f = big & mask
     i = big >> fb
-    f = big & ((one << fb) - 1)
-    half = one << (fb - 1)
-    chosen = np.full(n, -1, dtype=np.int64)
-    digits = np.zeros(n, dtype=np.int64)
-    even = (big & 1) == 0
-    for k, p10 in enumerate(_POW10):
-        s = f * p10
-        q = (s + half) >> fb
-        diff = np.abs((q << fb) - s)
-        ok = (2 * diff < p10) | ((2 * diff == p10) & even)
-        new = ok & (chosen < 0)
-        if bool(new.any()):
-            # halfway between two k-digit decimals (both read back as x): dtoa's last digit
-            # rounds half to even
-            tie = (s & ((one << fb) - 1)) == half
-            q = np.where(tie, q & ~one, q)
-            chosen[new] = k
-            digits[new] = q[new]
-        if bool((chosen >= 0).all()):
+    # k = 7 always reads back (10^-7 is finer than the unit, 2^-fb). Whether fewer digits
+    # do: the nearest k-digit decimal is dist / (10^k 2^fb) away, dist the distance of
+    # f * 10^k to a multiple of 2^fb; a k that does not read back for any slot rules out
+    # every smaller k too (a k-digit decimal is also a (k+1)-digit one).
+    chosen = np.full(n, 7, dtype=np.int64)
+    even: npt.NDArray[np.bool_] | None = None
+    for k in range(6, -1, -1):
+        p10 = _POW10[k]
+        r = (f * p10) & mask
+        twice = np.minimum(r, (1 << fb) - r) << 1
+        ok = twice < p10
+        on_half = twice == p10
+        if bool(on_half.any()):
+            if even is None:
+                even = (big & 1) == 0
+            ok |= on_half & even
+        if not bool(ok.any()):
             break
-    if bool((chosen < 0).any()):
-        return None
+        chosen[ok] = k
+    s = f * np.asarray(_POW10, dtype=np.int64)[chosen]
+    q = (s + (1 << (fb - 1))) >> fb
+    # halfway between two k-digit decimals (both read back as x): dtoa's last digit rounds
+    # half to even
+    tie = (s & mask) == 1 << (fb - 1)
+    if bool(tie.any()):
+        q = np.where(tie, q & ~np.int64(1), q)
     k0 = chosen == 0
-    i = np.where(k0, i + digits, i)            # x.0 may round up to the next second
-    p = np.where(k0, 10, np.asarray(_POW10, dtype=np.int64)[chosen] + digits)
+    if bool(k0.any()):
+        i = np.where(k0, i + q, i)             # x.0 may round up to the next second
+        q = np.where(k0, 0, q)
+    p = np.asarray(_POW10, dtype=np.int64)[chosen] + q
+    p = np.where(k0, 10, p)
     return i, p.tolist()
 
 
