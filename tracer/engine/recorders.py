@@ -17,6 +17,9 @@ from tracer.recording.format import SlotContext
 _ERR_LO = (1 << 64) - 4095           # -4095..-1 as an unsigned word: -MAX_ERRNO..-1
 _ERR_LO32 = (1 << 32) - 4095
 _SLOT_PIECE = 2048                   # slots a slot sink takes at once (a few ms of work)
+# slots drained between two looks at waitpid when the output takes runs of them: a piece,
+# so that a thread's stop (a clone, a signal) waits for one piece's work at most
+DRAIN_BATCH_SLOTS = _SLOT_PIECE
 
 
 class SlotSink(Protocol):
