@@ -18,7 +18,6 @@ from tracer.errors import ProcessGone
 from tracer.events import Event
 from tracer.stops import Kind
 from tracer.engine.core import EngineCore
-from tracer.engine.recorders import DRAIN_BATCH_SLOTS
 
 
 class Loop(EngineCore):
@@ -157,7 +156,8 @@ class Loop(EngineCore):
                     # signal) are served within one batch however fast the ring fills
                     if self.summary_only or self.slot_sink is not None:   # (batches of slots)
                         if self._drain_recorders(_DRAIN_BATCH_STATS if self.summary_only
-                                                 else DRAIN_BATCH_SLOTS) < _DRAIN_FEW_STATS:
+                                                 else self.slot_sink.slots_per_drain
+                                                 ) < _DRAIN_FEW_STATS:
                             _nap(_NAP_EMPTY)  # (nearly) empty: let the tracee fill it
                     elif not self._drain_recorders(_DRAIN_BATCH):
                         _nap(_NAP_EMPTY)      # the ring is empty: let the tracee fill it

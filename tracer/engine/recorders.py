@@ -17,15 +17,16 @@ from tracer.recording.format import SlotContext
 _ERR_LO = (1 << 64) - 4095           # -4095..-1 as an unsigned word: -MAX_ERRNO..-1
 _ERR_LO32 = (1 << 32) - 4095
 _SLOT_PIECE = 2048                   # slots a slot sink takes at once (a few ms of work)
-# slots drained between two looks at waitpid when the output takes runs of them: a piece,
-# so that a thread's stop (a clone, a signal) waits for one piece's work at most
-DRAIN_BATCH_SLOTS = _SLOT_PIECE
 
 
 class SlotSink(Protocol):
     """Takes whole runs of ring slots instead of one event per call: `record` writes them as
     they are, the JSON output formats them (render/jsonl.py). `callers` names every return
     address of the run as the engine names a call's caller."""
+    # slots drained between two looks at waitpid: about a millisecond or two of its work, so
+    # that a thread's stop (a clone, a signal) is not kept waiting longer
+    slots_per_drain: int
+
     def write_slots(self, ctx: SlotContext, run: SlotRun,
                     callers: dict[int, tuple[str, str | None]]) -> bool:
         """False: this run is not for the sink (it then goes the events' way)."""

@@ -81,6 +81,8 @@ class Output:
             return self
         return None
 
+    slots_per_drain = 2048          # (a JSON line costs about 1 µs)
+
     def write_slots(self, ctx: SlotContext, run: SlotRun,
                     callers: dict[int, tuple[str, str | None]]) -> bool:
         """The lines of a run of ring slots (jsonl.SlotLines); False: they need events."""
