@@ -218,3 +218,19 @@ def test_time_digits_are_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _digits_of([1.5, 1796157579.25], monkeypatch) is None
     assert _digits_of([2.0 ** 31], monkeypatch) is None
     assert _digits_of([2.0 ** 31 - 0.5, 2.0 ** 31 + 0.5], monkeypatch) is None  # two exponents
+
+
+def test_a_caller_named_anew_is_written_anew() -> None:
+    """The engine names an address anew when the process maps something else there: the
+    lines follow the names they are given, not the first ones."""
+    rec = _recorder("x86_64")
+    runs = [r for r in _runs(rec) if batch.durations(r) is not None]
+    ctx = _ctx(rec, True, False)
+    lines = jsonl.SlotLines()
+    callers = _callers(runs)
+    first = lines.render(ctx, runs[0], callers)
+    renamed = {a: (t.replace("prog", "other"), s) for a, (t, s) in callers.items()}
+    again = lines.render(ctx, runs[0], renamed)
+    assert first is not None and again is not None
+    assert again == [x.replace("prog+", "other+") for x in first] != first
+    assert again == _event_lines(ctx, runs[0], renamed, SlotReplay())

@@ -232,7 +232,7 @@ class _Ctx:
                     fmts.append(getattr(self.abi, o.layout if o.layout != "time_t"
                                         else "time_t"))
             self.fmts.append(fmts)
-        self.keys: dict[tuple[int, ...], tuple[str, str, list[str | tuple[int, str, str]],
+        self.keys: dict[tuple[Any, ...], tuple[str, str, list[str | tuple[int, str, str]],
                                                str, str]] = {}
 
 
@@ -291,8 +291,11 @@ class SlotLines:
             r0 = seg[0]
             fid = int(r0["fid"])
             raw = tuple(int(r0[f"a{k}"]) for k in range(cx.nargs[fid]))
-            key = (int(r0["tid"]), fid, int(r0["flags"]), int(r0["ret"]), int(r0["caller"]),
-                   *raw)
+            caller = int(r0["caller"])
+            # (the caller's names in the key: the engine names an address anew when the
+            # process maps something there)
+            key = (int(r0["tid"]), fid, int(r0["flags"]), int(r0["ret"]), caller,
+                   callers.get(caller), *raw)
             parts = cx.keys.get(key)
             if parts is None:
                 if len(cx.keys) > 65536:
@@ -333,7 +336,7 @@ class SlotLines:
                       for x, o, y in zip(t, zip(*texts), d)]
         return lines
 
-    def _parts(self, ctx: SlotContext, cx: _Ctx, key: tuple[int, ...], raw: tuple[int, ...],
+    def _parts(self, ctx: SlotContext, cx: _Ctx, key: tuple[Any, ...], raw: tuple[int, ...],
                callers: dict[int, tuple[str, str | None]]
                ) -> tuple[str, str, list[str | tuple[int, str, str]], str, str]:
         """The constant parts of a line, as CallAssembly.call and format_call make them:
