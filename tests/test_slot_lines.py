@@ -63,7 +63,7 @@ def test_lines_equal_the_events_way(arch: str, fast_path: bool | None, timens: b
     runs = _runs(rec, limit)
     ctx = _ctx(rec, fast_path, timens)
     callers = _callers(runs)
-    lines, replay = jsonl.SlotLines(), SlotReplay()
+    lines, replay = jsonl.SlotLines(min_segment=1), SlotReplay()
     made = skipped = 0
     text = []
     for run in runs:
@@ -109,6 +109,7 @@ def test_output_interleaves_runs_with_events_in_order() -> None:
     fast, ff = out()
     slow, sf = out()
     assert fast.slot_sink is fast
+    fast._slot_lines = jsonl.SlotLines(min_segment=1)   # (the fixture's threads take turns)
     replay = SlotReplay()
     for j, run in enumerate(runs[:6]):
         assert fast.write_slots(ctx, run, callers)
@@ -175,7 +176,7 @@ def test_made_slots_equal_the_events_way(arch: str, epoch: float) -> None:
         ctx = SlotContext(4242, rec.abi.name, tuple((f.plain, f.symbol) for f in rec.funcs),
                           epoch, True, timens)
         callers = {0x401000: ("0x401000 prog+0x1000", "prog!main+0x10")}
-        got = jsonl.SlotLines().render(ctx, run, callers)
+        got = jsonl.SlotLines(min_segment=1).render(ctx, run, callers)
         want = _event_lines(ctx, run, callers, SlotReplay())
         assert got == want
         assert len(got) == len(raw) // L.SLOT
@@ -226,7 +227,7 @@ def test_a_caller_named_anew_is_written_anew() -> None:
     rec = _recorder("x86_64")
     runs = [r for r in _runs(rec) if batch.durations(r) is not None]
     ctx = _ctx(rec, True, False)
-    lines = jsonl.SlotLines()
+    lines = jsonl.SlotLines(min_segment=1)
     callers = _callers(runs)
     first = lines.render(ctx, runs[0], callers)
     renamed = {a: (t.replace("prog", "other"), s) for a, (t, s) in callers.items()}
@@ -234,3 +235,23 @@ def test_a_caller_named_anew_is_written_anew() -> None:
     assert first is not None and again is not None
     assert again == [x.replace("prog+", "other+") for x in first] != first
     assert again == _event_lines(ctx, runs[0], renamed, SlotReplay())
+
+
+def test_threads_taking_turns_go_the_events_way() -> None:
+    """Slots of two threads taking turns make segments of one slot: the lines are then the
+    events' (None), as they cost less that way; long runs of one key are made."""
+    import numpy as np
+    rec = _recorder("x86_64")
+    fid = {f.plain: j for j, f in enumerate(rec.funcs)}["clock_gettime"]
+    ts = (5).to_bytes(8, "little") + (7).to_bytes(8, "little")
+    turns = b"".join(_slot(1 + j, fid, 2, (1, 0x7000), 0, ts, tid=4242 + j % 2, t0=10_000 + j)
+                     for j in range(256))
+    alone = b"".join(_slot(1 + j, fid, 2, (1, 0x7000), 0, ts, t0=10_000 + j)
+                     for j in range(256))
+    ctx = _ctx(rec, True, False)
+    for raw, made in ((turns, False), (alone, True)):
+        run = batch.SlotRun(np.frombuffer(raw, batch.FULL_DTYPE), 0.5, 9_000, 1_000_000)
+        got = jsonl.SlotLines().render(ctx, run, {})
+        assert (got is not None) == made
+        if got is not None:
+            assert got == _event_lines(ctx, run, {}, SlotReplay())

@@ -208,6 +208,7 @@ def format_event(e: Event) -> str:
 
 # ------------------------------------------------------------------ runs of ring slots
 
+_MIN_SEGMENT = 32       # slots a segment of one key holds on average, or the events' way
 _FIELDS = {"timespec": ("tv_sec", "tv_nsec"), "timespec64": ("tv_sec", "tv_nsec"),
            "timeval": ("tv_sec", "tv_usec"), "timezone": ("tz_minuteswest", "tz_dsttime")}
 
@@ -252,16 +253,18 @@ class SlotLines:
     distinct such key, the times, durations and out values are filled in from numpy columns
     (inject/batch.py). tests/test_slot_lines.py holds it to the events' way."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_segment: int = _MIN_SEGMENT) -> None:
         self._ctx: dict[SlotContext, _Ctx] = {}
+        self.min_segment = min_segment
         # numpy's door (imported here: a trace that renders no slots does without it)
         from tracer.inject import batch
         self._batch = batch
 
     def render(self, ctx: SlotContext, run: SlotRun,
                callers: dict[int, tuple[str, str | None]]) -> list[str] | None:
-        """The lines of `run`, in order; None when a slot needs the events' way (a time or
-        duration out of the range the columns compute exactly)."""
+        """The lines of `run`, in order; None when the run needs the events' way (a time or
+        duration out of the range the columns compute exactly, or segments of one key shorter
+        than min_segment slots on average)."""
         cx = self._ctx.get(ctx)
         if cx is None:
             if len(self._ctx) > 64:
@@ -285,6 +288,10 @@ class SlotLines:
             secs, times = None, ["#" + repr(x) for x in seconds]
         nargs = max(cx.nargs[f] for f in batch.distinct(slots["fid"]))
         bounds = batch.key_bounds(slots, nargs, secs)
+        if (len(bounds) - 1) * self.min_segment > len(slots):
+            # short segments (threads taking turns in the ring): each would cost more than
+            # the events' way costs per call
+            return None
         lines: list[str] = []
         for s, e in zip(bounds, bounds[1:]):
             seg = slots[s:e]
