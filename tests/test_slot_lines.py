@@ -237,21 +237,29 @@ def test_a_caller_named_anew_is_written_anew() -> None:
     assert again == _event_lines(ctx, runs[0], renamed, SlotReplay())
 
 
-def test_threads_taking_turns_go_the_events_way() -> None:
-    """Slots of two threads taking turns make segments of one slot: the lines are then the
-    events' (None), as they cost less that way; long runs of one key are made."""
+def test_threads_taking_turns_are_made_by_key() -> None:
+    """Slots of threads taking turns in the ring (segments of one slot) are made group by
+    group of one key and put back in ring order; a run with more distinct keys than
+    min_segment slots each goes the events' way (None)."""
     import numpy as np
     rec = _recorder("x86_64")
-    fid = {f.plain: j for j, f in enumerate(rec.funcs)}["clock_gettime"]
+    fid = {f.plain: j for j, f in enumerate(rec.funcs)}
     ts = (5).to_bytes(8, "little") + (7).to_bytes(8, "little")
-    turns = b"".join(_slot(1 + j, fid, 2, (1, 0x7000), 0, ts, tid=4242 + j % 2, t0=10_000 + j)
-                     for j in range(256))
-    alone = b"".join(_slot(1 + j, fid, 2, (1, 0x7000), 0, ts, t0=10_000 + j)
-                     for j in range(256))
+    turns = b"".join(_slot(1 + j, fid["clock_gettime"], 2, (1 + j % 3 // 2, 0x7000), 0,
+                           ts[:8] + (j * 1000).to_bytes(8, "little"), tid=4242 + j % 2,
+                           t0=10_000 + 40 * j)
+                     for j in range(300))
+    turns += b"".join(_slot(301 + j, fid["getcpu"], 6, (0x7300, 0x7304, 0), 0,
+                            bytes([j % 2, 0, 0, 0]), b"\x01\0\0\0", tid=4242 + j % 2,
+                            t0=30_000 + 40 * j) for j in range(100))
     ctx = _ctx(rec, True, False)
-    for raw, made in ((turns, False), (alone, True)):
-        run = batch.SlotRun(np.frombuffer(raw, batch.FULL_DTYPE), 0.5, 9_000, 1_000_000)
-        got = jsonl.SlotLines().render(ctx, run, {})
-        assert (got is not None) == made
-        if got is not None:
-            assert got == _event_lines(ctx, run, {}, SlotReplay())
+    callers = {0x401000: ("0x401000 prog+0x1000", None)}
+    run = batch.SlotRun(np.frombuffer(turns, batch.FULL_DTYPE), 0.5, 9_000, 1_000_000)
+    assert len(batch.key_bounds(run.slots, 3)) > 300          # turns: segments of one slot
+    got = jsonl.SlotLines().render(ctx, run, callers)
+    assert got is not None and len(got) == 400
+    assert got == _event_lines(ctx, run, callers, SlotReplay())
+    many = b"".join(_slot(1 + j, fid["clock_gettime"], 2, (1, 0x7000 + 16 * j), 0, ts)
+                    for j in range(256))
+    run = batch.SlotRun(np.frombuffer(many, batch.FULL_DTYPE), 0.5, 9_000, 1_000_000)
+    assert jsonl.SlotLines().render(ctx, run, callers) is None

@@ -307,3 +307,22 @@ def pieces(run: SlotRun, size: int) -> list[SlotRun]:
         return [run]
     return [SlotRun(run.slots[at:at + size], run.rate, run.tsc0, run.ns0)
             for at in range(0, len(run.slots), size)]
+
+
+def key_groups(slots: npt.NDArray[np.void], nargs: int, also: npt.NDArray[np.int64] | None,
+               most: int) -> list[npt.NDArray[np.intp]] | None:
+    """The slots grouped by what key_bounds compares (each group's indices in ring order,
+    groups in the order of their keys); None when there are more than `most` groups."""
+    names = ["tid", "fid", "flags", "ret", "caller", *(f"a{k}" for k in range(nargs))]
+    cols = [slots[nm] for nm in names] + ([] if also is None else [also])
+    keys = np.empty(len(slots), dtype=[(f"c{j}", "<u8") for j in range(len(cols))])
+    for j, c in enumerate(cols):
+        keys[f"c{j}"] = c.astype(np.uint64)
+    _uniq, inv = np.unique(keys, return_inverse=True)
+    inv = inv.reshape(-1)
+    ngroups = int(inv.max()) + 1 if len(inv) else 0
+    if ngroups > most:
+        return None
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv, minlength=ngroups)
+    return list(np.split(order, np.cumsum(counts)[:-1]))

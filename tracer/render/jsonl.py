@@ -263,8 +263,8 @@ class SlotLines:
     def render(self, ctx: SlotContext, run: SlotRun,
                callers: dict[int, tuple[str, str | None]]) -> list[str] | None:
         """The lines of `run`, in order; None when the run needs the events' way (a time or
-        duration out of the range the columns compute exactly, or segments of one key shorter
-        than min_segment slots on average)."""
+        duration out of the range the columns compute exactly, or fewer than min_segment
+        slots per distinct key on average)."""
         cx = self._ctx.get(ctx)
         if cx is None:
             if len(self._ctx) > 64:
@@ -287,61 +287,76 @@ class SlotLines:
                 return None
             secs, times = None, ["#" + repr(x) for x in seconds]
         nargs = max(cx.nargs[f] for f in batch.distinct(slots["fid"]))
+        n = len(slots)
         bounds = batch.key_bounds(slots, nargs, secs)
-        if (len(bounds) - 1) * self.min_segment > len(slots):
-            # short segments (threads taking turns in the ring): each would cost more than
-            # the events' way costs per call
-            return None
-        lines: list[str] = []
-        for s, e in zip(bounds, bounds[1:]):
-            seg = slots[s:e]
-            r0 = seg[0]
-            fid = int(r0["fid"])
-            raw = tuple(int(r0[f"a{k}"]) for k in range(cx.nargs[fid]))
-            caller = int(r0["caller"])
-            # (the caller's names in the key: the engine names an address anew when the
-            # process maps something there)
-            key = (int(r0["tid"]), fid, int(r0["flags"]), int(r0["ret"]), caller,
-                   callers.get(caller), *raw)
-            parts = cx.keys.get(key)
-            if parts is None:
-                if len(cx.keys) > 65536:
-                    cx.keys.clear()
-                parts = cx.keys[key] = self._parts(ctx, cx, key, raw, callers)
-            head, mid, outs, tail, rest = parts
-            if secs is not None:
-                head = f"{head}{int(secs[s])}."
-            t, d = times[s:e], durs[s:e]
-            if not outs:
-                lines += [f"{head}{str(x)[1:]}{mid}{tail}{y}{rest}" for x, y in zip(t, d)]
-                continue
-            if len(outs) == 1 and type(outs[0]) is tuple:
-                k, layout, name = outs[0]
+        if (len(bounds) - 1) * self.min_segment <= n:
+            lines: list[str] = []
+            for s, e in zip(bounds, bounds[1:]):
+                lines += self._segment(ctx, cx, slots[s:e], times[s:e], durs[s:e],
+                                       None if secs is None else int(secs[s]), callers)
+            return lines
+        # keys that take turns (threads sharing the ring): made group by group, put back in
+        # ring order
+        groups = batch.key_groups(slots, nargs, secs, n // self.min_segment)
+        if groups is None:
+            return None         # more keys than is worth it: the events' way
+        out: list[str] = [""] * n
+        for g in groups:
+            idx = g.tolist()
+            made = self._segment(ctx, cx, slots[g], [times[i] for i in idx],
+                                 [durs[i] for i in idx],
+                                 None if secs is None else int(secs[idx[0]]), callers)
+            for i, line in zip(idx, made):
+                out[i] = line
+        return out
+
+    def _segment(self, ctx: SlotContext, cx: _Ctx, seg: Any, t: list[Any], d: list[int],
+                 sec: int | None, callers: dict[int, tuple[str, str | None]]) -> list[str]:
+        """The lines of slots that share a key (thread, function, arguments, result, flags,
+        caller, whole seconds `sec`), in order; t: each time's fraction as str(x)[1:]
+        gives it (or its whole repr() where sec is None), d: the durations."""
+        r0 = seg[0]
+        fid = int(r0["fid"])
+        raw = tuple(int(r0[f"a{k}"]) for k in range(cx.nargs[fid]))
+        caller = int(r0["caller"])
+        # (the caller's names in the key: the engine names an address anew when the
+        # process maps something there)
+        key = (int(r0["tid"]), fid, int(r0["flags"]), int(r0["ret"]), caller,
+               callers.get(caller), *raw)
+        parts = cx.keys.get(key)
+        if parts is None:
+            if len(cx.keys) > 65536:
+                cx.keys.clear()
+            parts = cx.keys[key] = self._parts(ctx, cx, key, raw, callers)
+        head, mid, outs, tail, rest = parts
+        if sec is not None:
+            head = f"{head}{sec}."
+        if not outs:
+            return [f"{head}{str(x)[1:]}{mid}{tail}{y}{rest}" for x, y in zip(t, d)]
+        if len(outs) == 1 and type(outs[0]) is tuple:
+            k, layout, name = outs[0]
+            cols = self._batch.out_fields(seg, k, cx.fmts[fid][k])
+            names = _FIELDS.get(layout)
+            if names is not None:
+                pre = f'{mid}{name}{{"{names[0]}": '
+                sep = f', "{names[1]}": '
+                post = "}" + tail
+                return [f"{head}{str(x)[1:]}{pre}{a}{sep}{b}{post}{y}{rest}"
+                        for x, a, b, y in zip(t, cols[0], cols[1], d)]
+            pre = mid + name
+            return [f"{head}{str(x)[1:]}{pre}{a}{tail}{y}{rest}"
+                    for x, a, y in zip(t, cols[0], d)]
+        # several items, some filled per slot: each slot's `out` text made apart
+        texts: list[list[str]] = []
+        for o in outs:
+            if type(o) is tuple:
+                k, layout, name = o
                 cols = self._batch.out_fields(seg, k, cx.fmts[fid][k])
-                names = _FIELDS.get(layout)
-                if names is not None:
-                    pre = f'{mid}{name}{{"{names[0]}": '
-                    sep = f', "{names[1]}": '
-                    post = "}" + tail
-                    lines += [f"{head}{str(x)[1:]}{pre}{a}{sep}{b}{post}{y}{rest}"
-                              for x, a, b, y in zip(t, cols[0], cols[1], d)]
-                else:
-                    pre = mid + name
-                    lines += [f"{head}{str(x)[1:]}{pre}{a}{tail}{y}{rest}"
-                              for x, a, y in zip(t, cols[0], d)]
-                continue
-            # several items, some filled per slot: each slot's `out` text made apart
-            texts: list[list[str]] = []
-            for o in outs:
-                if type(o) is tuple:
-                    k, layout, name = o
-                    cols = self._batch.out_fields(seg, k, cx.fmts[fid][k])
-                    texts.append([name + _value_text(layout, v) for v in zip(*cols)])
-                else:
-                    texts.append([o] * len(seg))  # type: ignore[list-item]
-            lines += [f"{head}{str(x)[1:]}{mid}{', '.join(o)}{tail}{y}{rest}"
-                      for x, o, y in zip(t, zip(*texts), d)]
-        return lines
+                texts.append([name + _value_text(layout, v) for v in zip(*cols)])
+            else:
+                texts.append([o] * len(seg))  # type: ignore[list-item]
+        return [f"{head}{str(x)[1:]}{mid}{', '.join(o)}{tail}{y}{rest}"
+                for x, o, y in zip(t, zip(*texts), d)]
 
     def _parts(self, ctx: SlotContext, cx: _Ctx, key: tuple[Any, ...], raw: tuple[int, ...],
                callers: dict[int, tuple[str, str | None]]
