@@ -16,15 +16,15 @@ from tracer.recording.format import SlotContext
 
 _ERR_LO = (1 << 64) - 4095           # -4095..-1 as an unsigned word: -MAX_ERRNO..-1
 _ERR_LO32 = (1 << 32) - 4095
-_SLOT_PIECE = 2048                   # slots a slot sink takes at once (a few ms of work)
 
 
 class SlotSink(Protocol):
     """Takes whole runs of ring slots instead of one event per call: `record` writes them as
     they are, the JSON output formats them (render/jsonl.py). `callers` names every return
     address of the run as the engine names a call's caller."""
-    # slots drained between two looks at waitpid: about a millisecond or two of its work, so
-    # that a thread's stop (a clone, a signal) is not kept waiting longer
+    # slots drained between two looks at waitpid, and taken at once (with a heartbeat before
+    # each piece of a longer drain, as on the way out): about a millisecond or two of its
+    # work, so that a thread's stop (a clone, a signal) is not kept waiting longer
     slots_per_drain: int
 
     def write_slots(self, ctx: SlotContext, run: SlotRun,
@@ -56,7 +56,7 @@ class Recorders(EngineCore):
                         n += len(it)
                         # a heartbeat between pieces: a tracer slowed down (a loaded machine
                         # gives it a few % of a CPU) is still draining, and its tracee waits
-                        for piece in batch.pieces(it, _SLOT_PIECE):
+                        for piece in batch.pieces(it, self.slot_sink.slots_per_drain):
                             inst.heartbeat()
                             if not self._slot_run(space, inst, index, piece):
                                 self._assemble(space, index, inst.slot_records(piece))
