@@ -133,14 +133,15 @@ def test_strings_are_interned() -> None:
 
 def test_checked_in_version_1_file_reads_the_same() -> None:
     """The format of version 1 does not change: a file written by the first writer reads as
-    these events (regenerate only with a VERSION change)."""
-    assert VERSION == 1
+    these events. Version 2 only added records (ring slots): today's writer writes those
+    very bytes for these events, with its own version number."""
+    assert VERSION == 2
     data = FIXTURE.read_bytes()
+    assert data[8:10] == (1).to_bytes(2, "little")
     r, items = _read(data)
-    assert r.damage is None
+    assert r.damage is None and r.version == 1
     assert _only_events(items) == _events()
-    # and today's writer writes those very bytes
-    assert _write(_events()) == data
+    assert _write(_events()) == data[:8] + VERSION.to_bytes(2, "little") + data[10:]
 
 
 def test_cut_at_every_byte() -> None:
@@ -165,7 +166,7 @@ def test_wrong_magic_and_future_version() -> None:
     with pytest.raises(RecordingError, match="not a vdsotrace recording"):
         _read(b"ELF" + data[3:])
     future = data[:8] + (VERSION + 1).to_bytes(2, "little") + data[10:]
-    with pytest.raises(RecordingError, match="version 2.*newer vdsotrace"):
+    with pytest.raises(RecordingError, match="version 3.*newer vdsotrace"):
         _read(future)
     with pytest.raises(RecordingError, match="not a vdsotrace recording"):
         _read(b"")
@@ -264,3 +265,101 @@ def test_report_of_a_forged_file(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert len(r.stderr.splitlines()) == 1 and "cannot be rendered" in r.stderr, r.stderr
     assert len(r.stdout.splitlines()) == 4
+
+
+def _slots_file(end: bool = True) -> tuple[bytes, list[Any]]:
+    """A version-2 file: events, then runs of the checked-in ring slots (their valid ones)
+    with their context and callers, then more events."""
+    from tracer.inject import layout as L
+    from tracer.recording.format import SlotContext
+    slots = (REPO / "tests" / "fixtures" / "ring-slots.bin").read_bytes()
+    good = b"".join(slots[j * L.SLOT:(j + 1) * L.SLOT] for j in range(250))
+    ctx = SlotContext(100, "x86_64", (("gettimeofday", "__vdso_gettimeofday"),
+                                      ("time", "__vdso_time"),
+                                      ("clock_gettime", "__vdso_clock_gettime"),
+                                      ("clock_getres", "__vdso_clock_getres"),
+                                      ("getcpu", "__vdso_getcpu"),
+                                      ("getrandom", "__vdso_getrandom")), T0 - 100.0, True,
+                      False)
+    f = io.BytesIO()
+    w = Writer(f, HEADER)
+    evs = _events()
+    for e in evs[:5]:
+        w.event(e) if type(e) is not CallEvent else w.call(e)
+    w.slot_callers(100, {0x401234: ("0x401234 prog+0x1234", "prog!main+0x24")})
+    w.slots(ctx, good[:100 * L.SLOT], 0.5, 1000, 5000)
+    w.slots(ctx, good[100 * L.SLOT:], 0.25, 2000, 6000)
+    for e in evs[5:]:
+        w.event(e) if type(e) is not CallEvent else w.call(e)
+    if end:
+        w.end({"end_time": T0 + 11, "reason": "exit", "lost": 0, "functions": []})
+    return f.getvalue(), evs
+
+
+def test_slots_round_trip_and_cut_at_every_byte() -> None:
+    from tracer.recording.format import SlotCaller, Slots
+    data, evs = _slots_file()
+    r, items = _read(data)
+    assert r.damage is None and r.version == VERSION
+    runs = [i for i in items if isinstance(i, Slots)]
+    assert [len(s.data) // 128 for s in runs] == [100, 150]
+    assert (runs[0].rate, runs[0].tsc0, runs[0].ns0, runs[1].rate) == (0.5, 1000, 5000, 0.25)
+    assert runs[0].ctx.funcs[2] == ("clock_gettime", "__vdso_clock_gettime")
+    assert [i for i in items if isinstance(i, SlotCaller)] == [
+        SlotCaller(100, 0x401234, "0x401234 prog+0x1234", "prog!main+0x24")]
+    full = [i for i in items if not isinstance(i, (Process, Trailer, Name))]
+    header_end = 16 + int.from_bytes(data[12:16], "little") + 4
+    for cut in range(header_end, len(data), 7):
+        r, got = _read(data[:cut])
+        got = [i for i in got if not isinstance(i, (Process, Trailer, Name))]
+        assert got == full[:len(got)], cut
+        assert r.damage is not None and "\n" not in r.damage.message
+
+
+def test_slots_are_not_read_from_a_version_1_file() -> None:
+    """Version 1 had no slot records: their tags there are damage, not data."""
+    data, _ = _slots_file()
+    v1 = data[:8] + (1).to_bytes(2, "little") + data[10:]
+    r, _ = _read(v1)
+    assert r.damage is not None and "unknown record type" in r.damage.message
+
+
+def test_report_of_slots(tmp_path: Path) -> None:
+    """report turns recorded slots into call lines (one per slot, in order, named with the
+    recorded caller); slots no stub writes (a forged file) give one line and exit 1; a cut
+    inside a run of slots shows the events before it."""
+    import json
+    data, evs = _slots_file()
+    p = tmp_path / "slots.rec"
+    p.write_bytes(data)
+    r = _report(p, "--json")
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    got = [json.loads(x) for x in r.stdout.splitlines()]
+    calls = [e for e in got if e["event"] == "call"]
+    n_ev_calls = sum(type(e) is CallEvent for e in evs)
+    assert len(calls) == 250 + n_ev_calls
+    slot_calls = [e for e in got[5:5 + 250]]
+    assert all(e["event"] == "call" and e["pid"] == 100 for e in slot_calls)
+    assert {e["tid"] for e in slot_calls} == {4242, 4243, 99999}
+    named = [e for e in slot_calls if e["caller_addr"] == "0x401234"]
+    assert all(e["caller"] == "0x401234 prog+0x1234" for e in named)
+    cut = tmp_path / "cut.rec"
+    cut.write_bytes(data[:len(data) - 2000])
+    r = _report(cut, "--json")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    part = [json.loads(x) for x in r.stdout.splitlines()]
+    assert 5 <= len(part) < len(got) and part == got[:len(part)]
+    from tracer.inject import layout as L
+    from tracer.recording.format import SlotContext
+    f = io.BytesIO()
+    w = Writer(f, HEADER)
+    bad = bytearray((REPO / "tests" / "fixtures" / "ring-slots.bin").read_bytes()[:4 * L.SLOT])
+    bad[2 * L.SLOT + L.S_FID] = 99            # no such function
+    w.slots(SlotContext(100, "x86_64", (("time", "__vdso_time"),), 0.0, True, False),
+            bytes(bad), 1.0, 0, 0)
+    w.end({"end_time": T0, "reason": "exit", "lost": 0, "functions": []})
+    forged = tmp_path / "forged.rec"
+    forged.write_bytes(f.getvalue())
+    r = _report(forged, "--json")
+    assert r.returncode == 1 and "cannot be rendered" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr

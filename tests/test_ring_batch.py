@@ -146,3 +146,48 @@ def test_batch_takes_clean_runs_and_leaves_damage_to_the_slot_path() -> None:
     assert batch.committed(SLOTS, START + 1) == GAP
     assert batch.committed(SLOTS[GAP * L.SLOT:], START + GAP + 1) == 0
     assert batch.committed(SLOTS[(GAP + 1) * L.SLOT:], START + GAP + 2) == COUNT - GAP - 1
+
+
+def _viewed(rec: Recorder, limit: int = 65536) -> tuple[list[object], int]:
+    """Every item drain_view gives (SlotRuns turned into RawRecords through slot_records), and
+    how many SlotRuns there were."""
+    out: list[object] = []
+    runs = 0
+    while items := rec.drain_view(limit):
+        for it in items:
+            if isinstance(it, batch.SlotRun):
+                runs += 1
+                out.extend(rec.slot_records(it))
+            else:
+                out.append(it)
+    return out, runs
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "i386"])
+@pytest.mark.parametrize("limit", [65536, 97, 5])
+def test_slot_runs_are_the_records_of_the_events_path(arch: str, limit: int) -> None:
+    """drain_view's SlotRuns, decoded, are exactly what drain() gives record by record, in the
+    same order, with the same slots judged corrupt (and the wait at the uncommitted slot)."""
+    viewed, evented = _recorder(arch), _recorder(arch)
+    got, runs = _viewed(viewed, limit)
+    want: list[object] = []
+    while records := evented.drain(limit):
+        want.extend(records)
+    assert got == want and len(want) == GAP - (viewed.corrupt())
+    assert runs >= 1 and viewed.corrupt() == evented.corrupt() and viewed._tail == START + GAP
+    for rec in (viewed, evented):
+        rec.producers_stopped()
+    more, _ = _viewed(viewed, limit)
+    while records := evented.drain(limit):
+        want.extend(records)
+    assert got + more == want
+    assert viewed.corrupt() == evented.corrupt() and viewed._tail == START + COUNT
+
+
+def test_slot_runs_leave_out_invalid_slots() -> None:
+    rec = _recorder("x86_64")
+    max_flags = [min(8, 1 << (1 + len(z))) for z in rec._outsz]
+    good = batch.valid(SLOTS[:GAP * L.SLOT], max_flags, PID_LIMIT)
+    assert len(good) == GAP - 4
+    assert sorted(set(range(GAP)) - {int(s) - START - 1 for s in good["seq"]}) == \
+        [256, 300, 331, 332]

@@ -63,7 +63,7 @@ class Session:
         self.table = table = Threads(options, waiter)
         self.watch = watch = SignalWatch(tsc, symbols, sink, table.resume, table.note_signal,
                                          lambda: table.paused)
-        self.recorders = recorders = Recorders(table, assembly, stats, sink)
+        self.recorders = recorders = Recorders(table, assembly, stats, symbols, sink)
         self.instruments = instruments = Instruments(options, table, recorders, stats, sink)
         self.procs = procs = Processes(options, table, instruments, symbols,
                                        (self.clocksource, self.fast_path), sink)

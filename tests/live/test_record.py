@@ -56,6 +56,15 @@ def _record(target: Path, tmp: Path, target_args: list[str], rec_args: list[str]
     return proc, out, T.read_record(trec)
 
 
+def _items(path: Path) -> list[Any]:
+    from tracer.recording.format import Reader
+    with open(path, "rb") as f:
+        r = Reader(f, str(path))
+        items = list(r.items())
+        assert r.damage is None, r.damage
+        return items
+
+
 def _report(path: Path, *args: str) -> str:
     r = T.run_tracer(["report", str(path), *args], timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
@@ -88,6 +97,9 @@ def test_report_json_equals_record(target_bin, tmp_path, m32, engine):
     if att[0]["vdso_fast_path"] is False:
         pytest.skip("the clocksource has no vDSO fast path")
     _check_calls(events, record, proc.pid, f"{'i386' if m32 else 'x86_64'} {engine}")
+    if engine:      # --inject: the ring's slots were written as they were, not as events
+        kinds = Counter(type(x).__name__ for x in _items(rec))
+        assert kinds["Slots"] and not kinds["CallEvent"], kinds
     assert not [e for e in events if e["event"] == "notice"]
     # -e at report time: exactly the selected calls, in the same order
     only = _json(rec, "-e", "clock_gettime,__vdso_time")
@@ -271,3 +283,31 @@ def test_report_summary_of_inject_recording(target_bin, tmp_path):
     calls = Counter(r["func"] for r in record)
     assert {f: int(v[0]) for f, v in a["rows"].items() if f != "total"} == dict(calls)
     assert sum(a["sites"].values()) > 0
+
+
+@pytest.mark.parametrize("m32", ABIS)
+def test_live_inject_json_equals_record_and_report(target_bin, tmp_path, m32):
+    """`trace --inject --json` (its lines made from runs of ring slots, render/jsonl.py
+    SlotLines) equals, call for call, what vcalls recorded, as `report --json` of a
+    `record --inject` of the same program does; both have the same keys, in the same order,
+    as the events' way writes them."""
+    binary = target_bin("vcalls", m32)
+    rec = tmp_path / "live.record.jsonl"
+    proc = T.start(binary, rec)
+    tr = T.run_trace(["--inject", "-p", str(proc.pid)], tmp_path / "live.jsonl")
+    T.go(proc)
+    rc, _, err = proc.finish(30)
+    assert rc == 0, err
+    tr.wait_ok(30)
+    live = tr.events()
+    att = [e for e in live if e["event"] == "attach"]
+    if att[0]["vdso_fast_path"] is False:
+        pytest.skip("the clocksource has no vDSO fast path")
+    label = "i386" if m32 else "x86_64"
+    _check_calls(live, T.read_record(rec), proc.pid, f"live {label}")
+    assert not [e for e in live if e["event"] == "notice"]
+    proc2, recording, record = _record(binary, tmp_path, [], ["--inject"], name="rec")
+    reported = _json(recording)
+    _check_calls(reported, record, proc2.pid, f"report {label}")
+    assert {tuple(e) for e in live if e["event"] == "call"} == \
+        {tuple(e) for e in reported if e["event"] == "call"}

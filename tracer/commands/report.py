@@ -9,8 +9,8 @@ from typing import Any
 
 from tracer.errors import UsageError
 from tracer.events import AttachEvent, CallEvent, Event
-from tracer.recording.format import Name, Process, Reader, Trailer
-from tracer.recording.replay import ReplayStats, Selection
+from tracer.recording.format import Name, Process, Reader, SlotCaller, Slots, Trailer
+from tracer.recording.replay import ReplayStats, Selection, SlotReplay
 
 __all__ = ["run_report"]
 
@@ -43,6 +43,8 @@ def _prescan(path: str) -> tuple[list[bytes], list[str], dict[str, Any] | None]:
                     funcs.extend(str(x) for x in item.functions if x not in funcs)
                 elif isinstance(item, CallEvent) and item.func not in funcs:
                     funcs.append(str(item.func))
+                elif isinstance(item, Slots):
+                    funcs.extend(p for p, _ in item.ctx.funcs if p not in funcs)
         except (TypeError, ValueError, AttributeError, KeyError, IndexError):
             pass                    # a forged event: the rendering pass says where
         trailer = r.trailer.values if r.trailer is not None else None
@@ -72,25 +74,37 @@ def run_report(ns: argparse.Namespace) -> int:
     bad: str | None = None
     gone: list[bool] = []
     out.on_broken = lambda: gone.append(True)     # `report FILE | head`: stop reading
+    slots = SlotReplay()
+
+    def call(item: CallEvent) -> None:
+        nonlocal had_stacks
+        e: Event | None = sel.keep(item)
+        if e is None:
+            return
+        st = e.stack  # type: ignore[union-attr]
+        if st is not None:
+            had_stacks = True
+            # without --stack, as a live trace without it; --stack=N: N frames
+            if not depth:
+                e = e._replace(stack=None)  # type: ignore[union-attr]
+            elif len(st) > depth:
+                e = e._replace(stack=st[:depth])  # type: ignore[union-attr]
+        add(e)
+        write(e)
+
     try:
         for item in reader.items():
             if gone:
                 break
             t = type(item)
             if t is CallEvent:
-                e: Event | None = sel.keep(item)
-                if e is None:
-                    continue
-                st = e.stack  # type: ignore[union-attr]
-                if st is not None:
-                    had_stacks = True
-                    # without --stack, as a live trace without it; --stack=N: N frames
-                    if not depth:
-                        e = e._replace(stack=None)  # type: ignore[union-attr]
-                    elif len(st) > depth:
-                        e = e._replace(stack=st[:depth])  # type: ignore[union-attr]
-                add(e)
-                write(e)
+                call(item)
+            elif t is Slots:
+                # `record --inject`: ring slots, made calls as the live drain makes them
+                for ev in slots.events(item):
+                    call(ev)  # type: ignore[arg-type]
+            elif t is SlotCaller:
+                slots.caller(item)
             elif t is Name:
                 if item.comm is not None or (item.pid, item.tid) not in names:
                     names[(item.pid, item.tid)] = item.comm

@@ -105,6 +105,8 @@ def run_trace(a: TraceArgs, open_sink: Callable[[TraceArgs], BoundSink] | None =
     if bound is not None:
         bound.bind(session)
     session.summary_only = a.summary and not out.needs_events   # --hist needs each duration
+    # an output that takes whole runs of ring slots (--inject: `record`, JSON lines)
+    session.recorders.slot_sink = getattr(out, "slot_sink", None)
     old = _install_signal_handlers(session)
     # a reader gone from our output pipe (`| head`) ends the trace as SIGINT does
     out.on_broken = lambda: session.request_stop("EPIPE")

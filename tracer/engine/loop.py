@@ -53,6 +53,7 @@ class Loop:
         self._signal = watch.signal
         self._syscall_stop = watch.syscall_stop
         self._drain_recorders = recorders._drain_recorders
+        self.recorders = recorders
         self.detach_all = detach.detach_all
         self.stop_reason: str | None = None
         self.on_tick: Callable[[], None] | None = None
@@ -170,8 +171,11 @@ class Loop:
                         break
                     # a bounded batch, then waitpid again: stops (a thread being created, a
                     # signal) are served within one batch however fast the ring fills
-                    if self.assembly.summary_only:
-                        if self._drain_recorders(_DRAIN_BATCH_STATS) < _DRAIN_FEW_STATS:
+                    slots = self.recorders.slot_sink
+                    if self.assembly.summary_only or slots is not None:   # (batches of slots)
+                        batch = (slots.slots_per_drain if slots is not None
+                                 and not self.assembly.summary_only else _DRAIN_BATCH_STATS)
+                        if self._drain_recorders(batch) < _DRAIN_FEW_STATS:
                             _nap(_NAP_EMPTY)  # (nearly) empty: let the tracee fill it
                     elif not self._drain_recorders(_DRAIN_BATCH):
                         _nap(_NAP_EMPTY)      # the ring is empty: let the tracee fill it

@@ -16,11 +16,13 @@ from tracer.decoders import Decoder
 # drain it would take a tenth of a second and more in which no heartbeat is written
 from tracer.inject import batch
 from tracer.inject import layout as L
+from tracer.inject.batch import SlotRun
 from tracer.instrument import Instrument
 from tracer.tsc import TscClock
 
 
-_PID_MAX_LIMIT = 4 * 1024 * 1024     # include/linux/threads.h
+PID_MAX_LIMIT = 4 * 1024 * 1024      # include/linux/threads.h
+_PID_MAX_LIMIT = PID_MAX_LIMIT
 
 # A stub facing a full ring waits for room while the tracer's heartbeat is younger than
 # this, then counts the call lost. Not 0.1 s: on a loaded machine a runnable tracer can wait
@@ -122,6 +124,34 @@ def _record_maker() -> Callable[..., RawRecord]:
 
 
 _make_record = _record_maker()
+
+
+def slot_records(buf: bytes, names: list[str], nargs: list[int],
+                 outsz: list[tuple[int, ...]], rate: float, tsc0: int,
+                 ns0: int) -> list[RawRecord]:
+    """Validated slots (batch.valid) -> RawRecords, each as RingReader._scan makes it: the
+    live drain's SlotRuns and `report`'s recorded ones become calls through this."""
+    out: list[RawRecord] = []
+    append = out.append
+    make = _make_record
+    for (_seq, tid, fid, flags, a0, a1, a2, a3, a4, a5, ret, t0, t1, caller, o0,
+         o1) in _SLOT.iter_unpack(buf):
+        sizes = outsz[fid]
+        if sizes:
+            z = sizes[0]
+            outs: tuple[bytes | None, ...] = (
+                (o0 if z == 16 else o0[:z]) if flags & 2 else None,)
+            if len(sizes) > 1:
+                z = sizes[1]
+                outs += ((o1 if z == 16 else o1[:z]) if flags & 4 else None,)
+        else:
+            outs = ()
+        k = nargs[fid]
+        dur = t1 - t0
+        append(make(tid, names[fid], (a0, a1) if k == 2 else (a0, a1, a2, a3, a4, a5)[:k],
+                    ret, outs, flags & 1 == 1, ns0 + int((t0 - tsc0) * rate),
+                    int(dur * rate) if dur > 0 else 0, caller, fid))
+    return out
 
 
 class RingReader(Instrument):
@@ -237,6 +267,23 @@ class RingReader(Instrument):
         self._drain_ring(limit, out, None)
         return out
 
+    def drain_view(self, limit: int = 65536) -> list[RawRecord | SlotRun]:
+        """Like drain(), but whole runs of committed, valid slots come as SlotRuns (their
+        bytes as the ring holds them, validated at once with numpy), in ring order among the
+        RawRecords of what is judged slot by slot: for `record` (which writes the slots
+        themselves) and the JSON renderer (which formats them without an event each)."""
+        if self._pending:
+            done, self._pending = self._pending[:limit], self._pending[limit:]
+            return list(done)
+        out: list[RawRecord | SlotRun] = []
+        self._drain_ring(limit, out, None, view=True)  # type: ignore[arg-type]
+        return out
+
+    def slot_records(self, run: SlotRun) -> list[RawRecord]:
+        """A SlotRun of this reader's drain as the RawRecords drain() would have given."""
+        return slot_records(run.slots.tobytes(), [f.plain for f in self.funcs], self._nargs,
+                            self._outsz, run.rate, run.tsc0, run.ns0)
+
     def drain_stats(self, stats: dict[str, CallStats], limit: int = 1 << 20) -> int:
         """Like drain(), but only adds each record to `stats` (by plain function name) without
         building a RawRecord: the fast path for `-c`, which aggregates whole runs of committed
@@ -276,20 +323,21 @@ class RingReader(Instrument):
             pass
 
     def _drain_ring(self, limit: int, out: list[RawRecord] | None,
-                    stats: dict[str, CallStats] | None) -> int:
+                    stats: dict[str, CallStats] | None, view: bool = False) -> int:
         ring, clock = self._ring, self._clock
         if ring is None or clock is None or self._ring_broken:
             return 0
         self.heartbeat()
         try:
-            return self._drain_ring_at(ring, clock, limit, out, stats)
+            return self._drain_ring_at(ring, clock, limit, out, stats, view)
         except (_RingShort, OSError):
             # the sealed file cannot shrink; if reading it fails anyway, stop reading it
             self._ring_broken = True
             return 0
 
     def _drain_ring_at(self, ring: _RingBuf, clock: TscClock, limit: int,
-                       out: list[RawRecord] | None, stats: dict[str, CallStats] | None) -> int:
+                       out: list[RawRecord] | None, stats: dict[str, CallStats] | None,
+                       view: bool = False) -> int:
         now = time.monotonic()
         if now - self._last_refine > 0.25:
             clock.refine()
@@ -334,7 +382,7 @@ class RingReader(Instrument):
         gc.disable()          # a drain allocates only acyclic records: no collections mid-way
         try:
             i = self._scan(ring, i, end, out_append, st_by_fid if stats is not None else None,
-                           names, nargs, outsz, value_ret, rate, tsc0, ns0, nf, err_lo)
+                           names, nargs, outsz, value_ret, rate, tsc0, ns0, nf, err_lo, view)
         finally:
             if gc_was:
                 gc.enable()
@@ -348,21 +396,33 @@ class RingReader(Instrument):
               out_append: Callable[[RawRecord], None] | None,
               st_by_fid: list[CallStats] | None, names: list[str], nargs: list[int],
               outsz: list[tuple[int, ...]], value_ret: list[bool], rate: float, tsc0: int,
-              ns0: int, nf: int, err_lo: int) -> int:
+              ns0: int, nf: int, err_lo: int, view: bool = False) -> int:
         """Validate and consume committed slots [i, end); returns the next index."""
         stats = st_by_fid
         mask = L.NSLOTS - 1
         word_mask = self.abi.mask       # an i386 ret above 32 bits is damage: its low word counts
         unpack = _SLOT.iter_unpack
         make = _make_record
-        if stats is not None:
-            max_flags = [min(8, 1 << (1 + len(z))) for z in outsz]
+        max_flags = [min(8, 1 << (1 + len(z))) for z in outsz]
         while i < end:
             s = i & mask
             cnt = min(end - i, L.NSLOTS - s)
             off = L.DATA + s * L.SLOT
             stop = False
             buf = memoryview(ring[off:off + cnt * L.SLOT])
+            if view:
+                # the committed prefix as a SlotRun (its invalid slots counted and left
+                # out); what follows it, from an uncommitted slot on, slot by slot
+                k = batch.committed(buf, i + 1)
+                if k:
+                    good = batch.valid(buf[:k * L.SLOT], max_flags, _PID_MAX_LIMIT)
+                    self._corrupt += k - len(good)
+                    if len(good):
+                        out_append(SlotRun(good, rate, tsc0, ns0))  # type: ignore[misc,arg-type]
+                    i += k
+                    if k == cnt:
+                        continue
+                    buf = buf[k * L.SLOT:]
             if stats is not None and cnt >= _BATCH_MIN:
                 # the committed prefix at once; the per-slot loop below takes what follows
                 # (an uncommitted slot ends the drain there), or the prefix itself when

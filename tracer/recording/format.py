@@ -15,8 +15,14 @@ reader that stops at damage can render everything before it. The writer emits wh
 (at most ~256 KiB, on every tick of the engine), so a recorder killed mid-run leaves a file
 whose chunks are all readable; a file ends with an END record (the trailer).
 
+Version 2 adds raw ring slots (`record --inject`): SLOTS records hold runs of the in-tracee
+recorder's ring slots as the ring held them (inject/layout.py), with the clock calibration in
+force; a SLOTCTX record says how to decode them (the process, ABI, the recorder's function
+table, the clock's epoch offset), SLOTCALLER records name their return addresses. `report`
+decodes them through the live drain's own code (recording/replay.py).
+
 Version rule: VERSION changes with any change of a layout or of a record's meaning; a reader
-reads exactly the versions it knows and refuses others in one line.
+reads exactly the versions it knows (READS) and refuses others in one line.
 """
 from __future__ import annotations
 
@@ -32,11 +38,12 @@ from tracer import events as _events
 from tracer.errors import TracerError
 from tracer.events import Addr, CallEvent, Timespec, Timeval, Timezone, Unreadable
 
-__all__ = ["MAGIC", "VERSION", "RecordingError", "Writer", "Reader", "Process", "Name",
-           "Trailer", "Damage"]
+__all__ = ["MAGIC", "VERSION", "READS", "RecordingError", "Writer", "Reader", "Process",
+           "Name", "Trailer", "Damage", "SlotContext", "Slots", "SlotCaller"]
 
 MAGIC = b"VDSOREC\n"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)                  # version 1: no slot records (otherwise the same)
 _PRELUDE = struct.Struct("<8sHHI")
 _U32 = struct.Struct("<I")
 _CHUNK = struct.Struct("<4sII")
@@ -49,6 +56,15 @@ MAX_HEADER = 16 << 20
 T_STR, T_FUNC, T_ARGS, T_CALLER, T_STACK, T_CLASS, T_PROCESS, T_NAME, T_IMAGE = (
     1, 2, 3, 4, 5, 6, 7, 8, 9)
 T_CALL, T_EVENT, T_END = 16, 17, 18
+T_SLOTCTX, T_SLOTCALLER, T_SLOTS = 10, 11, 19      # version 2
+
+# SLOTCTX: tag, id, pid, abi, mono_to_epoch, fast_path (0 false, 1 true, 2 unknown), timens
+# (1: the process has a time namespace), count (then count x (u32 func, u32 symbol))
+_SLOTCTX = struct.Struct("<BIIIdBBH")
+_SLOTCALLER = struct.Struct("<BIQII")   # tag, pid, return address, text, symbol
+# SLOTS: tag, SLOTCTX id, rate (ns per tick), tsc0, ns0, count (then count x SLOT bytes)
+_SLOTS = struct.Struct("<BIdQqI")
+SLOT_BYTES = 128                        # inject/layout.py's SLOT
 
 # CALL: tag, pid, tid, time, func, args, ret, errno, flags, fallback_reason, duration_ns,
 # caller, site, stack, number of `out` items (each: u32 key, a value)
@@ -108,6 +124,8 @@ class Writer:
         self._stacks: dict[tuple[str, ...], int] = {}
         self._classes: dict[type, tuple[int, tuple[str, ...]]] = {}
         self._images: dict[bytes, int] = {}
+        self._slot_ctx: dict[SlotContext, int] = {}
+        self._slot_callers: dict[tuple[int, int], tuple[str, str | None]] = {}
         self._next = 1
         head = json.dumps(header, sort_keys=True).encode()
         self._write(_PRELUDE.pack(MAGIC, VERSION, 0, len(head)) + head
@@ -307,6 +325,46 @@ class Writer:
             self.buf += image
         self.buf += _PROCESS.pack(T_PROCESS, pid, self.sid(abi), base, n)
 
+    def slot_context(self, ctx: SlotContext) -> int:
+        """The id of a SLOTCTX record for ctx (written the first time)."""
+        n = self._slot_ctx.get(ctx)
+        if n is None:
+            n = self._slot_ctx[ctx] = self._id()
+            ids = [self.sid(x) for pair in ctx.funcs for x in pair]
+            self.buf += _SLOTCTX.pack(T_SLOTCTX, n, ctx.pid, self.sid(ctx.abi),
+                                      ctx.mono_to_epoch,
+                                      2 if ctx.fast_path is None else int(ctx.fast_path),
+                                      int(ctx.timens), len(ctx.funcs))
+            self.buf += struct.pack(f"<{len(ids)}I", *ids)
+        return n
+
+    def slot_callers(self, pid: int, names: dict[int, tuple[str, str | None]]) -> None:
+        """How the engine names these return addresses now (written when it changed)."""
+        known = self._slot_callers
+        for addr, nm in names.items():
+            key = (pid, addr)
+            if known.get(key) != nm:
+                if len(known) > 65536:
+                    known.clear()
+                known[key] = nm
+                self.buf += _SLOTCALLER.pack(T_SLOTCALLER, pid, addr & 0xFFFFFFFFFFFFFFFF,
+                                             self.sid(nm[0]), self.sid(nm[1]))
+
+    def slots(self, ctx: SlotContext, data: bytes | memoryview, rate: float, tsc0: int,
+              ns0: int) -> None:
+        """Ring slots as the ring held them (len(data) a multiple of SLOT_BYTES), decoded with
+        ctx and this calibration: a chunk of their own, written from `data` as it is (what is
+        buffered goes first, in its own chunk)."""
+        n = self.slot_context(ctx)
+        count = len(data) // SLOT_BYTES
+        self.flush()
+        head = _SLOTS.pack(T_SLOTS, n, rate, tsc0 & 0xFFFFFFFFFFFFFFFF, ns0, count)
+        self._write(_CHUNK.pack(_CHUNK_MAGIC, len(head) + len(data),
+                                zlib.crc32(data, zlib.crc32(head))) + head)
+        self._write(data)
+        self.events += count
+        self.calls += count
+
     def name(self, pid: int, tid: int, comm: str | None) -> None:
         """A thread's comm as it was read at this point of the trace."""
         self.buf += _NAME.pack(T_NAME, pid, tid, self.sid(comm))
@@ -316,13 +374,18 @@ class Writer:
         self.flush()
 
     def flush(self) -> None:
-        if not self.buf:
+        buf = self.buf
+        if not buf:
             return
-        data = bytes(self.buf)
-        self.buf.clear()
-        self._write(_CHUNK.pack(_CHUNK_MAGIC, len(data), zlib.crc32(data)) + data)
+        head = _CHUNK.pack(_CHUNK_MAGIC, len(buf), zlib.crc32(buf))
+        if len(buf) < 4096:
+            self._write(head + buf)
+        else:                   # (a run of slots: not copied once more)
+            self._write(head)
+            self._write(buf)
+        buf.clear()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         self.f.write(data)
         self.f.flush()
         self.bytes_written += len(data)
@@ -358,6 +421,39 @@ class Damage:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class SlotContext:
+    """How to decode a process's ring slots (version 2): its pid and ABI, the recorder's
+    function index -> (plain name, symbol) as the engine names the call, the epoch offset of
+    CLOCK_MONOTONIC (seconds), whether the clock source has a vDSO fast path (None:
+    unknown), whether the process has a time namespace."""
+    pid: int
+    abi: str
+    funcs: tuple[tuple[str, str], ...]
+    mono_to_epoch: float
+    fast_path: bool | None
+    timens: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """A run of ring slots (bytes, a multiple of SLOT_BYTES) and how to decode them."""
+    ctx: SlotContext
+    data: bytes
+    rate: float
+    tsc0: int
+    ns0: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotCaller:
+    """How the engine named a return address of a process's slots from here on."""
+    pid: int
+    addr: int
+    text: str
+    symbol: str | None
+
+
 class _Short(Exception):
     """A record runs past the data available."""
 
@@ -389,6 +485,8 @@ class Reader:
     _stacks: dict[int, tuple[str, ...]] = field(default_factory=dict)
     _classes: dict[int, tuple[type | None, tuple[str, ...]]] = field(default_factory=dict)
     _images: dict[int, bytes] = field(default_factory=dict)
+    _slot_ctx: dict[int, SlotContext] = field(default_factory=dict)
+    version: int = 0
     _offset: int = 0
     _chunk_at: int = 0
 
@@ -399,9 +497,9 @@ class Reader:
                                  " magic at its start); give a file written by "
                                  "`vdsotrace record -o FILE`")
         magic, version, _flags, n = _PRELUDE.unpack(pre)
-        if version != VERSION:
+        if version not in READS:
             raise RecordingError(f"{self.path}: recording format version {version}, this "
-                                 f"vdsotrace reads version {VERSION} only"
+                                 f"vdsotrace reads versions {READS[0]} to {READS[-1]} only"
                                  + (": report it with a newer vdsotrace" if version > VERSION
                                     else ": record it again"))
         head = self.f.read(n + 4) if n <= MAX_HEADER else b""
@@ -418,6 +516,7 @@ class Reader:
         if not isinstance(hdr, dict):
             raise RecordingError(f"{self.path}: the recording's header is not readable")
         self.header = hdr
+        self.version = version
         self._offset = _PRELUDE.size + n + 4
 
     @property
@@ -504,6 +603,17 @@ class Reader:
                              out, bool(flags & _F_FALLBACK), self._str(reason), dur, caller,
                              ctext, csym, self._stacks[stid] if stid else None,
                              bool(flags & _F_NS_RELATIVE), self._str(site)), p
+        if tag == T_SLOTS and self.version >= 2:
+            _, n, rate, tsc0, ns0, count = _SLOTS.unpack_from(d, p)
+            p += _SLOTS.size
+            end = p + count * SLOT_BYTES
+            if end > len(d):
+                raise _Short()
+            try:
+                ctx = self._slot_ctx[n]
+            except KeyError:
+                raise _Bad(f"slots of context {n} before it is defined") from None
+            return Slots(ctx, d[p:end], rate, tsc0, ns0), end
         if tag == T_STR:
             _, n, ln = _DEF2.unpack_from(d, p)
             p += _DEF2.size
@@ -558,6 +668,19 @@ class Reader:
         if tag == T_NAME:
             _, pid, tid, comm = _NAME.unpack_from(d, p)
             return Name(pid, tid, self._str(comm)), p + _NAME.size
+        if tag == T_SLOTCTX and self.version >= 2:
+            _, n, pid, abi, m2e, fast, timens, cnt = _SLOTCTX.unpack_from(d, p)
+            names, p = self._strings(d, p + _SLOTCTX.size, 2 * cnt)
+            if fast > 2 or timens > 1:
+                raise _Bad("a slot context with flags no writer sets")
+            self._slot_ctx[n] = SlotContext(pid, self._str(abi) or "?",
+                                            tuple(zip(names[::2], names[1::2])), m2e,
+                                            None if fast == 2 else bool(fast), bool(timens))
+            return None, p
+        if tag == T_SLOTCALLER and self.version >= 2:
+            _, pid, addr, text, sym = _SLOTCALLER.unpack_from(d, p)
+            return SlotCaller(pid, addr, self._str(text) or "", self._str(sym)), \
+                p + _SLOTCALLER.size
         if tag == T_END:
             v, p = self._value(d, p + 1)
             if not isinstance(v, dict):

@@ -21,11 +21,14 @@ from tracer.render.perfetto import Names, PerfettoTimeline
 from tracer.render.summary import summary_dict, summary_text
 
 if TYPE_CHECKING:
+    from tracer.inject.batch import SlotRun
+    from tracer.recording.format import SlotContext
     from tracer.session import Summary
 
 __all__ = ["Output", "open_output", "silence_stream", "FLUSH_INTERVAL"]
 
 FLUSH_INTERVAL = 0.05  # seconds: how stale a live log may get while calls come
+_PIECE = 1024          # lines joined and written at once
 
 
 class Output:
@@ -39,6 +42,7 @@ class Output:
         self.hist: LatencyHistograms | None = None          # --hist
         self.timeline: PerfettoTimeline | None = None       # --perfetto OUT
         self._views: list[Callable[[Event], None]] = []
+        self._slot_lines: jsonl.SlotLines | None = None
         self.lines: list[str] = []
         self.broken = False
         self.flushed = 0.0
@@ -68,6 +72,29 @@ class Output:
         if hist:
             self.hist = LatencyHistograms()
             self._views.append(self.hist.add)
+
+    @property
+    def slot_sink(self) -> Output | None:
+        """--inject --json: runs of ring slots come here as they are (write_slots), made
+        JSON lines without an event each, when nothing else needs the events."""
+        if self.json and not self.summary and not self._views:
+            return self
+        return None
+
+    slots_per_drain = 2048          # (a JSON line costs about 1 µs)
+
+    def write_slots(self, ctx: SlotContext, run: SlotRun,
+                    callers: dict[int, tuple[str, str | None]]) -> bool:
+        """The lines of a run of ring slots (jsonl.SlotLines); False: they need events."""
+        if self._slot_lines is None:
+            self._slot_lines = jsonl.SlotLines()
+        lines = self._slot_lines.render(ctx, run, callers)
+        if lines is None:
+            return False
+        self.lines += lines
+        if len(self.lines) >= _PIECE or time.monotonic() - self.flushed > FLUSH_INTERVAL:
+            self.flush()
+        return True
 
     @property
     def needs_events(self) -> bool:
@@ -102,19 +129,26 @@ class Output:
             self.flush()
 
     def flush(self) -> None:
-        if not self.lines:
+        lines = self.lines
+        if not lines:
             return
         self.flushed = time.monotonic()
-        data = "\n".join(self.lines) + "\n"
-        self.lines.clear()
         if self.broken:
+            lines.clear()
             return
         try:
-            self.f.write(data)
+            # (in pieces of a few hundred KiB: each joined, encoded and written while it is
+            # in the CPU's cache)
+            for at in range(0, len(lines), _PIECE):
+                piece = lines[at:at + _PIECE]
+                piece.append("")
+                self.f.write("\n".join(piece))
+            lines.clear()
             self.f.flush()
         except BrokenPipeError:
             self._reader_gone()
         except OSError as e:
+            lines.clear()
             self.broken = True
             sys.stderr.write(f"vdsotrace: cannot write events: {e.strerror}\n")
 
