@@ -212,7 +212,9 @@ AARCH64 = Aarch64Arch(
     dwarf=DwarfRegs((*(f"x{i}" for i in range(31)), "sp"), nregs=32, sp=31, fp=29, ra=30),
     trap=BRK_0, trap_pc_adjust=0, nop=NOP, syscall_insn=SVC_0,
     jump_len=INSN_SIZE, jump_reach=B_RANGE,
-    cycle_counter=b"", host_counter_fn=b"",
+    # the tracer's own counter read (tsc.py): isb; mrs x0, cntvct_el0; ret (the vDSO reads
+    # the same counter the same way; its rate is cntfrq_el0)
+    cycle_counter=b"", host_counter_fn=bytes.fromhex("df3f03d540e03bd5c0035fd6"),
     gettid_nr=NR_GETTID, tgkill_nr=NR_TGKILL, nanosleep_nr=NR_NANOSLEEP,
     vdso_prefixes=("__kernel_",),
 )
