@@ -10,6 +10,7 @@ from tracer import procfs, sigframes, stackscan, target
 from tracer.abi import I386, Abi
 from tracer.errors import MemoryReadError
 from tracer.inject import layout as L
+from tracer.inject.aarch64.plan import PlanA64
 from tracer.inject.plan import Plan
 from tracer.inject.remote import RemoteCaller, RemoteError, Stepper
 from tracer.inject.ring import RawRecord, RingReader
@@ -31,7 +32,7 @@ class Leaving(RingReader):
     _lost_final: int | None
     _nr: _Numbers
     _pending: list[RawRecord]
-    _plan: Plan | None
+    _plan: Plan | PlanA64 | None
     _ring_addr: int
     _saved: list[tuple[int, bytes]]
     abi: Abi
@@ -44,7 +45,7 @@ class Leaving(RingReader):
     vdso_lost: bool
 
     if TYPE_CHECKING:
-        def _caller(self, stepper: Stepper, tid: int, plan: Plan) -> RemoteCaller: ...
+        def _caller(self, stepper: Stepper, tid: int, plan: Plan | PlanA64) -> RemoteCaller: ...
         def _close_local(self) -> None: ...
 
     def stop_recording(self) -> None:

@@ -1,0 +1,170 @@
+"""--inject on arm64, live (issue 14 items 1-4): inside the emulated arm64 machine the
+recorder (tracer.inject.Recorder) is installed into a 2-thread arm64 program
+(tests/targets/a64inj.c) by remote system calls from its vDSO's `svc #0`, both threads make
+their calls (through the vDSO's symbols and through libc; clocks the vDSO answers and clocks it
+hands to the kernel), the tracer drains the ring while they run, then leaves while both block
+in read(2). Checked: the two mappings as on x86 (`/memfd:vdsotrace-code` r-xs within a `b` of
+the vDSO, `/memfd:vdsotrace-ring` rw-s), every thread's registers and pending system call kept
+across install and leaving, the entries patched with `b stub` and restored byte for byte,
+both mappings gone after, the program's own record of every call equal to the ring's (in order
+per thread, same arguments, results, written bytes and fallback flags), and its normal exit.
+
+One boot for the module (tests/vm/inside_inject.py); deselected unless VDSOTRACE_VM=1."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import targets as T
+
+pytestmark = pytest.mark.arm64vm
+
+INSIDE = Path(__file__).resolve().parent / "inside_inject.py"
+B_REACH = 1 << 27
+PSTATE_SS = 1 << 21     # PSTATE.SS: the kernel's single-step state, set while TIF_SINGLESTEP is
+# (arch/arm64/kernel/ptrace.c user_regs_reset_single_step: a stopped thread that was
+# single-stepped reads SS set until its next PTRACE_CONT clears it; not a register of the
+# program's)
+# the calls the vDSO hands to the kernel (a64inj.c): CPU-time clocks, an invalid clock
+CPUTIME = {2, 3}
+
+
+@pytest.fixture(scope="module")
+def run() -> Iterator[dict[str, Any]]:
+    with T.boot_aarch64("a64inj", INSIDE, "vdsotrace-vminject-") as (out, _):
+        assert "error" not in out, out["error"]
+        yield out
+
+
+def maps(text: str) -> list[tuple[int, int, str, str]]:
+    out = []
+    for line in text.splitlines():
+        f = line.split(None, 5)
+        lo, hi = (int(x, 16) for x in f[0].split("-"))
+        out.append((lo, hi, f[1], f[5] if len(f) > 5 else ""))
+    return out
+
+
+def one(ms: list[tuple[int, int, str, str]], name: str) -> tuple[int, int, str, str]:
+    hits = [m for m in ms if name in m[3]]
+    assert len(hits) == 1, (name, hits)
+    return hits[0]
+
+
+def same_state(pair: list[dict[str, Any]]) -> bool:
+    before, after = pair
+    for tid in before:
+        b, a = before[tid], after[tid]
+        if b["syscallno"] != a["syscallno"]:
+            return False
+        rb, ra = list(b["regs"]), list(a["regs"])
+        rb[-1] &= ~PSTATE_SS
+        ra[-1] &= ~PSTATE_SS
+        if rb != ra:
+            return False
+    return True
+
+
+def test_injected_mappings_are_named_and_placed_as_on_x86(run: dict[str, Any]) -> None:
+    ms = maps(run["maps_installed"])
+    vdso = one(ms, "[vdso]")
+    code = one(ms, "/memfd:vdsotrace-code")
+    ring = one(ms, "/memfd:vdsotrace-ring")
+    assert code[2] == "r-xs" and ring[2] == "rw-s"
+    assert code[0] == run["code_addr"] and ring[0] == run["ring_addr"]
+    assert code[1] - code[0] == 16384 and ring[1] - ring[0] == 4096 + 65536 * 128
+    # a single `b` reaches every stub from every entry
+    for s in run["stubs"]:
+        assert code[0] <= s["stub"] < code[1]
+        assert abs(s["stub"] - s["func_addr"]) < B_REACH
+        assert vdso[0] <= s["func_addr"] < vdso[1]
+    assert not any("/memfd:vdsotrace" in m[3] for m in maps(run["maps_before"]))
+
+
+def test_entries_are_b_to_their_stubs(run: dict[str, Any]) -> None:
+    for (at, word), s in zip(run["entries"], run["stubs"]):
+        w = int.from_bytes(bytes.fromhex(word), "little")
+        assert w & 0xFC000000 == 0x14000000                      # b imm26
+        off = w & 0x3FFFFFF
+        off = off - (1 << 26) if off >> 25 else off
+        assert at + 4 * off == s["stub"]
+    assert len(run["entries"]) == len(run["funcs"])
+
+
+def test_registers_and_pending_system_calls_kept(run: dict[str, Any]) -> None:
+    """Installing (remote system calls in the first thread) and leaving (its munmaps) put back
+    every register and regs->syscallno; leaving happens while both threads block in read(2),
+    which goes on afterwards (the program got its quit byte and exited 0)."""
+    assert same_state(run["state_install"])
+    assert same_state(run["state_uninstall"])
+    assert run["target"]["rc"] == 0, run["target"]["stderr"]
+
+
+def test_leaving_restores_the_vdso_and_unmaps_both(run: dict[str, Any]) -> None:
+    assert run["vdso_restored"] and run["detached"]
+    assert not run["code_page_kept"] and not run["ring_kept"]
+    assert not any("/memfd:vdsotrace" in m[3] for m in maps(run["maps_after"]))
+    assert run["lost"] == 0 and run["corrupt"] == 0
+
+
+def _program_calls(text: str) -> dict[int, list[dict[str, Any]]]:
+    by_tid: dict[int, list[dict[str, Any]]] = {}
+    for line in text.splitlines():
+        tid, fn, a0, a1, ret, o0, o1 = line.split()
+        if fn == "gettimeofday":
+            args = [int(a0, 16), int(a1, 16)]
+        else:
+            args = [int(a0), int(a1, 16)]
+        by_tid.setdefault(int(tid), []).append(
+            {"func": fn, "args": args, "ret": int(ret),
+             "outs": [None if o == "-" else o for o in (o0, o1)]})
+    return by_tid
+
+
+def test_every_call_recorded_exactly(run: dict[str, Any]) -> None:
+    prog = _program_calls(run["record"])
+    assert sorted(prog) == sorted(run["tids"])
+    got: dict[int, list[dict[str, Any]]] = {}
+    for r in run["records"]:
+        got.setdefault(r["tid"], []).append(r)
+    assert sorted(got) == sorted(prog)
+    for tid, calls in prog.items():
+        recs = got[tid]
+        assert len(recs) == len(calls), tid
+        for k, (c, r) in enumerate(zip(calls, recs)):
+            where = (tid, k, c, r)
+            assert r["func"] == c["func"], where
+            # (an int argument's register above bit 31 is not the program's)
+            args = [r["args"][0] & 0xFFFFFFFF, r["args"][1]] if c["func"] != "gettimeofday" \
+                else r["args"][:2]
+            assert args == c["args"], where
+            ret = r["ret"] - (1 << 64) if r["ret"] >> 63 else r["ret"]
+            assert ret == c["ret"], where
+            outs = [o for o in r["outs"]] + [None] * (2 - len(r["outs"]))
+            if c["func"] == "gettimeofday" and c["args"][1] == 0:
+                outs[1] = None
+            if c["func"] in ("clock_gettime", "clock_getres"):
+                outs = outs[:1] + [None]
+            assert outs == c["outs"], where
+            clk = c["args"][0]
+            if c["func"] == "clock_gettime":
+                want_fb = clk in CPUTIME or clk >= 100
+            elif c["func"] == "clock_getres":
+                want_fb = clk in CPUTIME
+            else:
+                want_fb = False
+            assert r["fallback"] is want_fb, where
+            assert r["dur"] >= 0 and r["t"] > 0
+        # entry times in order per thread
+        ts = [r["t"] for r in recs]
+        assert ts == sorted(ts)
+
+
+def test_callers_are_the_programs_code(run: dict[str, Any]) -> None:
+    ms = maps(run["maps_installed"])
+    text = [m for m in ms if m[2] == "r-xp" and re.search(r"(a64inj|libc\.so)", m[3])]
+    for r in run["records"]:
+        assert any(lo <= r["caller"] < hi for lo, hi, _, _ in text), hex(r["caller"])
