@@ -15,10 +15,20 @@
  * writes the lines to RECORD, prints "done" and waits for a quit byte on stdin before it joins
  * the threads (which wait on the pipe too: their read is in progress while the tracer
  * leaves) and exits 0.
+ *
+ *   --seccomp   install a seccomp filter that allows everything first (Seccomp: 2)
+ *   --seal      mseal(2) its [vdso] mapping first; the ready line's last field is mseal's result
+ *   --spin      after the go byte both threads call clock_gettime (vDSO symbol and libc, in
+ *               turn) until the quit byte (read by a third thread), checking every result;
+ *               RECORD gets "spin CALLS FAILED BACKWARDS", then exit 0. The tracer comes and
+ *               goes meanwhile.
  */
 #include "common.h"
 
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <pthread.h>
+#include <sys/prctl.h>
 #include <sys/time.h>
 #include <time.h>
 
@@ -135,11 +145,72 @@ static void rounds(struct buf *b, int t)
 }
 
 static struct buf bufs[2];
+static volatile int stop_spin;
+static long spin_calls[2], spin_failed[2], spin_back[2];
+
+static void spin(int t)
+{
+    struct timespec prev = {0, 0}, ts;
+    long n = 0;
+    while (!stop_spin) {
+        int r = (n & 1) ? clock_gettime(CLOCK_MONOTONIC, &ts) : v_gettime(CLOCK_MONOTONIC, &ts);
+        n++;
+        if (r != 0) {
+            spin_failed[t]++;
+            continue;
+        }
+        if (ts_before(&ts, &prev))
+            spin_back[t]++;
+        prev = ts;
+    }
+    spin_calls[t] = n;
+}
+
+static void *watcher(void *arg)
+{
+    char c;
+    (void)arg;
+    while (read(0, &c, 1) < 0 && errno == EINTR)
+        ;
+    stop_spin = 1;
+    return NULL;
+}
+
+static int spinning;
+
+static long seal_vdso(void)
+{
+    char line[512];
+    unsigned long lo, hi;
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof line, f)) {
+        if (strstr(line, "[vdso]") && sscanf(line, "%lx-%lx", &lo, &hi) == 2) {
+            fclose(f);
+            return syscall(462, lo, hi - lo, 0) == 0 ? 0 : errno;   /* __NR_mseal */
+        }
+    }
+    fclose(f);
+    return -1;
+}
+
+static void allow_all_filter(void)
+{
+    struct sock_filter insns[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+    struct sock_fprog prog = {1, insns};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog))
+        die("seccomp: %s", strerror(errno));
+}
 
 static void *worker(void *arg)
 {
     (void)arg;
     wait_pipe(go_pipe[0]);
+    if (spinning) {
+        spin(1);
+        return NULL;
+    }
     rounds(&bufs[1], 1);
     wait_pipe(quit_pipe[0]);
     return NULL;
@@ -147,9 +218,10 @@ static void *worker(void *arg)
 
 int main(int argc, char **argv)
 {
-    pthread_t th;
+    pthread_t th, wt;
     char c;
     FILE *rec;
+    long sealed = 0;
 
     if (argc < 2)
         die("usage: a64inj RECORD [--iters N]");
@@ -160,19 +232,36 @@ int main(int argc, char **argv)
     v_tod = (tod_fn)vdso_sym_required("__kernel_gettimeofday");
     if (pipe(go_pipe) || pipe(quit_pipe))
         die("pipe: %s", strerror(errno));
+    spinning = arg_flag(argc, argv, "--spin");
+    if (arg_flag(argc, argv, "--seccomp"))
+        allow_all_filter();
+    if (arg_flag(argc, argv, "--seal"))
+        sealed = seal_vdso();
     if (pthread_create(&th, NULL, worker, NULL))
         die("pthread_create");
     pthread_mutex_lock(&lock);
     while (waiting < 1)
         pthread_cond_wait(&cond, &lock);
     pthread_mutex_unlock(&lock);
-    printf("ready %d %d %d\n", (int)getpid(), (int)gettid_raw(), 0);
+    printf("ready %d %d %ld\n", (int)getpid(), (int)gettid_raw(), sealed);
     fflush(stdout);
     if (read(0, &c, 1) != 1)
         die("no go byte on stdin");
     if (write(go_pipe[1], "gg", 2) != 2)
         die("write");
     wait_pipe(go_pipe[0]);
+    if (spinning) {
+        if (pthread_create(&wt, NULL, watcher, NULL))
+            die("pthread_create");
+        spin(0);
+        pthread_join(th, NULL);
+        pthread_join(wt, NULL);
+        rec = record_open_append(argv[1]);
+        fprintf(rec, "spin %ld %ld %ld\n", spin_calls[0] + spin_calls[1],
+                spin_failed[0] + spin_failed[1], spin_back[0] + spin_back[1]);
+        fclose(rec);
+        return 0;
+    }
     rounds(&bufs[0], 0);
     pthread_mutex_lock(&lock);
     while (waiting < 3)

@@ -9,8 +9,12 @@ the code page, the ring, the entries patched), /proc/PID/maps and the registers 
 thread before and after; resume, go byte, drain the ring while both threads run their calls,
 until the program says "done" (its threads then block in read); stop every thread, uninstall,
 drain the rest; maps, vDSO bytes and registers after; detach; quit byte; the program's exit.
-Prints one JSON object of what it saw (the records, the program's own record); asserts
-nothing.
+Then, in the same boot: the refusals (the program under a seccomp filter, and with its vDSO
+sealed by mseal): the error and the process untouched; and leaving busy threads: the program
+with --spin calls clock_gettime in both threads without pause while the recorder is installed,
+drained for a moment and taken out CYCLES times (threads stopped wherever they are: in a stub,
+a copy, the ring window), the vDSO checked after each. Prints one JSON object of what it saw
+(the records, the program's own record); asserts nothing.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from inside_common import finish
 
 from tracer import procfs, target
 from tracer.arch import aarch64 as A
-from tracer.inject import Recorder
+from tracer.inject import InjectError, Recorder
 from tracer.inject import layout as L
 from tracer.vdso import SIGRETURN_TRAMPOLINES, parse_image
 
@@ -69,6 +73,132 @@ def record_dict(r: Any) -> dict[str, Any]:
             "outs": [o.hex() if o is not None else None for o in r.outs],
             "fallback": r.fallback, "t": r.t_entry_ns, "dur": r.duration_ns,
             "caller": r.caller}
+
+
+def refusal(tgt: str, outdir: Path, flag: str) -> dict[str, Any]:
+    """Install into the program started with `flag`: the InjectError, and what it left."""
+    p = subprocess.Popen([tgt, str(outdir / f"refuse{flag}.txt"), flag, "--iters", "3"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    ready = p.stdout.readline().decode().split()
+    pid = int(ready[1])
+    out: dict[str, Any] = {"ready": ready}
+    try:
+        tids, _ = target.attach_process(pid)
+        mem = target.Memory(pid)
+        lo, hi = vdso_range(pid)
+        before = mem.read(lo, hi - lo)
+        maps_before = Path(f"/proc/{pid}/maps").read_text()
+        image = parse_image(before)
+        funcs = [f for f in image.functions if f.symbol not in SIGRETURN_TRAMPOLINES]
+        rec = Recorder(pid, mem, A.AARCH64, image, lo, funcs)
+        try:
+            rec.install(tids[0])
+            out["installed"] = True
+            rec.uninstall(tids)
+        except InjectError as e:
+            out["refused"] = str(e)
+        out["untouched"] = (mem.read(lo, hi - lo) == before
+                            and Path(f"/proc/{pid}/maps").read_text() == maps_before)
+        mem.close()
+        for t in tids:
+            target.detach(t)
+    except Exception as e:
+        import traceback
+        out["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    out["target"] = finish(p, 60, b"gq")
+    return out
+
+
+MODES = ("drain", "drain", "wait", "silent", "lossy", "drain")
+
+
+def spin(tgt: str, outdir: Path, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+    """One attach/install/leave cycle per mode: "drain": drained as the engine does;
+    "wait": only heartbeats for 1.5 s (the ring fills, the stubs wait), then drained; "silent":
+    nothing for 1.5 s (the stubs stop waiting after 0.5 s and count); "lossy": a --lossy
+    recorder, not drained for 1.5 s."""
+    record = outdir / "spin.txt"
+    p = subprocess.Popen([tgt, str(record), "--spin"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stdin is not None
+    pid = int(p.stdout.readline().decode().split()[1])
+    out: dict[str, Any] = {"cycles": []}
+    p.stdin.write(b"g")
+    p.stdin.flush()
+    time.sleep(0.3)
+    try:
+        for mode in modes:
+            c: dict[str, Any] = {"mode": mode}
+            tids, _ = target.attach_process(pid)
+            mem = target.Memory(pid)
+            lo, hi = vdso_range(pid)
+            before = mem.read(lo, hi - lo)
+            image = parse_image(before)
+            funcs = [f for f in image.functions if f.symbol not in SIGRETURN_TRAMPOLINES]
+            rec = Recorder(pid, mem, A.AARCH64, image, lo, funcs, lossy=mode == "lossy")
+            rec.install(tids[0])
+            for t in tids:
+                target.cont(t)
+            n = 0
+            if mode != "drain":
+                t_end = time.monotonic() + 1.5
+                while time.monotonic() < t_end:
+                    if mode == "wait":
+                        rec.heartbeat()
+                    time.sleep(0.002)
+                c["head"] = int.from_bytes(os.pread(rec._ring_fd, 8, L.HEAD), "little")
+            t_end = time.monotonic() + 0.4
+            while time.monotonic() < t_end:
+                n += len(rec.drain(512))      # (a heartbeat per drain, as the engine's)
+                time.sleep(0.002)
+            stop_all(tids)
+            c["pcs"] = {}
+            regs = target.Regs()
+            code = (rec._code_addr, rec._code_addr + L.CODE_SIZE)
+            for t in tids:
+                target.getregs(t, regs)
+                where = ("code" if code[0] <= regs["pc"] < code[1] else
+                         "vdso" if lo <= regs["pc"] < hi else "other")
+                c["pcs"][str(t)] = where
+            code_range = (rec._code_addr, rec._code_addr + L.CODE_SIZE)
+            rec.uninstall(tids)
+            n += len(rec.drain())
+            c["records"] = n
+            c["code_addr"], c["ring_addr"] = code_range[0], rec._ring_addr
+            if rec.code_page_kept:
+                # what kept it: each thread's pc and the words above its sp into the page
+                c["why_kept"] = {}
+                for t in tids:
+                    target.getregs(t, regs)
+                    sp = regs["sp"]
+                    try:
+                        raw = mem.read(sp, 4096)
+                    except Exception:
+                        raw = b""
+                    hits = [(k, hex(int.from_bytes(raw[k:k + 8], "little")))
+                            for k in range(0, len(raw) - 7, 8)
+                            if code_range[0] <= int.from_bytes(raw[k:k + 8], "little")
+                            < code_range[1]]
+                    c["why_kept"][str(t)] = {"pc": hex(regs["pc"]), "sp": hex(sp),
+                                             "code": [hex(x) for x in code_range], "hits": hits}
+            c["lost"], c["corrupt"] = rec.lost(), rec.corrupt()
+            c["code_page_kept"], c["ring_kept"] = rec.code_page_kept, rec.ring_kept
+            c["notices"] = rec.leave_report()[1]
+            c["vdso_restored"] = mem.read(lo, hi - lo) == before
+            c["memfd_left"] = [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                               if "/memfd:vdsotrace" in line]
+            mem.close()
+            for t in tids:
+                target.detach(t)
+            out["cycles"].append(c)
+            time.sleep(0.1)
+    except Exception as e:
+        import traceback
+        out["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    out["target"] = finish(p, 60, b"q")
+    out["record"] = record.read_text() if record.exists() else None
+    return out
 
 
 def main() -> int:
@@ -148,6 +278,8 @@ def main() -> int:
     out["ring"] = {"nslots": L.NSLOTS}
     out["target"] = finish(p, 120, b"q")
     out["record"] = record.read_text() if record.exists() else None
+    out["refusals"] = {flag: refusal(tgt, outdir, flag) for flag in ("--seccomp", "--seal")}
+    out["spin"] = spin(tgt, outdir)
     print(json.dumps(out))
     return 0
 

@@ -168,3 +168,53 @@ def test_callers_are_the_programs_code(run: dict[str, Any]) -> None:
     text = [m for m in ms if m[2] == "r-xp" and re.search(r"(a64inj|libc\.so)", m[3])]
     for r in run["records"]:
         assert any(lo <= r["caller"] < hi for lo, hi, _, _ in text), hex(r["caller"])
+
+
+def test_refused_under_seccomp_and_with_a_sealed_vdso(run: dict[str, Any]) -> None:
+    """One line each, suggesting the stop-based engine; nothing of ours left; the program
+    runs on (a filter of its own, an mseal(2)ed vDSO)."""
+    sc = run["refusals"]["--seccomp"]
+    assert "error" not in sc, sc["error"]
+    assert "seccomp" in sc["refused"] and sc["refused"].endswith("run without --inject")
+    seal = run["refusals"]["--seal"]
+    assert "error" not in seal, seal["error"]
+    assert seal["ready"][3] == "0", "mseal of the vDSO failed in the program"
+    assert "sealed" in seal["refused"] and seal["refused"].endswith("run without --inject")
+    for r in (sc, seal):
+        assert "\n" not in r["refused"] and "installed" not in r
+        assert r["untouched"] and r["target"]["rc"] == 0, r["target"]["stderr"]
+
+
+def test_leaving_threads_stopped_anywhere_in_the_recorder(run: dict[str, Any]) -> None:
+    """Six attach/install/leave cycles on a program whose two threads call clock_gettime
+    without pause: each leaves with threads stopped in the stubs or copies (where they spend
+    their time), steps them out, restores the vDSO byte for byte and unmaps the pages (a code
+    page kept comes with its notice); the program never fails a call nor sees time go back,
+    and exits 0. Lossless while the tracer beats (the ring filled in "wait" and nothing was
+    lost); a silent tracer or --lossy counts what the full ring refused, with its notice."""
+    sp = run["spin"]
+    assert "error" not in sp, sp["error"]
+    cycles = sp["cycles"]
+    assert [c["mode"] for c in cycles] == ["drain", "drain", "wait", "silent", "lossy", "drain"]
+    assert any("code" in c["pcs"].values() for c in cycles)
+    for c in cycles:
+        assert c["vdso_restored"], c
+        assert c["corrupt"] == 0 and not c["ring_kept"], c
+        assert c["records"] > 0, c
+        mine = [m for m in c["memfd_left"] if int(m.split("-")[0], 16) in
+                (c["code_addr"], c["ring_addr"])]
+        if c["code_page_kept"]:
+            assert any("code page stays mapped" in n for n in c["notices"]), c
+            assert [m for m in mine if "vdsotrace-code" in m], c
+        else:
+            assert not mine, c
+    by = {c["mode"]: c for c in cycles}
+    assert by["wait"]["head"] == 65536 and by["wait"]["lost"] == 0
+    assert by["drain"]["lost"] == 0
+    for mode in ("silent", "lossy"):
+        assert by[mode]["head"] == 65536 and by[mode]["lost"] > 0
+        assert any(f"{by[mode]['lost']} calls were not recorded" in n for n in by[mode]["notices"])
+    assert sp["target"]["rc"] == 0, sp["target"]["stderr"]
+    spin, calls, failed, backwards = sp["record"].split()
+    assert spin == "spin" and int(calls) > sum(c["records"] for c in cycles)
+    assert failed == "0" and backwards == "0"

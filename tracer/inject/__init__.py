@@ -238,6 +238,9 @@ class Recorder(Leaving):
         why = _status_refusal(self.pid)
         if why:
             raise InjectError(why + _HINT)
+        if self.abi is AARCH64 and self._vdso_sealed():
+            raise InjectError(f"process {self.pid} sealed its vDSO (mseal): --inject would "
+                              f"patch a mapping the process declared immutable{_HINT}")
         try:
             plan: Plan | PlanA64 = (plan_image_a64(self.image, self.funcs)
                                     if self.abi is AARCH64 else
@@ -289,6 +292,21 @@ class Recorder(Leaving):
             raise InjectError(f"cannot inject into {self.pid}: {e}{left}{_HINT}") from e
         finally:
             stepper.resend_held()
+
+    def _vdso_sealed(self) -> bool:
+        """The vDSO mapping carries `sl` in /proc/PID/smaps' VmFlags (mseal(2), Linux 6.10;
+        system mappings sealed at exec with CONFIG_MSEAL_SYSTEM_MAPPINGS, 6.15)."""
+        try:
+            with open(f"/proc/{self.pid}/smaps") as f:
+                inside = False
+                for line in f:
+                    if "-" in line.split(" ", 1)[0] and not line.startswith("VmFlags"):
+                        inside = int(line.split("-", 1)[0], 16) == self.base
+                    elif inside and line.startswith("VmFlags:"):
+                        return "sl" in line.split()[1:]
+        except (OSError, ValueError):
+            return False
+        return False
 
     def _has_lse(self) -> bool:
         """arm64: the process's AT_HWCAP has `atomics` (FEAT_LSE: cas, stadd)."""
