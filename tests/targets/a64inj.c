@@ -21,14 +21,20 @@
  *   --spin      after the go byte both threads call clock_gettime (vDSO symbol and libc, in
  *               turn) until the quit byte (read by a third thread), checking every result;
  *               RECORD gets "spin CALLS FAILED BACKWARDS", then exit 0. The tracer comes and
- *               goes meanwhile.
+ *               goes meanwhile. Commands on stdin then: 's' sends SIGUSR1 to the second
+ *               thread, whose handler saves the pc it interrupted, prints "sig PC" (hex) and
+ *               blocks reading a pipe; 'r' releases it (it makes a few calls of its own and
+ *               returns through the vDSO's sigreturn to the pc it interrupted), "released";
+ *               'q' quits.
  */
 #include "common.h"
 
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/prctl.h>
+#include <ucontext.h>
 #include <sys/time.h>
 #include <time.h>
 
@@ -166,17 +172,66 @@ static void spin(int t)
     spin_calls[t] = n;
 }
 
+static int spinning;
+static pthread_t worker_th;
+static int hpipe[2];
+static volatile unsigned long sig_pc;
+static volatile int sig_in, sig_done;
+
+static void on_usr1(int sig, siginfo_t *si, void *ctx)
+{
+    ucontext_t *uc = ctx;
+    struct timespec ts;
+    char c;
+    int k;
+    (void)sig;
+    (void)si;
+    sig_pc = uc->uc_mcontext.pc;
+    sig_in = 1;
+    while (read(hpipe[0], &c, 1) < 0 && errno == EINTR)
+        ;
+    for (k = 0; k < 10; k++)
+        if (v_gettime(CLOCK_MONOTONIC, &ts) != 0)
+            spin_failed[1]++;
+    sig_in = 0;
+    sig_done++;
+}
+
+static void wait_for(volatile int *flag, int value)
+{
+    struct timespec d = {0, 1000000};
+    while (*flag != value)
+        nanosleep(&d, NULL);
+}
+
 static void *watcher(void *arg)
 {
     char c;
     (void)arg;
-    while (read(0, &c, 1) < 0 && errno == EINTR)
-        ;
+    for (;;) {
+        ssize_t r = read(0, &c, 1);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r != 1 || c == 'q')
+            break;
+        if (c == 's') {
+            pthread_kill(worker_th, SIGUSR1);
+            wait_for(&sig_in, 1);
+            printf("sig %lx\n", sig_pc);
+            fflush(stdout);
+        } else if (c == 'r') {
+            int done = sig_done;
+            if (write(hpipe[1], "r", 1) != 1)
+                die("write");
+            while (sig_done == done)
+                usleep(1000);
+            printf("released\n");
+            fflush(stdout);
+        }
+    }
     stop_spin = 1;
     return NULL;
 }
-
-static int spinning;
 
 static long seal_vdso(void)
 {
@@ -237,8 +292,20 @@ int main(int argc, char **argv)
         allow_all_filter();
     if (arg_flag(argc, argv, "--seal"))
         sealed = seal_vdso();
+    if (pipe(hpipe))
+        die("pipe: %s", strerror(errno));
+    {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_usr1;
+        sa.sa_flags = SA_SIGINFO | SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGUSR1, &sa, NULL))
+            die("sigaction");
+    }
     if (pthread_create(&th, NULL, worker, NULL))
         die("pthread_create");
+    worker_th = th;
     pthread_mutex_lock(&lock);
     while (waiting < 1)
         pthread_cond_wait(&cond, &lock);

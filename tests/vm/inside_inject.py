@@ -110,14 +110,18 @@ def refusal(tgt: str, outdir: Path, flag: str) -> dict[str, Any]:
     return out
 
 
-MODES = ("drain", "drain", "wait", "silent", "lossy", "drain")
+MODES = ("drain", "drain", "wait", "silent", "lossy", "drain", "signal", "signal", "signal",
+         "drain")
 
 
 def spin(tgt: str, outdir: Path, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     """One attach/install/leave cycle per mode: "drain": drained as the engine does;
     "wait": only heartbeats for 1.5 s (the ring fills, the stubs wait), then drained; "silent":
     nothing for 1.5 s (the stubs stop waiting after 0.5 s and count); "lossy": a --lossy
-    recorder, not drained for 1.5 s."""
+    recorder, not drained for 1.5 s; "signal": drained, then the second thread's SIGUSR1
+    handler blocks (the pc it interrupted: "sig_pc"), the recorder leaves while it is blocked
+    (in a stub, its code page must stay; in a ring-writing window, its ring too), detach,
+    release: the handler returns to that pc."""
     record = outdir / "spin.txt"
     p = subprocess.Popen([tgt, str(record), "--spin"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -141,7 +145,7 @@ def spin(tgt: str, outdir: Path, modes: tuple[str, ...] = MODES) -> dict[str, An
             for t in tids:
                 target.cont(t)
             n = 0
-            if mode != "drain":
+            if mode in ("wait", "silent", "lossy"):
                 t_end = time.monotonic() + 1.5
                 while time.monotonic() < t_end:
                     if mode == "wait":
@@ -152,6 +156,30 @@ def spin(tgt: str, outdir: Path, modes: tuple[str, ...] = MODES) -> dict[str, An
             while time.monotonic() < t_end:
                 n += len(rec.drain(512))      # (a heartbeat per drain, as the engine's)
                 time.sleep(0.002)
+            if mode == "signal":
+                p.stdin.write(b"s")
+                p.stdin.flush()
+                sel = selectors.DefaultSelector()
+                sel.register(p.stdout, selectors.EVENT_READ)
+                t_sig = time.monotonic()
+                c["before_sig"] = {"lost": rec.lost(), "silence": rec.longest_silence}
+                deadline = time.monotonic() + 60
+                while not sel.select(timeout=0.002):
+                    n += len(rec.drain(512))
+                    # the signal-delivery stop of the traced thread: deliver it
+                    tid, status = target.wait_nohang(-1)
+                    if tid and os.WIFSTOPPED(status) and target.stop_event(status) == 0:
+                        target.cont(tid, os.WSTOPSIG(status))
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("no handler line from the program")
+                line = p.stdout.readline().decode().split()
+                c["sig_pc"] = int(line[1], 16)
+                c["sig_wait_s"] = time.monotonic() - t_sig
+                assert rec._code is not None
+                c["windows"] = [list(st.window) for st in rec._code.stubs]
+                n += len(rec.drain(512))
+            c["before_stop"] = {"lost": rec.lost(), "silence": rec.longest_silence,
+                                "records": n}
             stop_all(tids)
             c["pcs"] = {}
             regs = target.Regs()
@@ -191,6 +219,10 @@ def spin(tgt: str, outdir: Path, modes: tuple[str, ...] = MODES) -> dict[str, An
             mem.close()
             for t in tids:
                 target.detach(t)
+            if mode == "signal":
+                p.stdin.write(b"r")
+                p.stdin.flush()
+                c["released"] = p.stdout.readline().decode().strip()
             out["cycles"].append(c)
             time.sleep(0.1)
     except Exception as e:

@@ -52,8 +52,16 @@ def host_fence() -> Callable[[], None] | None:
             return None
     except arch.UnsupportedArch:
         return None
-    buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    buf.write(bytes.fromhex("bf3b03d5c0035fd6"))            # dmb ish; ret
+    # written into a memfd before it is mapped executable: the kernel makes a page cache page
+    # coherent with the instruction cache when it maps it (arm64 __sync_icache_dcache); code
+    # stored through a data mapping could be fetched stale
+    fd = os.memfd_create("vdsotrace-fence", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, bytes.fromhex("bf3b03d5c0035fd6").ljust(mmap.PAGESIZE, b"\0"))  # dmb ish; ret
+        buf = mmap.mmap(fd, mmap.PAGESIZE, flags=mmap.MAP_SHARED,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    finally:
+        os.close(fd)
     fn = ctypes.CFUNCTYPE(None)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
     _FENCE_KEEP.append(buf)
     return fn

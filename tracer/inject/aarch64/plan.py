@@ -55,6 +55,17 @@ def _target(w: int, at: int) -> int:
     return t
 
 
+def _writes_sp(w: int) -> bool:
+    """add/sub (immediate) with sp as destination (mov sp, xN too), or a load/store that
+    writes back its sp base (pre/post-index: pair or single register)."""
+    if w & 0x3F000000 == 0x11000000 and w & 0x1F == 31:         # (not adds/subs: xzr)
+        return True
+    if w & 0x3A000000 == 0x28000000 and (w >> 23 & 3) in (1, 3) and w >> 5 & 0x1F == 31:
+        return True
+    return (w & 0x3B200000 == 0x38000000 and (w >> 10 & 3) in (1, 3)
+            and w >> 5 & 0x1F == 31)
+
+
 def _indirect(w: int) -> bool:
     """br, blr and their authenticated forms (ret, retaa, retab: opc 2, are returns)."""
     return w & 0xFE000000 == 0xD6000000 and w >> 21 & 0xF != 2
@@ -70,6 +81,10 @@ class FunctionPlanA64:
     fallbacks: tuple[int, ...]           # image_offsets of each svc #0
     veneers: tuple[int, ...]             # image_offsets of adr / literal loads out of the body
     far: tuple[int, ...]                 # image_offsets of b/bl/adrp that leave the body
+    # the body never moves sp nor calls anything (clock_gettime, gettimeofday, clock_getres):
+    # a thread in its copy has the stub's frame at sp and x30 pointing into the stub, and can
+    # be moved to the same offset of the original with the stub's frame popped (leaving)
+    frameless: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +154,10 @@ def plan_function(image: VdsoImage, func: VdsoFunction, targets: set[int]) -> Fu
     for t in targets:
         if patch <= t < patch + 4 and not (t == lo and patch == lo):
             raise PlanError(f"a branch targets {name}+{t - lo:#x}, the patched entry")
+    frameless = auth is None and not any(
+        _writes_sp(w) or w & 0xFC000000 == 0x94000000 for w in words)
     return FunctionPlanA64(func, tuple(words), patch, patch + 4, auth, tuple(falls),
-                           tuple(veneers), tuple(far))
+                           tuple(veneers), tuple(far), frameless)
 
 
 def _check_helpers(plans: list[FunctionPlanA64], image: VdsoImage) -> None:
