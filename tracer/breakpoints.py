@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracer.abi import Abi
+from tracer.arch import aarch64 as _aarch64
 from tracer.arch import i386 as _i386
 from tracer.arch import x86_64 as _x86_64
 from tracer.arch.base import StubLayout
@@ -335,7 +336,12 @@ class Patcher:
                    blob: bytearray, here: object, add: object,
                    gwt: int = 0) -> StubLayout | None:
         data, base, abi = self.image.data, self.base, self.abi
-        # The instructions the 5-byte jmp covers; no branch may land inside them.
+        if abi is _aarch64.AARCH64 and not sites(self.image, f).rets:
+            # a function that never returns (arm64's __kernel_rt_sigreturn reads the signal
+            # frame at sp): a stub's block below sp would break it; brk at its entry instead
+            return None
+        # The instructions the jump covers (x86: >= 5 bytes; arm64: its one `b`); no branch
+        # may land inside them.
         covered = 0
         lengths = []
         while covered < abi.jump_len:
@@ -364,7 +370,8 @@ class Patcher:
                 m = self._marker(EXIT, idx, 0)
                 _x86_64.fill_stub_marker(stub, exit_off, m)
             self.markers[-1].addr = stub_addr + exit_off
-        stub[call_off:call_off + 5] = abi.call(stub_addr + call_off, body_addr)
+        call = abi.call(stub_addr + call_off, body_addr)
+        stub[call_off:call_off + len(call)] = call
         body = bytearray()
         pos = 0
         for i, n in enumerate(lengths):
@@ -384,7 +391,7 @@ class Patcher:
         exit_addr = stub_addr + exit_off
         if not marker:
             self.bps[exit_addr] = Bp(exit_addr, EXIT, idx, 0, abi.trap[0])
-        self.stub_returns.add(stub_addr + call_off + 5)
+        self.stub_returns.add(stub_addr + call_off + len(call))
         new = abi.jump(entry, stub_addr) + abi.fill(covered - abi.jump_len)
         self.patches.append((entry, new, data[f.image_offset:f.image_offset + covered]))
         self.detour_ranges.append((entry, entry + covered))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import signal
 import time
 from typing import Any
@@ -31,9 +32,17 @@ class TscClock:
             code = b""
         if code:
             try:
-                buf = mmap.mmap(-1, mmap.PAGESIZE,
-                                prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-                buf.write(code)
+                # Written into a memfd before it is mapped: the page cache write path leaves the
+                # page to be made coherent with the instruction cache when it is first mapped
+                # executable (arm64: flush_dcache_folio, then __sync_icache_dcache at
+                # set_pte_at); code stored through a mapping could be fetched stale there.
+                fd = os.memfd_create("vdsotrace-counter", os.MFD_CLOEXEC)
+                try:
+                    os.write(fd, code.ljust(mmap.PAGESIZE, b"\0"))
+                    buf = mmap.mmap(fd, mmap.PAGESIZE, flags=mmap.MAP_SHARED,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+                finally:
+                    os.close(fd)
                 addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
                 self._fn = ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)
                 self._buf = buf

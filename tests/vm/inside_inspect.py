@@ -3,7 +3,7 @@
     python3 inside_inspect.py TARGET OUTDIR
 
 Starts TARGET (tests/targets/a64smoke.c built for aarch64); while it waits for its go byte,
-runs `vdsotrace auxv|vdso|dump|disas -p PID` on it (and `trace`, `record`, `console`, which
+runs `vdsotrace auxv|vdso|dump|disas -p PID` on it (and `trace`/`record --inject`, which
 refuse it) and saves the oracles beside their output
 in OUTDIR: /proc/PID/auxv, the [vdso] mapping read from /proc/PID/mem, /proc/PID/maps and
 /proc/cpuinfo (the kernel's own names of the AT_HWCAP/AT_HWCAP2 bits). Then lets the target
@@ -57,15 +57,16 @@ def main() -> int:
                                "__kernel_rt_sigreturn", "getrandom")},
         "disas_att": run([vt, "disas", "-p", str(pid), "clock_gettime", "--syntax", "att"]),
         "disas_unknown": run([vt, "disas", "-p", str(pid), "time"]),
-        # the engine is x86-only so far: trace, record and console refuse an arm64 process
-        # (or command) in one line, before touching it
-        "trace": run([vt, "trace", "-p", str(pid), "--duration", "2"]),
-        "trace_out": run([vt, "trace", "-p", str(pid), "--duration", "2", "-o",
+        # the in-tracee recorder is x86-only so far: trace and record with --inject refuse
+        # an arm64 process (or command) in one line, before touching it (the stop-based
+        # engine traces it: tests/vm/test_trace_aarch64.py)
+        "trace": run([vt, "trace", "--inject", "-p", str(pid), "--duration", "2"]),
+        "trace_out": run([vt, "trace", "--inject", "-p", str(pid), "--duration", "2", "-o",
                           str(outdir / "trace-out.txt")]),
-        "record": run([vt, "record", "-p", str(pid), "--duration", "2", "-o",
+        "record": run([vt, "record", "--inject", "-p", str(pid), "--duration", "2", "-o",
                        str(outdir / "trace.rec")]),
-        "console": run([vt, "console", "-p", str(pid)]),
-        "trace_cmd": run([vt, "trace", "--", "sh", "-c", f"echo ran > {outdir / 'spawned'}"]),
+        "trace_cmd": run([vt, "trace", "--inject", "--", "sh", "-c",
+                          f"echo ran > {outdir / 'spawned'}"]),
     }
     out["left_behind"] = sorted(n for n in ("trace-out.txt", "trace.rec", "spawned")
                                 if (outdir / n).exists())

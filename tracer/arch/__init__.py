@@ -15,7 +15,7 @@ from tracer.arch.x86_64 import X86_64
 
 __all__ = ["Arch", "X86_64", "I386", "ARCHES", "EM_386", "EM_X86_64", "EM_AARCH64", "by_name",
            "for_elf", "for_header", "for_thread", "for_audit", "elf_ident", "native", "register", "UnsupportedArch",
-           "TRACED", "check_traceable"]
+           "TRACED", "INJECTED", "check_traceable"]
 
 # include/uapi/linux/elf-em.h
 EM_386 = 3
@@ -30,7 +30,9 @@ _MACHINE_NAMES = {EM_386: "i386", EM_X86_64: "x86_64", EM_AARCH64: "aarch64"}
 # The arches the tracing engine is written for (its stubs, remote system calls, marker filter
 # and stop handling); a process of any other known arch is inspected only (auxv, vdso, dump,
 # disas).
-TRACED = frozenset({"x86_64", "i386"})
+TRACED = frozenset({"x86_64", "i386", "aarch64"})
+# The arches the in-tracee recorder (--inject, tracer/inject/) is written for.
+INJECTED = frozenset({"x86_64", "i386"})
 _LABELS = {"aarch64": "arm64"}
 
 
@@ -60,8 +62,13 @@ def _load(mod: str, attr: str, what: str) -> Arch:
     return arch
 
 
-def check_traceable(arch: Arch) -> None:
-    """UnsupportedArch unless the tracing engine runs on `arch`'s processes."""
+def check_traceable(arch: Arch, inject: bool = False) -> None:
+    """UnsupportedArch unless the tracing engine (with `inject`, the in-tracee recorder) runs
+    on `arch`'s processes."""
+    if inject and arch.name in TRACED and arch.name not in INJECTED:
+        raise UnsupportedArch(f"--inject is not supported for {_LABELS.get(arch.name, arch.name)} "
+                              "processes yet (its in-tracee recorder is being built): trace "
+                              "them without --inject")
     if arch.name not in TRACED:
         raise UnsupportedArch(f"tracing {_LABELS.get(arch.name, arch.name)} processes is not "
                               "supported yet: vdsotrace traces x86_64 and i386 processes; "

@@ -22,6 +22,7 @@ Signal frames (arch/arm64/kernel/signal.c, arch/arm64/include/uapi/asm/{ucontext
 """
 from __future__ import annotations
 
+import struct
 from enum import IntFlag
 
 from tracer import target
@@ -33,7 +34,8 @@ __all__ = [
     "NT_PRSTATUS", "NT_ARM_SYSTEM_CALL", "NT_ARM_PAC_MASK", "BRK_0", "SVC_0", "NOP",
     "INSN_SIZE", "PACIASP", "AUTIASP", "BTI_C", "B_RANGE", "NR_RT_SIGRETURN",
     "RT_SIGRETURN_CODE", "VDSO_VERSION", "VDSO_FUNCTIONS", "UC_MCONTEXT", "SIGCONTEXT_PC",
-    "SIGCONTEXT_SP", "PAC_MASK_CHECKED", "encode_b", "decode_b", "strip_pac",
+    "SIGCONTEXT_SP", "PAC_MASK_CHECKED", "encode_b", "decode_b", "strip_pac", "stub_aarch64",
+    "HOST_CNTVCT", "STUB_FRAME",
 ]
 
 EM_AARCH64 = 183                     # include/uapi/linux/elf-em.h
@@ -133,6 +135,55 @@ def strip_pac(addr: int, insn_mask: int) -> int:
     return addr & ~insn_mask & 0xFFFFFFFFFFFFFFFF
 
 
+def _insns(*words: int) -> bytes:
+    return b"".join(w.to_bytes(4, "little") for w in words)
+
+
+# Instructions of the stub and the host counter read (llvm-mc -triple=aarch64 -show-encoding)
+_ISB = 0xD5033FDF
+_MRS_X16_CNTVCT = 0xD53BE050         # mrs x16, cntvct_el0
+_MOV_X16_XZR = 0xAA1F03F0            # mov x16, xzr
+_NOP_W = 0xD503201F
+# The counter read: `isb` first, as the vDSO's own reads do (arch/arm64/include/asm/
+# arch_timer.h __arch_counter_get_cntvct: the read is not speculated ahead of older code)
+_COUNTER = {True: (_ISB, _MRS_X16_CNTVCT), False: (_NOP_W, _MOV_X16_XZR)}
+# A host function returning the counter: isb; mrs x0, cntvct_el0; ret
+HOST_CNTVCT = _insns(_ISB, 0xD53BE040, 0xD65F03C0)
+STUB_FRAME = 96
+
+
+def stub_aarch64(tsc: bool = True) -> tuple[bytes, StubLayout, int, int]:
+    """The call-through stub (AAPCS64: arguments in x0-x7, result in x0, the return address
+    in x30, unsigned at the entry; x16/x17 (IP0/IP1) are free at a call's entry, x1-x17 after
+    it; no red zone below sp, which stays 16-byte aligned). Entered by the `b` that replaced
+    the function's first instruction, it saves the arguments, x30 and a counter reading in a
+    96-byte block below sp, calls the body copy with `bl` (direct: BTI allows it; a body that
+    signs x30 with paciasp authenticates it with the same sp before its `ret`), saves x0 and
+    a second reading, stops at `brk #0` (pc AT the brk: the tracer moves it past), then
+    returns to the caller through the saved x30."""
+    c = [0xD10183FF,                     # sub sp, sp, #96
+         0xA90187E0,                     # stp x0, x1, [sp, #24]
+         0xA9028FE2,                     # stp x2, x3, [sp, #40]
+         0xA90397E4,                     # stp x4, x5, [sp, #56]
+         0xA9049FE6,                     # stp x6, x7, [sp, #72]
+         0xF9002FFE,                     # str x30, [sp, #88]
+         *_COUNTER[tsc],                 # isb; mrs x16, cntvct_el0
+         0xF9000BF0]                     # str x16, [sp, #16]       (t0)
+    call_off = 4 * len(c)
+    c += [0x94000000,                    # bl body (filled in by breakpoints.py)
+          0xF90007E0,                    # str x0, [sp, #8]         (the result)
+          *_COUNTER[tsc],
+          0xF90003F0]                    # str x16, [sp]            (t1)
+    exit_off = 4 * len(c)
+    c += [0xD4200000,                    # brk #0: the one stop
+          0xF9402FFE,                    # ldr x30, [sp, #88]
+          0x910183FF,                    # add sp, sp, #96
+          0xD65F03C0]                    # ret
+    # at the brk, from sp: t1, result, t0, x0-x7, the return address; sp at entry = sp + 96
+    layout = StubLayout(struct.Struct("<QqQ8QQ"), STUB_FRAME, 0, 1, 2, 11, tuple(range(3, 11)))
+    return _insns(*c), layout, exit_off, call_off
+
+
 def _getregs(tid: int, regs: target.Regs) -> None:
     target.getregset(tid, NT_PRSTATUS, regs.buf)
 
@@ -166,7 +217,19 @@ class Aarch64Arch(Arch):
         return encode_b(src, dst, link=True)
 
     def stub(self, nargs: int, marker: bool, tsc: bool) -> tuple[bytes, StubLayout, int, int]:
-        raise NotImplementedError("the call-through stub is not written for arm64 yet")
+        if marker:
+            raise ValueError("arm64 stubs stop on brk only (no seccomp marker stops)")
+        return stub_aarch64(tsc)
+
+    def counter_may_fault(self) -> bool:
+        # Linux lets EL0 read CNTVCT_EL0 in every process (arch_timer: CNTKCTL_EL1.EL0VCTEN;
+        # where an erratum makes the kernel trap it, it emulates the read): no per-thread
+        # switch like x86's PR_SET_TSC
+        return False
+
+    def marker_stops(self) -> str | None:
+        return ("it stops on brk breakpoints: vdsotrace has no seccomp marker stops for arm64 "
+                "yet; a guardian process undoes the breakpoints if vdsotrace is killed")
 
     def saved_context(self, read: ReadMem, at: int) -> bool:
         # struct sigcontext: ... sp, pc, pstate. A saved user pstate has M[3:0] = 0 (EL0t),
@@ -219,9 +282,7 @@ AARCH64 = Aarch64Arch(
     dwarf=DwarfRegs((*(f"x{i}" for i in range(31)), "sp"), nregs=32, sp=31, fp=29, ra=30),
     trap=BRK_0, trap_pc_adjust=0, nop=NOP, syscall_insn=SVC_0,
     jump_len=INSN_SIZE, jump_reach=B_RANGE,
-    # the tracer's own counter read (tsc.py): isb; mrs x0, cntvct_el0; ret (the vDSO reads
-    # the same counter the same way; its rate is cntfrq_el0)
-    cycle_counter=b"", host_counter_fn=bytes.fromhex("df3f03d540e03bd5c0035fd6"),
+    cycle_counter=b"", host_counter_fn=HOST_CNTVCT,
     gettid_nr=NR_GETTID, tgkill_nr=NR_TGKILL, nanosleep_nr=NR_NANOSLEEP,
     vdso_prefixes=("__kernel_",),
 )

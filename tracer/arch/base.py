@@ -259,6 +259,16 @@ class Arch:
         offset of the stop, offset of the call to the relocated body)."""
         raise NotImplementedError
 
+    def counter_may_fault(self) -> bool:
+        """Can a thread be made to fault on `cycle_counter` (x86: prctl PR_SET_TSC), so that
+        tsc.tsc_usable must probe each thread before stubs read it?"""
+        return True
+
+    def marker_stops(self) -> str | None:
+        """None when seccomp.py's marker stops are written for this arch; else why not (the
+        stop-based engine then stops on `trap`, and says so in a notice)."""
+        return None
+
     # ---- signal frames
     def saved_context(self, read: ReadMem, at: int) -> bool:
         """Is the word at `at` the ip of a saved signal context (told by the words around it)?"""

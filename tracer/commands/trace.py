@@ -92,7 +92,7 @@ def run_trace(a: TraceArgs, open_sink: Callable[[TraceArgs], BoundSink] | None =
         raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
                          "drop -f, or trace without --inject")
     pids: list[int] = list(dict.fromkeys(a.pids))
-    refuse_untraceable(pids)            # before an output file is made or a process touched
+    refuse_untraceable(pids, a.inject)  # before an output file is made or a process touched
     out: TraceSink
     bound: BoundSink | None = None
     if open_sink is None:

@@ -52,8 +52,9 @@ class Capture(EngineCore):
                 pend[-1].fallback = True
             buf[arch.PC] = bp.slot
             arch.regs_set(tid, regs)
-            self._resume(th)
+            # read before the thread runs on: it may finish its call before we run again
             th.stopped_ticks += self.tsc.read() - t_in
+            self._resume(th)
 
     def _marker(self, th: _Thread) -> None:
         """A seccomp stop: one of our marker system calls (breakpoints.py), or a
@@ -85,8 +86,8 @@ class Capture(EngineCore):
             pend = th.pending
             if pend and pend[-1].func == bp.func:
                 pend[-1].fallback = True
-            self._resume(th)
             th.stopped_ticks += self.tsc.read() - t_in
+            self._resume(th)
         elif kind == ENTRY:
             self._entry_hit(th, space, bp.func, buf, sp)
         else:
@@ -98,6 +99,11 @@ class Capture(EngineCore):
         in one block of stack at `sp`; the thread just continues into the stub's epilogue."""
         if sp is None:
             sp = buf[space.abi.SP]
+            arch = space.abi
+            if not arch.trap_pc_adjust:
+                # pc is AT the trap (arm64's brk): on past it, into the stub's epilogue
+                buf[arch.PC] += len(arch.trap)
+                arch.regs_set(th.tid, th.regs)
         layout = space.patcher.layouts[fidx]
         assert layout is not None
         mem = space.mem

@@ -151,6 +151,10 @@ class Detach(EngineCore):
         if not patcher.planted:
             return True
         patcher.restore_code(stubs.mem)
+        if not stubs.abi.trap_pc_adjust:
+            # a trap that leaves pc AT itself (arm64's brk) would hold a single-step there for
+            # ever: the stubs' stops become nops before threads are stepped out of them
+            patcher.disarm(stubs.mem)
         self._unguard(stubs.pid)
         # a vfork child shares the address space, and so the patcher
         mine = [th for th in threads

@@ -23,15 +23,16 @@ from tracer.vdso import GATEWAY_SYMBOL, parse_image, VdsoFunction, VdsoImage
 from tracer.engine.core import EngineCore
 
 
-def refuse_untraceable(pids: list[int]) -> None:
-    """UnsupportedArch (one line saying what to do) when the engine is not written for the
-    arch of processes `pids` or, with none (a command to start), of a child of ours, which
-    runs the tracer's own arch (or its compat one)."""
+def refuse_untraceable(pids: list[int], inject: bool = False) -> None:
+    """UnsupportedArch (one line saying what to do) when the engine (with `inject`, the
+    in-tracee recorder) is not written for the arch of processes `pids` or, with none (a
+    command to start), of a child of ours, which runs the tracer's own arch (or its compat
+    one)."""
     if not pids:
-        _arch.check_traceable(_arch.native())
+        _arch.check_traceable(_arch.native(), inject)
     for pid in pids:
         if procfs.exe_elf_class(pid) is not None:     # else attaching says what is wrong
-            _arch.check_traceable(target.abi_of(pid))
+            _arch.check_traceable(target.abi_of(pid), inject)
 
 
 class Processes(EngineCore):
@@ -52,7 +53,7 @@ class Processes(EngineCore):
                              "process once to -p")
         if tgid > 0:
             pid = tgid          # a thread's id stands for its process (strace -p does so)
-        refuse_untraceable([pid])       # before the process is touched
+        refuse_untraceable([pid], self.options.inject)      # before the process is touched
         # Parse the objects it maps now, while it runs: naming a call (or unwinding it) must
         # never wait for a parse while the tracee waits for us (node: over a second).
         symload.warm(pid, cfi=bool(self.options.stack_depth))
@@ -121,7 +122,7 @@ class Processes(EngineCore):
             pass
 
     def spawn(self, argv: list[str]) -> None:
-        refuse_untraceable([])          # before the child exists
+        refuse_untraceable([], self.options.inject)         # before the child exists
         t0 = time.monotonic()
         pid = target.spawn(argv, self._options())
         self.root_pid = pid
@@ -223,6 +224,8 @@ class Processes(EngineCore):
         `funcs`. When either step fails, the old instrument is put back as far as it can be
         and the error raised."""
         old = space.instrument
+        if inject:
+            _arch.check_traceable(space.abi, inject=True)      # before anything is taken out
         if not self._uninstall(space, threads):
             old.reinstate()
             raise TracerError("a thread is inside a traced call right now: try again")
@@ -262,6 +265,7 @@ class Processes(EngineCore):
         another set) keep their stop mechanism."""
         cls = self._instrument_class(inject)
         if cls is not StopStubs:
+            _arch.check_traceable(abi, inject=True)
             from tracer.inject import Recorder
             # the in-tracee recorder patches the entries itself; the patcher only names the
             # functions (nothing of it is planted). i386's gateway is not recorded in the
@@ -282,10 +286,15 @@ class Processes(EngineCore):
         notes: list[str] = []
         scratch = base + ((image.image_size + 15) & ~15)
         modes = _seccomp.seccomp_modes(pid, tids)
-        use_tsc = 1 not in modes and tsc_usable(tids, mem, scratch, arch=abi)
+        use_tsc = not abi.counter_may_fault() or (
+            1 not in modes and tsc_usable(tids, mem, scratch, arch=abi))
         if not use_tsc:
             notes.append(f"process {pid} has the time-stamp counter disabled (prctl PR_SET_TSC "
                          "or seccomp strict mode): call durations read 0")
+        unsupported = abi.marker_stops()
+        if unsupported is not None:
+            notes.append(f"process {pid} would not survive a SIGKILL of vdsotrace ({unsupported})")
+            return False, use_tsc, notes
         why = _seccomp.ensure(pid, tids, mem, abi, scratch, _seccomp.syscall_site(image, base),
                               _seccomp.MARKER_SPAN)
         if why is not None:

@@ -56,8 +56,10 @@ class Symbols:
                sp: int | None = None) -> tuple[int, ...]:
         """Return addresses at a function's entry (sp points at the first one), CFI-unwound.
         Callee-saved registers hold their entry values at entry and again after the return."""
-        buf = th.regs.buf
         arch = space.abi
+        if arch.name not in ARCHES:
+            return ()                   # tracer/unwind.py has no rules for this arch yet
+        buf = th.regs.buf
         index = arch.regs.index
         regs: dict[int | str, int] = {i: buf[index[n]] for i, n in enumerate(arch.dwarf_regs)}
         regs["pc"] = buf[arch.PC] if pc is None else pc
@@ -124,8 +126,9 @@ class Symbols:
             rule = None
             found = mm.frame_rule(ret - 1)
             row = found[1] if found is not None else None
-            arch = ARCHES[space.abi.name]
-            if row is not None and row.offsets is not None and row.cfa_reg == arch.sp:
+            arch = ARCHES.get(space.abi.name)      # None: no unwinder for it (yet)
+            if (arch is not None and row is not None and row.offsets is not None
+                    and row.cfa_reg == arch.sp):
                 ra = [off for reg, off in row.offsets if reg == arch.ra]
                 if ra:
                     rule = (row.cfa_offset, ra[0])
