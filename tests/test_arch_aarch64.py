@@ -97,16 +97,12 @@ def test_dwarf_and_syscalls():
     assert a.vdso_prefixes == ("__kernel_",)
 
 
-def test_arm64_is_traced_but_inject_is_refused_with_what_to_do() -> None:
-    """The stop-based engine traces arm64 processes; --inject (the in-tracee recorder) is not
-    written for arm64 yet: refused in one line saying to trace without it."""
+def test_arm64_is_traced_with_and_without_inject() -> None:
+    """The stop-based engine and the in-tracee recorder (tracer/inject/aarch64/) both take
+    arm64 processes."""
     a64 = arch.by_name("aarch64")
     arch.check_traceable(a64)
-    with pytest.raises(arch.UnsupportedArch) as e:
-        arch.check_traceable(a64, inject=True)
-    msg = str(e.value)
-    assert msg.startswith("--inject is not supported for arm64 processes yet") and "\n" not in msg
-    assert "without --inject" in msg
+    arch.check_traceable(a64, inject=True)
     for a in (arch.X86_64, arch.I386):
         arch.check_traceable(a)
         arch.check_traceable(a, inject=True)
