@@ -233,6 +233,18 @@ def spin(tgt: str, outdir: Path, modes: tuple[str, ...] = MODES) -> dict[str, An
     return out
 
 
+def cntfrq() -> int:
+    """cntfrq_el0, read by `mrs x0, cntfrq_el0; ret` mapped executable (through a memfd)."""
+    import mmap
+    fd = os.memfd_create("cntfrq", os.MFD_CLOEXEC)
+    os.write(fd, bytes.fromhex("00e03bd5c0035fd6").ljust(mmap.PAGESIZE, b"\0"))
+    buf = mmap.mmap(fd, mmap.PAGESIZE, flags=mmap.MAP_SHARED,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    os.close(fd)
+    fn = ctypes.CFUNCTYPE(ctypes.c_uint64)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+    return int(fn())
+
+
 def main() -> int:
     tgt, outdir = sys.argv[1], Path(sys.argv[2])
     iters = sys.argv[3] if len(sys.argv) > 3 else "300"
@@ -310,6 +322,9 @@ def main() -> int:
     out["ring"] = {"nslots": L.NSLOTS}
     out["target"] = finish(p, 120, b"q")
     out["record"] = record.read_text() if record.exists() else None
+    from tracer.tsc import TscClock
+    out["cntfrq"] = cntfrq()
+    out["ns_per_tick"] = TscClock.anchored().rate
     out["refusals"] = {flag: refusal(tgt, outdir, flag) for flag in ("--seccomp", "--seal")}
     out["spin"] = spin(tgt, outdir)
     print(json.dumps(out))

@@ -219,8 +219,14 @@ def test_leaving_threads_stopped_anywhere_in_the_recorder(run: dict[str, Any]) -
         else:
             assert not mine, c
     by = {c["mode"]: c for c in cycles}
-    assert by["wait"]["head"] == 65536 and by["wait"]["lost"] == 0
-    assert by["drain"]["lost"] == 0
+    assert by["wait"]["head"] == 65536
+    for c in cycles:
+        if c["mode"] in ("drain", "wait", "signal") and c["lost"]:
+            # lossless unless the tracer itself could not run for longer than the stubs
+            # wait (the emulated machine shares a loaded host): then the notice says so
+            silent = [float(re.search(r"silent for up to ([0-9.]+) s", n).group(1))
+                      for n in c["notices"] if "silent for up to" in n]
+            assert silent and silent[0] >= 0.5, c
     for mode in ("silent", "lossy"):
         assert by[mode]["head"] == 65536 and by[mode]["lost"] > 0
         assert any(f"{by[mode]['lost']} calls were not recorded" in n for n in by[mode]["notices"])
@@ -237,3 +243,11 @@ def test_leaving_threads_stopped_anywhere_in_the_recorder(run: dict[str, Any]) -
     spin, calls, failed, backwards = sp["record"].split()
     assert spin == "spin" and int(calls) > sum(c["records"] for c in cycles)
     assert failed == "0" and backwards == "0"
+
+
+def test_counter_frequency(run: dict[str, Any]) -> None:
+    """The stubs' cntvct_el0 ticks at cntfrq_el0 (62.5 MHz in the machine: 16 ns); the
+    tracer's conversion, calibrated against CLOCK_MONOTONIC, agrees with it."""
+    f = run["cntfrq"]
+    assert f > 0
+    assert abs(run["ns_per_tick"] * f / 1e9 - 1) < 0.02, (run["ns_per_tick"], f)
