@@ -9,7 +9,9 @@
  *   clock_gettime(MONOTONIC) [vdso], clock_gettime(REALTIME) [libc],
  *   clock_gettime(PROCESS_CPUTIME_ID) [vdso], clock_gettime(100 + thread) [vdso: EINVAL],
  *   gettimeofday(&tv, round odd ? &tz : NULL) [vdso], gettimeofday(&tv, NULL) [libc],
- *   clock_getres(round odd ? PROCESS_CPUTIME_ID : MONOTONIC) [vdso].
+ *   clock_getres(round odd ? PROCESS_CPUTIME_ID : MONOTONIC) [vdso],
+ *   getrandom(buf, 16, 0, NULL, 0) [vdso, where it has one: no opaque state, so its
+ *   getrandom system call fallback; the function starts with paciasp].
  * Each call appends a line to the thread's buffer: "tid fn a0 a1 ret out0hex out1hex" (outs:
  * the bytes the call wrote when it returned 0, else "-"); when both threads are done, main
  * writes the lines to RECORD, prints "done" and waits for a quit byte on stdin before it joins
@@ -41,6 +43,8 @@
 typedef int (*gettime_fn)(long, struct timespec *);
 typedef int (*tod_fn)(struct timeval *, struct timezone *);
 
+typedef long (*getrandom_fn)(void *, unsigned long, unsigned int, void *, unsigned long);
+static getrandom_fn v_getrandom;
 static gettime_fn v_gettime, v_getres;
 static tod_fn v_tod;
 static long iters;
@@ -147,6 +151,12 @@ static void rounds(struct buf *b, int t)
         r = v_getres(clk, &ts);
         hex(o0, &ts, sizeof ts, r == 0);
         add(b, "%d clock_getres %ld %lx %d %s -\n", tid, clk, (unsigned long)&ts, r, o0);
+
+        if (v_getrandom) {
+            unsigned char rnd[16];
+            long n = v_getrandom(rnd, sizeof rnd, 0, NULL, 0);
+            add(b, "%d getrandom %lx %zu %ld - -\n", tid, (unsigned long)rnd, sizeof rnd, n);
+        }
     }
 }
 
@@ -285,6 +295,7 @@ int main(int argc, char **argv)
     v_gettime = (gettime_fn)vdso_sym_required("__kernel_clock_gettime");
     v_getres = (gettime_fn)vdso_sym_required("__kernel_clock_getres");
     v_tod = (tod_fn)vdso_sym_required("__kernel_gettimeofday");
+    v_getrandom = (getrandom_fn)vdso_sym("__kernel_getrandom");
     if (pipe(go_pipe) || pipe(quit_pipe))
         die("pipe: %s", strerror(errno));
     spinning = arg_flag(argc, argv, "--spin");

@@ -245,10 +245,10 @@ def cntfrq() -> int:
     return int(fn())
 
 
-def main() -> int:
-    tgt, outdir = sys.argv[1], Path(sys.argv[2])
-    iters = sys.argv[3] if len(sys.argv) > 3 else "300"
-    record = outdir / "inject-record.txt"
+def exact(tgt: str, outdir: Path, iters: str, llsc: bool) -> dict[str, Any]:
+    """The 2-thread program traced by the recorder from its go byte to its "done" (`llsc`:
+    the stubs built for a CPU without LSE atomics: ldxr/stxr)."""
+    record = outdir / f"inject-record{'-llsc' if llsc else ''}.txt"
     p = subprocess.Popen([tgt, str(record), "--iters", iters], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout is not None and p.stdin is not None
@@ -269,6 +269,8 @@ def main() -> int:
         Recorder.prepare(image, lo, hi - lo, funcs)
         state_before = thread_state(tids)
         rec = Recorder(pid, mem, A.AARCH64, image, lo, funcs)
+        if llsc:
+            rec._has_lse = lambda: False        # type: ignore[method-assign]
         rec.install(tids[0])
         state_after = thread_state(tids)
         out["regs_kept_at_install"] = state_before == state_after
@@ -322,6 +324,14 @@ def main() -> int:
     out["ring"] = {"nslots": L.NSLOTS}
     out["target"] = finish(p, 120, b"q")
     out["record"] = record.read_text() if record.exists() else None
+    return out
+
+
+def main() -> int:
+    tgt, outdir = sys.argv[1], Path(sys.argv[2])
+    iters = sys.argv[3] if len(sys.argv) > 3 else "300"
+    out = exact(tgt, outdir, iters, False)
+    out["llsc"] = exact(tgt, outdir, "100", True)
     from tracer.tsc import TscClock
     out["cntfrq"] = cntfrq()
     out["ns_per_tick"] = TscClock.anchored().rate

@@ -116,6 +116,8 @@ def _program_calls(text: str) -> dict[int, list[dict[str, Any]]]:
         tid, fn, a0, a1, ret, o0, o1 = line.split()
         if fn == "gettimeofday":
             args = [int(a0, 16), int(a1, 16)]
+        elif fn == "getrandom":
+            args = [int(a0, 16), int(a1)]
         else:
             args = [int(a0), int(a1, 16)]
         by_tid.setdefault(int(tid), []).append(
@@ -124,9 +126,20 @@ def _program_calls(text: str) -> dict[int, list[dict[str, Any]]]:
     return by_tid
 
 
-def test_every_call_recorded_exactly(run: dict[str, Any]) -> None:
+@pytest.mark.parametrize("stubs", ["lse", "llsc"])
+def test_every_call_recorded_exactly(run: dict[str, Any], stubs: str) -> None:
+    """Both threads' calls, in order per thread, with their arguments, results, written bytes
+    and fallback flags, as the program recorded them: with the stubs for LSE (cas) and, on
+    the same CPU, those for a CPU without (ldxr/stxr claims)."""
+    if stubs == "llsc":
+        run = run["llsc"]
+        assert "error" not in run, run["error"]
+        assert run["vdso_restored"] and run["target"]["rc"] == 0
+        assert run["lost"] == 0 and run["corrupt"] == 0
     prog = _program_calls(run["record"])
     assert sorted(prog) == sorted(run["tids"])
+    # every function, getrandom (paciasp at its entry) included
+    assert {c["func"] for calls in prog.values() for c in calls} == set(run["funcs"])
     got: dict[int, list[dict[str, Any]]] = {}
     for r in run["records"]:
         got.setdefault(r["tid"], []).append(r)
@@ -138,8 +151,8 @@ def test_every_call_recorded_exactly(run: dict[str, Any]) -> None:
             where = (tid, k, c, r)
             assert r["func"] == c["func"], where
             # (an int argument's register above bit 31 is not the program's)
-            args = [r["args"][0] & 0xFFFFFFFF, r["args"][1]] if c["func"] != "gettimeofday" \
-                else r["args"][:2]
+            args = [r["args"][0] & 0xFFFFFFFF, r["args"][1]] if c["func"] not in (
+                "gettimeofday", "getrandom") else r["args"][:2]
             assert args == c["args"], where
             ret = r["ret"] - (1 << 64) if r["ret"] >> 63 else r["ret"]
             assert ret == c["ret"], where
@@ -148,12 +161,16 @@ def test_every_call_recorded_exactly(run: dict[str, Any]) -> None:
                 outs[1] = None
             if c["func"] in ("clock_gettime", "clock_getres"):
                 outs = outs[:1] + [None]
+            if c["func"] == "getrandom":
+                outs = [None, None]         # (its bytes are never recorded)
             assert outs == c["outs"], where
             clk = c["args"][0]
             if c["func"] == "clock_gettime":
                 want_fb = clk in CPUTIME or clk >= 100
             elif c["func"] == "clock_getres":
                 want_fb = clk in CPUTIME
+            elif c["func"] == "getrandom":
+                want_fb = True              # no opaque state: its system call
             else:
                 want_fb = False
             assert r["fallback"] is want_fb, where
