@@ -327,6 +327,50 @@ def exact(tgt: str, outdir: Path, iters: str, llsc: bool) -> dict[str, Any]:
     return out
 
 
+def cli(tgt: str, outdir: Path) -> dict[str, Any]:
+    """`vdsotrace trace -p PID --inject --json -o FILE` (the CLI, the engine's recorder) on the
+    2-thread program from its go byte to its "done", then SIGINT; the events, the program's
+    record, the vDSO before and after, how both ended."""
+    record = outdir / "cli-record.txt"
+    tout = outdir / "cli.jsonl"
+    terr = outdir / "cli.err"
+    tout.unlink(missing_ok=True)
+    p = subprocess.Popen([tgt, str(record), "--iters", "100"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stdin is not None
+    pid = int(p.stdout.readline().decode().split()[1])
+    rep: dict[str, Any] = {"pid": pid}
+    try:
+        mem = target.Memory(pid)
+        lo, hi = vdso_range(pid)
+        before = mem.read(lo, hi - lo)
+        with open(terr, "wb") as e:
+            tr = subprocess.Popen(["vdsotrace", "trace", "-p", str(pid), "--inject", "--json",
+                                   "-o", str(tout)], stderr=e)
+            deadline = time.monotonic() + 120
+            while not (tout.exists() and '"attach"' in tout.read_text(errors="replace")):
+                if time.monotonic() > deadline or tr.poll() is not None:
+                    raise RuntimeError("the tracer did not attach")
+                time.sleep(0.1)
+            p.stdin.write(b"g")
+            p.stdin.flush()
+            while p.stdout.readline().decode().strip() != "done":
+                pass
+            tr.send_signal(2)
+            rep["tracer_rc"] = tr.wait(120)
+        rep["vdso_restored"] = mem.read(lo, hi - lo) == before
+        rep["memfd_left"] = [x for x in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                             if "/memfd:vdsotrace" in x]
+        mem.close()
+    except Exception as e:
+        rep["error"] = repr(e)
+    rep["target"] = finish(p, 60, b"q")
+    rep["events"] = [json.loads(x) for x in tout.read_text().splitlines()] if tout.exists() else []
+    rep["stderr"] = terr.read_text(errors="replace") if terr.exists() else ""
+    rep["record"] = record.read_text() if record.exists() else None
+    return rep
+
+
 def main() -> int:
     tgt, outdir = sys.argv[1], Path(sys.argv[2])
     iters = sys.argv[3] if len(sys.argv) > 3 else "300"
@@ -335,6 +379,7 @@ def main() -> int:
     from tracer.tsc import TscClock
     out["cntfrq"] = cntfrq()
     out["ns_per_tick"] = TscClock.anchored().rate
+    out["cli"] = cli(tgt, outdir)
     out["refusals"] = {flag: refusal(tgt, outdir, flag) for flag in ("--seccomp", "--seal")}
     out["spin"] = spin(tgt, outdir)
     print(json.dumps(out))

@@ -268,3 +268,40 @@ def test_counter_frequency(run: dict[str, Any]) -> None:
     f = run["cntfrq"]
     assert f > 0
     assert abs(run["ns_per_tick"] * f / 1e9 - 1) < 0.02, (run["ns_per_tick"], f)
+
+
+def test_trace_inject_cli_exact(run: dict[str, Any]) -> None:
+    """`vdsotrace trace -p PID --inject --json` (the engine with the arm64 recorder): every call
+    of both threads as a `call` event, in order per thread, with the pointer argument, result,
+    fallback flag and written values the program recorded; the vDSO restored and nothing of
+    ours left after SIGINT; the program exits 0."""
+    c = run["cli"]
+    assert "error" not in c, (c["error"], c["stderr"])
+    assert c["tracer_rc"] == 0 and c["vdso_restored"] and not c["memfd_left"], c["stderr"]
+    assert c["target"]["rc"] == 0, c["target"]["stderr"]
+    assert not [e for e in c["events"] if e["event"] == "notice"]
+    prog = _program_calls(c["record"])
+    got: dict[int, list[dict[str, Any]]] = {}
+    for e in c["events"]:
+        if e["event"] == "call":
+            got.setdefault(e["tid"], []).append(e)
+    assert sorted(got) == sorted(prog)
+    for tid, calls in prog.items():
+        assert len(got[tid]) == len(calls)
+        for k, (p, e) in enumerate(zip(calls, got[tid])):
+            where = (tid, k, p, e)
+            assert e["func"] == p["func"] and e["ret"] == p["ret"], where
+            ptr = list(e["args"].values())[0 if p["func"] in ("gettimeofday", "getrandom")
+                                           else 1]
+            assert int(ptr, 16) == p["args"][0 if p["func"] in ("gettimeofday", "getrandom")
+                                             else 1], where
+            clk = p["args"][0]
+            want_fb = (p["func"] == "getrandom"
+                       or (p["func"] == "clock_gettime" and (clk in CPUTIME or clk >= 100))
+                       or (p["func"] == "clock_getres" and clk in CPUTIME))
+            assert e["fallback"] is want_fb, where
+            if p["outs"][0] is not None:
+                raw = bytes.fromhex(p["outs"][0])
+                vals = [int.from_bytes(raw[i:i + 8], "little", signed=True) for i in (0, 8)]
+                first = list(e["out"].values())[0]
+                assert list(first.values()) == vals, where
