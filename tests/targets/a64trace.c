@@ -1,7 +1,7 @@
 /* a64trace: the arm64 target of the stop-based engine's checks (tests/vm/test_trace_aarch64.py;
  * built for aarch64 with clang, run inside scripts/vm aarch64).
  *
- *   a64trace RECORD [--rounds R] [--fork]
+ *   a64trace RECORD [--rounds R] [--fork] [--seccomp]
  *
  * Starts 2 worker threads (before the ready line: an attach finds 3 threads), prints
  * "ready <pid>", waits for the go byte, then each worker makes R rounds of calls of every
@@ -12,7 +12,10 @@
  * workers are joined and the record written. With --fork a child process (worker index 2)
  * then makes 3 rounds of __kernel_clock_gettime(CLOCK_MONOTONIC) and
  * (CLOCK_PROCESS_CPUTIME_ID), appends them to the record and exits 0; the parent records
- * {"child": pid, "status": wait status}. Then "done" is printed; the program waits for a
+ * {"child": pid, "status": wait status}. With --seccomp a filter of the program's own answers
+ * getppid with SECCOMP_RET_TRACE (no tracer: the call fails with ENOSYS, kernel/seccomp.c),
+ * installed before the ready line; getppid is called once then and once after the workers:
+ * {"getppid": [ret, errno] untraced, "traced": [ret, errno]}. Then "done" is printed; the program waits for a
  * second byte (so that a tracer can leave while it still runs) and exits 0.
  *
  * Record (JSON lines), one per call in each worker's order:
@@ -24,7 +27,11 @@
  */
 #include "common.h"
 
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <pthread.h>
+#include <stddef.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 
 typedef int (*gettime_fn)(clockid_t, struct timespec *);
@@ -120,8 +127,24 @@ static void *work(void *arg)
     return NULL;
 }
 
+static void own_seccomp_filter(void)
+{
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
+        die("cannot install the seccomp filter");
+}
+
 int main(int argc, char **argv)
 {
+    long untraced = 0, traced = 0;
+    int untraced_errno = 0, traced_errno = 0, seccomp;
     static struct worker workers[2];
     FILE *rec_file;
     char c;
@@ -143,12 +166,27 @@ int main(int argc, char **argv)
         if (!workers[i].lines || pthread_create(&workers[i].th, NULL, work, &workers[i]) != 0)
             die("cannot start worker %d", i);
     }
+    seccomp = arg_flag(argc, argv, "--seccomp");
+    if (seccomp) {
+        own_seccomp_filter();
+        errno = 0;
+        untraced = syscall(SYS_getppid);
+        untraced_errno = errno;
+    }
     ready_and_wait();
     if (write(go_pipe[1], "gg", 2) != 2)
         die("cannot release the workers");
     for (i = 0; i < 2; i++)
         pthread_join(workers[i].th, NULL);
+    if (seccomp) {
+        errno = 0;
+        traced = syscall(SYS_getppid);
+        traced_errno = errno;
+    }
     rec_file = record_open_append(argv[1]);
+    if (seccomp)
+        fprintf(rec_file, "{\"getppid\": [%ld, %d], \"traced\": [%ld, %d]}\n", untraced,
+                untraced_errno, traced, traced_errno);
     for (i = 0; i < 2; i++)
         for (j = 0; j < workers[i].n; j++)
             fprintf(rec_file, "%s\n", workers[i].lines[j]);

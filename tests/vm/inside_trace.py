@@ -339,7 +339,7 @@ def main() -> None:
     # was seen holding zeros there)
     target, out = sys.argv[1], Path(tempfile.mkdtemp(prefix="inside-trace-"))
     wanted = sys.argv[3:] or ["json", "spawn", "count", "timing", "select", "console", "guardian",
-                              "fork", "nofork", "exec", "record", "duration"]
+                              "fork", "nofork", "exec", "record", "duration", "seccomp"]
     res: dict[str, Any] = {}
     for name in wanted:
         if name == "json":
@@ -352,6 +352,8 @@ def main() -> None:
             res[name] = attach_run(target, out, name, ["--json", "-f"], True, ("--fork",))
         elif name == "nofork":
             res[name] = attach_run(target, out, name, ["--json"], True, ("--fork",))
+        elif name == "seccomp":
+            res[name] = attach_run(target, out, name, ["--json"], True, ("--seccomp",))
         elif name == "duration":
             res[name] = duration_run(target, out)
         elif name == "record":

@@ -238,3 +238,15 @@ def test_duration_ends_the_trace_and_leaves_clean(run: dict[str, Any]) -> None:
     assert [e["event"] for e in evs if e["event"] != "notice"] == ["attach", "detach"]
     assert_left_clean(rep)
     record_calls(rep)                                 # every call made, untraced
+
+
+def test_the_programs_own_seccomp_trace_stop(run: dict[str, Any]) -> None:
+    """A filter of the program's own answers getppid with SECCOMP_RET_TRACE: traced or not,
+    the call is not run and fails with ENOSYS (the engine skips it through
+    NT_ARM_SYSTEM_CALL, as the kernel does with no tracer)."""
+    rep = scenario(run, "seccomp")
+    assert rep["tracer_rc"] == 0, rep["stderr"]
+    (line,) = [r for r in rep["record"] if "getppid" in r]
+    assert line["getppid"] == [-1, 38] and line["traced"] == [-1, 38]      # ENOSYS
+    assert_trace_equals_record(rep)
+    assert_left_clean(rep)

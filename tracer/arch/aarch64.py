@@ -22,6 +22,7 @@ Signal frames (arch/arm64/kernel/signal.c, arch/arm64/include/uapi/asm/{ucontext
 """
 from __future__ import annotations
 
+import ctypes
 import struct
 from enum import IntFlag
 
@@ -199,7 +200,14 @@ class Aarch64Arch(Arch):
         # arm64 restarts a system call from regs->syscallno (arch/arm64/kernel/signal.c
         # do_signal), which is not in NT_PRSTATUS: it is written through NT_ARM_SYSTEM_CALL
         # (-1: none), a separate regset this buffer cannot carry.
-        raise NotImplementedError("arm64: cancel a restart through NT_ARM_SYSTEM_CALL (-1)")
+        raise NotImplementedError("arm64: the restart is not in the register buffer: "
+                                  "no_syscall(tid, regs) writes NT_ARM_SYSTEM_CALL")
+
+    def no_syscall(self, tid: int, regs: target.Regs) -> None:
+        # regs->syscallno = NO_SYSCALL (-1): at a syscall-entry or seccomp stop the kernel
+        # skips the call, leaving x0 as the tracer set it (arch/arm64/kernel/syscall.c
+        # el0_svc_common); an interrupted call is not restarted (signal.c do_signal)
+        target.setregset(tid, NT_ARM_SYSTEM_CALL, (ctypes.c_int32 * 1)(-1))
 
     def emulate_cycle_counter(self, regs: target.Regs, value: int) -> None:
         # EL0 reads CNTVCT_EL0 without trapping (the kernel sets CNTKCTL_EL1.EL0VCTEN): no

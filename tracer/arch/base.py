@@ -226,6 +226,12 @@ class Arch:
         """Make the kernel not restart an interrupted system call when `regs` are set."""
         raise NotImplementedError
 
+    def no_syscall(self, tid: int, regs: Regs) -> None:
+        """A thread stopped at a system call's entry (or interrupted in one): make the kernel
+        run (or restart) no system call when it resumes; `regs` are written after this. Where
+        that is in the register buffer (x86: orig_rax), `no_restart`."""
+        self.no_restart(regs)
+
     def emulate_cycle_counter(self, regs: Regs, value: int) -> None:
         """Give a thread stopped at a faulting `cycle_counter` instruction the reading `value`
         and move its pc past the instruction (it must be in `regs`' pc)."""

@@ -71,7 +71,7 @@ class Capture(EngineCore):
         if bp is None:
             if not 0 <= idx < _seccomp.MARKER_SPAN:
                 # skipped: the call not run, its result -ENOSYS
-                arch.no_restart(regs)
+                arch.no_syscall(tid, regs)
                 regs[arch.syscall_ret] = -_ENOSYS & 0xFFFFFFFFFFFFFFFF
                 arch.regs_set(tid, regs)
             self._resume(th)
