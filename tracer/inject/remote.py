@@ -3,7 +3,7 @@
 A remote system call: the thread's registers are saved, pc is set to a system call instruction
 the vDSO already contains (the arch's `syscall_insn`: x86_64's `syscall`; an i386 tracee: the
 `int 0x80` of __kernel_vsyscall, a 32-bit result), number and arguments go in the arch's
-system call registers, `Arch.no_restart` keeps the kernel from restarting a system call the
+system call registers, `Arch.no_syscall` keeps the kernel from restarting a system call the
 thread was interrupted in, one PTRACE_SINGLESTEP runs it, the arch's `syscall_ret` register is
 the result, and the saved registers go back exactly (with them the pending restart, if any). A signal that arrives while we step is held back and sent
 again with tgkill once the thread's registers are restored.
@@ -128,10 +128,7 @@ class RemoteCaller:
         for name, value in zip(self.arg_regs, args):
             w[name] = value
         w[a.pc] = self.site
-        if self.sysno is not None:
-            target.setregset(self.tid, NT_ARM_SYSTEM_CALL, (ctypes.c_int32 * 1)(-1))
-        else:
-            a.no_restart(w)
+        a.no_syscall(self.tid, w)           # (x86: orig_rax in w; arm64: NT_ARM_SYSTEM_CALL)
         a.regs_set(self.tid, w)
         self.stepper.step(self.tid)
         a.regs_get(self.tid, w)
