@@ -73,11 +73,18 @@ def test_signal_frame_offsets():
 
 
 def test_saved_context():
-    mem = {0x1000: (0x0000AAAA00001234).to_bytes(8, "little"),   # pc
-           0x1008: (0x60000000).to_bytes(8, "little")}          # pstate: Z, C; EL0t
-    read = lambda addr, n: mem[addr][:n]  # noqa: E731
+    # struct sigcontext from its pc: pc, pstate, 8 bytes of alignment, then __reserved's
+    # first record head {FPSIMD_MAGIC, 528}
+    mem = bytearray(64)
+    mem[0:8] = (0x0000AAAA00001234).to_bytes(8, "little")        # pc
+    mem[8:16] = (0x60000000).to_bytes(8, "little")               # pstate: Z, C; EL0t
+    mem[24:32] = (0x46508001 | 528 << 32).to_bytes(8, "little")
+    read = lambda addr, n: bytes(mem[addr - 0x1000:addr - 0x1000 + n])  # noqa: E731
     assert A.AARCH64.saved_context(read, 0x1000)
-    mem[0x1008] = (0x3C5).to_bytes(8, "little")                  # EL1h, DAIF masked
+    mem[8:16] = (0x3C5).to_bytes(8, "little")                    # EL1h, DAIF masked
+    assert not A.AARCH64.saved_context(read, 0x1000)
+    mem[8:16] = (0x60000000).to_bytes(8, "little")
+    mem[24:32] = bytes(8)          # a pointer and a zero word, no frame: stale stack words
     assert not A.AARCH64.saved_context(read, 0x1000)
 
 
@@ -90,16 +97,12 @@ def test_dwarf_and_syscalls():
     assert a.vdso_prefixes == ("__kernel_",)
 
 
-def test_arm64_is_traced_but_inject_is_refused_with_what_to_do() -> None:
-    """The stop-based engine traces arm64 processes; --inject (the in-tracee recorder) is not
-    written for arm64 yet: refused in one line saying to trace without it."""
+def test_arm64_is_traced_with_and_without_inject() -> None:
+    """The stop-based engine and the in-tracee recorder (tracer/inject/aarch64/) both take
+    arm64 processes."""
     a64 = arch.by_name("aarch64")
     arch.check_traceable(a64)
-    with pytest.raises(arch.UnsupportedArch) as e:
-        arch.check_traceable(a64, inject=True)
-    msg = str(e.value)
-    assert msg.startswith("--inject is not supported for arm64 processes yet") and "\n" not in msg
-    assert "without --inject" in msg
+    arch.check_traceable(a64, inject=True)
     for a in (arch.X86_64, arch.I386):
         arch.check_traceable(a)
         arch.check_traceable(a, inject=True)

@@ -32,7 +32,7 @@ _MACHINE_NAMES = {EM_386: "i386", EM_X86_64: "x86_64", EM_AARCH64: "aarch64"}
 # disas).
 TRACED = frozenset({"x86_64", "i386", "aarch64"})
 # The arches the in-tracee recorder (--inject, tracer/inject/) is written for.
-INJECTED = frozenset({"x86_64", "i386"})
+INJECTED = frozenset({"x86_64", "i386", "aarch64"})
 _LABELS = {"aarch64": "arm64"}
 
 

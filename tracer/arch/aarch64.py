@@ -74,6 +74,8 @@ VDSO_VERSION = "LINUX_2.6.39"        # arch/arm64/kernel/vdso/vdso.lds.S
 VDSO_FUNCTIONS = ("__kernel_clock_gettime", "__kernel_gettimeofday", "__kernel_clock_getres",
                   "__kernel_rt_sigreturn", "__kernel_getrandom")
 
+# arch/arm64/include/uapi/asm/sigcontext.h: FPSIMD_MAGIC, sizeof(struct fpsimd_context)
+_FPSIMD_HEAD = 0x46508001 | 528 << 32
 UC_MCONTEXT = 176
 SIGCONTEXT_REGS = 8                  # regs[31], after fault_address
 SIGCONTEXT_SP = 8 + 31 * 8           # 256
@@ -257,12 +259,17 @@ class Aarch64Arch(Arch):
     def saved_context(self, read: ReadMem, at: int) -> bool:
         # struct sigcontext: ... sp, pc, pstate. A saved user pstate has M[3:0] = 0 (EL0t),
         # nRW (4) = 0 (AArch64 state), D, A, I, F (6-9) = 0, and nothing in bits 32-63
-        # (arch/arm64/kernel/ptrace.c valid_native_regs)
+        # (arch/arm64/kernel/ptrace.c valid_native_regs). After pstate, __reserved (16-byte
+        # aligned: at + 24) starts with the fpsimd_context record the kernel always puts
+        # first (signal.c setup_sigframe_layout): head {magic FPSIMD_MAGIC, size 528}. Without
+        # it a stale pointer into the vDSO followed by a zero word passed for a frame.
         try:
-            pstate = int.from_bytes(read(at + 8, 8), "little")
+            raw = read(at + 8, 24)
         except MemoryReadError:
             return False
-        return pstate & 0x3DF == 0 and pstate >> 32 == 0
+        pstate = int.from_bytes(raw[:8], "little")
+        head = int.from_bytes(raw[16:24], "little")
+        return pstate & 0x3DF == 0 and pstate >> 32 == 0 and head == _FPSIMD_HEAD
 
     def syscall_table(self) -> tuple[dict[int, str], dict[int, int]]:
         from tracer.tables import syscalls_aarch64 as t

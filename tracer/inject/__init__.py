@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from tracer import procfs, seccomp, target
 from tracer.abi import I386, X86_64, Abi
+from tracer.arch.aarch64 import AARCH64, B_RANGE
 from tracer.decoders import Decoder, for_function, out_size
 from tracer.errors import MemoryReadError, MemoryWriteError, ProcessGone, TracerError
 from tracer.inject import layout as L
@@ -53,9 +54,12 @@ from tracer.inject.plan import JMP_LEN, Plan, PlanError, plan_image
 from tracer.inject.remote import RemoteCaller, RemoteError, Stepper
 from tracer.inject.stubs import CodePage, build_code
 from tracer.inject.leave import Leaving
-from tracer.inject.ring import _PATIENCE_S, CallStats, RawRecord, _FileRing, _RingBuf
+from tracer.inject.ring import (_PATIENCE_S, CallStats, RawRecord, _FileRing, _RingBuf,
+                                host_fence)
 from tracer.inject.stubs32 import build_code32
-from tracer.vdso import GATEWAY_SYMBOL, VdsoFunction, VdsoImage
+from tracer.inject.aarch64.plan import PlanA64, plan_image_a64
+from tracer.inject.aarch64.stubs import build_code_a64
+from tracer.vdso import GATEWAY_SYMBOL, SIGRETURN_TRAMPOLINES, VdsoFunction, VdsoImage
 
 __all__ = ["InjectError", "RawRecord", "Recorder", "CallStats", "CODE_NAME", "RING_NAME"]
 
@@ -80,7 +84,10 @@ class _Numbers:
 _NR = {"x86_64": _Numbers(MMAP=9, MUNMAP=11, CLOSE=3, FTRUNCATE=77, FCHMOD=91,
                         MEMFD_CREATE=319, FCNTL=72),
        "i386": _Numbers(MMAP=192, MUNMAP=91, CLOSE=6, FTRUNCATE=93, FCHMOD=94, MEMFD_CREATE=356,
-                   FCNTL=221)}
+                   FCNTL=221),
+       # include/uapi/asm-generic/unistd.h (arm64)
+       "aarch64": _Numbers(MMAP=222, MUNMAP=215, CLOSE=57, FTRUNCATE=46, FCHMOD=52,
+                           MEMFD_CREATE=279, FCNTL=25)}
 # include/uapi/linux/memfd.h, include/uapi/asm-generic/mman-common.h, mman.h
 _MFD_CLOEXEC, _MFD_ALLOW_SEALING, _MFD_EXEC = 0x1, 0x2, 0x10
 # include/uapi/linux/fcntl.h: F_ADD_SEALS = F_LINUX_SPECIFIC_BASE + 9, F_GET_SEALS + 10.
@@ -93,6 +100,11 @@ _PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
 _MAP_SHARED, _MAP_FIXED_NOREPLACE = 0x01, 0x100000
 _PAGE = 4096
 _REACH = (1 << 31) - (64 << 20)      # keep the code page well inside rel32 reach of the vDSO
+# arm64: a `b` reaches +-128 MiB; the code page (and the copies' `bl`s back into the vDSO) well
+# inside that
+_REACH_A64 = B_RANGE - (16 << 20)
+_HWCAP_ATOMICS = 1 << 8              # arch/arm64/include/uapi/asm/hwcap.h: FEAT_LSE
+_AT_HWCAP = 16
 
 
 class InjectError(TracerError):
@@ -117,14 +129,16 @@ def _status_refusal(pid: int) -> str | None:
     return None
 
 
-def _find_gap(pid: int, base: int, size: int) -> int:
-    """A free, page-aligned range of `size` bytes, nearest the vDSO, within rel32 reach."""
+def _find_gap(pid: int, base: int, size: int, reach: int = _REACH,
+              top: int = 0x7FFFFFFFF000) -> int:
+    """A free, page-aligned range of `size` bytes, nearest the vDSO, within `reach` of it
+    (x86_64: rel32; arm64: a `b`), below `top` (the end of the user address space)."""
     maps = sorted(procfs.read_maps(pid), key=lambda m: m.start)
-    lo_lim = max(base - _REACH, 1 << 20)
-    hi_lim = min(base + _REACH, 0x7FFFFFFFF000)
+    lo_lim = max(base - reach, 1 << 20)
+    hi_lim = min(base + reach, top)
     best: int | None = None
     prev_end = 0
-    for m in [*maps, procfs.MapEntry(0x7FFFFFFFF000, 0x7FFFFFFFF000, "", 0, "", 0, "")]:
+    for m in [*maps, procfs.MapEntry(top, top, "", 0, "", 0, "")]:
         gap_lo, gap_hi = prev_end + _PAGE, m.start - _PAGE   # a guard page each side
         prev_end = max(prev_end, m.end)
         lo, hi = max(gap_lo, lo_lim), min(gap_hi, hi_lim)
@@ -134,7 +148,8 @@ def _find_gap(pid: int, base: int, size: int) -> int:
         if best is None or abs(cand - base) < abs(best - base):
             best = cand
     if best is None:
-        raise InjectError(f"no free address range within 2 GiB of the vDSO for the stubs{_HINT}")
+        raise InjectError(f"no free address range within {reach >> 20} MiB of the vDSO for the "
+                          f"stubs{_HINT}")
     return best & ~(_PAGE - 1)
 
 
@@ -161,6 +176,9 @@ class Recorder(Leaving):
         # i386: the gateway is not copied (see plan.py); its calls from the vDSO functions
         # are recorded as those calls' fallbacks
         self.funcs = [f for f in funcs if f.symbol != GATEWAY_SYMBOL or abi is not I386]
+        if abi is AARCH64:
+            # arm64's __kernel_rt_sigreturn is every handler's restorer, never called
+            self.funcs = [f for f in self.funcs if f.symbol not in SIGRETURN_TRAMPOLINES]
         self._skipped_gateway = len(self.funcs) != len(funcs)
         self._nr = _NR.get(abi.name, _NR["x86_64"])     # (install refuses other arches)
         self.decoders: list[Decoder] = [for_function(f.plain) for f in self.funcs]
@@ -168,7 +186,7 @@ class Recorder(Leaving):
         self._nargs = [min(d.nargs, L.MAX_ARGS) for d in self.decoders]
         self._outsz = [tuple(out_size(o.layout, abi) for o in d.outs[:L.NOUTS])
                        for d in self.decoders]
-        self._plan: Plan | None = None
+        self._plan: Plan | PlanA64 | None = None
         self._code: CodePage | None = None
         self._code_addr = 0
         self._ring_addr = 0
@@ -198,6 +216,9 @@ class Recorder(Leaving):
     @staticmethod
     def prepare(image: VdsoImage, base: int, size: int, funcs: list[VdsoFunction]) -> None:
         TscClock.anchored()
+        if image.abi is AARCH64:
+            plan_image_a64(image, [f for f in funcs if f.symbol not in SIGRETURN_TRAMPOLINES])
+            return
         plan_image(image, [f for f in funcs if f.symbol != GATEWAY_SYMBOL], image.abi)
 
     def install_in(self, tids: list[int]) -> list[str]:
@@ -208,8 +229,8 @@ class Recorder(Leaving):
         self.vdso_lost = True
 
     def install(self, tid: int) -> None:
-        if self.abi not in (X86_64, I386) or self.image.abi is not self.abi:
-            raise InjectError(f"--inject supports x86_64 and i386 tracees with their own "
+        if self.abi not in (X86_64, I386, AARCH64) or self.image.abi is not self.abi:
+            raise InjectError(f"--inject supports x86_64, i386 and arm64 tracees with their own "
                               f"vDSO only (an {self.image.abi.name} vDSO in an {self.abi.name} "
                               f"process){_HINT}")
         if not self.funcs and self._skipped_gateway:
@@ -217,26 +238,43 @@ class Recorder(Leaving):
         why = _status_refusal(self.pid)
         if why:
             raise InjectError(why + _HINT)
+        if self.abi is AARCH64 and self._vdso_sealed():
+            raise InjectError(f"process {self.pid} sealed its vDSO (mseal): --inject would "
+                              f"patch a mapping the process declared immutable{_HINT}")
         try:
-            plan = plan_image(self.image, self.funcs, self.abi)
+            plan: Plan | PlanA64 = (plan_image_a64(self.image, self.funcs)
+                                    if self.abi is AARCH64 else
+                                    plan_image(self.image, self.funcs, self.abi))
         except PlanError as e:
             raise InjectError(f"the vDSO is not the shape --inject expects: {e}{_HINT}") from e
         self._check_live_bytes(plan)
         tail, room = self._vdso_tail()
-        if room >= 2 and not tsc_usable(self._threads(), self.mem, tail, arch=self.abi):
+        # (arm64: EL0 reads cntvct_el0 whatever the process does; the kernel sets
+        # CNTKCTL_EL1.EL0VCTEN and has no prctl to clear it: `cycle_counter` is empty)
+        if self.abi.cycle_counter and room >= 2 and not tsc_usable(self._threads(), self.mem, tail, arch=self.abi):
             raise InjectError(f"process {self.pid} has the time-stamp counter disabled (prctl "
                               "PR_SET_TSC): the injected stubs read it; trace without --inject")
         self._plan = plan
         self._clock = TscClock.anchored()
         # a jump that reaches everywhere (i386: modulo 4 GiB): the kernel chooses the place
-        hint = _find_gap(self.pid, self.base, L.CODE_SIZE) if self.abi.jump_reach else 0
+        if self.abi is AARCH64:
+            # (below 2**48: a hint above it would opt the process into 52-bit addresses)
+            hint = _find_gap(self.pid, self.base, L.CODE_SIZE, _REACH_A64, 1 << 48)
+        else:
+            hint = _find_gap(self.pid, self.base, L.CODE_SIZE) if self.abi.jump_reach else 0
         stepper = Stepper(self.pid, self.abi)
         try:
             self._inject(tid, plan, hint, stepper)
-            build = build_code32 if self.abi is I386 else build_code
-            self._code = build(plan, self.base, self._code_addr, self.decoders,
-                               (secrets.randbits(31), -secrets.randbits(31) - 1),
-                               self._ring_addr)
+            if isinstance(plan, PlanA64):
+                # 64-bit keys (loaded pc-relative, not immediates)
+                self._code = build_code_a64(plan, self.base, self._code_addr, self.decoders,
+                                            (secrets.randbits(64), secrets.randbits(64)),
+                                            self._ring_addr, self._has_lse())
+            else:
+                build = build_code32 if self.abi is I386 else build_code
+                self._code = build(plan, self.base, self._code_addr, self.decoders,
+                                   (secrets.randbits(31), -secrets.randbits(31) - 1),
+                                   self._ring_addr)
             page = bytearray(self._code.data)
             # (the i386 stubs compare its low 32 bits: 0.5 s of a TSC below 8 GHz fits)
             page[L.CODE_PATIENCE:L.CODE_PATIENCE + 8] = min(
@@ -255,7 +293,34 @@ class Recorder(Leaving):
         finally:
             stepper.resend_held()
 
-    def _check_live_bytes(self, plan: Plan) -> None:
+    def _vdso_sealed(self) -> bool:
+        """The vDSO mapping carries `sl` in /proc/PID/smaps' VmFlags (mseal(2), Linux 6.10;
+        system mappings sealed at exec with CONFIG_MSEAL_SYSTEM_MAPPINGS, 6.15)."""
+        try:
+            with open(f"/proc/{self.pid}/smaps") as f:
+                inside = False
+                for line in f:
+                    if "-" in line.split(" ", 1)[0] and not line.startswith("VmFlags"):
+                        inside = int(line.split("-", 1)[0], 16) == self.base
+                    elif inside and line.startswith("VmFlags:"):
+                        return "sl" in line.split()[1:]
+        except (OSError, ValueError):
+            return False
+        return False
+
+    def _has_lse(self) -> bool:
+        """arm64: the process's AT_HWCAP has `atomics` (FEAT_LSE: cas, stadd)."""
+        try:
+            with open(f"/proc/{self.pid}/auxv", "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise ProcessGone(f"process {self.pid} is gone") from e
+        for k in range(0, len(raw) - 15, 16):
+            if int.from_bytes(raw[k:k + 8], "little") == _AT_HWCAP:
+                return bool(int.from_bytes(raw[k + 8:k + 16], "little") & _HWCAP_ATOMICS)
+        return False
+
+    def _check_live_bytes(self, plan: Plan | PlanA64) -> None:
         for fp in plan.functions:
             off, size = fp.func.image_offset, fp.func.size
             try:
@@ -274,7 +339,7 @@ class Recorder(Leaving):
                 return self.base + start, m.end - self.base - start
         raise InjectError(f"the vDSO at {self.base:#x} is not mapped in {self.pid}{_HINT}")
 
-    def _inject(self, tid: int, plan: Plan, hint: int, stepper: Stepper) -> None:
+    def _inject(self, tid: int, plan: Plan | PlanA64, hint: int, stepper: Stepper) -> None:
         names = CODE_NAME.encode() + b"\0" + RING_NAME.encode() + b"\0"
         tail, room = self._vdso_tail()
         if room < len(names):
@@ -308,7 +373,7 @@ class Recorder(Leaving):
                 # the descriptor table could have changed it between ftruncate and the seal)
                 if os.fstat(fd).st_size != size or fcntl.fcntl(fd, _F_GET_SEALS) & _SEALS != _SEALS:
                     raise RemoteError(0, "the recorder's memfd was changed while it was set up")
-            self._ring = _FileRing(self._ring_fd)
+            self._ring = _FileRing(self._ring_fd, host_fence())
             addr = call(self._nr.MMAP, hint, L.CODE_SIZE, _PROT_READ | _PROT_EXEC,
                         _MAP_SHARED | (_MAP_FIXED_NOREPLACE if hint else 0), code_fd, 0)
             if addr < 0 or (hint and addr != hint):
@@ -337,7 +402,7 @@ class Recorder(Leaving):
             call.restore()
             self.mem.write(tail, old_tail)
 
-    def _caller(self, stepper: Stepper, tid: int, plan: Plan) -> RemoteCaller:
+    def _caller(self, stepper: Stepper, tid: int, plan: Plan | PlanA64) -> RemoteCaller:
         if self.vdso_lost:
             return RemoteCaller(stepper, tid, self._syscall_elsewhere(), self.abi)
         return RemoteCaller(stepper, tid, self.base + plan.syscall_offset, self.abi)
@@ -382,7 +447,7 @@ class Recorder(Leaving):
         except OSError as e:
             raise ProcessGone(f"process {self.pid} is gone") from e
 
-    def _step_out_of_entries(self, plan: Plan, stepper: Stepper) -> None:
+    def _step_out_of_entries(self, plan: Plan | PlanA64, stepper: Stepper) -> None:
         """A thread stopped inside the bytes the jmp will cover must get past them first."""
         spans = [(self.base + fp.func.image_offset, self.base + fp.entry_end)
                  for fp in plan.functions]
@@ -390,16 +455,17 @@ class Recorder(Leaving):
         for t in self._threads():
             stepper.step_while(t, regs, lambda ip: any(lo < ip < hi for lo, hi in spans))
 
-    def _patch_entries(self, plan: Plan) -> None:
+    def _patch_entries(self, plan: Plan | PlanA64) -> None:
         assert self._code is not None
-        for fp, info in zip(plan.functions, self._code.stubs):
+        for k, info in enumerate(self._code.stubs):
             at = info.func_addr
             try:
                 jump = self.abi.jump(at, info.stub)
             except ValueError as e:     # _find_gap's hint keeps the page in reach
-                raise PlanError(f"the stub of {fp.func.symbol} is out of reach: {e}") from e
-            assert len(jump) == JMP_LEN
-            orig = self.mem.read(at, JMP_LEN)
+                raise PlanError(f"the stub of {plan.functions[k].func.symbol} is out of reach: "
+                                f"{e}") from e
+            assert len(jump) == (JMP_LEN if self.abi is not AARCH64 else self.abi.jump_len)
+            orig = self.mem.read(at, len(jump))
             self._saved.append((at, orig))
             self.mem.write(at, jump)
 

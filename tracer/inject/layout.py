@@ -11,6 +11,7 @@ __all__ = [
     "CODE_RINGPTR", "CODE_HEARTBEAT", "CODE_PATIENCE", "WAIT_SPINS", "WAIT_SLEEP_NS", "CODE_START", "CODE_SIZE", "SLOT_FORMAT",
     "FR32_OUTARGS", "FR32_ARGS", "FR32_KEYA", "FR32_KEYB", "FR32_FLAG", "FR32_T0", "FR32_RET",
     "FR32_TID", "FR32_T1", "FR32_SAVE", "FRAME32",
+    "FRA_LR", "FRA_TID", "FRA_T1", "FRAME_A64", "CODE_KEYA", "CODE_KEYB",
 ]
 
 # Ring header: the producers' index, the consumer's index and the lost counter on separate
@@ -82,3 +83,14 @@ WAIT_SPINS = 128         # `pause` rounds a waiting stub spins between two sleep
 WAIT_SLEEP_NS = 20000    # and the nanosleep between two spins
 CODE_START = 64
 CODE_SIZE = 4 * 4096
+
+# arm64 (tracer/inject/aarch64/stubs.py): the stub's frame at its sp (FRAME_A64, a multiple of
+# 16: sp stays 16-byte aligned, AAPCS64); the words up to FR_RET are where x86_64 has them, so
+# a fallback stub flags FR_FLAG = the key words + 16 on both.
+FRA_LR = 88       # x30 at entry: the caller's return address (unsigned)
+FRA_TID = 96
+FRA_T1 = 104
+FRAME_A64 = 112
+# the code page's two key words (arm64 stubs load them pc-relative: 64-bit, not immediates)
+CODE_KEYA = 24
+CODE_KEYB = 32

@@ -10,6 +10,8 @@ from tracer import procfs, sigframes, stackscan, target
 from tracer.abi import I386, Abi
 from tracer.errors import MemoryReadError
 from tracer.inject import layout as L
+from tracer.inject.aarch64.leave import out_of_copy
+from tracer.inject.aarch64.plan import PlanA64
 from tracer.inject.plan import Plan
 from tracer.inject.remote import RemoteCaller, RemoteError, Stepper
 from tracer.inject.ring import RawRecord, RingReader
@@ -31,7 +33,7 @@ class Leaving(RingReader):
     _lost_final: int | None
     _nr: _Numbers
     _pending: list[RawRecord]
-    _plan: Plan | None
+    _plan: Plan | PlanA64 | None
     _ring_addr: int
     _saved: list[tuple[int, bytes]]
     abi: Abi
@@ -44,7 +46,7 @@ class Leaving(RingReader):
     vdso_lost: bool
 
     if TYPE_CHECKING:
-        def _caller(self, stepper: Stepper, tid: int, plan: Plan) -> RemoteCaller: ...
+        def _caller(self, stepper: Stepper, tid: int, plan: Plan | PlanA64) -> RemoteCaller: ...
         def _close_local(self) -> None: ...
 
     def stop_recording(self) -> None:
@@ -89,6 +91,12 @@ class Leaving(RingReader):
                 try:
                     stepper.step_while(t, regs, lambda ip: gw[0] <= ip < gw[1]
                                        or any(lo <= ip < hi for lo, hi in tails))
+                    if isinstance(self._plan, PlanA64):
+                        # arm64: moved, not stepped, out of a copy (aarch64/leave.py); a
+                        # thread in the vDSO itself runs the original once it is restored
+                        out_of_copy(arch, self.mem, t, regs, stepper, self._plan,
+                                    self._code, self.base, code_lo)
+                        vlo = vhi = 0
                     stepper.step_while(t, regs, lambda ip: code_lo <= ip < code_hi
                                        or vlo <= ip < vhi, limit=_COPY_STEPS)
                 except RemoteError:
@@ -194,7 +202,10 @@ class Leaving(RingReader):
             ip = regs.buf[arch.PC]
             # (an i386 thread sits in __kernel_vsyscall during every system call: there the
             # stack scan below decides, it finds the return address into a copy if any)
-            if lo <= ip < hi or (arch is not I386 and vlo <= ip < vhi):
+            if lo <= ip < hi or (arch is not I386 and vlo <= ip < vhi and (
+                    not isinstance(self._plan, PlanA64) or lo <= regs["x30"] < hi)):
+                # (arm64: in the vDSO, only on its way back into a copy through x30, or
+                # through a saved x30 the stack scan below finds)
                 code = True
             if any(a <= ip < b for a, b in windows):
                 ring = True

@@ -3,10 +3,17 @@
 A remote system call: the thread's registers are saved, pc is set to a system call instruction
 the vDSO already contains (the arch's `syscall_insn`: x86_64's `syscall`; an i386 tracee: the
 `int 0x80` of __kernel_vsyscall, a 32-bit result), number and arguments go in the arch's
-system call registers, `Arch.no_restart` keeps the kernel from restarting a system call the
+system call registers, `Arch.no_syscall` keeps the kernel from restarting a system call the
 thread was interrupted in, one PTRACE_SINGLESTEP runs it, the arch's `syscall_ret` register is
 the result, and the saved registers go back exactly (with them the pending restart, if any). A signal that arrives while we step is held back and sent
 again with tgkill once the thread's registers are restored.
+
+arm64: the kernel keeps the number of the system call a thread is in (what it would restart or
+is tracing) in regs->syscallno, outside NT_PRSTATUS: it is read through NT_ARM_SYSTEM_CALL,
+set to -1 (NO_SYSCALL: nothing to restart, arch/arm64/kernel/signal.c do_signal) while our
+calls run, and written back with the registers. A thread stopped while blocked in a system
+call already has pc rewound to its `svc` and x0 = orig_x0 (do_signal does that before the
+stop), so restoring NT_PRSTATUS keeps its restart: it runs that `svc` again when resumed.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from collections.abc import Callable
 
 from tracer import stops, target
 from tracer.arch import Arch
+from tracer.arch.aarch64 import NT_ARM_SYSTEM_CALL
 from tracer.errors import ProcessGone, TracerError
 from tracer.stops import FAULTS as _FAULTS, Kind
 
@@ -106,6 +114,11 @@ class RemoteCaller:
         self.saved = arch.new_regs()
         arch.regs_get(tid, self.saved)
         self.work = arch.new_regs()
+        # arm64: regs->syscallno (an int), restored with the registers
+        self.sysno: ctypes.Array[ctypes.c_int32] | None = None
+        if arch.name == "aarch64":
+            self.sysno = (ctypes.c_int32 * 1)()
+            target.getregset(tid, NT_ARM_SYSTEM_CALL, self.sysno)
 
     def __call__(self, nr: int, *args: int) -> int:
         a = self.arch
@@ -115,7 +128,7 @@ class RemoteCaller:
         for name, value in zip(self.arg_regs, args):
             w[name] = value
         w[a.pc] = self.site
-        a.no_restart(w)
+        a.no_syscall(self.tid, w)           # (x86: orig_rax in w; arm64: NT_ARM_SYSTEM_CALL)
         a.regs_set(self.tid, w)
         self.stepper.step(self.tid)
         a.regs_get(self.tid, w)
@@ -138,3 +151,5 @@ class RemoteCaller:
 
     def restore(self) -> None:
         self.arch.regs_set(self.tid, self.saved)
+        if self.sysno is not None:
+            target.setregset(self.tid, NT_ARM_SYSTEM_CALL, self.sysno)

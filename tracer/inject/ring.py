@@ -2,6 +2,7 @@
 checked before it becomes a RawRecord; a full ring waits for the heartbeat."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import mmap
 import os
@@ -9,6 +10,8 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from tracer.abi import Abi
 from tracer.decoders import Decoder
@@ -41,23 +44,69 @@ class _RingShort(Exception):
     """The ring file is shorter than the tracer expects (it cannot be, once sealed)."""
 
 
+def host_fence() -> Callable[[], None] | None:
+    """arm64 hosts: a function that runs `dmb ish` (a full barrier for this CPU's loads and
+    stores, Arm ARM B2.3.11), from a few bytes mapped executable in the tracer; None on x86,
+    whose loads are not reordered with other loads nor stores with older loads."""
+    from tracer import arch
+    try:
+        if arch.native().name != "aarch64":
+            return None
+    except arch.UnsupportedArch:
+        return None
+    # written into a memfd before it is mapped executable: the kernel makes a page cache page
+    # coherent with the instruction cache when it maps it (arm64 __sync_icache_dcache); code
+    # stored through a data mapping could be fetched stale
+    fd = os.memfd_create("vdsotrace-fence", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, bytes.fromhex("bf3b03d5c0035fd6").ljust(mmap.PAGESIZE, b"\0"))  # dmb ish; ret
+        buf = mmap.mmap(fd, mmap.PAGESIZE, flags=mmap.MAP_SHARED,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    finally:
+        os.close(fd)
+    fn = ctypes.CFUNCTYPE(None)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+    _FENCE_KEEP.append(buf)
+    return fn
+
+
+_FENCE_KEEP: list[mmap.mmap] = []
+
+
 class _FileRing:
     """The ring, read and written through the tracer's descriptor with pread/pwrite and never
     mapped into the tracer: it is memory the tracee controls, and a mapping of a file that
-    shrinks under it faults (SIGBUS) in the reader, where a read only comes back short."""
-    __slots__ = ("fd",)
+    shrinks under it faults (SIGBUS) in the reader, where a read only comes back short.
 
-    def __init__(self, fd: int) -> None:
+    With a `fence` (arm64, whose loads are not ordered with each other): the stubs publish a
+    slot by writing its seq with store-release after its other words, so a reader must load
+    seq before the rest. A read of whole slots is done twice, `dmb ish` between: the seqs of
+    the first read with the other words of the second (a slot whose seq was seen committed is
+    then read whole), and the barrier again before TAIL is written (the slots' loads done
+    before a stub may reuse them)."""
+    __slots__ = ("fd", "fence")
+
+    def __init__(self, fd: int, fence: Callable[[], None] | None = None) -> None:
         self.fd = fd
+        self.fence = fence
 
     def __getitem__(self, sl: slice) -> bytes:
         n = sl.stop - sl.start
         data = os.pread(self.fd, n, sl.start)
         if len(data) != n:
             raise _RingShort()
+        if self.fence is not None and sl.start >= L.DATA and n >= L.SLOT:
+            self.fence()
+            again = os.pread(self.fd, n, sl.start)
+            if len(again) != n:
+                raise _RingShort()
+            words = np.frombuffer(again, dtype=np.uint64).reshape(-1, L.SLOT // 8).copy()
+            words[:, L.S_SEQ // 8] = np.frombuffer(data, dtype=np.uint64)[L.S_SEQ // 8::L.SLOT // 8]
+            return words.tobytes()
         return data
 
     def __setitem__(self, sl: slice, data: bytes) -> None:
+        if self.fence is not None:
+            self.fence()
         if os.pwrite(self.fd, data, sl.start) != len(data):
             raise _RingShort()
 
