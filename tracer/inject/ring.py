@@ -175,6 +175,17 @@ def _record_maker() -> Callable[..., RawRecord]:
 _make_record = _record_maker()
 
 
+def _slot_outs(sizes: tuple[int, ...], flags: int, o0: bytes,
+               o1: bytes) -> tuple[bytes | None, ...]:
+    """A slot's output buffers (16 bytes each), cut to the function's out sizes; None where
+    its flags say the call wrote nothing there (bit 1: the first, bit 2: the second)."""
+    z = sizes[0]
+    outs: tuple[bytes | None, ...] = ((o0 if z == 16 else o0[:z]) if flags & 2 else None,)
+    if len(sizes) > 1:
+        z = sizes[1]
+        outs += ((o1 if z == 16 else o1[:z]) if flags & 4 else None,)
+    return outs
+
 def slot_records(buf: bytes, names: list[str], nargs: list[int],
                  outsz: list[tuple[int, ...]], rate: float, tsc0: int,
                  ns0: int) -> list[RawRecord]:
@@ -186,15 +197,7 @@ def slot_records(buf: bytes, names: list[str], nargs: list[int],
     for (_seq, tid, fid, flags, a0, a1, a2, a3, a4, a5, ret, t0, t1, caller, o0,
          o1) in _SLOT.iter_unpack(buf):
         sizes = outsz[fid]
-        if sizes:
-            z = sizes[0]
-            outs: tuple[bytes | None, ...] = (
-                (o0 if z == 16 else o0[:z]) if flags & 2 else None,)
-            if len(sizes) > 1:
-                z = sizes[1]
-                outs += ((o1 if z == 16 else o1[:z]) if flags & 4 else None,)
-        else:
-            outs = ()
+        outs = _slot_outs(sizes, flags, o0, o1) if sizes else ()
         k = nargs[fid]
         dur = t1 - t0
         append(make(tid, names[fid], (a0, a1) if k == 2 else (a0, a1, a2, a3, a4, a5)[:k],
@@ -522,15 +525,7 @@ class RingReader(Instrument):
                     if dur > 0:
                         st.total_ns += int(dur * rate)
                     continue
-                if sizes:
-                    z = sizes[0]
-                    outs: tuple[bytes | None, ...] = (
-                        (o0 if z == 16 else o0[:z]) if flags & 2 else None,)
-                    if len(sizes) > 1:
-                        z = sizes[1]
-                        outs += ((o1 if z == 16 else o1[:z]) if flags & 4 else None,)
-                else:
-                    outs = ()
+                outs = _slot_outs(sizes, flags, o0, o1) if sizes else ()
                 k = nargs[fid]
                 out_append(make(tid, names[fid], (a0, a1) if k == 2 else  # type: ignore[misc]
                                 (a0, a1, a2, a3, a4, a5)[:k], ret, outs, flags & 1 == 1,
