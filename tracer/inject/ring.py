@@ -186,6 +186,7 @@ def _slot_outs(sizes: tuple[int, ...], flags: int, o0: bytes,
         outs += ((o1 if z == 16 else o1[:z]) if flags & 4 else None,)
     return outs
 
+
 def slot_records(buf: bytes, names: list[str], nargs: list[int],
                  outsz: list[tuple[int, ...]], rate: float, tsc0: int,
                  ns0: int) -> list[RawRecord]:
