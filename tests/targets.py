@@ -109,20 +109,21 @@ AARCH64_HINT = ("clang cannot build arm64 targets here: run scripts/setup --vm, 
                 "clang, lld and libc6-dev-arm64-cross")
 
 
-def build_aarch64(name: str) -> Path:
-    """Compile tests/targets/NAME.c for aarch64 into BUILD_DIR/aarch64/NAME (rebuilt when a
-    source is newer) and return the binary. Raises BuildError with clang's message."""
+def build_aarch64(name: str, out_name: str | None = None, *flags: str) -> Path:
+    """Compile tests/targets/NAME.c for aarch64 (with extra compiler `flags` after CFLAGS)
+    into BUILD_DIR/aarch64/OUT_NAME (default NAME; rebuilt when a source is newer) and return
+    the binary. Raises BuildError with clang's message."""
     src = SRC_DIR / f"{name}.c"
     if not src.exists():
         raise BuildError(f"no target source {src}")
     out_dir = BUILD_DIR / "aarch64"
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / name
+    out = out_dir / (out_name or name)
     stamp = max(p.stat().st_mtime for p in (src, *SRC_DIR.glob("*.h")))
     if out.exists() and out.stat().st_mtime >= stamp:
         return out
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    cmd = [*AARCH64_CC, *CFLAGS, "-o", str(tmp), str(src)]
+    cmd = [*AARCH64_CC, *CFLAGS, *flags, "-o", str(tmp), str(src)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:
@@ -670,26 +671,7 @@ def build_aarch64_variant(name: str, variant: str, *flags: str) -> Path:
     """tests/targets/NAME.c built for aarch64 with extra compiler `flags` (after CFLAGS) into
     BUILD_DIR/aarch64/VARIANT (rebuilt when a source is newer), e.g. with and without frame
     pointers. Raises BuildError with clang's message."""
-    src = SRC_DIR / f"{name}.c"
-    if not src.exists():
-        raise BuildError(f"no target source {src}")
-    out_dir = BUILD_DIR / "aarch64"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / variant
-    stamp = max(p.stat().st_mtime for p in (src, *SRC_DIR.glob("*.h")))
-    if out.exists() and out.stat().st_mtime >= stamp:
-        return out
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    cmd = [*AARCH64_CC, *CFLAGS, *flags, "-o", str(tmp), str(src)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise BuildError(AARCH64_HINT) from None
-    if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise BuildError(f"{' '.join(cmd)} failed ({AARCH64_HINT}):\n{r.stderr}")
-    os.replace(tmp, out)
-    return out
+    return build_aarch64(name, variant, *flags)
 
 
 # a64stack's two builds: frame records everywhere, or CFI only
