@@ -203,7 +203,8 @@ class Leaving(RingReader):
             # (an i386 thread sits in __kernel_vsyscall during every system call: there the
             # stack scan below decides, it finds the return address into a copy if any)
             if lo <= ip < hi or (arch is not I386 and vlo <= ip < vhi and (
-                    not isinstance(self._plan, PlanA64) or lo <= regs["x30"] < hi)):
+                    not isinstance(self._plan, PlanA64)
+                    or lo <= arch.return_address(regs, self.mem.read) < hi)):
                 # (arm64: in the vDSO, only on its way back into a copy through x30, or
                 # through a saved x30 the stack scan below finds)
                 code = True
