@@ -164,6 +164,33 @@ def test_stub_shape_llsc(image: VdsoImage) -> None:
     assert "stlr" in names
 
 
+def test_exclusive_spans_llsc(image: VdsoImage) -> None:
+    """Leaving redirects a thread found between a claim loop's ldxr and its stxr to the
+    stub's exit (no single step gets through: each clears the exclusive monitor): the spans
+    must cover exactly those words, and `done` must be the exit, which restores x0 and x30
+    from the frame at sp and nothing of the ring. With LSE there is no such span."""
+    code_base = BASE - 0x100000
+    _, lse_page = build(image, code_base, lse=True)
+    assert all(info.exclusive == () for info in lse_page.stubs)
+    _, page = build(image, code_base, lse=False)
+    for info in page.stubs:
+        assert len(info.exclusive) == 2
+        words = []
+        for lo, hi in info.exclusive:
+            got = disas(image, page.data[lo - code_base:hi - code_base], lo)
+            words.append([m for _, m, _ in got])
+            # the span ends right after the stxr: a thread past it is stepped on normally
+            assert got[-1][1] == "stxr"
+        assert words == [["ldxr", "cmp", "b.ne", "stxr"], ["ldxr", "add", "stxr"]], words
+        exit_ = disas(image, page.data[info.done - code_base:info.tail[1] - code_base],
+                      info.done)
+        assert [(m, o) for _, m, o in exit_[:3]] == [
+            ("ldr", f"x0, [sp, #{L.FR_RET:#x}]"), ("ldr", f"x30, [sp, #{L.FRA_LR:#x}]"),
+            ("add", f"sp, sp, #{L.FRAME_A64:#x}")], exit_[:3]
+        assert exit_[-1][1] == "ret"
+        assert info.window[0] < info.done <= info.window[1]
+
+
 def test_getrandom_stub_undoes_the_entry_signing(image: VdsoImage) -> None:
     code_base = BASE - 0x100000
     plan, page = build(image, code_base)

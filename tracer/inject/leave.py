@@ -73,6 +73,20 @@ class Leaving(RingReader):
             vlo, vhi = self.base, self.base + len(self.image.data)
             arch = self.abi
             regs = arch.new_regs()
+            # arm64 without LSE: a thread in a claim loop's ldxr..stxr goes to its stub's exit
+            # (the call is not recorded: counted as lost), since no step gets it through
+            spans = [(lo, hi, s.done) for s in self._code.stubs for lo, hi in s.exclusive]
+            abandoned = 0
+
+            def out_of_exclusive(ip: int) -> int | None:
+                nonlocal abandoned
+                for lo, hi, done in spans:
+                    if lo <= ip < hi:
+                        abandoned += 1
+                        return done
+                return None
+
+            redirect = out_of_exclusive if spans else None
             for t in tids:
                 if gw[0] < gw[1]:
                     # i386: the stub calls __kernel_vsyscall for gettid, a copy for its
@@ -90,7 +104,8 @@ class Leaving(RingReader):
                 # (_code_in_use)
                 try:
                     stepper.step_while(t, regs, lambda ip: gw[0] <= ip < gw[1]
-                                       or any(lo <= ip < hi for lo, hi in tails))
+                                       or any(lo <= ip < hi for lo, hi in tails),
+                                       redirect=redirect)
                     if isinstance(self._plan, PlanA64):
                         # arm64: moved, not stepped, out of a copy (aarch64/leave.py); a
                         # thread in the vDSO itself runs the original once it is restored
@@ -98,7 +113,8 @@ class Leaving(RingReader):
                                     self._code, self.base, code_lo)
                         vlo = vhi = 0
                     stepper.step_while(t, regs, lambda ip: code_lo <= ip < code_hi
-                                       or vlo <= ip < vhi, limit=_COPY_STEPS)
+                                       or vlo <= ip < vhi, limit=_COPY_STEPS,
+                                       redirect=redirect)
                 except RemoteError:
                     pass
             if not self.vdso_lost:      # else: nothing of it to restore, nothing written there
@@ -107,7 +123,7 @@ class Leaving(RingReader):
             self._saved.clear()
             self.producers_stopped()
             self._drain_ring(L.NSLOTS, self._pending, None)
-            self._lost_final = self.lost()
+            self._lost_final = self.lost() + abandoned
             keep, keep_ring = self._code_in_use(tids, regs)
             call = self._caller(stepper, tids[0], self._plan)
             try:

@@ -78,13 +78,21 @@ class Stepper:
                              f"{sorted({s for _, s in mine})})")
 
     def step_while(self, tid: int, regs: target.Regs, inside: Callable[[int], bool],
-                   limit: int = _MAX_STEPS) -> None:
-        """Step `tid` until its pc is no longer `inside` (at most `limit` steps)."""
+                   limit: int = _MAX_STEPS,
+                   redirect: Callable[[int], int | None] | None = None) -> None:
+        """Step `tid` until its pc is no longer `inside` (at most `limit` steps). `redirect`:
+        where a thread at a pc goes instead of being stepped there (None: stepped)."""
         pc = self.arch.pc
         for _ in range(limit):
             self.arch.regs_get(tid, regs)
             if not inside(regs[pc]):
                 return
+            if redirect is not None:
+                to = redirect(regs[pc])
+                if to is not None:
+                    regs[pc] = to
+                    self.arch.regs_set(tid, regs)
+                    continue
             self.step(tid)
         self.arch.regs_get(tid, regs)
         if not inside(regs[pc]):

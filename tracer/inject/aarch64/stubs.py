@@ -325,8 +325,12 @@ def build_code_a64(plan: PlanA64, base: int, code_base: int, decoders: list[Deco
         page[at:at + len(region)] = region
         page[copy_at - code_base:copy_at - code_base + len(copy)] = copy
         page[stub_at - code_base:end] = stub_code
+        # ldxr, cmp, b.ne, stxr / ldxr, add, stxr: the words no step gets through
+        spans = () if lse else ((s.addr("ll"), s.addr("ll") + 16),
+                                (s.addr("lostll"), s.addr("lostll") + 12))
         infos.append(StubInfo(fid, base + fp.patch_at, stub_at, win,
                               (copy_at, copy_at + len(copy)),
-                              (s.addr("tail"), stub_at + len(stub_code))))
+                              (s.addr("tail"), stub_at + len(stub_code)), spans,
+                              s.addr("done")))
         at = _align(end)
     return CodePage(bytes(page), tuple(infos))

@@ -52,6 +52,11 @@ class StubInfo:
     window: tuple[int, int]      # [start, end): the instructions that touch the ring
     copy: tuple[int, int]        # runtime range of the body copy
     tail: tuple[int, int] = (0, 0)   # [after the call into the copy, after the stub's ret)
+    # arm64 without LSE: the ldxr..stxr spans of its claim loops, which a single step cannot
+    # get through (every step clears the exclusive monitor, so the stxr always fails), and
+    # where a thread found in one goes instead: the stub's exit, nothing written to the ring
+    exclusive: tuple[tuple[int, int], ...] = ()
+    done: int = 0
 
 
 @dataclass(frozen=True, slots=True)
