@@ -11,6 +11,7 @@ ended. Prints one JSON object {scenario: report}; asserts nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,42 @@ def records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+@contextlib.contextmanager
+def scenario(target: str, rec: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[bytes],
+                                                                  dict[str, Any]]]:
+    """The target started (writing its record to `rec`) and ready, its vDSO bytes in the
+    report as "before"; what the scenario raises is reported, not raised (the other
+    scenarios still run), the target then killed; its record goes into the report. (A target
+    that never gets ready is reported too.)"""
+    p = subprocess.Popen([target, str(rec), "--rounds", str(ROUNDS), *extra],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rep: dict[str, Any] = {}
+    try:
+        read_line(p, b"ready")
+        rep["before"] = vdso_bytes(p.pid)
+    except Exception as ex:
+        # a generator context manager must yield once: the scenario then fails against the
+        # killed target, and this first error is the one reported
+        rep["error"] = repr(ex)
+        p.kill()
+        p.wait()
+    try:
+        yield p, rep
+    except Exception as ex:
+        rep.setdefault("error", repr(ex))
+        p.kill()
+        p.wait()
+    rep["record"] = records(rec) if rec.exists() else []
+
+
+def go(p: subprocess.Popen[bytes]) -> None:
+    """The target's go byte; back once it says it made its calls."""
+    assert p.stdin is not None
+    p.stdin.write(b"g")
+    p.stdin.flush()
+    read_line(p, b"done")
+
+
 def attach_run(target: str, out: Path, name: str, opts: list[str], json_out: bool,
                extra: tuple[str, ...] = (), sig: int = signal.SIGINT) -> dict[str, Any]:
     """`vdsotrace trace -p PID OPTS` on a running target (run with `extra` arguments); `sig`
@@ -80,32 +117,18 @@ def attach_run(target: str, out: Path, name: str, opts: list[str], json_out: boo
     rec = out / f"{name}.rec"
     tout = out / f"{name}.out"
     terr = out / f"{name}.err"
-    p = subprocess.Popen([target, str(rec), "--rounds", str(ROUNDS), *extra],
-                         stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    rep: dict[str, Any] = {}
     tout.unlink(missing_ok=True)
-    try:
-        read_line(p, b"ready")
-        rep["before"] = vdso_bytes(p.pid)
+    with scenario(target, rec, *extra) as (p, rep):
         rep["threads_at_attach"] = len(os.listdir(f"/proc/{p.pid}/task"))
         with open(terr, "wb") as e:
             tr = subprocess.Popen(["vdsotrace", "trace", "-p", str(p.pid), *opts, "-o",
                                    str(tout)], stderr=e)
             wait_file(tout, '"attach"' if json_out else "attached to")
-            assert p.stdin is not None
-            p.stdin.write(b"g")
-            p.stdin.flush()
-            read_line(p, b"done")
+            go(p)
             tr.send_signal(sig)
             rep["tracer_rc"] = tr.wait(60)
         rep["after"] = vdso_bytes(p.pid)
         rep["target"] = finish(p, 30, b"x")
-    except Exception as ex:          # reported, not raised: the other scenarios still run
-        rep["error"] = repr(ex)
-        p.kill()
-        p.wait()
-    rep["record"] = records(rec) if rec.exists() else []
     rep["stdout"] = tout.read_text(errors="replace") if tout.exists() else ""
     rep["stderr"] = terr.read_text(errors="replace") if terr.exists() else ""
     return rep
@@ -150,12 +173,7 @@ def record_run(target: str, out: Path) -> dict[str, Any]:
     report FILE --json`."""
     rec = out / "record.rec"
     recording = out / "record.vdsotrace"
-    p = subprocess.Popen([target, str(rec), "--rounds", str(ROUNDS)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    rep: dict[str, Any] = {}
-    try:
-        read_line(p, b"ready")
-        rep["before"] = vdso_bytes(p.pid)
+    with scenario(target, rec) as (p, rep):
         tr = subprocess.Popen(["vdsotrace", "record", "-p", str(p.pid), "-o", str(recording)],
                               stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60        # planted: the entries are patched
@@ -164,10 +182,7 @@ def record_run(target: str, out: Path) -> dict[str, Any]:
                 raise RuntimeError("record never patched the vDSO")
             time.sleep(0.1)
         time.sleep(0.5)                          # (planted before the threads run again)
-        assert p.stdin is not None
-        p.stdin.write(b"g")
-        p.stdin.flush()
-        read_line(p, b"done")
+        go(p)
         tr.send_signal(signal.SIGINT)
         _, err = tr.communicate(timeout=60)
         rep["tracer_rc"] = tr.returncode
@@ -179,11 +194,6 @@ def record_run(target: str, out: Path) -> dict[str, Any]:
         rep["report_rc"] = r.returncode
         rep["stdout"] = r.stdout.decode(errors="replace")
         rep["report_stderr"] = r.stderr.decode(errors="replace")
-    except Exception as ex:
-        rep["error"] = repr(ex)
-        p.kill()
-        p.wait()
-    rep["record"] = records(rec) if rec.exists() else []
     return rep
 
 
@@ -192,12 +202,7 @@ def duration_run(target: str, out: Path) -> dict[str, Any]:
     then the target makes its calls untraced and exits normally."""
     rec = out / "duration.rec"
     tout = out / "duration.jsonl"
-    p = subprocess.Popen([target, str(rec), "--rounds", str(ROUNDS)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    rep: dict[str, Any] = {}
-    try:
-        read_line(p, b"ready")
-        rep["before"] = vdso_bytes(p.pid)
+    with scenario(target, rec) as (p, rep):
         tr = subprocess.Popen(["vdsotrace", "trace", "-p", str(p.pid), "--duration", "3",
                                "--json", "-o", str(tout)], stderr=subprocess.PIPE)
         _, err = tr.communicate(timeout=120)
@@ -205,16 +210,8 @@ def duration_run(target: str, out: Path) -> dict[str, Any]:
         rep["stderr"] = err.decode(errors="replace")
         rep["stdout"] = tout.read_text()
         rep["after"] = vdso_bytes(p.pid)
-        assert p.stdin is not None
-        p.stdin.write(b"g")
-        p.stdin.flush()
-        read_line(p, b"done")
+        go(p)
         rep["target"] = finish(p, 30, b"x")
-    except Exception as ex:
-        rep["error"] = repr(ex)
-        p.kill()
-        p.wait()
-    rep["record"] = records(rec) if rec.exists() else []
     return rep
 
 
@@ -224,12 +221,7 @@ def guardian_run(target: str, out: Path) -> dict[str, Any]:
     and exits normally."""
     rec = out / "guardian.rec"
     tout = out / "guardian.jsonl"
-    p = subprocess.Popen([target, str(rec), "--rounds", str(ROUNDS)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    rep: dict[str, Any] = {}
-    try:
-        read_line(p, b"ready")
-        rep["before"] = vdso_bytes(p.pid)
+    with scenario(target, rec) as (p, rep):
         tr = subprocess.Popen(["vdsotrace", "trace", "-p", str(p.pid), "--json", "-o", str(tout)],
                               stderr=subprocess.DEVNULL)
         wait_file(tout, '"attach"')
@@ -246,16 +238,8 @@ def guardian_run(target: str, out: Path) -> dict[str, Any]:
             time.sleep(0.1)
         time.sleep(0.5)
         rep["after"] = vdso_bytes(p.pid)
-        assert p.stdin is not None
-        p.stdin.write(b"g")
-        p.stdin.flush()
-        read_line(p, b"done")
+        go(p)
         rep["target"] = finish(p, 30, b"x")
-    except Exception as ex:
-        rep["error"] = repr(ex)
-        p.kill()
-        p.wait()
-    rep["record"] = records(rec) if rec.exists() else []
     return rep
 
 
@@ -269,16 +253,11 @@ def console_run(target: str, out: Path) -> dict[str, Any]:
     from tracer.session import Session, TraceOptions
 
     rec = out / "console.rec"
-    p = subprocess.Popen([target, str(rec), "--rounds", str(ROUNDS)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    rep: dict[str, Any] = {}
 
     def done(f: Future[Any]) -> Any:
         return f.result(60)
 
-    try:
-        read_line(p, b"ready")
-        rep["before"] = vdso_bytes(p.pid)
+    with scenario(target, rec) as (p, rep):
         events: list[Event] = []
         lock = threading.Lock()
 
@@ -301,10 +280,7 @@ def console_run(target: str, out: Path) -> dict[str, Any]:
         rep["after_inject"] = {"inject": ctl.snapshot().inject,
                                "functions": list(ctl.snapshot().functions)}
         done(ctl.resume())
-        assert p.stdin is not None
-        p.stdin.write(b"g")
-        p.stdin.flush()
-        read_line(p, b"done")
+        go(p)
         deadline = time.monotonic() + 30
         want = 2 * ROUNDS * 6           # clock_gettime x4 + gettimeofday x2 a round, 2 threads
         while time.monotonic() < deadline:
@@ -327,11 +303,6 @@ def console_run(target: str, out: Path) -> dict[str, Any]:
                 for e in events if isinstance(e, CallEvent)]
         rep["after"] = vdso_bytes(p.pid)
         rep["target"] = finish(p, 30, b"x")
-    except Exception as ex:
-        rep["error"] = repr(ex)
-        p.kill()
-        p.wait()
-    rep["record"] = records(rec) if rec.exists() else []
     return rep
 
 
