@@ -49,7 +49,7 @@ def thread_state(tids: list[int]) -> dict[str, Any]:
     out = {}
     for t in tids:
         regs = target.Regs()
-        target.getregs(t, regs)
+        A.AARCH64.regs_get(t, regs)
         sysno = (ctypes.c_int32 * 1)()
         target.getregset(t, A.NT_ARM_SYSTEM_CALL, sysno)
         out[str(t)] = {"regs": [regs[n] for n in A.REG_NAMES], "syscallno": sysno[0]}
@@ -185,7 +185,7 @@ def spin(tgt: str, outdir: Path, modes: tuple[str, ...] = MODES) -> dict[str, An
             regs = target.Regs()
             code = (rec._code_addr, rec._code_addr + L.CODE_SIZE)
             for t in tids:
-                target.getregs(t, regs)
+                A.AARCH64.regs_get(t, regs)
                 where = ("code" if code[0] <= regs["pc"] < code[1] else
                          "vdso" if lo <= regs["pc"] < hi else "other")
                 c["pcs"][str(t)] = where
@@ -198,7 +198,7 @@ def spin(tgt: str, outdir: Path, modes: tuple[str, ...] = MODES) -> dict[str, An
                 # what kept it: each thread's pc and the words above its sp into the page
                 c["why_kept"] = {}
                 for t in tids:
-                    target.getregs(t, regs)
+                    A.AARCH64.regs_get(t, regs)
                     sp = regs["sp"]
                     try:
                         raw = mem.read(sp, 4096)

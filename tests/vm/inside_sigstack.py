@@ -53,7 +53,7 @@ STACK_BUILDS = ("a64stack_fp", "a64stack_nofp")
 
 def regs_of(pid: int) -> dict[str, int]:
     regs = target.Regs()
-    target.getregs(pid, regs)
+    A.AARCH64.regs_get(pid, regs)
     return {n: regs[n] for n in A.REG_NAMES}
 
 
@@ -99,7 +99,7 @@ def raw_signals(d: Path, count: int) -> dict[str, Any]:
                 sp, fp = r["sp"], r["x29"]
                 out["entries"].append({"regs": r, "mem_at": sp,
                                        "mem": mem.read(sp, fp + 16 - sp).hex()})
-                target.getregs(pid, live)
+                A.AARCH64.regs_get(pid, live)
                 dl = tracker.on_handler_entry(tid, sig, live, mem.read)
                 out["tracker"].append(None if dl is None else {
                     "kind": "delivery", "handler": dl.handler, "restorer": dl.restorer,
@@ -111,7 +111,7 @@ def raw_signals(d: Path, count: int) -> dict[str, Any]:
                     out["sigreturns"].append({"regs": r, "mem_at": r["sp"],
                                               "mem": mem.read(r["sp"], RT_SIGFRAME).hex(),
                                               "instruction_pointer": info.instruction_pointer})
-                    target.getregs(pid, live)
+                    A.AARCH64.regs_get(pid, live)
                     sr = tracker.on_sigreturn(tid, info.nr, live, mem.read, "")
                     out["tracker"].append({
                         "kind": "sigreturn", "resume_ip": sr.resume_ip, "frame": sr.frame,
@@ -168,7 +168,7 @@ def raw_stack(d: Path, build: str) -> dict[str, Any]:
             lo = sp & ~0xFFF
             hi = stack_end(pid, sp)
             live = target.Regs()
-            target.getregs(pid, live)
+            A.AARCH64.regs_get(pid, live)
             dw: dict[int | str, int] = {i: live[n] for i, n in enumerate(A.AARCH64.dwarf_regs)}
             dw["pc"], dw["sp"] = live["pc"], live["sp"]
             mm = ModuleMap.from_pid(pid, image)
