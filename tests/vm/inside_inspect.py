@@ -4,7 +4,7 @@
 
 Starts TARGET (tests/targets/a64smoke.c built for aarch64); while it waits for its go byte,
 runs `vdsotrace auxv|vdso|dump|disas -p PID` on it (and `trace`/`record --inject`, which
-refuse it) and saves the oracles beside their output
+install the in-tracee recorder and leave) and saves the oracles beside their output
 in OUTDIR: /proc/PID/auxv, the [vdso] mapping read from /proc/PID/mem, /proc/PID/maps and
 /proc/cpuinfo (the kernel's own names of the AT_HWCAP/AT_HWCAP2 bits). Then lets the target
 run its calls and collects its record. Prints one JSON object of what it saw; asserts nothing
@@ -57,9 +57,8 @@ def main() -> int:
                                "__kernel_rt_sigreturn", "getrandom")},
         "disas_att": run([vt, "disas", "-p", str(pid), "clock_gettime", "--syntax", "att"]),
         "disas_unknown": run([vt, "disas", "-p", str(pid), "time"]),
-        # the in-tracee recorder is x86-only so far: trace and record with --inject refuse
-        # an arm64 process (or command) in one line, before touching it (the stop-based
-        # engine traces it: tests/vm/test_trace_aarch64.py)
+        # --inject on the idle process (installed, nothing to record, left after 2 s) and on
+        # a command: each must leave the process as it was (checked below)
         "trace": run([vt, "trace", "--inject", "-p", str(pid), "--duration", "2"]),
         "trace_out": run([vt, "trace", "--inject", "-p", str(pid), "--duration", "2", "-o",
                           str(outdir / "trace-out.txt")]),

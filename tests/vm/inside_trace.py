@@ -245,7 +245,7 @@ def guardian_run(target: str, out: Path) -> dict[str, Any]:
 
 def console_run(target: str, out: Path) -> dict[str, Any]:
     """The console's control interface (tracer.engine.control.Control) on an attached target:
-    pause, snapshot, set functions, --inject refused, resume, the calls, stop."""
+    pause, snapshot, set functions, --inject on and off, resume, the calls, stop."""
     from concurrent.futures import Future
 
     from tracer.engine.control import Control
@@ -275,6 +275,8 @@ def console_run(target: str, out: Path) -> dict[str, Any]:
         try:
             done(ctl.set_inject(True))
             rep["inject"] = "accepted"
+            rep["inject_on"] = ctl.snapshot().inject
+            done(ctl.set_inject(False))          # and back to the stop-based engine
         except Exception as ex:
             rep["inject"] = f"{type(ex).__name__}: {ex}"
         rep["after_inject"] = {"inject": ctl.snapshot().inject,
