@@ -16,7 +16,9 @@ import pytest
 from tracer.events import (Addr, AttachEvent, CallEvent, DetachEvent, ExecEvent, ExitEvent,
                            NoticeEvent, SignalEvent, SigreturnEvent, SyscallEvent, Timespec,
                            Timeval, Timezone, Unreadable)
-from tracer.recording.format import VERSION, Name, Process, Reader, RecordingError, Trailer, Writer
+from tracer.recording.format import VERSION, Name, Process, RecordingError, Trailer
+from tracer.recording.reader import Reader
+from tracer.recording.writer import Writer
 from tracer.render import jsonl, text
 
 REPO = Path(__file__).resolve().parent.parent

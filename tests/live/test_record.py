@@ -57,7 +57,7 @@ def _record(target: Path, tmp: Path, target_args: list[str], rec_args: list[str]
 
 
 def _items(path: Path) -> list[Any]:
-    from tracer.recording.format import Reader
+    from tracer.recording.reader import Reader
     with open(path, "rb") as f:
         r = Reader(f, str(path))
         items = list(r.items())

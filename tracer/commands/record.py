@@ -15,7 +15,8 @@ from tracer.events import (AttachEvent, CallEvent, Event, ExecEvent, ExitEvent,
                            NoticeEvent)
 from tracer.inject import batch
 from tracer.inject.batch import SlotRun
-from tracer.recording.format import SlotContext, Writer
+from tracer.recording.format import SlotContext
+from tracer.recording.writer import Writer
 from tracer.render import text
 from tracer.session import Session
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from tracer.errors import UsageError
 from tracer.events import AttachEvent, CallEvent, Event
-from tracer.recording.format import Name, Process, Reader, SlotCaller, Slots, Trailer
+from tracer.recording.format import Name, Process, SlotCaller, Slots, Trailer
+from tracer.recording.reader import Reader
 from tracer.recording.replay import ReplayStats, Selection, SlotReplay
 
 __all__ = ["run_report"]
