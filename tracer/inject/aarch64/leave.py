@@ -21,7 +21,7 @@ from tracer.inject.remote import Stepper
 
 if TYPE_CHECKING:
     from tracer.inject.aarch64.plan import PlanA64
-    from tracer.inject.x86.stubs64 import CodePage
+    from tracer.inject.codepage import CodePage
 
 __all__ = ["out_of_copy"]
 

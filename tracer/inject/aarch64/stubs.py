@@ -31,7 +31,7 @@ from tracer.decoders import Decoder, out_size
 from tracer.inject import layout as L
 from tracer.inject.aarch64.asm import GT, HS, LO, NE, EQ, SP, ZR, Asm
 from tracer.inject.aarch64.plan import FunctionPlanA64, PlanA64, PlanError
-from tracer.inject.x86.stubs64 import CodePage, StubInfo
+from tracer.inject.codepage import CodePage, StubInfo, align as _align, place_function
 
 __all__ = ["build_code_a64", "SCAN_LIMIT"]
 
@@ -43,10 +43,6 @@ def _sx26(w: int) -> int:
     """The imm26 word offset of a b/bl."""
     v = w & 0x3FFFFFF
     return v - (1 << 26) if v >> 25 else v
-
-
-def _align(x: int, a: int = 16) -> int:
-    return (x + a - 1) & -a
 
 
 def _fallback_stub(a: Asm, code_base: int, back: int) -> None:
@@ -318,19 +314,12 @@ def build_code_a64(plan: PlanA64, base: int, code_base: int, decoders: list[Deco
         stub_at = _align(copy_at + len(copy))
         s = Asm(stub_at)
         win = _stub(s, fp, fid, copy_at, code_base, dec, lse)
-        stub_code = s.finish()
-        end = stub_at + len(stub_code) - code_base
-        if end > L.CODE_SIZE:
-            raise PlanError("the stubs do not fit in the code page")
-        page[at:at + len(region)] = region
-        page[copy_at - code_base:copy_at - code_base + len(copy)] = copy
-        page[stub_at - code_base:end] = stub_code
         # ldxr, cmp, b.ne, stxr / ldxr, add, stxr: the words no step gets through
         spans = () if lse else ((s.addr("ll"), s.addr("ll") + 16),
                                 (s.addr("lostll"), s.addr("lostll") + 12))
-        infos.append(StubInfo(fid, base + fp.patch_at, stub_at, win,
-                              (copy_at, copy_at + len(copy)),
-                              (s.addr("tail"), stub_at + len(stub_code)), spans,
-                              s.addr("done")))
-        at = _align(end)
+        info, at = place_function(page, code_base, at, bytes(region), copy_at, copy, s,
+                                  StubInfo(fid, base + fp.patch_at, stub_at, win,
+                                           (copy_at, copy_at + len(copy)), exclusive=spans,
+                                           done=s.addr("done")))
+        infos.append(info)
     return CodePage(bytes(page), tuple(infos))

@@ -22,19 +22,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from tracer.inject.codepage import PlanError
 from tracer import disasm
 from tracer.abi import Abi
-from tracer.errors import TracerError
 from tracer.vdso import GATEWAY_SYMBOL, VdsoFunction, VdsoImage
 
 __all__ = ["PlanError", "FallbackSite", "FunctionPlan", "Plan", "plan_image", "JMP_LEN",
            "syscall_site", "gateway_int80"]
 
 JMP_LEN = disasm.JMP_REL32_LEN
-
-
-class PlanError(TracerError):
-    """The vDSO is not the shape the injector can patch exactly."""
 
 
 @dataclass(frozen=True, slots=True)

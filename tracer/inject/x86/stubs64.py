@@ -24,17 +24,16 @@ returns): a pointer the kernel refused may fault.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 
 from tracer import disasm
 from tracer.abi import X86_64
 from tracer.decoders import Decoder, out_size
 from tracer.inject import layout as L
 from tracer.inject.x86.asm import Asm, rel32
-from tracer.inject.x86.plan import FunctionPlan, Plan, PlanError
+from tracer.inject.codepage import CodePage, PlanError, StubInfo, align as _align, place_function
+from tracer.inject.x86.plan import FunctionPlan, Plan
 
-__all__ = ["StubInfo", "CodePage", "build_code", "GETTID_NR", "NANOSLEEP_NR"]
+__all__ = ["StubInfo", "CodePage", "place_function", "build_code", "GETTID_NR", "NANOSLEEP_NR"]
 
 GETTID_NR = X86_64.gettid_nr      # arch/x86/entry/syscalls/syscall_64.tbl
 NANOSLEEP_NR = X86_64.nanosleep_nr
@@ -42,47 +41,6 @@ _SCAN_LIMIT = 2048       # bytes above rsp a fallback stub searches for its fram
 _RDI, _RSI, _RDX, _RCX, _R8, _R9, _R10, _RAX = 7, 6, 2, 1, 8, 9, 10, 0
 _ARG_REGS = (_RDI, _RSI, _RDX, _RCX, _R8, _R9)
 _CC_B, _CC_AE, _CC_E, _CC_NE, _CC_G = 2, 3, 4, 5, 0xF
-
-
-@dataclass(frozen=True, slots=True)
-class StubInfo:
-    fid: int
-    func_addr: int               # runtime_addr of the function's entry
-    stub: int                    # runtime_addr of the stub
-    window: tuple[int, int]      # [start, end): the instructions that touch the ring
-    copy: tuple[int, int]        # runtime range of the body copy
-    tail: tuple[int, int] = (0, 0)   # [after the call into the copy, after the stub's ret)
-    # arm64 without LSE: the ldxr..stxr spans of its claim loops, which a single step cannot
-    # get through (every step clears the exclusive monitor, so the stxr always fails), and
-    # where a thread found in one goes instead: the stub's exit, nothing written to the ring
-    exclusive: tuple[tuple[int, int], ...] = ()
-    done: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CodePage:
-    data: bytes                  # CODE_SIZE bytes, the ring pointer word included
-    stubs: tuple[StubInfo, ...]
-
-
-def place_function(page: bytearray, code_base: int, at: int, fb_code: bytes, copy_at: int,
-                   copy: bytes, s: Asm, info: StubInfo) -> tuple[StubInfo, int]:
-    """Put one function's fallback stubs (at `at`), relocated copy and stub (assembled in `s`,
-    at info.stub) in the code page; the stub's tail span completes `info`. Returns it and
-    where the next function's code starts."""
-    stub_at = info.stub
-    stub_code = s.finish()
-    end = stub_at + len(stub_code) - code_base
-    if end > L.CODE_SIZE:
-        raise PlanError("the stubs do not fit in the code page")
-    page[at:at + len(fb_code)] = fb_code
-    page[copy_at - code_base:copy_at - code_base + len(copy)] = copy
-    page[stub_at - code_base:end] = stub_code
-    return dataclasses.replace(info, tail=(s.addr("tail"), stub_at + len(stub_code))), _align(end)
-
-
-def _align(x: int, a: int = 16) -> int:
-    return (x + a - 1) & -a
 
 
 def _insn_bytes(i: disasm.Insn, orig: int, at: int) -> bytes:
