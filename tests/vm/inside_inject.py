@@ -24,6 +24,7 @@ import os
 import selectors
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -332,8 +333,11 @@ def cli(tgt: str, outdir: Path) -> dict[str, Any]:
     2-thread program from its go byte to its "done", then SIGINT; the events, the program's
     record, the vDSO before and after, how both ended."""
     record = outdir / "cli-record.txt"
-    tout = outdir / "cli.jsonl"
-    terr = outdir / "cli.err"
+    # the tracer's output in the machine's own memory, not on the 9p share: a file read there
+    # while another process appends to it can read as zero bytes (a NUL line)
+    mine = Path(tempfile.mkdtemp(prefix="inject-cli-"))
+    tout = mine / "cli.jsonl"
+    terr = mine / "cli.err"
     tout.unlink(missing_ok=True)
     p = subprocess.Popen([tgt, str(record), "--iters", "100"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
