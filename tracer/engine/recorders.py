@@ -134,8 +134,19 @@ class Recorders:
         if totals is None:
             return False
         funcs = space.patcher.funcs
+        if space.traced:
+            symbolize = self.symbols.symbolize
+            names = space.names
+            callers = {}
+            for a in batch.distinct(run.slots["caller"]):
+                callers[a] = names.get(a) or symbolize(space, a)
+            ctx = SlotContext(space.pid, abi.name,
+                              tuple((funcs[i].plain, funcs[i].symbol) for i in index),
+                              self.assembly.mono_to_epoch, self.assembly.fast_path,
+                              space.timens is not None)
+            if not self.slot_sink.write_slots(ctx, run, callers):
+                return False            # (counted then by the events' way)
         counters, st = self.stats.counters, self.stats
-        fb = 0
         for t in totals:
             c = counters[funcs[index[t.fid]].plain]
             c.calls += t.calls
@@ -143,30 +154,7 @@ class Recorders:
             c.errors += t.errors
             c.fallbacks += t.fallbacks
             st.calls += t.calls
-            fb += t.fallbacks
-        st.fallbacks += fb
-        if not space.traced:
-            return True
-        symbolize = self.symbols.symbolize
-        names = space.names
-        callers = {}
-        for a in batch.distinct(run.slots["caller"]):
-            callers[a] = names.get(a) or symbolize(space, a)
-        ctx = SlotContext(space.pid, abi.name,
-                          tuple((funcs[i].plain, funcs[i].symbol) for i in index),
-                          self.assembly.mono_to_epoch, self.assembly.fast_path,
-                          space.timens is not None)
-        if not self.slot_sink.write_slots(ctx, run, callers):
-            # the counts above are the events' too: take them back first
-            for t in totals:
-                c = counters[funcs[index[t.fid]].plain]
-                c.calls -= t.calls
-                c.total_ns -= t.total_ns
-                c.errors -= t.errors
-                c.fallbacks -= t.fallbacks
-                st.calls -= t.calls
-            st.fallbacks -= fb
-            return False
+            st.fallbacks += t.fallbacks
         return True
 
     def _finish_recorder(self, space: _Space) -> None:
