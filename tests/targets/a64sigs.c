@@ -10,7 +10,8 @@
  * a64_restorer (mov x8, #139; svc #0), which the kernel then puts in x30. --in-vdso: instead of
  * sending them itself, the thread calls __kernel_clock_gettime (through the vDSO's symbol) in
  * a loop while a POSIX timer sends it SIGUSR1 300 us after each arming (armed again once the
- * last one was handled), until N have been delivered: most interrupt it inside the vDSO, and
+ * last one was handled; the delay doubles after a round the signal ended before any call), until
+ * N have been delivered: most interrupt it inside the vDSO, and
  * return there through __kernel_rt_sigreturn. After the go byte the main
  * thread sends itself N (default 25) SIGUSR1 with tgkill. The handler records its own address,
  * its return address (__builtin_return_address(0): x30 at its entry, the restorer), the
@@ -31,7 +32,8 @@
  *    "reached": true}                                                       (--forge)
  *   {"kind": "summary", "tid", "sent": N, "delivered": M, "sa_restorer": bool (the kernel's
  *    view of the flag), "vdso": "0x…" (getauxval(AT_SYSINFO_EHDR)), "own_restorer": "0x…"
- *    (a64_restorer), "abi": "aarch64"}
+ *    (a64_restorer), "calls": the __kernel_clock_gettime calls made (--in-vdso; else 0),
+ *    "abi": "aarch64"}
  */
 #include "common.h"
 
@@ -128,6 +130,8 @@ static __attribute__((noinline)) void forge(void)
 
 typedef int (*gettime_fn)(clockid_t, struct timespec *);
 
+static long ncalls; /* --in-vdso: the calls made (each returned) */
+
 static void spin_in_vdso(int count, pid_t tid)
 {
     gettime_fn f = (gettime_fn)vdso_sym_required("__kernel_clock_gettime");
@@ -135,6 +139,7 @@ static void spin_in_vdso(int count, pid_t tid)
     struct itimerspec its;
     struct timespec ts;
     timer_t timer;
+    long delay_ns = 300 * 1000;
     memset(&sev, 0, sizeof sev);
     sev.sigev_notify = SIGEV_THREAD_ID;
     sev.sigev_signo = SIGUSR1;
@@ -145,12 +150,21 @@ static void spin_in_vdso(int count, pid_t tid)
      * signal pending all the time under a tracer slower than its period */
     while (ndeliv < count) {
         int before = ndeliv;
+        long calls = 0;
         memset(&its, 0, sizeof its);
-        its.it_value.tv_nsec = 300 * 1000;
+        its.it_value.tv_nsec = delay_ns;
         if (timer_settime(timer, 0, &its, NULL) != 0)
             die("timer_settime failed");
-        while (ndeliv == before)
+        while (ndeliv == before) {
             f(CLOCK_MONOTONIC, &ts);
+            calls++;
+        }
+        ncalls += calls;
+        /* The signal came before the first call: on an emulated machine under load the timer
+         * can expire before timer_settime has even returned. Longer next time (to 0.4 s),
+         * so that the signals land in the loop, that is in the vDSO. */
+        if (calls == 0 && delay_ns < 400 * 1000 * 1000)
+            delay_ns *= 2;
     }
     timer_delete(timer);
 }
@@ -219,9 +233,9 @@ int main(int argc, char **argv)
                 (unsigned long)(uintptr_t)&forged, forge_reached ? "true" : "false");
     fprintf(f, "{\"kind\": \"summary\", \"tid\": %d, \"sent\": %d, \"delivered\": %d, "
                "\"sa_restorer\": %s, \"vdso\": \"%#lx\", \"own_restorer\": \"%#lx\", "
-               "\"abi\": \"aarch64\"}\n",
+               "\"calls\": %ld, \"abi\": \"aarch64\"}\n",
             (int)tid, count, (int)ndeliv, (now.sa_flags & 0x04000000) ? "true" : "false",
-            getauxval(AT_SYSINFO_EHDR), (unsigned long)(uintptr_t)&a64_restorer);
+            getauxval(AT_SYSINFO_EHDR), (unsigned long)(uintptr_t)&a64_restorer, ncalls);
     if (fclose(f))
         die("cannot write the record");
     if (do_forge && !forge_reached)
