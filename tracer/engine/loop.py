@@ -59,6 +59,9 @@ class Loop:
         self.on_tick: Callable[[], None] | None = None
         self._queue: SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = SimpleQueue()
         self._engine_ident: int | None = None
+        # (held while a submit decides to queue and while the loop ends: nothing is queued
+        # after the loop's last look at the queue)
+        self._queue_lock = threading.Lock()
         self._tick_due = False
 
     def bind_thread(self) -> None:
@@ -90,13 +93,17 @@ class Loop:
         """Run `fn` in the engine's thread (at once when called from it, or when no engine
         thread runs); its result or exception in the Future."""
         fut: Future[T] = Future()
-        if self._engine_ident is None or self._engine_ident == threading.get_ident():
+        with self._queue_lock:
+            ident = self._engine_ident
+            queued = ident is not None and ident != threading.get_ident()
+            if queued:
+                self._queue.put((fn, fut))
+        if not queued:
             try:
                 fut.set_result(fn())
             except BaseException as e:  # delivered to the caller through the future
                 fut.set_exception(e)
             return fut
-        self._queue.put((fn, fut))
         self._tick_due = True
         self.wake()
         return fut
@@ -207,11 +214,15 @@ class Loop:
         finally:
             if sigmask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-            self._engine_ident = None
+            with self._queue_lock:
+                self._engine_ident = None
             # every way out, an internal error included, leaves the tracee as it was
             self.detach_all(reason)
             if reason == "exit":
                 table.state = "exited"
+            # what was asked while the loop ended (a console's `bt` as the process exits) is
+            # answered now, not left waiting for a loop that is gone
+            self._run_queue()
         return reason
 
     def _polling(self) -> bool:
