@@ -326,13 +326,15 @@ class Lifecycle:
         if space.signals is not None:
             space.signals.forget(tid)
         if tid == space.pid or not space.threads:
+            if not space.threads:
+                # the calls still in the ring happened before the exit: shown before it
+                self._finish_recorder(space)
             if tid == space.pid:
                 code = stop.sig if stop.kind is Kind.EXITED else None
                 sig = signame(stop.sig) if stop.kind is Kind.KILLED else None
                 if space.traced:
                     self._emit(ExitEvent(space.pid, tid, time.time(), code, sig))
             if not space.threads:
-                self._finish_recorder(space)
                 self._unguard(space.pid)
                 space.mem.close()
                 self.spaces.pop(space.pid, None)
