@@ -91,6 +91,9 @@ def run_trace(a: TraceArgs, open_sink: Callable[[TraceArgs], BoundSink] | None =
     if a.inject and a.follow_forks:
         raise UsageError("--inject cannot follow forks (children share the recorder's ring): "
                          "drop -f, or trace without --inject")
+    if a.inject and a.stack:
+        raise UsageError("--inject records no stacks (a stack is read while the call is stopped): "
+                         "drop --stack, or trace without --inject")
     pids: list[int] = list(dict.fromkeys(a.pids))
     refuse_untraceable(pids, a.inject)  # before an output file is made or a process touched
     out: TraceSink
