@@ -10,15 +10,17 @@ from tracer.engine.calls import CallAssembly
 from tracer.engine.state import _DRAIN_BATCH_STATS, _Space
 from tracer.engine.stats import Stats
 from tracer.engine.symbols import Symbols
-from tracer.inject import RawRecord, batch
-from tracer.inject.batch import SlotRun
-from tracer.inject.layout import NSLOTS as _RING_SLOTS
 from tracer.events import Event, NoticeEvent
+from tracer.inject.layout import NSLOTS as _RING_SLOTS
 from tracer.inject.ring import RingReader
 from tracer.recording.format import SlotContext
 
 if TYPE_CHECKING:
     from tracer.engine.threads import Threads
+    from tracer.inject import RawRecord
+    from tracer.inject.batch import SlotRun
+# (inject/batch.py, numpy's door, is imported where a ring is drained: a trace without
+# --inject does without numpy)
 
 _ERR_LO = (1 << 64) - 4095           # -4095..-1 as an unsigned word: -MAX_ERRNO..-1
 _ERR_LO32 = (1 << 32) - 4095
@@ -73,6 +75,8 @@ class Recorders:
             by_name = space.fidx_by_name
             index = [by_name.get(f.plain, -1) for f in inst.funcs]   # its fid -> the space's
             if self.slot_sink is not None and isinstance(inst, RingReader):
+                from tracer.inject import batch
+                from tracer.inject.batch import SlotRun
                 items = inst.drain_view(limit)
                 for it in items:
                     if type(it) is SlotRun:
@@ -113,6 +117,7 @@ class Recorders:
         shared ring) are left out, as the events' way leaves them. False when the run must go
         the events' way instead: a duration too long to sum exactly, or a run the sink does
         not take."""
+        from tracer.inject import batch
         assert self.slot_sink is not None
         threads, dead = self.threads, self._dead
         tids = batch.distinct(run.slots["tid"])

@@ -160,6 +160,9 @@ class Recorder(Leaving):
 
     def __init__(self, pid: int, mem: target.Memory, abi: Abi, image: VdsoImage, base: int,
                  funcs: list[VdsoFunction], lossy: bool = False) -> None:
+        # the batch decoder (and numpy) now, before any stub runs: imported by the first
+        # drain it would take a tenth of a second in which no heartbeat is written
+        from tracer.inject import batch  # noqa: F401
         self.pid = pid
         # lossy: a full ring drops (and counts) calls; else the stubs wait for room while the
         # tracer's heartbeat is fresh (never written with lossy: the stubs find it stale)

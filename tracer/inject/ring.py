@@ -10,18 +10,21 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from tracer.abi import Abi
 from tracer.decoders import Decoder
-# batch (numpy) is imported with the recorder, before any stub runs: imported by the first
-# drain it would take a tenth of a second and more in which no heartbeat is written
-from tracer.inject import batch
 from tracer.inject import layout as L
-from tracer.inject.batch import SlotRun
 from tracer.instrument import Instrument
 from tracer.tsc import TscClock
+
+if TYPE_CHECKING:
+    from tracer.inject.batch import SlotRun
+
+# inject/batch.py and numpy are imported by the recorder before any stub runs (Recorder's
+# constructor), not here: a trace without --inject does without them (80 ms of every start),
+# and imported by the first drain they would take a tenth of a second and more in which no
+# heartbeat is written
 
 
 PID_MAX_LIMIT = 4 * 1024 * 1024      # include/linux/threads.h
@@ -99,6 +102,7 @@ class _FileRing:
             again = os.pread(self.fd, n, sl.start)
             if len(again) != n:
                 raise _RingShort()
+            import numpy as np
             words = np.frombuffer(again, dtype=np.uint64).reshape(-1, L.SLOT // 8).copy()
             words[:, L.S_SEQ // 8] = np.frombuffer(data, dtype=np.uint64)[L.S_SEQ // 8::L.SLOT // 8]
             return words.tobytes()
@@ -451,6 +455,8 @@ class RingReader(Instrument):
               outsz: list[tuple[int, ...]], value_ret: list[bool], rate: float, tsc0: int,
               ns0: int, nf: int, err_lo: int, view: bool = False) -> int:
         """Validate and consume committed slots [i, end); returns the next index."""
+        from tracer.inject import batch
+        from tracer.inject.batch import SlotRun
         stats = st_by_fid
         mask = L.NSLOTS - 1
         word_mask = self.abi.mask       # an i386 ret above 32 bits is damage: its low word counts
