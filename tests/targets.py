@@ -282,10 +282,10 @@ def read_record(path: Path) -> list[dict[str, Any]]:
     return _read_jsonl(Path(path), "record")
 
 
-def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, what: str, marks: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+        if not line.strip() or (marks and not any(m in line for m in marks)):
             continue
         try:
             obj = json.loads(line)
@@ -349,8 +349,12 @@ class Trace:
     def signal(self, sig: int) -> None:
         self.popen.send_signal(sig)
 
-    def events(self) -> list[dict[str, Any]]:
-        return read_events(self.out)
+    def events(self, *kinds: str) -> list[dict[str, Any]]:
+        """The events written (only those of the given kinds, when some are named)."""
+        return read_events(self.out, *kinds)
+
+    def count(self, kind: str) -> int:
+        return count_events(self.out, kind)
 
 
 def _tracer_argv(args: Sequence[str]) -> list[str]:
@@ -388,11 +392,30 @@ def run_trace(
     return t
 
 
-def peek_events(path: Path) -> list[dict[str, Any]]:
-    """The events written so far, skipping a line still being written."""
+def _marks(kinds: Sequence[str]) -> tuple[str, ...]:
+    # how the tracer writes an event's kind (a string value holding the same text is
+    # escaped: \"event\": \"call\" does not match)
+    return tuple(f'"event": "{k}"' for k in kinds)
+
+
+def count_events(path: Path, kind: str) -> int:
+    """How many `kind` events have been written so far, without parsing them (a --inject
+    trace of a hot loop writes hundreds of thousands of lines a second)."""
+    try:
+        return Path(path).read_text(errors="replace").count(_marks([kind])[0])
+    except FileNotFoundError:
+        return 0
+
+
+def peek_events(path: Path, *kinds: str) -> list[dict[str, Any]]:
+    """The events written so far (of the given kinds only, when some are named), skipping a
+    line still being written."""
     evs = []
+    marks = _marks(kinds)
     if Path(path).exists():
         for line in Path(path).read_text(errors="replace").splitlines():
+            if marks and not any(m in line for m in marks):
+                continue
             try:
                 ev = json.loads(line)
             except json.JSONDecodeError:
@@ -431,9 +454,10 @@ def run_tracer(args: Sequence[str], timeout: float = 20.0,
         pytest.fail(f"`{' '.join(argv)}` did not exit within {timeout} s; stderr:\n{e.stderr!r}")
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """The tracer's JSON events: one object per line, each with an `event` field."""
-    evs = _read_jsonl(Path(path), "event file")
+def read_events(path: Path, *kinds: str) -> list[dict[str, Any]]:
+    """The tracer's JSON events: one object per line, each with an `event` field (every line
+    checked, unless `kinds` are named: then only the lines of those kinds are read)."""
+    evs = _read_jsonl(Path(path), "event file", _marks(kinds))
     for n, ev in enumerate(evs, 1):
         if "event" not in ev:
             pytest.fail(f"event {n} in {path} has no 'event' field: {ev!r}")

@@ -53,13 +53,12 @@ def test_detach_on_signal(target_bin, tmp_path, m32, sig):
     time.sleep(0.7)  # calls in flight in both threads
     assert proc.popen.poll() is None, f"tracee died under the tracer; stderr:\n{tr.stderr()}"
     # A live log can be followed: events reach the file while the tracer runs.
-    assert any(e.get("event") == "call" for e in T.peek_events(tr.out)), (
+    assert T.count_events(tr.out, "call"), (
         f"no call event in {tr.out} after 0.7 s of tracing; stderr:\n{tr.stderr()}")
     tr.signal(sig)
     tr.wait_ok(10)
-    events = tr.events()
-    assert any(e["event"] == "call" for e in events), "no call traced before the signal"
-    det = [e for e in events if e["event"] == "detach" and e.get("pid") == proc.pid]
+    assert tr.count("call"), "no call traced before the signal"
+    det = [e for e in tr.events("detach") if e.get("pid") == proc.pid]
     assert len(det) == 1, f"expected one detach event for {proc.pid}: {det}"
     assert det[0]["abi"] == ("i386" if m32 else "x86_64")
     assert T.addr(det[0]["vdso_base"]) == T.vdso_range(proc.pid)[0]
@@ -75,9 +74,8 @@ def test_detach_after_duration(target_bin, tmp_path, m32):
     tr.wait_ok(10)
     took = time.monotonic() - t0
     assert 0.5 <= took <= 6, f"--duration 1 ended after {took:.1f} s"
-    events = tr.events()
-    assert any(e["event"] == "call" for e in events), "no call traced"
-    assert any(e["event"] == "detach" and e.get("pid") == proc.pid for e in events)
+    assert tr.count("call"), "no call traced"
+    assert any(e.get("pid") == proc.pid for e in tr.events("detach"))
     _after_detach(proc, before, tr)
 
 
@@ -121,7 +119,6 @@ def test_detach_inject(target_bin, tmp_path, sig):
     assert "vdsotrace-ring" in open(f"/proc/{proc.pid}/maps").read()
     tr.signal(sig)
     tr.wait_ok(10)
-    events = tr.events()
-    assert sum(e["event"] == "call" for e in events) > 100, "the recorder recorded no calls"
+    assert tr.count("call") > 100, "the recorder recorded no calls"
     assert "vdsotrace-ring" not in open(f"/proc/{proc.pid}/maps").read()
     _after_detach(proc, before, tr)
