@@ -10,14 +10,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ptrace.binding as ptrace
 import pytest
 
 from tracer.errors import MemoryReadError
 from tracer.modmap import ModuleMap, parse_maps
 from tracer.objfile import ObjectFile, clear_object_cache
 from tracer.unwind import ReadMem, unwind
-
-ptrace = pytest.importorskip("ptrace.binding")
 
 pytestmark = pytest.mark.live
 
@@ -54,7 +53,8 @@ def compile_target(variant: Variant, out_dir: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         if variant.abi == "i386":
-            pytest.skip(f"gcc -m32 unavailable (needs gcc-multilib): {result.stderr.strip()[:200]}")
+            pytest.fail(f"gcc -m32 unavailable (scripts/test installs gcc-multilib): "
+                        f"{result.stderr.strip()[:200]}", pytrace=False)
         pytest.fail(result.stderr)
     return exe
 
@@ -105,7 +105,7 @@ def run_to_vdso_entry(exe: Path, abi: str, depth: int = 16, args: tuple[str, ...
         try:
             ptrace.ptrace_attach(pid)
         except Exception as e:  # python-ptrace raises its PtraceError
-            pytest.skip(f"ptrace not permitted here: {e}")
+            pytest.fail(f"ptrace attach failed: {e}", pytrace=False)
         attached = True
         _, status = os.waitpid(pid, 0)
         assert os.WIFSTOPPED(status)
