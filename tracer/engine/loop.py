@@ -216,13 +216,15 @@ class Loop:
                 signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             with self._queue_lock:
                 self._engine_ident = None
-            # every way out, an internal error included, leaves the tracee as it was
-            self.detach_all(reason)
-            if reason == "exit":
-                table.state = "exited"
-            # what was asked while the loop ended (a console's `bt` as the process exits) is
-            # answered now, not left waiting for a loop that is gone
-            self._run_queue()
+            try:
+                # every way out, an internal error included, leaves the tracee as it was
+                self.detach_all(reason)
+                if reason == "exit":
+                    table.state = "exited"
+            finally:
+                # what was asked while the loop ended (a console's `bt` as the process
+                # exits) is answered now, not left waiting for a loop that is gone
+                self._run_queue()
         return reason
 
     def _polling(self) -> bool:
