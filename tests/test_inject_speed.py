@@ -1,6 +1,7 @@
-"""Speed of --inject, printed, never asserted (run with `pytest -s tests/test_inject_speed.py`):
-ns per clock_gettime call untraced and injected (while the tracer drains), and the tracer's
-drain rate in records per second."""
+"""Speed of --inject, printed, never asserted (run with `pytest -s tests/test_inject_speed.py`;
+scripts/bench measures it side by side): ns per clock_gettime call untraced and injected
+(while the tracer drains), and the tracer's drain rate in records per second. What is
+asserted is that nothing is lost on the way."""
 from __future__ import annotations
 
 import time
@@ -10,7 +11,7 @@ import pytest
 
 from test_inject import Session, go, procs, read_line, start, workload  # noqa: F401  (fixtures)
 
-N = 2_000_000
+N = 300_000
 
 
 def _ns_per_call(line: str) -> float:
@@ -58,6 +59,7 @@ def test_print_speed(workload: Path, tmp_path: Path, procs: list) -> None:  # no
     assert p.wait(timeout=30) == 0
     assert s.rec is not None
     lost = s.rec.lost()
+    assert lost == 0 and drained >= N, (lost, drained)     # every call of the loop recorded
     print(f"\nclock_gettime untraced: {untraced:.1f} ns/call; --inject: {injected:.1f} ns/call "
           f"(+{injected - untraced:.1f} ns)")
     print(f"drained {drained} records in {busy:.3f} s of drain(): "

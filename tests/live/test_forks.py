@@ -241,7 +241,7 @@ def test_leave_while_vforking_back_to_back(reaper, tmp_path, engine):
         time.sleep(0.02)
     time.sleep(0.3)
     before = T.read_vdso(p.pid)
-    for round_ in range(4):
+    for round_ in range(2):
         tr = T.run_trace(["-p", str(p.pid), "--duration", "0.3", "-c", *engine],
                          tmp_path / f"ev{round_}.jsonl", attach_timeout=ATTACH)
         tr.wait_ok(60)

@@ -30,7 +30,13 @@ def _attack(target_bin, tmp_path, mode: str, m32: bool, extra: list[str]) -> tup
         f"the tracee died ({proc.popen.returncode}) under the tracer; stderr:\n{tr.stderr()}")
     assert T.tracer_pid(proc.pid) == 0
     maps = open(f"/proc/{proc.pid}/maps").read()
-    assert "vdsotrace-code" not in maps and "vdsotrace-ring" not in maps, maps
+    assert "vdsotrace-ring" not in maps, maps
+    # (a thread that waited in a stub for room in a ring the attack made look full can
+    # leave a stale return address into the code page on its stack: then the page stays,
+    # and a notice says so, as in test_forks' flood)
+    notices = " ".join(str(e.get("message")) for e in tr.events("notice"))
+    if "code page stays mapped" not in notices:
+        assert "vdsotrace-code" not in maps, maps
     assert T.read_vdso(proc.pid) == before, "the vDSO differs from before the trace"
     assert proc.popen.stdin is not None
     proc.popen.stdin.close()
