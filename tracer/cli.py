@@ -87,6 +87,10 @@ def _add_pid(p: argparse.ArgumentParser | Any, required: bool = False,
     p.add_argument("-p", "--pid", type=_pid, required=required, metavar="PID", help=what)
 
 
+# strace's text options (-t, -r, -q, -z/-Z): `report`'s too; `record` writes every event
+_TEXT = ("stamps", "relative", "quiet", "only")
+
+
 def _reuse_options(src: argparse.ArgumentParser, dst: argparse.ArgumentParser,
                    names: set[str], keep: bool = False) -> None:
     """`record` and `report` take `trace`'s own option definitions: those named (keep=True),
@@ -136,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "errors, time), the fallback reasons and the hottest call sites")
     t.add_argument("-T", dest="timing", action="store_true",
                    help="show the time spent in each call (measured in the tracee)")
+    t.add_argument("-t", dest="stamps", action="count", default=0,
+                   help="prefix each line with the time the call was made, as strace: -t "
+                   "the time of day, -tt with microseconds, -ttt seconds since the epoch")
+    t.add_argument("-r", dest="relative", action="store_true",
+                   help="prefix each line with the time since the previous line's (strace "
+                   "-r; lines come as calls return: a thread's call that began before the "
+                   "previous line's shows a negative time)")
+    t.add_argument("-q", dest="quiet", action="count", default=0,
+                   help="no attach and detach lines; -qq: no exit lines either (text output)")
+    t.add_argument("-z", dest="only", action="store_const", const="ok",
+                   help="show only the calls that succeeded (strace -z)")
+    t.add_argument("-Z", dest="only", action="store_const", const="err",
+                   help="show only the calls that failed (strace -Z)")
     t.add_argument("-f", dest="follow_forks", action="store_true",
                    help="follow forked children too (threads are always followed)")
     t.add_argument("--duration", type=_seconds, metavar="SECONDS",
@@ -151,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "call then costs two extra stops)")
     t.add_argument("--stack", nargs="?", const=16, type=_depth, metavar="DEPTH",
                    help="add each call's stack, symbolized, like strace -k (default depth 16)")
+    t.add_argument("-k", dest="stack", action="store_const", const=16,
+                   help="--stack, as strace spells it")
     t.add_argument("--inject", action="store_true",
                    help="record calls inside the tracee (a stub and a shared ring) instead of "
                    "stopping it at each call: same events, far cheaper; no call is lost: "
@@ -175,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "`vdsotrace report FILE` renders it later.")
     r.add_argument("-o", dest="output", metavar="FILE", required=True,
                    help="the recording to write")
-    _reuse_options(t, r, {"output", "json", "summary", "timing", "hist", "perfetto"})
+    _reuse_options(t, r, {"output", "json", "summary", "timing", "hist", "perfetto", *_TEXT})
 
     rp = sub.add_parser("report", help="render a recording as `trace` would have printed it",
                         description="Render a recording made by `vdsotrace record`: the "
@@ -184,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("file", metavar="FILE", help="a recording written by `record -o FILE`")
     rp.add_argument("-o", dest="output", metavar="OUT",
                     help="write to OUT instead of stdout")
-    _reuse_options(t, rp, {"funcs", "json", "summary", "timing", "hist", "perfetto", "stack"},
-                   keep=True)
+    _reuse_options(t, rp, {"funcs", "json", "summary", "timing", "hist", "perfetto", "stack",
+                           *_TEXT}, keep=True)
 
     a = sub.add_parser("auxv", help="the tracee's auxiliary vector, decoded",
                        description="The process's auxiliary vector, decoded, in the kernel's "
@@ -303,7 +322,9 @@ def _trace_args(ns: argparse.Namespace, verb: str = "trace") -> TraceArgs:
         signals=ns.signals, stack=ns.stack, inject=ns.inject, lossy=ns.lossy, pin=ns.pin,
         duration=ns.duration, demangle=ns.demangle, string_size=ns.string_size,
         output=ns.output, json=ns.json, timing=ns.timing, summary=ns.summary, hist=ns.hist,
-        perfetto=ns.perfetto)
+        perfetto=ns.perfetto, stamps=getattr(ns, "stamps", 0),
+        relative=getattr(ns, "relative", False), quiet=getattr(ns, "quiet", 0),
+        only=getattr(ns, "only", None))
 
 
 def _cmd_trace(ns: argparse.Namespace) -> int:

@@ -231,3 +231,54 @@ def test_event_time_is_when_the_call_was_made(target_bin, tmp_path, engine, m32)
     assert abs(ev["time"] - returned) < 0.2, (
         f"event time {ev['time']:.6f} vs the call's own {returned:.6f}: "
         f"{ev['time'] - returned:+.3f} s; {json.dumps(ev)}")
+
+
+def _spawned(target_bin, tmp_path: Path, name: str, *args: str) -> Path:
+    """`vdsotrace trace ARGS -o OUT -- vcalls` (its go byte on stdin); OUT."""
+    out = tmp_path / name
+    r = subprocess.run([sys.executable, "-m", "tracer", "trace", *args, "-o", str(out), "--",
+                        str(target_bin("vcalls")), str(tmp_path / f"{name}.rec"), "--threads",
+                        "2", "--rounds", "2"], input=b"g", capture_output=True, cwd=T.REPO,
+                       env=T.tracer_env(), timeout=60)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    return out
+
+
+def test_strace_text_options(target_bin, tmp_path):
+    """-tt/-ttt and -r before each line, after its [pid N], as strace puts them; -q drops the
+    attach and detach lines, -qq the exit lines too; -k is --stack."""
+    t0 = time.time()
+    lines = _spawned(target_bin, tmp_path, "tt.txt", "-tt", "-r", "-q").read_text().splitlines()
+    assert lines and not [ln for ln in lines if ln.startswith("--- vdsotrace")], lines
+    # (-r can be negative: a line is written when its call returns, and a call of another
+    # thread that returned later may have started earlier)
+    stamped = re.compile(r"^\[pid \d+\] (\d\d):(\d\d):(\d\d)\.(\d{6}) +(-?\d+\.\d{6}) (.*)$")
+    calls = 0
+    for ln in lines:
+        m = stamped.match(ln)
+        assert m, ln
+        calls += bool(re.match(r"\w+\(", m.group(6)))
+    assert calls >= 8 and sum("+++ exited with 0 +++" in ln for ln in lines) == 1, lines
+    assert stamped.match(lines[0]).group(5) == "0.000000"            # type: ignore[union-attr]
+    epoch = _spawned(target_bin, tmp_path, "ttt.txt", "-ttt", "-qq").read_text().splitlines()
+    assert epoch and not [ln for ln in epoch if "+++" in ln or "--- vdsotrace" in ln], epoch
+    for ln in epoch:
+        m = re.match(r"^\[pid \d+\] (\d+\.\d{6}) \w+\(", ln)
+        assert m and t0 <= float(m.group(1)) <= time.time(), ln
+    stacked = _spawned(target_bin, tmp_path, "k.jsonl", "--json", "-k").read_text()
+    evs = [json.loads(x) for x in stacked.splitlines()]
+    assert all(e.get("stack") for e in evs if e["event"] == "call"), evs
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_only_failed_or_succeeded_calls(target_bin, tmp_path, engine):
+    """-Z: only the calls that failed (vcalls' invalid clock ids: EINVAL); -z: only those that
+    succeeded; together, every call of the full trace."""
+    def calls(name: str, *args: str) -> list[dict]:
+        out = _spawned(target_bin, tmp_path, name, "--json", *engine, *args)
+        return [e for e in T.read_events(out) if e["event"] == "call"]
+    every, ok, failed = calls("all.jsonl"), calls("z.jsonl", "-z"), calls("Z.jsonl", "-Z")
+    assert failed and all(e["errno"] == "EINVAL" for e in failed), failed
+    assert ok and all(e["errno"] is None for e in ok)
+    assert len(ok) + len(failed) == len(every)
+    assert len(failed) == sum(e["errno"] is not None for e in every)

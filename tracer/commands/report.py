@@ -64,6 +64,7 @@ def run_report(ns: argparse.Namespace) -> int:
     reader = Reader(f, path)
     header = reader.header
     out = open_output(ns.output or "-", json=ns.json, timing=ns.timing, summary=ns.summary)
+    out.text_options(ns.stamps, ns.relative, ns.quiet, ns.only)
     names: dict[tuple[int, int], str | None] = {}
     out.add_views(hist=ns.hist, perfetto=ns.perfetto,
                   names=lambda pid, tid: names.get((pid, tid)))

@@ -38,6 +38,10 @@ class TraceArgs:
     summary: bool
     hist: bool
     perfetto: str | None
+    stamps: int = 0                 # -t, -tt, -ttt
+    relative: bool = False          # -r
+    quiet: int = 0                  # -q, -qq
+    only: str | None = None         # -z: "ok", -Z: "err"
 
 
 class TraceSink(Protocol):
@@ -100,6 +104,7 @@ def run_trace(a: TraceArgs, open_sink: Callable[[TraceArgs], BoundSink] | None =
     bound: BoundSink | None = None
     if open_sink is None:
         output = open_output(a.output, json=a.json, timing=a.timing, summary=a.summary)
+        output.text_options(a.stamps, a.relative, a.quiet, a.only)
         output.add_views(hist=a.hist, perfetto=a.perfetto, names=procfs.thread_comm)
         out = output
     else:

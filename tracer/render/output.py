@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from tracer.errors import UsageError
-from tracer.events import AttachEvent, CallEvent, Event, NoticeEvent
+from tracer.events import (AttachEvent, CallEvent, DetachEvent, Event, ExitEvent, NoticeEvent,
+                           SyscallEvent)
 from tracer.render import jsonl, text
 from tracer.render.hist import LatencyHistograms, hist_json_lines, hist_text
 from tracer.render.perfetto import Names, PerfettoTimeline
@@ -39,6 +40,12 @@ class Output:
         self.json = json_mode
         self.timing = timing
         self.summary = summary
+        # strace's -t/-tt/-ttt, -r, -q/-qq (text only) and -z/-Z (which calls are shown)
+        self.stamps = 0
+        self.relative = False
+        self.quiet = 0
+        self.only: str | None = None    # "ok" (-z) or "err" (-Z)
+        self._last_time: float | None = None
         self.hist: LatencyHistograms | None = None          # --hist
         self.timeline: PerfettoTimeline | None = None       # --perfetto OUT
         self._views: list[Callable[[Event], None]] = []
@@ -73,11 +80,26 @@ class Output:
             self.hist = LatencyHistograms()
             self._views.append(self.hist.add)
 
+    def text_options(self, stamps: int = 0, relative: bool = False, quiet: int = 0,
+                     only: str | None = None) -> None:
+        """strace's -t (-tt, -ttt: stamps 1-3) and -r (time since the previous line) before
+        each line, -q (no attach/detach lines; -qq: no exit lines either) for text; -z/-Z
+        (only = "ok"/"err": only the calls that succeeded / failed) for text and JSON."""
+        self.stamps, self.relative, self.quiet, self.only = stamps, relative, quiet, only
+
+    def _stamp(self, t: float) -> str:
+        s = text.stamp_text(t, self.stamps) if self.stamps else ""
+        if self.relative:
+            prev, self._last_time = self._last_time, t
+            s += f"{t - prev if prev is not None else 0.0:13.6f} "
+        return s
+
     @property
     def slot_sink(self) -> Output | None:
         """--inject --json: runs of ring slots come here as they are (write_slots), made
-        JSON lines without an event each, when nothing else needs the events."""
-        if self.json and not self.summary and not self._views:
+        JSON lines without an event each, when nothing else needs the events (or filters
+        them: -z/-Z)."""
+        if self.json and not self.summary and not self._views and self.only is None:
             return self
         return None
 
@@ -112,11 +134,20 @@ class Output:
             self.flush()
             return
         lines = self.lines
-        if type(e) is CallEvent:
-            lines.append(jsonl.format_call(e) if self.json else text.format_call(e, self.timing))
+        if self.only is not None and isinstance(e, (CallEvent, SyscallEvent)) \
+                and bool(e.errno) != (self.only == "err"):
+            return
+        if self.json:
+            lines.append(jsonl.format_call(e) if type(e) is CallEvent else jsonl.format_event(e))
+        elif self.quiet and (isinstance(e, (AttachEvent, DetachEvent))
+                             or (self.quiet > 1 and isinstance(e, ExitEvent))):
+            return
+        elif self.stamps or self.relative:
+            lines.append(text.format_event(e, self.timing, self._stamp(e.time)))
+        elif type(e) is CallEvent:
+            lines.append(text.format_call(e, self.timing))
         else:
-            lines.append(jsonl.format_event(e) if self.json
-                         else text.format_event(e, self.timing))
+            lines.append(text.format_event(e, self.timing))
         if isinstance(e, AttachEvent):
             # interface.md: flushed once every breakpoint is planted; it does not count as a
             # write of events, so the first call after it goes out at once too

@@ -8,7 +8,7 @@ from tracer.render.escape import escape_text as _esc
 from tracer.render.escape import quote_bytes
 from tracer.tables.errnos import Errno
 
-__all__ = ["format_value", "format_event", "format_call"]
+__all__ = ["format_value", "format_event", "format_call", "stamp_text"]
 
 _ERRSTR: dict[str, str] = {}
 
@@ -42,11 +42,23 @@ def format_value(v: Value, ns_relative: bool = False) -> str:
     return repr(v)
 
 
-def _prefix(pid: int, tid: int) -> str:
-    return f"[pid {tid}] "
+def _prefix(pid: int, tid: int, stamp: str = "") -> str:
+    return f"[pid {tid}] {stamp}"
 
 
-def format_call(e: CallEvent, timing: bool = False) -> str:
+def stamp_text(t: float, stamps: int) -> str:
+    """strace's -t (time of day), -tt (with microseconds), -ttt (seconds since the epoch,
+    with microseconds) for an epoch time, with the space that follows it."""
+    if stamps >= 3:
+        return f"{t:.6f} "
+    import time
+    day = time.strftime("%H:%M:%S", time.localtime(t))
+    if stamps == 2:
+        return f"{day}.{int(t * 1e6) % 1000000:06d} "
+    return f"{day} "
+
+
+def format_call(e: CallEvent, timing: bool = False, stamp: str = "") -> str:
     parts = []
     for name, v in e.args.items():
         if name in e.out:
@@ -60,7 +72,7 @@ def format_call(e: CallEvent, timing: bool = False) -> str:
     ret = f"{e.ret}"
     if e.errno:
         ret += f" {e.errno} ({_strerror(e.errno)})"
-    line = f"{_prefix(e.pid, e.tid)}{e.func}({', '.join(parts)}) = {ret}"
+    line = f"{_prefix(e.pid, e.tid, stamp)}{e.func}({', '.join(parts)}) = {ret}"
     if e.fallback:
         line += f" [fallback] ({e.fallback_reason})" if e.fallback_reason else " [fallback]"
     if timing:
@@ -79,9 +91,11 @@ def _sysarg(a: int) -> str:
     return f"{a:#x}" if a >= 0x1000000 else str(a)
 
 
-def format_event(e: Event, timing: bool = False) -> str:
+def format_event(e: Event, timing: bool = False, stamp: str = "") -> str:
+    """An event's text line; `stamp` (stamp_text) goes after the [pid N] of the lines that
+    have one, as strace puts it."""
     if isinstance(e, CallEvent):
-        return format_call(e, timing)
+        return format_call(e, timing, stamp)
     if isinstance(e, SyscallEvent):
         strs = e.strings or {}
         args = ", ".join(quote_bytes(strs[i], len(strs[i])) + ("..." if i in e.cut else "")
@@ -90,7 +104,7 @@ def format_event(e: Event, timing: bool = False) -> str:
         if e.errno:
             ret += f" {e.errno} ({_strerror(e.errno)})"
         inner = f" [in {e.nested_in}]" if e.nested_in else ""
-        line = f"{_prefix(e.pid, e.tid)}{e.name}({args}) = {ret}{inner}"
+        line = f"{_prefix(e.pid, e.tid, stamp)}{e.name}({args}) = {ret}{inner}"
         if timing:
             line += f" <{e.duration_ns / 1e9:.9f}>"
         return line
@@ -113,16 +127,16 @@ def format_event(e: Event, timing: bool = False) -> str:
         if e.timens_offsets:
             ns = "; time namespace offsets " + ", ".join(
                 f"{k} {s}s {n}ns" for k, (s, n) in e.timens_offsets.items())
-        return (f"{_prefix(e.pid, e.tid)}--- exec {_esc(e.filename or '?')} ({e.abi}), new vDSO at "
+        return (f"{_prefix(e.pid, e.tid, stamp)}--- exec {_esc(e.filename or '?')} ({e.abi}), new vDSO at "
                 f"{e.vdso_base:#x}{ns} ---")
     if isinstance(e, ExitEvent):
         if e.signal:
-            return f"{_prefix(e.pid, e.tid)}+++ killed by {e.signal} +++"
-        return f"{_prefix(e.pid, e.tid)}+++ exited with {e.status} +++"
+            return f"{_prefix(e.pid, e.tid, stamp)}+++ killed by {e.signal} +++"
+        return f"{_prefix(e.pid, e.tid, stamp)}+++ exited with {e.status} +++"
     if isinstance(e, SignalEvent):
         hs = f" <{_esc(e.handler_symbol)}>" if e.handler_symbol else ""
         rs = f" <{_esc(e.restorer_symbol)}>" if e.restorer_symbol else ""
-        return (f"{_prefix(e.pid, e.tid)}--- {e.signame} delivered: handler {e.handler:#x}{hs}, "
+        return (f"{_prefix(e.pid, e.tid, stamp)}--- {e.signame} delivered: handler {e.handler:#x}{hs}, "
                 f"returns via {e.restorer:#x}{rs}, interrupted at {e.resume_ip:#x} ---")
     if isinstance(e, SigreturnEvent):
         what = f"{e.signame_text()}" if hasattr(e, "signame_text") else (
@@ -133,7 +147,7 @@ def format_event(e: Event, timing: bool = False) -> str:
             extra = f" !!! ANOMALY: {e.anomaly}"
         elif e.resume_changed:
             extra = " (handler changed the resume address)"
-        return (f"{_prefix(e.pid, e.tid)}--- <signal handler returned> via {_esc(e.via)} "
+        return (f"{_prefix(e.pid, e.tid, stamp)}--- <signal handler returned> via {_esc(e.via)} "
                 f"({what}), resumes at {e.resume_ip:#x}{rs}{extra} ---")
     if isinstance(e, NoticeEvent):
         return f"--- vdsotrace: {_esc(e.message)} ---"
