@@ -124,7 +124,7 @@ def test_node_left_clean(tmp_path, engine):
         assert p.stdout is not None and p.stdin is not None
         assert p.stdout.readline().strip() == b"ready"
         clean = T.read_vdso(p.pid)
-        for round_ in range(3):
+        for round_ in range(2):
             tr = T.run_trace(["-p", str(p.pid), "--duration", "0.8", *engine],
                              tmp_path / f"ev{round_}.jsonl", attach_timeout=60)
             tr.wait_ok(60)

@@ -13,7 +13,7 @@ import targets as T
 pytestmark = pytest.mark.live
 
 ABIS = [pytest.param(False, id="x86_64"), pytest.param(True, id="i386", marks=pytest.mark.i386)]
-DURATION = 2.5
+DURATION = 1.5
 
 
 def _attack(target_bin, tmp_path, mode: str, m32: bool, extra: list[str]) -> tuple[T.Trace, str]:

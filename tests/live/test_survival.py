@@ -40,8 +40,10 @@ def _status(pid: int, key: str) -> str:
 
 
 @pytest.mark.parametrize("engine", ["stops", "inject"])
-@pytest.mark.parametrize("fallback", [False, True], ids=["plain", "fallback"])
-@pytest.mark.parametrize("m32", [False, True], ids=["x86_64", "i386"])
+@pytest.mark.parametrize(("m32", "fallback"), [
+    pytest.param(False, False, id="x86_64-plain"), pytest.param(False, True, id="x86_64-fallback"),
+    # (i386's plain calls are a subset of what its fallback run makes: its gateway besides)
+    pytest.param(True, True, id="i386-fallback")])
 def test_sigkill_of_the_tracer_leaves_the_process_running(tmp_path: Path, m32: bool,
                                                           fallback: bool, engine: str) -> None:
     exe = T.build("hotloop", m32=m32)
