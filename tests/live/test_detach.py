@@ -43,9 +43,12 @@ def _after_detach(proc: T.Proc, vdso_before: bytes, tr: T.Trace) -> None:
     assert rec and rec[-1]["bad"] == 0 and rec[-1]["calls"] > 0, rec
 
 
-@pytest.mark.parametrize("m32", ABIS)
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
-                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize(("sig", "m32"), [
+    pytest.param(signal.SIGINT, False, id="SIGINT-x86_64"),
+    pytest.param(signal.SIGTERM, False, id="SIGTERM-x86_64"),
+    pytest.param(signal.SIGHUP, False, id="SIGHUP-x86_64"),
+    # (the three signals take one way out: i386 once)
+    pytest.param(signal.SIGINT, True, id="SIGINT-i386", marks=pytest.mark.i386)])
 def test_detach_on_signal(target_bin, tmp_path, m32, sig):
     proc, before = _start_spin(target_bin, tmp_path, m32)
     tr = T.run_trace(["-p", str(proc.pid)], tmp_path / "ev.jsonl")

@@ -51,8 +51,9 @@ def _clock_calls(summary: dict[str, Any]) -> int:
 
 
 def _spawned(target_bin: Any, tmp_path: Path, m32: bool, trace_args: list[str],
-             calls: int, threads: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """trace --json -o OUT TRACE_ARGS -- tightloop: the target's record and the events."""
+             calls: int, threads: int, *kinds: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """trace --json -o OUT TRACE_ARGS -- tightloop: the target's record and the events (of
+    those kinds only, when some are named)."""
     rec = tmp_path / "r.jsonl"
     out = tmp_path / "ev.jsonl"
     tr = T.run_trace([*trace_args, "--", str(target_bin("tightloop", m32)), str(rec),
@@ -64,7 +65,12 @@ def _spawned(target_bin: Any, tmp_path: Path, m32: bool, trace_args: list[str],
     tr.wait_ok(180)
     r = T.read_record(rec)[-1]
     assert r["calls"] == calls * threads and r["bad"] == 0, r
-    return r, tr.events()
+    return r, tr.events(*kinds)
+
+
+# a clock call's line, read without parsing the JSON of its 240,000 lines (seconds each)
+_CLOCK_LINE = re.compile(r'^\{"event": "call", "pid": \d+, "tid": (\d+), "time": [^,]+, '
+                         r'"func": "clock_gettime(?:64)?"', re.M)
 
 
 @pytest.mark.parametrize("threads", [1, 4])
@@ -85,16 +91,16 @@ def test_summary_counts_every_call(target_bin, tmp_path, m32, threads):
 @pytest.mark.parametrize("m32", [False, True], ids=["x86_64", "i386"])
 def test_one_event_per_call(target_bin, tmp_path, m32, threads):
     # 4 rings' worth of calls: the ring is full most of the run
-    r, evs = _spawned(target_bin, tmp_path, m32, ["--inject"], 240_000 // threads, threads)
-    notices = [e["message"] for e in evs if e["event"] == "notice"]
+    r, evs = _spawned(target_bin, tmp_path, m32, ["--inject"], 240_000 // threads, threads,
+                      "notice")
+    notices = [e["message"] for e in evs]
     assert not _unexplained(notices), notices
     lost = _lost(notices)
     if notices:
         print(f"\n(the tracer could not run for a while: {notices})")
     per_tid: dict[int, int] = {}
-    for e in evs:
-        if e["event"] == "call" and e["func"] in ("clock_gettime", "clock_gettime64"):
-            per_tid[e["tid"]] = per_tid.get(e["tid"], 0) + 1
+    for tid in _CLOCK_LINE.findall((tmp_path / "ev.jsonl").read_text()):
+        per_tid[int(tid)] = per_tid.get(int(tid), 0) + 1
     if not lost:
         loopers = sorted(n for n in per_tid.values() if n >= 240_000 // threads)
         assert loopers == [240_000 // threads] * threads, per_tid
@@ -175,22 +181,6 @@ def test_sigstop_of_the_tracer_lets_the_program_run(target_bin, tmp_path, m32):
     assert _clock_calls(summary) + summary["lost"] == 3_000_000, summary
 
 
-def _wait_for_line(path: Path, needle: bytes, timeout: float) -> bool:
-    """Whether a line containing `needle` shows up in the file being written at `path`."""
-    deadline = time.monotonic() + timeout
-    seen = b""
-    with open(path, "rb") as f:
-        while time.monotonic() < deadline:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                time.sleep(0.005)
-                continue
-            seen = seen[-len(needle):] + chunk
-            if needle in seen:
-                return True
-    return False
-
-
 @pytest.mark.parametrize("m32", [False, True], ids=["x86_64", "i386"])
 def test_a_full_ring_at_exit_is_shown_whole(target_bin, tmp_path, m32):
     """The program fills the ring and ends while the tracer is stopped; the tracer, stopped
@@ -208,16 +198,19 @@ def test_a_full_ring_at_exit_is_shown_whole(target_bin, tmp_path, m32):
     tr.signal(signal.SIGSTOP)
     try:
         r = _record_written(rec, 60)
+        before = T.count_events(out, "call")
     finally:
         tr.signal(signal.SIGCONT)
     assert r is not None, "the program did not finish its loops while the tracer was stopped"
     assert r["calls"] == 1_000_000 and r["bad"] == 0, r
-    # the exit event comes before the ring's last drain (65536 records: about a second of
-    # work); a stop in the middle of it
-    if _wait_for_line(out, b'"event": "exit"', 60):
-        tr.signal(signal.SIGSTOP)
-        time.sleep(1.5)
-        tr.signal(signal.SIGCONT)
+    # the ring's last drain (65536 records: about a second of work, before the exit event):
+    # a stop in the middle of it, once its first lines are out
+    deadline = time.monotonic() + 60
+    while T.count_events(out, "call") == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tr.signal(signal.SIGSTOP)
+    time.sleep(1.5)
+    tr.signal(signal.SIGCONT)
     tr.wait_ok(180)
     evs = tr.events()
     notices = [e["message"] for e in evs if e["event"] == "notice"]
@@ -229,6 +222,9 @@ def test_a_full_ring_at_exit_is_shown_whole(target_bin, tmp_path, m32):
     # the ring was full when the program ended: all of it is shown
     assert calls >= 65536, (calls, notices)
     assert calls + lost == 1_000_000, (calls, notices)
+    # and before the exit event: every call shown happened before it
+    kinds = [e["event"] for e in evs]
+    assert kinds.index("exit") > max(i for i, k in enumerate(kinds) if k == "call"), kinds[-5:]
 
 
 def test_a_tracer_blocked_on_its_output_never_hangs_the_program(target_bin, tmp_path):
